@@ -1,0 +1,646 @@
+//! `watcher.toml`: parsing, defaults and validation. Every refusal is one line naming key and value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bitcoin::address::NetworkUnchecked;
+use bitcoin::{Address, Network};
+use serde::Deserialize;
+
+use crate::sign::Secret;
+
+/// A configuration refusal: which key, which value, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config {path} line {line}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("config key {key} = {value:?}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+pub fn invalid(key: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// One string or a list of strings (secrets may be several, for rotation).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum StartHeightRaw {
+    Word(String),
+    Height(u32),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_network")]
+    network: String,
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    #[serde(default = "default_confirmations")]
+    default_confirmations: u32,
+    #[serde(default)]
+    start_height: Option<StartHeightRaw>,
+    #[serde(default = "default_finality_depth")]
+    finality_depth: u32,
+    #[serde(default = "default_alert_reorg_depth")]
+    alert_reorg_depth: u32,
+    #[serde(default)]
+    log_format: Option<String>,
+    #[serde(default)]
+    bitcoind: RawBitcoind,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    watches: Vec<RawWatch>,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBitcoind {
+    rpc_url: Option<String>,
+    cookie_file: Option<PathBuf>,
+    rpc_user: Option<String>,
+    rpc_password: Option<String>,
+    rpc_password_env: Option<String>,
+    zmq_sequence: Option<String>,
+    zmq_rawtx: Option<String>,
+    zmq_rawblock: Option<String>,
+    poll_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: String,
+    url: String,
+    secret: Option<OneOrMany>,
+    secret_env: Option<OneOrMany>,
+    events: Option<Vec<String>>,
+    ordered: Option<bool>,
+    timeout: Option<String>,
+    retry_schedule: Option<Vec<String>>,
+    allow_http: Option<bool>,
+    concurrency: Option<u32>,
+    disable_after: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatch {
+    address: Option<String>,
+    descriptor: Option<String>,
+    gap_limit: Option<u32>,
+    confirmations: Option<u32>,
+    label: Option<String>,
+    metadata: Option<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<String>,
+    token: Option<String>,
+    token_env: Option<String>,
+    allow_ips: Option<Vec<String>>,
+}
+
+fn default_network() -> String {
+    "regtest".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_confirmations() -> u32 {
+    3
+}
+fn default_finality_depth() -> u32 {
+    100
+}
+fn default_alert_reorg_depth() -> u32 {
+    2
+}
+
+/// Where the first run starts scanning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartHeight {
+    Tip,
+    Height(u32),
+}
+
+#[derive(Debug, Clone)]
+pub enum RpcAuth {
+    Cookie(PathBuf),
+    UserPass { user: String, password: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct BitcoindConfig {
+    pub rpc_url: String,
+    pub auth: RpcAuth,
+    pub zmq_sequence: Option<String>,
+    pub zmq_rawtx: Option<String>,
+    pub zmq_rawblock: Option<String>,
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    pub name: String,
+    pub url: String,
+    pub secrets: Vec<Secret>,
+    pub events: Vec<String>,
+    pub ordered: bool,
+    pub timeout: Duration,
+    pub retry_schedule: Vec<Duration>,
+    pub concurrency: u32,
+    pub disable_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    pub address: String,
+    pub confirmations: u32,
+    pub label: Option<String>,
+    pub metadata: serde_json::Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    pub allow_ips: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub network: Network,
+    pub data_dir: PathBuf,
+    pub default_confirmations: u32,
+    pub start_height: StartHeight,
+    pub finality_depth: u32,
+    pub alert_reorg_depth: u32,
+    pub json_logs: bool,
+    pub bitcoind: BitcoindConfig,
+    pub endpoints: Vec<EndpointConfig>,
+    pub watches: Vec<WatchConfig>,
+    pub api: ApiConfig,
+}
+
+pub const DEFAULT_RETRY_SCHEDULE: [&str; 9] =
+    ["5s", "5m", "30m", "2h", "5h", "10h", "14h", "20h", "24h"];
+
+/// The spec's network names.
+pub fn parse_network(name: &str) -> Option<Network> {
+    Some(match name {
+        "mainnet" => Network::Bitcoin,
+        "testnet" => Network::Testnet,
+        "testnet4" => Network::Testnet4,
+        "signet" => Network::Signet,
+        "regtest" => Network::Regtest,
+        _ => return None,
+    })
+}
+
+pub fn network_name(network: Network) -> &'static str {
+    match network {
+        Network::Bitcoin => "mainnet",
+        Network::Testnet => "testnet",
+        Network::Testnet4 => "testnet4",
+        Network::Signet => "signet",
+        _ => "regtest",
+    }
+}
+
+/// The name `getblockchaininfo` reports as `chain` for a network.
+pub fn core_chain_name(network: Network) -> &'static str {
+    match network {
+        Network::Bitcoin => "main",
+        Network::Testnet => "test",
+        Network::Testnet4 => "testnet4",
+        Network::Signet => "signet",
+        _ => "regtest",
+    }
+}
+
+/// "500ms", "2s", "5m", "2h", "1d".
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => return Some(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or(default);
+    parse_duration(text).ok_or_else(|| invalid(key, text, "expected a duration such as \"500ms\", \"15s\", \"5m\", \"2h\" or \"1d\""))
+}
+
+/// Checks an address string against a network; returns it normalised.
+pub fn check_address(key: &str, text: &str, network: Network) -> Result<Address, ConfigError> {
+    let unchecked: Address<NetworkUnchecked> = text
+        .parse()
+        .map_err(|e| invalid(key, text, format!("not a Bitcoin address: {e}")))?;
+    unchecked.require_network(network).map_err(|_| {
+        invalid(
+            key,
+            text,
+            format!("address is not for network {}", network_name(network)),
+        )
+    })
+}
+
+fn is_loopback_url(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn env_secret(key: &str, name: &str) -> Result<String, ConfigError> {
+    std::env::var(name).map_err(|_| invalid(key, name, "environment variable is not set"))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text, &path.display().to_string(), path.parent())
+    }
+
+    /// Parses config text; relative paths are resolved against `base_dir`.
+    pub fn parse(text: &str, origin: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, origin, &e))?;
+        let base = base_dir.unwrap_or(Path::new("."));
+        raw.validate(base)
+    }
+}
+
+fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+        .unwrap_or(0);
+    let source_line = text.lines().nth(line.saturating_sub(1)).unwrap_or("").trim();
+    let message = e.message().replace('\n', " ");
+    let message = if source_line.is_empty() {
+        message
+    } else {
+        format!("{message} (at `{source_line}`)")
+    };
+    ConfigError::Syntax {
+        path: origin.to_string(),
+        line,
+        message,
+    }
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() || base.as_os_str().is_empty() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+impl RawConfig {
+    fn validate(self, base: &Path) -> Result<Config, ConfigError> {
+        let network = parse_network(&self.network).ok_or_else(|| {
+            invalid("network", &self.network, "expected mainnet, testnet, testnet4, signet or regtest")
+        })?;
+        if self.default_confirmations == 0 || self.default_confirmations > 1000 {
+            return Err(invalid("default_confirmations", self.default_confirmations, "must be between 1 and 1000"));
+        }
+        let start_height = match self.start_height {
+            None => StartHeight::Tip,
+            Some(StartHeightRaw::Word(w)) if w == "tip" => StartHeight::Tip,
+            Some(StartHeightRaw::Word(w)) => {
+                return Err(invalid("start_height", w, "expected \"tip\" or a block height"))
+            }
+            Some(StartHeightRaw::Height(h)) => StartHeight::Height(h),
+        };
+        if self.finality_depth < 1 {
+            return Err(invalid("finality_depth", self.finality_depth, "must be at least 1"));
+        }
+        let json_logs = match self.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => return Err(invalid("log_format", other, "expected \"text\" or \"json\"")),
+        };
+        let bitcoind = self.bitcoind.validate(network, base)?;
+        let mut endpoints = Vec::new();
+        for (i, e) in self.endpoints.into_iter().enumerate() {
+            let ep = e.validate(i)?;
+            if endpoints.iter().any(|x: &EndpointConfig| x.name == ep.name) {
+                return Err(invalid(format!("endpoints[{i}].name"), &ep.name, "duplicate endpoint name"));
+            }
+            endpoints.push(ep);
+        }
+        let mut watches = Vec::new();
+        for (i, w) in self.watches.into_iter().enumerate() {
+            watches.push(w.validate(i, network, self.default_confirmations)?);
+        }
+        let api = self.api.validate()?;
+        Ok(Config {
+            network,
+            data_dir: resolve(base, self.data_dir),
+            default_confirmations: self.default_confirmations,
+            start_height,
+            finality_depth: self.finality_depth,
+            alert_reorg_depth: self.alert_reorg_depth,
+            json_logs,
+            bitcoind,
+            endpoints,
+            watches,
+            api,
+        })
+    }
+}
+
+fn default_rpc_url(network: Network) -> &'static str {
+    match network {
+        Network::Bitcoin => "http://127.0.0.1:8332",
+        Network::Testnet => "http://127.0.0.1:18332",
+        Network::Testnet4 => "http://127.0.0.1:48332",
+        Network::Signet => "http://127.0.0.1:38332",
+        _ => "http://127.0.0.1:18443",
+    }
+}
+
+impl RawBitcoind {
+    fn validate(self, network: Network, base: &Path) -> Result<BitcoindConfig, ConfigError> {
+        let rpc_url = self.rpc_url.unwrap_or_else(|| default_rpc_url(network).to_string());
+        reqwest::Url::parse(&rpc_url)
+            .map_err(|e| invalid("bitcoind.rpc_url", &rpc_url, format!("not a URL: {e}")))?;
+        let password = match (self.rpc_password, self.rpc_password_env) {
+            (Some(p), _) => Some(p),
+            (None, Some(env)) => Some(env_secret("bitcoind.rpc_password_env", &env)?),
+            (None, None) => None,
+        };
+        let auth = match (self.rpc_user, password, self.cookie_file) {
+            (Some(user), Some(password), _) => RpcAuth::UserPass { user, password },
+            (Some(user), None, _) => {
+                return Err(invalid("bitcoind.rpc_user", user, "rpc_user needs rpc_password or rpc_password_env"))
+            }
+            (None, Some(_), _) => {
+                return Err(invalid("bitcoind.rpc_password", "…", "rpc_password needs rpc_user"))
+            }
+            (None, None, Some(cookie)) => RpcAuth::Cookie(resolve(base, cookie)),
+            (None, None, None) => {
+                RpcAuth::Cookie(resolve(base, PathBuf::from("./regtest/data/regtest/.cookie")))
+            }
+        };
+        for (key, v) in [
+            ("bitcoind.zmq_sequence", &self.zmq_sequence),
+            ("bitcoind.zmq_rawtx", &self.zmq_rawtx),
+            ("bitcoind.zmq_rawblock", &self.zmq_rawblock),
+        ] {
+            if let Some(v) = v {
+                if !(v.starts_with("tcp://") || v.starts_with("ipc://")) {
+                    return Err(invalid(key, v, "expected a ZMQ endpoint such as tcp://127.0.0.1:28332"));
+                }
+            }
+        }
+        let poll_interval = duration("bitcoind.poll_interval", self.poll_interval.as_deref(), "2s")?;
+        if poll_interval.is_zero() {
+            return Err(invalid("bitcoind.poll_interval", "0", "must be more than zero"));
+        }
+        Ok(BitcoindConfig {
+            rpc_url,
+            auth,
+            zmq_sequence: self.zmq_sequence,
+            zmq_rawtx: self.zmq_rawtx,
+            zmq_rawblock: self.zmq_rawblock,
+            poll_interval,
+        })
+    }
+}
+
+impl RawEndpoint {
+    fn validate(self, i: usize) -> Result<EndpointConfig, ConfigError> {
+        let key = |k: &str| format!("endpoints[{i}].{k}");
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(invalid(key("name"), &self.name, "use letters, digits, '-', '_' or '.'"));
+        }
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| invalid(key("url"), &self.url, format!("not a URL: {e}")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if is_loopback_url(&url) || self.allow_http == Some(true) => {}
+            "http" => {
+                return Err(invalid(key("url"), &self.url, "plain http is allowed only to loopback; set allow_http = true to override"))
+            }
+            other => return Err(invalid(key("url"), &self.url, format!("unsupported scheme {other:?}"))),
+        }
+        let secret_texts = match (self.secret, self.secret_env) {
+            (Some(s), None) => s.into_vec(),
+            (None, Some(env)) => env
+                .into_vec()
+                .iter()
+                .map(|n| env_secret(&key("secret_env"), n))
+                .collect::<Result<_, _>>()?,
+            (Some(_), Some(_)) => {
+                return Err(invalid(key("secret"), "…", "give secret or secret_env, not both"))
+            }
+            (None, None) => return Err(invalid(key("secret"), "", "every endpoint needs a secret (whsec_…)")),
+        };
+        if secret_texts.is_empty() {
+            return Err(invalid(key("secret"), "[]", "at least one secret is needed"));
+        }
+        let secrets = secret_texts
+            .iter()
+            .map(|s| Secret::parse(s).map_err(|e| invalid(key("secret"), redact_secret(s), e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let events = self.events.unwrap_or_else(|| vec!["tx.*".to_string()]);
+        for g in &events {
+            if g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || "._*".contains(c)) {
+                return Err(invalid(key("events"), g, "expected an event type glob such as \"tx.*\""));
+            }
+        }
+        let timeout = duration(&key("timeout"), self.timeout.as_deref(), "15s")?;
+        let retry_schedule = match self.retry_schedule {
+            None => DEFAULT_RETRY_SCHEDULE.iter().map(|d| parse_duration(d).unwrap()).collect(),
+            Some(list) => list
+                .iter()
+                .map(|d| duration(&key("retry_schedule"), Some(d), ""))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let concurrency = self.concurrency.unwrap_or(16);
+        if concurrency == 0 {
+            return Err(invalid(key("concurrency"), 0, "must be at least 1"));
+        }
+        let disable_after = duration(&key("disable_after"), self.disable_after.as_deref(), "5d")?;
+        Ok(EndpointConfig {
+            name: self.name,
+            url: self.url,
+            secrets,
+            events,
+            ordered: self.ordered.unwrap_or(true),
+            timeout,
+            retry_schedule,
+            concurrency,
+            disable_after,
+        })
+    }
+}
+
+fn redact_secret(s: &str) -> String {
+    let head: String = s.chars().take(8).collect();
+    format!("{head}…")
+}
+
+impl RawWatch {
+    fn validate(self, i: usize, network: Network, default_conf: u32) -> Result<WatchConfig, ConfigError> {
+        let key = |k: &str| format!("watches[{i}].{k}");
+        let address = match (self.address, self.descriptor) {
+            (Some(a), None) => a,
+            (None, Some(d)) => {
+                return Err(invalid(key("descriptor"), d, "descriptor watches are not supported by this version; list addresses instead"))
+            }
+            (Some(_), Some(_)) => return Err(invalid(key("address"), "…", "give address or descriptor, not both")),
+            (None, None) => return Err(invalid(key("address"), "", "a watch needs an address")),
+        };
+        if self.gap_limit.is_some() {
+            return Err(invalid(key("gap_limit"), self.gap_limit.unwrap_or(0), "gap_limit applies to descriptor watches only"));
+        }
+        let addr = check_address(&key("address"), &address, network)?;
+        let confirmations = self.confirmations.unwrap_or(default_conf);
+        if confirmations == 0 || confirmations > 1000 {
+            return Err(invalid(key("confirmations"), confirmations, "must be between 1 and 1000"));
+        }
+        let metadata = match self.metadata {
+            None => serde_json::Value::Object(Default::default()),
+            Some(t) => serde_json::to_value(t).map_err(|e| invalid(key("metadata"), "…", e.to_string()))?,
+        };
+        crate::watch::check_metadata(&metadata).map_err(|r| invalid(key("metadata"), metadata.to_string(), r))?;
+        Ok(WatchConfig {
+            address: addr.to_string(),
+            confirmations,
+            label: self.label,
+            metadata,
+        })
+    }
+}
+
+impl RawApi {
+    fn validate(self) -> Result<ApiConfig, ConfigError> {
+        let listen_text = self.listen.unwrap_or_else(|| "127.0.0.1:8577".into());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("api.listen", &listen_text, "expected IP:PORT such as 127.0.0.1:8577"))?;
+        let token = match (self.token, self.token_env) {
+            (Some(t), _) => Some(t),
+            // The token is optional until the API is used; an unset variable means the API stays closed.
+            (None, Some(env)) => std::env::var(&env).ok(),
+            (None, None) => std::env::var("CHAINWATCH_API_TOKEN").ok(),
+        };
+        let allow_ips = self
+            .allow_ips
+            .unwrap_or_else(|| vec!["127.0.0.1/32".into(), "::1/128".into()]);
+        Ok(ApiConfig {
+            listen,
+            token,
+            allow_ips,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "watcher.toml", None)
+    }
+
+    const ENDPOINT: &str = "[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:8080/hooks\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = parse("").unwrap();
+        assert_eq!(c.network, Network::Regtest);
+        assert_eq!(c.default_confirmations, 3);
+        assert_eq!(c.bitcoind.rpc_url, "http://127.0.0.1:18443");
+        assert_eq!(c.bitcoind.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.start_height, StartHeight::Tip);
+    }
+
+    #[test]
+    fn endpoint_defaults_follow_the_spec() {
+        let c = parse(ENDPOINT).unwrap();
+        let e = &c.endpoints[0];
+        assert_eq!(e.events, vec!["tx.*"]);
+        assert!(e.ordered);
+        assert_eq!(e.timeout, Duration::from_secs(15));
+        let hours: u64 = e.retry_schedule.iter().map(|d| d.as_secs()).sum::<u64>() / 3600;
+        assert_eq!(hours, 75, "default schedule spans about 75 hours");
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn refusals_name_key_and_value() {
+        let e = err("netwrk = \"regtest\"");
+        assert!(e.contains("unknown field `netwrk`") && e.contains("line 1"), "{e}");
+        let e = err("network = \"moon\"");
+        assert!(e.contains("network = \"moon\""), "{e}");
+        let e = err("default_confirmations = \"three\"");
+        assert!(e.contains("line 1") && e.contains("default_confirmations"), "{e}");
+        let e = err("[[watches]]\naddress = \"bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq\"");
+        assert!(e.contains("watches[0].address") && e.contains("not for network regtest"), "{e}");
+        let e = err(&ENDPOINT.replace("whsec_MfKQ", "MfKQ"));
+        assert!(e.contains("endpoints[0].secret") && e.contains("whsec_"), "{e}");
+        let e = err(&ENDPOINT.replace("127.0.0.1", "example.com"));
+        assert!(e.contains("endpoints[0].url") && e.contains("loopback"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+}

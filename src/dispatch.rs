@@ -1,0 +1,235 @@
+//! The dispatcher: one worker per endpoint reads due deliveries from the outbox, POSTs them with
+//! Standard Webhooks headers and records every attempt. A slow endpoint delays only itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EndpointConfig;
+use crate::sign;
+use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, Store, StoreError};
+
+pub const MAX_RESPONSE_READ: usize = 64 * 1024;
+pub const MAX_RESPONSE_STORED: usize = 4 * 1024;
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// 429s and timeouts wait at least this long before the next attempt.
+pub const MIN_BACKOFF_THROTTLED: Duration = Duration::from_secs(60);
+
+/// Milliseconds since the Unix epoch; injected so tests can drive time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    })
+}
+
+/// What one HTTP attempt came to, before it is judged.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: Option<u16>,
+    pub retry_after: Option<Duration>,
+    pub error: Option<String>,
+    pub timed_out: bool,
+    pub excerpt: Option<String>,
+}
+
+/// Judges an attempt: delivered, retry when, dead, or endpoint gone.
+pub fn judge(r: &Response, attempts_before: u32, schedule: &[Duration], now_ms: i64, jitter: f64) -> DeliveryResult {
+    match r.status {
+        Some(s) if (200..300).contains(&s) => return DeliveryResult::Delivered,
+        Some(410) => return DeliveryResult::EndpointGone,
+        _ => {}
+    }
+    let failures = attempts_before as usize + 1;
+    let Some(base) = schedule.get(failures - 1) else { return DeliveryResult::Dead };
+    let mut delay = base.mul_f64(jitter);
+    if r.status == Some(429) || r.timed_out {
+        delay = delay.max(MIN_BACKOFF_THROTTLED);
+    }
+    if let Some(ra) = r.retry_after {
+        delay = delay.max(ra.min(MAX_RETRY_AFTER));
+    }
+    DeliveryResult::RetryAt(now_ms + delay.as_millis() as i64)
+}
+
+/// ±20% jitter factor.
+pub fn jitter() -> f64 {
+    rand::rng().random_range(0.8..=1.2)
+}
+
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+pub struct Sender {
+    http: reqwest::Client,
+}
+
+impl Sender {
+    pub fn new(timeout: Duration) -> Sender {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("HTTP client builds");
+        Sender { http }
+    }
+
+    /// POSTs one signed webhook.
+    pub async fn send(&self, ep: &EndpointConfig, id: &str, body: &str, timestamp: i64) -> Response {
+        let signature = sign::signature_header(&ep.secrets, id, timestamp, body.as_bytes());
+        let result = self
+            .http
+            .post(&ep.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body.to_string())
+            .send()
+            .await;
+        let mut resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                return Response { status: None, retry_after: None, timed_out: e.is_timeout(), error: Some(describe(&e)), excerpt: None }
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let mut buf = Vec::new();
+        let mut error = None;
+        let mut timed_out = false;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    buf.extend_from_slice(&c[..c.len().min(MAX_RESPONSE_READ - buf.len())]);
+                    if buf.len() >= MAX_RESPONSE_READ {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    timed_out = e.is_timeout();
+                    error = Some(describe(&e));
+                    break;
+                }
+            }
+        }
+        buf.truncate(MAX_RESPONSE_STORED);
+        let excerpt = Some(String::from_utf8_lossy(&buf).into_owned());
+        // A 2xx whose body then timed out still counts: the receiver accepted the request.
+        let status_ok = (200..300).contains(&status);
+        Response { status: Some(status), retry_after, timed_out: timed_out && !status_ok, error: if status_ok { None } else { error }, excerpt }
+    }
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    msg
+}
+
+/// Delivers one endpoint's queue until shutdown; in-flight requests finish first.
+pub async fn run_endpoint(
+    ep: EndpointConfig,
+    mut store: Store,
+    wake: Arc<Notify>,
+    clock: Clock,
+    shutdown: CancellationToken,
+) -> Result<(), StoreError> {
+    let sender = Sender::new(ep.timeout);
+    let batch = if ep.ordered { 1 } else { ep.concurrency };
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let now = clock();
+        let due = if store.endpoint_enabled(&ep.name)? {
+            store.due_deliveries(&ep.name, now, ep.ordered, batch)?
+        } else {
+            vec![]
+        };
+        if due.is_empty() {
+            let next = store.next_due(&ep.name, ep.ordered)?;
+            let wait = next.map(|t| Duration::from_millis((t - now).clamp(0, 1000) as u64)).unwrap_or(Duration::from_secs(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            continue;
+        }
+        let sends = due.iter().map(|d| attempt(&sender, &ep, d, &clock));
+        let outcomes = futures_util::future::join_all(sends).await;
+        for (d, o) in due.iter().zip(outcomes) {
+            log_outcome(&ep.name, d, &o);
+            store.record_attempt(&ep.name, d, &o)?;
+        }
+    }
+}
+
+async fn attempt(sender: &Sender, ep: &EndpointConfig, d: &DueDelivery, clock: &Clock) -> AttemptOutcome {
+    let started_at_ms = clock();
+    let began = Instant::now();
+    let r = sender.send(ep, &d.event_id, &d.body, started_at_ms / 1000).await;
+    let result = judge(&r, d.attempts, &ep.retry_schedule, clock(), jitter());
+    AttemptOutcome {
+        started_at_ms,
+        duration_ms: began.elapsed().as_millis() as i64,
+        status_code: r.status,
+        error: r.error.or_else(|| r.status.filter(|s| !(200..300).contains(s)).map(|s| format!("HTTP {s}"))),
+        response_excerpt: r.excerpt,
+        result,
+    }
+}
+
+fn log_outcome(endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) {
+    match o.result {
+        DeliveryResult::Delivered => {
+            tracing::info!(endpoint, event = %d.event_id, seq = d.event_seq, status = o.status_code, ms = o.duration_ms, "delivered")
+        }
+        DeliveryResult::RetryAt(t) => tracing::warn!(
+            endpoint, event = %d.event_id, attempt = d.attempts + 1, error = o.error.as_deref().unwrap_or(""),
+            retry_in_s = (t - o.started_at_ms) / 1000, "delivery failed; will retry"
+        ),
+        DeliveryResult::Dead => tracing::error!(endpoint, event = %d.event_id, attempts = d.attempts + 1, "delivery dead: retry schedule spent"),
+        DeliveryResult::EndpointGone => tracing::error!(endpoint, "endpoint answered 410 Gone; disabled"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: Option<u16>) -> Response {
+        Response { status, retry_after: None, error: None, timed_out: false, excerpt: None }
+    }
+
+    #[test]
+    fn schedule_then_dead() {
+        let sched: Vec<Duration> = crate::config::DEFAULT_RETRY_SCHEDULE.iter().map(|d| crate::config::parse_duration(d).unwrap()).collect();
+        assert_eq!(judge(&resp(Some(200)), 0, &sched, 0, 1.0), DeliveryResult::Delivered);
+        assert_eq!(judge(&resp(Some(500)), 0, &sched, 0, 1.0), DeliveryResult::RetryAt(5_000), "first retry after 5s");
+        assert_eq!(judge(&resp(Some(500)), 1, &sched, 0, 1.2), DeliveryResult::RetryAt(360_000), "5m +20%");
+        assert_eq!(judge(&resp(None), 8, &sched, 0, 1.0), DeliveryResult::RetryAt(24 * 3_600_000));
+        assert_eq!(judge(&resp(Some(500)), 9, &sched, 0, 1.0), DeliveryResult::Dead, "ten attempts in all");
+        assert_eq!(judge(&resp(Some(301)), 0, &sched, 0, 1.0), DeliveryResult::RetryAt(5_000), "redirects fail");
+        assert_eq!(judge(&resp(Some(410)), 0, &sched, 0, 1.0), DeliveryResult::EndpointGone);
+        assert_eq!(judge(&resp(Some(429)), 0, &sched, 0, 1.0), DeliveryResult::RetryAt(60_000), "429 waits 60s");
+        let mut r = resp(Some(503));
+        r.retry_after = Some(Duration::from_secs(48 * 3600));
+        assert_eq!(judge(&r, 0, &sched, 0, 1.0), DeliveryResult::RetryAt(24 * 3_600_000), "Retry-After capped at 24h");
+    }
+}

@@ -1,0 +1,175 @@
+//! Events: their deterministic ids and the Standard Webhooks payloads that carry them.
+
+use bitcoin::hashes::{sha256, Hash};
+use bitcoin::{BlockHash, Txid};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::watch::{MatchedInput, MatchedOutput, Watch};
+
+pub const TX_PENDING: &str = "tx.pending";
+pub const TX_CONFIRMATION: &str = "tx.confirmation";
+pub const TX_CONFIRMED: &str = "tx.confirmed";
+pub const TX_REORGED: &str = "tx.reorged";
+
+/// A block as events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRef {
+    pub hash: BlockHash,
+    pub height: u32,
+    pub time: u32,
+}
+
+/// The chain tip as events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TipRef {
+    pub hash: BlockHash,
+    pub height: u32,
+}
+
+/// An event before the store gives it a sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub id: String,
+    pub kind: &'static str,
+    /// `data` without `id` and `sequence`, which the store adds.
+    pub data: Map<String, Value>,
+}
+
+/// What identifies a transaction event: two events with the same identity are the same event.
+pub struct TxEventIdentity<'a> {
+    pub kind: &'a str,
+    pub txid: Txid,
+    pub watch_id: &'a str,
+    pub block_hash: Option<BlockHash>,
+    pub confirmations: u32,
+    pub reorg_count: u32,
+}
+
+impl TxEventIdentity<'_> {
+    pub fn event_id(&self) -> String {
+        let block = self.block_hash.map(|h| h.to_string()).unwrap_or_default();
+        let text = format!(
+            "chainwatch-event-v1|{}|{}|{}|{}|{}|{}",
+            self.kind, self.txid, self.watch_id, block, self.confirmations, self.reorg_count
+        );
+        let h = sha256::Hash::hash(text.as_bytes());
+        format!("evt_{}", hex::encode(&h.as_byte_array()[..16]))
+    }
+}
+
+/// Everything a transaction event says.
+pub struct TxEventFacts<'a> {
+    pub identity: TxEventIdentity<'a>,
+    pub network: &'a str,
+    pub required_confirmations: u32,
+    pub block: Option<BlockRef>,
+    pub watch: &'a Watch,
+    pub outputs: &'a [MatchedOutput],
+    pub inputs: &'a [MatchedInput],
+    pub amount_sat: i64,
+    pub tip: TipRef,
+    pub previous_block: Option<BlockRef>,
+}
+
+fn block_json(b: &BlockRef) -> Value {
+    json!({ "hash": b.hash.to_string(), "height": b.height, "time": b.time })
+}
+
+impl TxEventFacts<'_> {
+    pub fn into_event(self) -> NewEvent {
+        let id = self.identity.event_id();
+        let mut data = Map::new();
+        data.insert("network".into(), json!(self.network));
+        data.insert("txid".into(), json!(self.identity.txid.to_string()));
+        data.insert("confirmations".into(), json!(self.identity.confirmations));
+        data.insert("required_confirmations".into(), json!(self.required_confirmations));
+        data.insert("block".into(), self.block.as_ref().map(block_json).unwrap_or(Value::Null));
+        data.insert(
+            "watch".into(),
+            json!({ "id": self.watch.id, "label": self.watch.label, "metadata": self.watch.metadata }),
+        );
+        data.insert("outputs".into(), json!(self.outputs));
+        data.insert("inputs".into(), json!(self.inputs));
+        data.insert("amount_sat".into(), json!(self.amount_sat));
+        data.insert(
+            "tip".into(),
+            json!({ "hash": self.tip.hash.to_string(), "height": self.tip.height }),
+        );
+        if let Some(prev) = &self.previous_block {
+            data.insert("previous_block".into(), block_json(prev));
+        }
+        NewEvent {
+            id,
+            kind: static_kind(self.identity.kind),
+            data,
+        }
+    }
+}
+
+fn static_kind(kind: &str) -> &'static str {
+    match kind {
+        TX_PENDING => TX_PENDING,
+        TX_CONFIRMATION => TX_CONFIRMATION,
+        TX_CONFIRMED => TX_CONFIRMED,
+        TX_REORGED => TX_REORGED,
+        _ => "unknown",
+    }
+}
+
+/// The full webhook body: `{type, timestamp, data: {id, sequence, ...}}`.
+pub fn webhook_body(event: &NewEvent, sequence: i64, timestamp: &str) -> String {
+    let mut data = Map::new();
+    data.insert("id".into(), json!(event.id));
+    data.insert("sequence".into(), json!(sequence));
+    for (k, v) in &event.data {
+        data.insert(k.clone(), v.clone());
+    }
+    json!({ "type": event.kind, "timestamp": timestamp, "data": data }).to_string()
+}
+
+/// Glob match on event types: `*` matches any run of characters.
+pub fn type_matches(glob: &str, kind: &str) -> bool {
+    fn go(p: &[u8], s: &[u8]) -> bool {
+        match p.split_first() {
+            None => s.is_empty(),
+            Some((b'*', rest)) => (0..=s.len()).any(|i| go(rest, &s[i..])),
+            Some((c, rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+        }
+    }
+    go(glob.as_bytes(), kind.as_bytes())
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    t.to_offset(time::UtcOffset::UTC).format(&fmt).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_event_types() {
+        assert!(type_matches("tx.*", "tx.confirmed"));
+        assert!(type_matches("*", "block.connected"));
+        assert!(type_matches("tx.confirmed", "tx.confirmed"));
+        assert!(!type_matches("tx.*", "block.connected"));
+        assert!(!type_matches("tx.confirmed", "tx.confirmation"));
+    }
+
+    #[test]
+    fn ids_change_with_every_identity_field() {
+        let txid: Txid = "dd386822a62ef88575dfe82fa1db5fc34baef163e6f7a0a4efd8b6013da4e205".parse().unwrap();
+        let base = TxEventIdentity { kind: TX_CONFIRMED, txid, watch_id: "wch_1", block_hash: None, confirmations: 3, reorg_count: 0 };
+        let id = base.event_id();
+        assert!(id.starts_with("evt_") && id.len() == 36, "{id}");
+        assert_eq!(id, TxEventIdentity { ..base }.event_id(), "deterministic");
+        let other = TxEventIdentity { kind: TX_CONFIRMED, txid, watch_id: "wch_1", block_hash: None, confirmations: 3, reorg_count: 1 };
+        assert_ne!(id, other.event_id(), "a reorg count gives a new id");
+    }
+}

@@ -1,0 +1,84 @@
+//! Access to bitcoind: the `ChainSource` trait the follower uses, its JSON-RPC implementation,
+//! and the ZMQ subscriber.
+
+pub mod rpc;
+pub mod zmq_sub;
+pub mod zmq_wire;
+
+use std::future::Future;
+
+use bitcoin::{Block, BlockHash, Transaction, Txid};
+
+pub use rpc::RpcClient;
+
+/// Why a node call failed, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot reach bitcoind at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("bitcoind is warming up: {0}")]
+    WarmingUp(String),
+    #[error("bitcoind refused the RPC credentials ({0})")]
+    Auth(String),
+    #[error("cannot read RPC cookie file {path}: {reason}")]
+    Cookie { path: String, reason: String },
+    #[error("bitcoind RPC {method} failed with code {code}: {message}")]
+    Rpc { method: String, code: i64, message: String },
+    #[error("bitcoind sent a malformed answer to {method}: {reason}")]
+    BadResponse { method: String, reason: String },
+}
+
+impl NodeError {
+    /// Transient errors are retried with backoff; the others need a person.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, NodeError::Unreachable { .. } | NodeError::WarmingUp(_) | NodeError::Auth(_) | NodeError::Cookie { .. })
+    }
+
+    /// "Not found" answers (-5 unknown block/tx, -8 height out of range).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, NodeError::Rpc { code: -5 | -8, .. })
+    }
+}
+
+/// What `getblockchaininfo` says that we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainInfo {
+    pub chain: String,
+    pub blocks: u32,
+    pub best_block_hash: BlockHash,
+    pub initial_block_download: bool,
+}
+
+/// What `getblockheader` says that we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub hash: BlockHash,
+    pub height: u32,
+    pub prev: Option<BlockHash>,
+    pub time: u32,
+    /// -1 when the block is not on the active chain.
+    pub confirmations: i64,
+}
+
+/// A ZMQ publisher bitcoind announces (`getzmqnotifications`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZmqNotification {
+    pub kind: String,
+    pub address: String,
+}
+
+pub type NodeResult<T> = Result<T, NodeError>;
+
+/// Everything the follower asks of a node. Implemented over JSON-RPC for bitcoind; the
+/// simulated node serves the same JSON-RPC, so the follower runs unchanged against both.
+pub trait ChainSource: Send + Sync + 'static {
+    fn chain_info(&self) -> impl Future<Output = NodeResult<ChainInfo>> + Send;
+    fn best_block_hash(&self) -> impl Future<Output = NodeResult<BlockHash>> + Send;
+    fn block_hash(&self, height: u32) -> impl Future<Output = NodeResult<BlockHash>> + Send;
+    fn block_header(&self, hash: BlockHash) -> impl Future<Output = NodeResult<HeaderInfo>> + Send;
+    fn block(&self, hash: BlockHash) -> impl Future<Output = NodeResult<Block>> + Send;
+    /// Mempool txids and the mempool sequence they are valid at.
+    fn raw_mempool(&self) -> impl Future<Output = NodeResult<(Vec<Txid>, u64)>> + Send;
+    fn mempool_transaction(&self, txid: Txid) -> impl Future<Output = NodeResult<Transaction>> + Send;
+    fn zmq_notifications(&self) -> impl Future<Output = NodeResult<Vec<ZmqNotification>>> + Send;
+}

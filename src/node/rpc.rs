@@ -1,0 +1,218 @@
+//! JSON-RPC over HTTP to bitcoind, async. Re-reads the cookie after a 401 or a lost connection,
+//! because bitcoind writes a new cookie every time it starts.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::{Block, BlockHash, Transaction, Txid};
+use serde_json::{json, Value};
+
+use super::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
+use crate::config::RpcAuth;
+
+pub struct RpcClient {
+    url: String,
+    auth: RpcAuth,
+    http: reqwest::Client,
+    /// user:password from the cookie, read lazily and dropped when it stops working.
+    cookie: Mutex<Option<(String, String)>>,
+    next_id: AtomicU64,
+}
+
+impl RpcClient {
+    pub fn new(url: &str, auth: RpcAuth) -> RpcClient {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("HTTP client builds");
+        RpcClient { url: url.to_string(), auth, http, cookie: Mutex::new(None), next_id: AtomicU64::new(1) }
+    }
+
+    fn credentials(&self) -> NodeResult<(String, String)> {
+        match &self.auth {
+            RpcAuth::UserPass { user, password } => Ok((user.clone(), password.clone())),
+            RpcAuth::Cookie(path) => {
+                let mut cached = self.cookie.lock().expect("cookie lock");
+                if let Some(c) = cached.as_ref() {
+                    return Ok(c.clone());
+                }
+                let c = read_cookie(path)?;
+                *cached = Some(c.clone());
+                Ok(c)
+            }
+        }
+    }
+
+    fn forget_cookie(&self) {
+        *self.cookie.lock().expect("cookie lock") = None;
+    }
+
+    /// One JSON-RPC call; `result` on success.
+    pub async fn call(&self, method: &str, params: Value) -> NodeResult<Value> {
+        let (user, password) = self.credentials()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = json!({ "jsonrpc": "1.0", "id": id, "method": method, "params": params });
+        let resp = self
+            .http
+            .post(&self.url)
+            .basic_auth(user, Some(password))
+            .json(&request)
+            .send()
+            .await
+            .map_err(|e| {
+                self.forget_cookie();
+                NodeError::Unreachable { url: self.url.clone(), reason: root_cause(&e) }
+            })?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            self.forget_cookie();
+            return Err(NodeError::Auth(format!("HTTP 401 from {}", self.url)));
+        }
+        let body = resp.bytes().await.map_err(|e| NodeError::Unreachable { url: self.url.clone(), reason: root_cause(&e) })?;
+        parse_response(method, status.as_u16(), &body)
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg = s.to_string();
+        src = s.source();
+    }
+    msg
+}
+
+fn read_cookie(path: &PathBuf) -> NodeResult<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NodeError::Cookie { path: path.display().to_string(), reason: e.to_string() })?;
+    let (user, pass) = text.trim().split_once(':').ok_or_else(|| NodeError::Cookie {
+        path: path.display().to_string(),
+        reason: "expected user:password".into(),
+    })?;
+    Ok((user.to_string(), pass.to_string()))
+}
+
+/// Bitcoin Core answers errors with HTTP 500 (404 for unknown methods) and a JSON body.
+pub fn parse_response(method: &str, status: u16, body: &[u8]) -> NodeResult<Value> {
+    let bad = |reason: String| NodeError::BadResponse { method: method.to_string(), reason };
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("HTTP {status}, body is not JSON ({e}): {:?}", String::from_utf8_lossy(&body[..body.len().min(200)]))))?;
+    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+        let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+        let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
+        if code == -28 {
+            return Err(NodeError::WarmingUp(message));
+        }
+        return Err(NodeError::Rpc { method: method.to_string(), code, message });
+    }
+    if !(200..300).contains(&status) {
+        return Err(bad(format!("HTTP {status} without an error object")));
+    }
+    v.get("result").cloned().ok_or_else(|| bad("no result field".into()))
+}
+
+fn field<'a>(method: &str, v: &'a Value, key: &str) -> NodeResult<&'a Value> {
+    v.get(key).ok_or_else(|| NodeError::BadResponse { method: method.into(), reason: format!("missing {key}") })
+}
+
+fn as_str<'a>(method: &str, v: &'a Value) -> NodeResult<&'a str> {
+    v.as_str().ok_or_else(|| NodeError::BadResponse { method: method.into(), reason: format!("expected a string, got {v}") })
+}
+
+fn as_u64(method: &str, v: &Value) -> NodeResult<u64> {
+    v.as_u64().ok_or_else(|| NodeError::BadResponse { method: method.into(), reason: format!("expected a number, got {v}") })
+}
+
+fn parse_hex<T: std::str::FromStr>(method: &str, v: &Value) -> NodeResult<T> {
+    let s = as_str(method, v)?;
+    s.parse().map_err(|_| NodeError::BadResponse { method: method.into(), reason: format!("bad hash {s:?}") })
+}
+
+fn decode<T: bitcoin::consensus::Decodable>(method: &str, v: &Value) -> NodeResult<T> {
+    deserialize_hex(as_str(method, v)?)
+        .map_err(|e| NodeError::BadResponse { method: method.into(), reason: format!("cannot decode: {e}") })
+}
+
+pub fn chain_info_from(v: &Value) -> NodeResult<ChainInfo> {
+    let m = "getblockchaininfo";
+    Ok(ChainInfo {
+        chain: as_str(m, field(m, v, "chain")?)?.to_string(),
+        blocks: as_u64(m, field(m, v, "blocks")?)? as u32,
+        best_block_hash: parse_hex(m, field(m, v, "bestblockhash")?)?,
+        initial_block_download: v.get("initialblockdownload").and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+pub fn header_from(v: &Value) -> NodeResult<HeaderInfo> {
+    let m = "getblockheader";
+    Ok(HeaderInfo {
+        hash: parse_hex(m, field(m, v, "hash")?)?,
+        height: as_u64(m, field(m, v, "height")?)? as u32,
+        prev: v.get("previousblockhash").map(|p| parse_hex(m, p)).transpose()?,
+        time: as_u64(m, field(m, v, "time")?)? as u32,
+        confirmations: field(m, v, "confirmations")?.as_i64().unwrap_or(-1),
+    })
+}
+
+pub fn mempool_from(v: &Value) -> NodeResult<(Vec<Txid>, u64)> {
+    let m = "getrawmempool";
+    let txids = field(m, v, "txids")?
+        .as_array()
+        .ok_or_else(|| NodeError::BadResponse { method: m.into(), reason: "txids is not a list".into() })?
+        .iter()
+        .map(|t| parse_hex(m, t))
+        .collect::<NodeResult<Vec<Txid>>>()?;
+    Ok((txids, as_u64(m, field(m, v, "mempool_sequence")?)?))
+}
+
+pub fn zmq_from(v: &Value) -> NodeResult<Vec<ZmqNotification>> {
+    let m = "getzmqnotifications";
+    let list = v.as_array().ok_or_else(|| NodeError::BadResponse { method: m.into(), reason: "not a list".into() })?;
+    list.iter()
+        .map(|n| {
+            Ok(ZmqNotification {
+                kind: as_str(m, field(m, n, "type")?)?.to_string(),
+                address: as_str(m, field(m, n, "address")?)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl ChainSource for RpcClient {
+    async fn chain_info(&self) -> NodeResult<ChainInfo> {
+        chain_info_from(&self.call("getblockchaininfo", json!([])).await?)
+    }
+
+    async fn best_block_hash(&self) -> NodeResult<BlockHash> {
+        parse_hex("getbestblockhash", &self.call("getbestblockhash", json!([])).await?)
+    }
+
+    async fn block_hash(&self, height: u32) -> NodeResult<BlockHash> {
+        parse_hex("getblockhash", &self.call("getblockhash", json!([height])).await?)
+    }
+
+    async fn block_header(&self, hash: BlockHash) -> NodeResult<HeaderInfo> {
+        header_from(&self.call("getblockheader", json!([hash.to_string(), true])).await?)
+    }
+
+    async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
+        decode("getblock", &self.call("getblock", json!([hash.to_string(), 0])).await?)
+    }
+
+    async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {
+        mempool_from(&self.call("getrawmempool", json!([false, true])).await?)
+    }
+
+    async fn mempool_transaction(&self, txid: Txid) -> NodeResult<Transaction> {
+        decode("getrawtransaction", &self.call("getrawtransaction", json!([txid.to_string()])).await?)
+    }
+
+    async fn zmq_notifications(&self) -> NodeResult<Vec<ZmqNotification>> {
+        zmq_from(&self.call("getzmqnotifications", json!([])).await?)
+    }
+}

@@ -1,0 +1,123 @@
+//! Decoding bitcoind's ZMQ messages: three frames, topic, body and a little-endian u32 counter.
+
+use bitcoin::consensus::deserialize;
+use bitcoin::hashes::Hash;
+use bitcoin::{Block, BlockHash, Transaction, Txid};
+
+/// A `sequence` notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceEvent {
+    BlockConnected(BlockHash),
+    BlockDisconnected(BlockHash),
+    /// Entered the mempool, at this mempool sequence.
+    TxAdded(Txid, u64),
+    /// Left the mempool for any reason but inclusion in a block.
+    TxRemoved(Txid, u64),
+}
+
+/// A decoded message body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ZmqBody {
+    Sequence(SequenceEvent),
+    RawTx(Transaction),
+    RawBlock(Block),
+    HashTx(Txid),
+    HashBlock(BlockHash),
+}
+
+/// One message with its per-topic counter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZmqMessage {
+    pub topic: String,
+    pub counter: u32,
+    pub body: ZmqBody,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("expected 3 frames, got {0}")]
+    FrameCount(usize),
+    #[error("counter frame has {0} bytes, expected 4")]
+    Counter(usize),
+    #[error("unknown topic {0:?}")]
+    Topic(String),
+    #[error("{topic} body of {len} bytes is malformed: {reason}")]
+    Body { topic: String, len: usize, reason: String },
+}
+
+/// bitcoind sends hashes in the byte order RPC displays, the reverse of the internal order.
+fn display_order_hash(bytes: &[u8]) -> Option<[u8; 32]> {
+    let mut h: [u8; 32] = bytes.try_into().ok()?;
+    h.reverse();
+    Some(h)
+}
+
+pub fn decode(frames: &[Vec<u8>]) -> Result<ZmqMessage, WireError> {
+    if frames.len() != 3 {
+        return Err(WireError::FrameCount(frames.len()));
+    }
+    let topic = String::from_utf8_lossy(&frames[0]).into_owned();
+    let counter_bytes: [u8; 4] = frames[2].as_slice().try_into().map_err(|_| WireError::Counter(frames[2].len()))?;
+    let counter = u32::from_le_bytes(counter_bytes);
+    let body = decode_body(&topic, &frames[1])?;
+    Ok(ZmqMessage { topic, counter, body })
+}
+
+pub fn decode_body(topic: &str, b: &[u8]) -> Result<ZmqBody, WireError> {
+    let err = |reason: String| WireError::Body { topic: topic.to_string(), len: b.len(), reason };
+    match topic {
+        "sequence" => decode_sequence(b).map(ZmqBody::Sequence).map_err(err),
+        "rawtx" => deserialize(b).map(ZmqBody::RawTx).map_err(|e| err(e.to_string())),
+        "rawblock" => deserialize(b).map(ZmqBody::RawBlock).map_err(|e| err(e.to_string())),
+        "hashtx" => display_order_hash(b)
+            .map(|h| ZmqBody::HashTx(Txid::from_byte_array(h)))
+            .ok_or_else(|| err("expected 32 bytes".into())),
+        "hashblock" => display_order_hash(b)
+            .map(|h| ZmqBody::HashBlock(BlockHash::from_byte_array(h)))
+            .ok_or_else(|| err("expected 32 bytes".into())),
+        other => Err(WireError::Topic(other.to_string())),
+    }
+}
+
+fn decode_sequence(b: &[u8]) -> Result<SequenceEvent, String> {
+    if b.len() < 33 {
+        return Err("shorter than hash + label".into());
+    }
+    let hash = display_order_hash(&b[..32]).expect("32 bytes");
+    let mempool_seq = || -> Result<u64, String> {
+        let s: [u8; 8] = b[33..].try_into().map_err(|_| format!("{} bytes after the label, expected 8", b.len() - 33))?;
+        Ok(u64::from_le_bytes(s))
+    };
+    let block_only = || if b.len() == 33 { Ok(()) } else { Err(format!("{} stray bytes after a block label", b.len() - 33)) };
+    match b[32] {
+        b'C' => block_only().map(|_| SequenceEvent::BlockConnected(BlockHash::from_byte_array(hash))),
+        b'D' => block_only().map(|_| SequenceEvent::BlockDisconnected(BlockHash::from_byte_array(hash))),
+        b'A' => Ok(SequenceEvent::TxAdded(Txid::from_byte_array(hash), mempool_seq()?)),
+        b'R' => Ok(SequenceEvent::TxRemoved(Txid::from_byte_array(hash), mempool_seq()?)),
+        l => Err(format!("unknown label {:?}", l as char)),
+    }
+}
+
+/// Encodes a message exactly as bitcoind does (used by the simulated node).
+pub fn encode(topic: &str, body: Vec<u8>, counter: u32) -> [Vec<u8>; 3] {
+    [topic.as_bytes().to_vec(), body, counter.to_le_bytes().to_vec()]
+}
+
+pub fn sequence_body(ev: &SequenceEvent) -> Vec<u8> {
+    let (hash, label, seq): ([u8; 32], u8, Option<u64>) = match *ev {
+        SequenceEvent::BlockConnected(h) => (h.to_byte_array(), b'C', None),
+        SequenceEvent::BlockDisconnected(h) => (h.to_byte_array(), b'D', None),
+        SequenceEvent::TxAdded(t, s) => (t.to_byte_array(), b'A', Some(s)),
+        SequenceEvent::TxRemoved(t, s) => (t.to_byte_array(), b'R', Some(s)),
+    };
+    let mut out: Vec<u8> = hash.iter().rev().copied().collect();
+    out.push(label);
+    if let Some(s) = seq {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+pub fn hash_body<H: Hash<Bytes = [u8; 32]>>(h: H) -> Vec<u8> {
+    h.to_byte_array().iter().rev().copied().collect()
+}

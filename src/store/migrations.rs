@@ -1,0 +1,103 @@
+//! Versioned schema migrations, applied in order; `PRAGMA user_version` records the last one.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    -- The followed chain: the tip is the highest row. Kept back to finality depth.
+    CREATE TABLE blocks (
+        height INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        prev_hash TEXT NOT NULL,
+        time INTEGER NOT NULL
+    );
+    CREATE TABLE watches (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL UNIQUE,
+        confirmations INTEGER NOT NULL,
+        label TEXT,
+        metadata TEXT NOT NULL,
+        source TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE tracked (
+        txid TEXT NOT NULL,
+        watch_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        block_hash TEXT,
+        block_height INTEGER,
+        block_time INTEGER,
+        reorg_count INTEGER NOT NULL,
+        fired INTEGER NOT NULL,
+        outputs TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        PRIMARY KEY (txid, watch_id)
+    );
+    CREATE TABLE coins (
+        outpoint TEXT PRIMARY KEY,
+        watch_id TEXT NOT NULL,
+        address TEXT NOT NULL,
+        amount_sat INTEGER NOT NULL
+    );
+    -- Append-only, hash-chained event log.
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        prev_hash TEXT NOT NULL,
+        payload_hash TEXT NOT NULL,
+        row_hash TEXT NOT NULL
+    );
+    CREATE TABLE endpoints (
+        name TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        disabled_reason TEXT,
+        last_success_at INTEGER,
+        failing_since INTEGER
+    );
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        event_seq INTEGER NOT NULL REFERENCES events(seq),
+        endpoint TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        last_status INTEGER,
+        last_error TEXT,
+        delivered_at INTEGER,
+        UNIQUE (event_seq, endpoint)
+    );
+    CREATE INDEX deliveries_due ON deliveries (endpoint, status, event_seq);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+        started_at INTEGER NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        status_code INTEGER,
+        error TEXT,
+        response_excerpt TEXT
+    );
+    CREATE INDEX attempts_by_delivery ON attempts (delivery_id);
+    "#,
+];
+
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+pub fn latest_version() -> usize {
+    MIGRATIONS.len()
+}

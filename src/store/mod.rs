@@ -1,0 +1,271 @@
+//! The SQLite store: tracked state, the event log, the delivery outbox and the followed chain.
+//! Every chain step is committed in one transaction (`apply`).
+
+mod migrations;
+mod outbox;
+mod records;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bitcoin::hashes::{sha256, Hash};
+use bitcoin::BlockHash;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+pub use migrations::latest_version;
+pub use outbox::{AttemptOutcome, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow};
+pub use records::EventRow;
+
+use crate::event::{type_matches, webhook_body, BlockRef, NewEvent};
+use crate::tracker::{ChainStep, TipChange};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot create data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error("data directory was created for network {stored}, but the config says {configured}")]
+    NetworkMismatch { stored: String, configured: String },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("chain step does not fit the stored tip: {0}")]
+    TipMismatch(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A stored block of the followed chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub hash: BlockHash,
+    pub height: u32,
+    pub prev: BlockHash,
+    pub time: u32,
+}
+
+impl StoredBlock {
+    pub fn as_ref(&self) -> BlockRef {
+        BlockRef { hash: self.hash, height: self.height, time: self.time }
+    }
+}
+
+/// An event as committed: its sequence number and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEvent {
+    pub seq: i64,
+    pub id: String,
+    pub kind: String,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    /// Endpoint name → event-type globs, for writing delivery rows beside events.
+    filters: Vec<(String, Vec<String>)>,
+    /// How many blocks below the tip to keep, to find fork points.
+    keep_blocks: u32,
+}
+
+pub const DB_FILE: &str = "chainwatch.sqlite";
+
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DB_FILE)
+}
+
+fn parse_hash(s: &str) -> Result<BlockHash> {
+    s.parse().map_err(|_| StoreError::Corrupt(format!("bad block hash {s:?}")))
+}
+
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha256::Hash::hash(data).as_byte_array())
+}
+
+/// The hash of one event-log row, chaining it to the row before.
+pub fn row_hash(seq: i64, id: &str, kind: &str, payload_hash: &str, prev_hash: &str) -> String {
+    sha256_hex(format!("{seq}|{id}|{kind}|{payload_hash}|{prev_hash}").as_bytes())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::DataDir {
+            path: data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let path = db_path(data_dir);
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed chain step survives power loss, not only a process crash.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrations::migrate(&mut conn)?;
+        let mut store = Store { conn, path, filters: vec![], keep_blocks: 110 };
+        store.load_filters()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn set_keep_blocks(&mut self, n: u32) {
+        self.keep_blocks = n.max(10);
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Binds the data directory to a network on first use; refuses another one later.
+    pub fn check_network(&self, network: &str) -> Result<()> {
+        match self.meta("network")? {
+            None => self.set_meta("network", network),
+            Some(n) if n == network => Ok(()),
+            Some(n) => Err(StoreError::NetworkMismatch { stored: n, configured: network.into() }),
+        }
+    }
+
+    pub fn tip(&self) -> Result<Option<StoredBlock>> {
+        self.block_where("ORDER BY height DESC LIMIT 1", params![])
+    }
+
+    pub fn block_at(&self, height: u32) -> Result<Option<StoredBlock>> {
+        self.block_where("WHERE height = ?1", params![height])
+    }
+
+    pub fn lowest_block(&self) -> Result<Option<StoredBlock>> {
+        self.block_where("ORDER BY height ASC LIMIT 1", params![])
+    }
+
+    fn block_where(&self, clause: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Option<StoredBlock>> {
+        let sql = format!("SELECT hash, height, prev_hash, time FROM blocks {clause}");
+        let row = self
+            .conn
+            .query_row(&sql, p, |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, u32>(3)?))
+            })
+            .optional()?;
+        row.map(|(h, height, p, time)| {
+            Ok(StoredBlock { hash: parse_hash(&h)?, height, prev: parse_hash(&p)?, time })
+        })
+        .transpose()
+    }
+
+    /// Sets the block the watcher starts after (first run only): no events.
+    pub fn init_tip(&self, block: StoredBlock) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO blocks (height, hash, prev_hash, time) VALUES (?1, ?2, ?3, ?4)",
+            params![block.height, block.hash.to_string(), block.prev.to_string(), block.time],
+        )?;
+        Ok(())
+    }
+
+    /// Commits a chain step: tip, tracked state, coins, events and their deliveries, atomically.
+    pub fn apply(&mut self, step: &ChainStep, now_ms: i64) -> Result<Vec<CommittedEvent>> {
+        let keep = self.keep_blocks;
+        let tx = self.conn.transaction()?;
+        apply_tip(&tx, &step.tip, keep)?;
+        records::write_tracked(&tx, step)?;
+        let committed = append_events(&tx, &self.filters, &step.events, now_ms)?;
+        tx.commit()?;
+        Ok(committed)
+    }
+}
+
+fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
+    let tip: Option<(String, u32)> = tx
+        .query_row("SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    match change {
+        TipChange::None => {}
+        TipChange::Connect { block, prev } => {
+            if let Some((hash, height)) = &tip {
+                if *hash != prev.to_string() || *height + 1 != block.height {
+                    return Err(StoreError::TipMismatch(format!(
+                        "block {} at {} does not extend tip {} at {}",
+                        block.hash, block.height, hash, height
+                    )));
+                }
+            }
+            tx.execute(
+                "INSERT INTO blocks (height, hash, prev_hash, time) VALUES (?1, ?2, ?3, ?4)",
+                params![block.height, block.hash.to_string(), prev.to_string(), block.time],
+            )?;
+            tx.execute("DELETE FROM blocks WHERE height + ?1 < ?2", params![keep, block.height])?;
+        }
+        TipChange::Disconnect { block } => {
+            if tip.as_ref().map(|t| t.0.as_str()) != Some(block.hash.to_string().as_str()) {
+                return Err(StoreError::TipMismatch(format!("block {} is not the tip", block.hash)));
+            }
+            tx.execute("DELETE FROM blocks WHERE height = ?1", [block.height])?;
+        }
+    }
+    Ok(())
+}
+
+fn append_events(
+    tx: &Transaction,
+    filters: &[(String, Vec<String>)],
+    events: &[NewEvent],
+    now_ms: i64,
+) -> Result<Vec<CommittedEvent>> {
+    if events.is_empty() {
+        return Ok(vec![]);
+    }
+    let (mut seq, mut prev_hash): (i64, String) = tx
+        .query_row("SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+        .unwrap_or((0, String::new()));
+    let timestamp = crate::event::rfc3339(
+        time::OffsetDateTime::from_unix_timestamp(now_ms / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    );
+    let mut out = Vec::new();
+    for e in events {
+        let exists: bool = tx
+            .query_row("SELECT 1 FROM events WHERE id = ?1", [&e.id], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if exists {
+            // Deterministic ids make a replayed step harmless: the event is already logged.
+            tracing::warn!(id = %e.id, kind = e.kind, "event already recorded; not repeated");
+            continue;
+        }
+        seq += 1;
+        let body = webhook_body(e, seq, &timestamp);
+        let payload_hash = sha256_hex(body.as_bytes());
+        let hash = row_hash(seq, &e.id, e.kind, &payload_hash, &prev_hash);
+        tx.execute(
+            "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![seq, e.id, e.kind, body, now_ms, prev_hash, payload_hash, hash],
+        )?;
+        for (name, globs) in filters {
+            if globs.iter().any(|g| type_matches(g, e.kind)) {
+                tx.execute(
+                    "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)",
+                    params![seq, name, now_ms],
+                )?;
+            }
+        }
+        out.push(CommittedEvent { seq, id: e.id.clone(), kind: e.kind.to_string() });
+        prev_hash = hash;
+    }
+    Ok(out)
+}

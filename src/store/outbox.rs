@@ -1,0 +1,263 @@
+//! The delivery outbox: endpoints, due deliveries, attempts.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::{Result, Store};
+use crate::config::EndpointConfig;
+
+/// A delivery ready to send, with the body it carries.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    pub delivery_id: i64,
+    pub event_seq: i64,
+    pub event_id: String,
+    pub body: String,
+    pub attempts: u32,
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone)]
+pub struct AttemptOutcome {
+    pub started_at_ms: i64,
+    pub duration_ms: i64,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub response_excerpt: Option<String>,
+    /// Success, or the next attempt time, or dead (`None`).
+    pub result: DeliveryResult,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryResult {
+    Delivered,
+    RetryAt(i64),
+    Dead,
+    /// The endpoint answered 410 Gone: disable it, keep the delivery pending.
+    EndpointGone,
+}
+
+/// A delivery as `deliveries list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeliveryRow {
+    pub event_id: String,
+    pub event_seq: i64,
+    pub event_type: String,
+    pub endpoint: String,
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+}
+
+/// An endpoint as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointRow {
+    pub name: String,
+    pub url: String,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    pub pending: i64,
+    pub dead: i64,
+}
+
+impl Store {
+    pub(super) fn load_filters(&mut self) -> Result<()> {
+        let mut stmt = self.conn.prepare("SELECT name, events FROM endpoints ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut filters = Vec::new();
+        for row in rows {
+            let (name, events) = row?;
+            filters.push((name, serde_json::from_str(&events).unwrap_or_default()));
+        }
+        drop(stmt);
+        self.filters = filters;
+        Ok(())
+    }
+
+    /// Makes the endpoints table match the config (new ones added, filters and urls updated).
+    pub fn sync_endpoints(&mut self, endpoints: &[EndpointConfig]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for e in endpoints {
+            tx.execute(
+                "INSERT INTO endpoints (name, url, events) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET url = excluded.url, events = excluded.events",
+                params![e.name, e.url, serde_json::to_string(&e.events).expect("globs serialise")],
+            )?;
+        }
+        let names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
+        let names_json = serde_json::to_string(&names).expect("names serialise");
+        // Endpoints removed from the config stop receiving new deliveries; old rows stay for the record.
+        tx.execute(
+            "UPDATE endpoints SET events = '[]' WHERE name NOT IN (SELECT value FROM json_each(?1))",
+            [names_json],
+        )?;
+        tx.commit()?;
+        self.load_filters()
+    }
+
+    pub fn endpoint_enabled(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT enabled FROM endpoints WHERE name = ?1", [name], |r| r.get::<_, bool>(0))
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    pub fn set_endpoint_enabled(&self, name: &str, enabled: bool, reason: Option<&str>) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE endpoints SET enabled = ?2, disabled_reason = ?3 WHERE name = ?1",
+            params![name, enabled, reason],
+        )?;
+        Ok(n > 0)
+    }
+
+    pub fn list_endpoints(&self) -> Result<Vec<EndpointRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT e.name, e.url, e.enabled, e.disabled_reason,
+               (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status IN ('pending','failed')),
+               (SELECT count(*) FROM deliveries d WHERE d.endpoint = e.name AND d.status = 'dead')
+             FROM endpoints e ORDER BY e.name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(EndpointRow {
+                name: r.get(0)?,
+                url: r.get(1)?,
+                enabled: r.get(2)?,
+                disabled_reason: r.get(3)?,
+                pending: r.get(4)?,
+                dead: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Deliveries of `endpoint` that may be sent now. Ordered endpoints get only their head,
+    /// and only when it is due, so a failing head holds back the ones behind it.
+    pub fn due_deliveries(&self, endpoint: &str, now_ms: i64, ordered: bool, limit: u32) -> Result<Vec<DueDelivery>> {
+        let sql = if ordered {
+            "SELECT * FROM (SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at
+               FROM deliveries d JOIN events e ON e.seq = d.event_seq
+              WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') ORDER BY d.event_seq LIMIT 1)
+             WHERE next_attempt_at <= ?2 LIMIT ?3"
+        } else {
+            "SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at
+               FROM deliveries d JOIN events e ON e.seq = d.event_seq
+              WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') AND d.next_attempt_at <= ?2
+              ORDER BY d.event_seq LIMIT ?3"
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![endpoint, now_ms, limit], |r| {
+            Ok(DueDelivery {
+                delivery_id: r.get(0)?,
+                event_seq: r.get(1)?,
+                event_id: r.get(2)?,
+                body: r.get(3)?,
+                attempts: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// When the next delivery of `endpoint` falls due (ms), if any is waiting.
+    pub fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>> {
+        let sql = if ordered {
+            "SELECT next_attempt_at FROM deliveries WHERE endpoint = ?1 AND status IN ('pending','failed') ORDER BY event_seq LIMIT 1"
+        } else {
+            "SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = ?1 AND status IN ('pending','failed')"
+        };
+        Ok(self.conn.query_row(sql, [endpoint], |r| r.get::<_, Option<i64>>(0)).optional()?.flatten())
+    }
+
+    /// Records an attempt and moves the delivery on, in one transaction.
+    pub fn record_attempt(&mut self, endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO attempts (delivery_id, started_at, duration_ms, status_code, error, response_excerpt)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![d.delivery_id, o.started_at_ms, o.duration_ms, o.status_code, o.error, o.response_excerpt],
+        )?;
+        let (status, next, delivered_at) = match o.result {
+            DeliveryResult::Delivered => ("delivered", o.started_at_ms, Some(o.started_at_ms)),
+            DeliveryResult::RetryAt(t) => ("failed", t, None),
+            DeliveryResult::Dead => ("dead", o.started_at_ms, None),
+            DeliveryResult::EndpointGone => ("failed", o.started_at_ms, None),
+        };
+        tx.execute(
+            "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
+               last_status = ?4, last_error = ?5, delivered_at = ?6 WHERE id = ?1",
+            params![d.delivery_id, status, next, o.status_code, o.error, delivered_at],
+        )?;
+        match o.result {
+            DeliveryResult::Delivered => {
+                tx.execute(
+                    "UPDATE endpoints SET last_success_at = ?2, failing_since = NULL WHERE name = ?1",
+                    params![endpoint, o.started_at_ms],
+                )?;
+            }
+            DeliveryResult::EndpointGone => {
+                tx.execute(
+                    "UPDATE endpoints SET enabled = 0, disabled_reason = '410 Gone' WHERE name = ?1",
+                    [endpoint],
+                )?;
+            }
+            _ => {
+                tx.execute(
+                    "UPDATE endpoints SET failing_since = coalesce(failing_since, ?2) WHERE name = ?1",
+                    params![endpoint, o.started_at_ms],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn list_deliveries(&self, status: Option<&str>, endpoint: Option<&str>, limit: i64) -> Result<Vec<DeliveryRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT e.id, d.event_seq, e.type, d.endpoint, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error
+               FROM deliveries d JOIN events e ON e.seq = d.event_seq
+              WHERE (?1 IS NULL OR d.status = ?1) AND (?2 IS NULL OR d.endpoint = ?2)
+              ORDER BY d.event_seq, d.endpoint LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![status, endpoint, limit], |r| {
+            Ok(DeliveryRow {
+                event_id: r.get(0)?,
+                event_seq: r.get(1)?,
+                event_type: r.get(2)?,
+                endpoint: r.get(3)?,
+                status: r.get(4)?,
+                attempts: r.get(5)?,
+                next_attempt_at: r.get(6)?,
+                last_status: r.get(7)?,
+                last_error: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Puts deliveries of an event (or all dead ones) back in the queue. Returns how many.
+    pub fn redeliver(&self, event_id: Option<&str>, endpoint: Option<&str>, now_ms: i64) -> Result<usize> {
+        let n = match event_id {
+            Some(id) => self.conn.execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1
+                  WHERE event_seq = (SELECT seq FROM events WHERE id = ?2) AND (?3 IS NULL OR endpoint = ?3)",
+                params![now_ms, id, endpoint],
+            )?,
+            None => self.conn.execute(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1
+                  WHERE status = 'dead' AND (?2 IS NULL OR endpoint = ?2)",
+                params![now_ms, endpoint],
+            )?,
+        };
+        Ok(n)
+    }
+
+    /// How many deliveries are still waiting (pending or failed), over all endpoints.
+    pub fn undelivered_count(&self) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT count(*) FROM deliveries WHERE status IN ('pending','failed')",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+}

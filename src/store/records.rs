@@ -1,0 +1,203 @@
+//! Watches, tracked transactions, coins and the event log.
+
+use bitcoin::{OutPoint, Txid};
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::{parse_hash, Result, Store, StoreError};
+use crate::event::BlockRef;
+use crate::tracker::{ChainStep, TxStatus, Tracked};
+use crate::watch::{Watch, WatchedCoin};
+
+/// One row of the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub id: String,
+    pub kind: String,
+    pub body: String,
+    pub created_at: i64,
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
+    for t in &step.upserts {
+        let (status, block) = match t.status {
+            TxStatus::Mempool => ("mempool", None),
+            TxStatus::Confirmed(b) => ("confirmed", Some(b)),
+            TxStatus::Unconfirmed => ("unconfirmed", None),
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
+             reorg_count, fired, outputs, inputs) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                t.txid.to_string(),
+                t.watch_id,
+                status,
+                block.map(|b| b.hash.to_string()),
+                block.map(|b| b.height),
+                block.map(|b| b.time),
+                t.reorg_count,
+                t.fired,
+                serde_json::to_string(&t.outputs).expect("outputs serialise"),
+                serde_json::to_string(&t.inputs).expect("inputs serialise"),
+            ],
+        )?;
+    }
+    for (txid, watch) in &step.removals {
+        tx.execute("DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2", params![txid.to_string(), watch])?;
+    }
+    for (op, coin) in &step.coins_added {
+        tx.execute(
+            "INSERT OR IGNORE INTO coins (outpoint, watch_id, address, amount_sat) VALUES (?1, ?2, ?3, ?4)",
+            params![op.to_string(), coin.watch_id, coin.address, coin.amount_sat as i64],
+        )?;
+    }
+    Ok(())
+}
+
+impl Store {
+    pub fn load_tracked(&self) -> Result<Vec<Tracked>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs FROM tracked",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<u32>>(4)?,
+                r.get::<_, Option<u32>>(5)?,
+                r.get::<_, u32>(6)?,
+                r.get::<_, u32>(7)?,
+                r.get::<_, String>(8)?,
+                r.get::<_, String>(9)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (txid, watch_id, status, bhash, bheight, btime, reorg_count, fired, outputs, inputs) = row?;
+            let status = match (status.as_str(), bhash, bheight, btime) {
+                ("mempool", ..) => TxStatus::Mempool,
+                ("unconfirmed", ..) => TxStatus::Unconfirmed,
+                ("confirmed", Some(h), Some(height), Some(time)) => {
+                    TxStatus::Confirmed(BlockRef { hash: parse_hash(&h)?, height, time })
+                }
+                (s, ..) => return Err(corrupt("tracked status", s)),
+            };
+            out.push(Tracked {
+                txid: txid.parse::<Txid>().map_err(|e| corrupt("txid", e))?,
+                watch_id,
+                status,
+                reorg_count,
+                fired,
+                outputs: serde_json::from_str(&outputs).map_err(|e| corrupt("outputs", e))?,
+                inputs: serde_json::from_str(&inputs).map_err(|e| corrupt("inputs", e))?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn load_coins(&self) -> Result<Vec<(OutPoint, WatchedCoin)>> {
+        let mut stmt = self.conn.prepare("SELECT outpoint, watch_id, address, amount_sat FROM coins")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+        })?;
+        rows.map(|row| {
+            let (op, watch_id, address, amount) = row?;
+            let op: OutPoint = op.parse().map_err(|e| corrupt("outpoint", e))?;
+            Ok((op, WatchedCoin { watch_id, address, amount_sat: amount as u64 }))
+        })
+        .collect()
+    }
+
+    pub fn load_watches(&self) -> Result<Vec<Watch>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, address, confirmations, label, metadata FROM watches ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?))
+        })?;
+        rows.map(|row| {
+            let (id, address, confirmations, label, metadata) = row?;
+            Ok(Watch {
+                id,
+                address,
+                confirmations,
+                label,
+                metadata: serde_json::from_str(&metadata).map_err(|e| corrupt("metadata", e))?,
+            })
+        })
+        .collect()
+    }
+
+    /// Adds a watch or updates the one with the same address.
+    pub fn upsert_watch(&self, w: &Watch, source: &str, now_ms: i64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(address) DO UPDATE SET confirmations = excluded.confirmations,
+               label = excluded.label, metadata = excluded.metadata",
+            params![w.id, w.address, w.confirmations, w.label, w.metadata.to_string(), source, now_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_watch(&self, id: &str) -> Result<bool> {
+        Ok(self.conn.execute("DELETE FROM watches WHERE id = ?1", [id])? > 0)
+    }
+
+    /// Events after `after`, in sequence order.
+    pub fn events_after(&self, after: i64, limit: i64) -> Result<Vec<EventRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, id, type, body, created_at FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok(EventRow { seq: r.get(0)?, id: r.get(1)?, kind: r.get(2)?, body: r.get(3)?, created_at: r.get(4)? })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn event_by_id(&self, id: &str) -> Result<Option<EventRow>> {
+        Ok(self
+            .conn
+            .query_row("SELECT seq, id, type, body, created_at FROM events WHERE id = ?1", [id], |r| {
+                Ok(EventRow { seq: r.get(0)?, id: r.get(1)?, kind: r.get(2)?, body: r.get(3)?, created_at: r.get(4)? })
+            })
+            .optional()?)
+    }
+
+    /// Walks the hash chain; returns the first sequence number whose row does not verify.
+    pub fn audit(&self) -> Result<(i64, Option<(i64, String)>)> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, id, type, body, prev_hash, payload_hash, row_hash FROM events ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        let (mut expected_seq, mut prev, mut count) = (1i64, String::new(), 0i64);
+        while let Some(r) = rows.next()? {
+            let (seq, id, kind, body): (i64, String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            let (prev_hash, payload_hash, hash): (String, String, String) = (r.get(4)?, r.get(5)?, r.get(6)?);
+            let problem = if seq != expected_seq {
+                Some(format!("expected sequence {expected_seq} here: a row was removed or reordered"))
+            } else if prev_hash != prev {
+                Some("its prev_hash does not match the row before: a row was removed, edited or reordered".into())
+            } else if super::sha256_hex(body.as_bytes()) != payload_hash {
+                Some("its body does not match its payload hash: the row was edited".into())
+            } else if super::row_hash(seq, &id, &kind, &payload_hash, &prev_hash) != hash {
+                Some("its row hash does not match its contents: the row was edited".into())
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                return Ok((count, Some((seq, p))));
+            }
+            prev = hash;
+            expected_seq += 1;
+            count += 1;
+        }
+        Ok((count, None))
+    }
+}

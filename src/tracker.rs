@@ -1,0 +1,277 @@
+//! Confirmation tracking. Pure: each chain step turns the current state into a `ChainStep`
+//! (state changes plus events) that the store commits in one transaction; only after the
+//! commit succeeds is the step applied to the in-memory state.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bitcoin::{Block, OutPoint, Transaction, Txid};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{self, BlockRef, NewEvent, TipRef, TxEventFacts, TxEventIdentity};
+use crate::watch::{MatchedInput, MatchedOutput, TxMatch, WatchIndex, WatchedCoin};
+
+/// Where a tracked transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxStatus {
+    /// In the node's mempool.
+    Mempool,
+    /// In a block of the active chain.
+    Confirmed(BlockRef),
+    /// Its block was disconnected and it has not been seen in the mempool since.
+    Unconfirmed,
+}
+
+/// One (transaction, watch) pair being followed until it is final.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tracked {
+    pub txid: Txid,
+    pub watch_id: String,
+    pub status: TxStatus,
+    /// How many times a block holding it was disconnected.
+    pub reorg_count: u32,
+    /// The deepest confirmation count already announced for the current confirmation.
+    pub fired: u32,
+    pub outputs: Vec<MatchedOutput>,
+    pub inputs: Vec<MatchedInput>,
+}
+
+impl Tracked {
+    fn amount_sat(&self) -> i64 {
+        TxMatch {
+            watch_id: String::new(),
+            outputs: self.outputs.clone(),
+            inputs: self.inputs.clone(),
+        }
+        .amount_sat()
+    }
+}
+
+pub type TrackedKey = (Txid, String);
+
+/// What a chain step does to the tip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TipChange {
+    Connect { block: BlockRef, prev: bitcoin::BlockHash },
+    Disconnect { block: BlockRef },
+    None,
+}
+
+/// Everything one chain step changes; committed atomically by the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainStep {
+    pub tip: TipChange,
+    pub upserts: Vec<Tracked>,
+    pub removals: Vec<TrackedKey>,
+    pub coins_added: Vec<(OutPoint, WatchedCoin)>,
+    pub events: Vec<NewEvent>,
+}
+
+impl ChainStep {
+    fn new(tip: TipChange) -> ChainStep {
+        ChainStep {
+            tip,
+            upserts: vec![],
+            removals: vec![],
+            coins_added: vec![],
+            events: vec![],
+        }
+    }
+}
+
+/// The tracked transactions, keyed by (txid, watch id).
+#[derive(Debug, Default, Clone)]
+pub struct Tracker {
+    pub network: &'static str,
+    pub finality_depth: u32,
+    entries: BTreeMap<TrackedKey, Tracked>,
+}
+
+impl Tracker {
+    pub fn new(network: &'static str, finality_depth: u32, entries: impl IntoIterator<Item = Tracked>) -> Tracker {
+        Tracker {
+            network,
+            finality_depth,
+            entries: entries.into_iter().map(|t| ((t.txid, t.watch_id.clone()), t)).collect(),
+        }
+    }
+
+    pub fn get(&self, txid: Txid, watch_id: &str) -> Option<&Tracked> {
+        self.entries.get(&(txid, watch_id.to_string()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Applies a committed step to memory (and the coins to the index).
+    pub fn apply(&mut self, step: &ChainStep, index: &mut WatchIndex) {
+        for t in &step.upserts {
+            self.entries.insert((t.txid, t.watch_id.clone()), t.clone());
+        }
+        for k in &step.removals {
+            self.entries.remove(k);
+        }
+        for (op, coin) in &step.coins_added {
+            index.coins.insert(*op, coin.clone());
+        }
+    }
+
+    /// A transaction entered the mempool.
+    pub fn mempool_add(&self, index: &WatchIndex, tx: &Transaction, tip: TipRef) -> ChainStep {
+        let mut step = ChainStep::new(TipChange::None);
+        let txid = tx.compute_txid();
+        for m in index.match_tx(tx) {
+            step.coins_added.extend(WatchIndex::coins_of(txid, &m));
+            match self.get(txid, &m.watch_id) {
+                None => {
+                    let t = Tracked {
+                        txid,
+                        watch_id: m.watch_id.clone(),
+                        status: TxStatus::Mempool,
+                        reorg_count: 0,
+                        fired: 0,
+                        outputs: m.outputs,
+                        inputs: m.inputs,
+                    };
+                    if let Some(e) = self.event(index, &t, event::TX_PENDING, 0, None, tip, None) {
+                        step.events.push(e);
+                    }
+                    step.upserts.push(t);
+                }
+                // Back in the mempool after a reorg: tx.reorged already said so.
+                Some(t) if t.status == TxStatus::Unconfirmed => {
+                    step.upserts.push(Tracked { status: TxStatus::Mempool, ..t.clone() });
+                }
+                Some(_) => {}
+            }
+        }
+        step
+    }
+
+    /// A block was connected on top of the tip.
+    pub fn connect_block(&self, index: &WatchIndex, block: &Block, at: BlockRef) -> ChainStep {
+        let tip = TipRef { hash: at.hash, height: at.height };
+        let mut step = ChainStep::new(TipChange::Connect { block: at, prev: block.header.prev_blockhash });
+        let mut changed: BTreeMap<TrackedKey, Tracked> = BTreeMap::new();
+        let mut overlay: HashMap<OutPoint, WatchedCoin> = HashMap::new();
+        for tx in &block.txdata {
+            let txid = tx.compute_txid();
+            for m in index.match_tx_with(tx, &overlay) {
+                let coins = WatchIndex::coins_of(txid, &m);
+                overlay.extend(coins.iter().cloned());
+                step.coins_added.extend(coins);
+                let key = (txid, m.watch_id.clone());
+                let t = match self.entries.get(&key) {
+                    Some(t) if t.status == TxStatus::Confirmed(at) => continue,
+                    Some(t) => Tracked { status: TxStatus::Confirmed(at), fired: 0, ..t.clone() },
+                    None => Tracked {
+                        txid,
+                        watch_id: m.watch_id,
+                        status: TxStatus::Confirmed(at),
+                        reorg_count: 0,
+                        fired: 0,
+                        outputs: m.outputs,
+                        inputs: m.inputs,
+                    },
+                };
+                changed.insert(key, t);
+            }
+        }
+        let confirmed = self
+            .entries
+            .iter()
+            .filter(|(k, _)| !changed.contains_key(*k))
+            .filter(|(_, t)| matches!(t.status, TxStatus::Confirmed(_)))
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect::<Vec<_>>();
+        for (key, t) in confirmed.into_iter().chain(changed) {
+            self.advance(index, t, key, tip, &mut step);
+        }
+        step
+    }
+
+    /// Announces every confirmation depth not yet announced, and retires final transactions.
+    fn advance(&self, index: &WatchIndex, mut t: Tracked, key: TrackedKey, tip: TipRef, step: &mut ChainStep) {
+        let TxStatus::Confirmed(block) = t.status else { return };
+        let Some(watch) = index.get(&t.watch_id) else {
+            step.removals.push(key);
+            return;
+        };
+        let depth = tip.height.saturating_sub(block.height) + 1;
+        let target = watch.confirmations;
+        let before = t.fired;
+        while t.fired < depth.min(target) {
+            t.fired += 1;
+            let kind = if t.fired < target { event::TX_CONFIRMATION } else { event::TX_CONFIRMED };
+            if let Some(e) = self.event(index, &t, kind, t.fired, Some(block), tip, None) {
+                step.events.push(e);
+            }
+        }
+        if depth >= self.finality_depth.max(target) {
+            step.removals.push(key);
+        } else if t.fired != before || self.entries.get(&key) != Some(&t) {
+            step.upserts.push(t);
+        }
+    }
+
+    /// The tip block was disconnected.
+    pub fn disconnect_block(&self, index: &WatchIndex, at: BlockRef, new_tip: TipRef) -> ChainStep {
+        let mut step = ChainStep::new(TipChange::Disconnect { block: at });
+        for t in self.entries.values() {
+            if t.status != TxStatus::Confirmed(at) {
+                continue;
+            }
+            if let Some(e) = self.event(index, t, event::TX_REORGED, 0, None, new_tip, Some(at)) {
+                step.events.push(e);
+            }
+            step.upserts.push(Tracked {
+                status: TxStatus::Unconfirmed,
+                reorg_count: t.reorg_count + 1,
+                fired: 0,
+                ..t.clone()
+            });
+        }
+        step
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        index: &WatchIndex,
+        t: &Tracked,
+        kind: &str,
+        confirmations: u32,
+        block: Option<BlockRef>,
+        tip: TipRef,
+        previous_block: Option<BlockRef>,
+    ) -> Option<NewEvent> {
+        let watch = index.get(&t.watch_id)?;
+        let identity = TxEventIdentity {
+            kind,
+            txid: t.txid,
+            watch_id: &t.watch_id,
+            block_hash: block.or(previous_block).map(|b| b.hash),
+            confirmations,
+            reorg_count: t.reorg_count,
+        };
+        Some(
+            TxEventFacts {
+                identity,
+                network: self.network,
+                required_confirmations: watch.confirmations,
+                block,
+                watch,
+                outputs: &t.outputs,
+                inputs: &t.inputs,
+                amount_sat: t.amount_sat(),
+                tip,
+                previous_block,
+            }
+            .into_event(),
+        )
+    }
+}

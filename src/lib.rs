@@ -5,6 +5,7 @@ pub mod dispatch;
 pub mod chain;
 pub mod event;
 pub mod sign;
+pub mod simnode;
 pub mod store;
 pub mod tracker;
 pub mod watch;

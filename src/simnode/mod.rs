@@ -1,0 +1,306 @@
+//! `simnode`: a simulated regtest bitcoind. It serves the JSON-RPC subset chainwatch uses and
+//! publishes the ZMQ topics exactly as Bitcoin Core does (see `tests/fixtures/bitcoind-regtest`),
+//! so the real follower, RPC client and ZMQ subscriber run against it unchanged. Tests and
+//! `chainwatch demo` drive it with helpers: pay, mine, reorg, restart.
+
+pub mod chain;
+pub mod mining;
+mod rpc;
+mod zmq_pub;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bitcoin::{Address, BlockHash, Network, OutPoint, ScriptBuf, Transaction, Txid};
+
+pub use chain::{Published, SimChain, SimError};
+
+/// The miner address of the captured session; coinbases pay it.
+pub const MINER_ADDRESS: &str = "bcrt1q97t2ayg7ypwhc4wgc6gcwk9qgynzkpp35gvc6m";
+/// Fee every simulated payment pays, in satoshis.
+pub const PAYMENT_FEE: u64 = 2_820;
+
+pub(crate) struct State {
+    pub chain: SimChain,
+    /// Block timestamps advance one second per block from here.
+    pub clock: u32,
+    pub cookie: String,
+    /// RPC calls still to answer with -28 (warming up).
+    pub warmup_calls: u32,
+    /// Outpoints the simulated wallet has spent.
+    pub spent: std::collections::HashSet<OutPoint>,
+    pub miner: ScriptBuf,
+    pub publisher: Option<zmq_pub::Publisher>,
+    /// Every message published, when recording (tests compare it with the captures).
+    pub log: Option<Vec<Published>>,
+}
+
+impl State {
+    fn flush(&mut self) {
+        let msgs = self.chain.take_published();
+        if let Some(log) = &mut self.log {
+            log.extend(msgs.iter().cloned());
+        }
+        if let Some(p) = &self.publisher {
+            p.send(msgs);
+        }
+    }
+}
+
+/// A running simulated node.
+#[derive(Clone)]
+pub struct SimNode {
+    state: Arc<Mutex<State>>,
+    dir: PathBuf,
+    rpc_addr: SocketAddr,
+    zmq: Vec<(String, String)>,
+    server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+fn new_cookie() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    format!("__cookie__:{}", hex::encode(bytes))
+}
+
+impl SimNode {
+    /// Starts RPC on an ephemeral loopback port and one ZMQ publisher per topic; writes the
+    /// cookie to `dir/regtest/.cookie` as bitcoind does.
+    pub async fn start(dir: &Path) -> std::io::Result<SimNode> {
+        SimNode::start_inner(dir, false).await
+    }
+
+    /// As `start`, keeping a log of every ZMQ message (genesis included) for `published`.
+    pub async fn start_recording(dir: &Path) -> std::io::Result<SimNode> {
+        SimNode::start_inner(dir, true).await
+    }
+
+    async fn start_inner(dir: &Path, record: bool) -> std::io::Result<SimNode> {
+        let miner = MINER_ADDRESS.parse::<Address<_>>().expect("valid").assume_checked().script_pubkey();
+        let (publisher, zmq) = zmq_pub::Publisher::bind().map_err(std::io::Error::other)?;
+        let state = State {
+            chain: SimChain::new(),
+            clock: 1_764_000_000,
+            cookie: new_cookie(),
+            warmup_calls: 0,
+            spent: Default::default(),
+            miner,
+            publisher: Some(publisher),
+            log: record.then(Vec::new),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let rpc_addr = listener.local_addr()?;
+        let node = SimNode {
+            state: Arc::new(Mutex::new(state)),
+            dir: dir.to_path_buf(),
+            rpc_addr,
+            zmq,
+            server: Arc::new(Mutex::new(None)),
+        };
+        node.write_cookie()?;
+        node.lock().flush();
+        node.serve(listener);
+        Ok(node)
+    }
+
+    /// Every ZMQ message published so far (only when started with `start_recording`).
+    pub fn published(&self) -> Vec<Published> {
+        self.lock().log.clone().unwrap_or_default()
+    }
+
+    /// The next `n` RPC calls answer -28 (warming up), as bitcoind does while it starts.
+    pub fn set_warmup_calls(&self, n: u32) {
+        self.lock().warmup_calls = n;
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let app = rpc::router(self.clone());
+        let handle = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        *self.server.lock().expect("server lock") = Some(handle);
+    }
+
+    fn write_cookie(&self) -> std::io::Result<()> {
+        let path = self.cookie_path();
+        std::fs::create_dir_all(path.parent().expect("has parent"))?;
+        std::fs::write(path, self.lock().cookie.as_bytes())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("simnode state lock")
+    }
+
+    pub fn rpc_url(&self) -> String {
+        format!("http://{}", self.rpc_addr)
+    }
+
+    pub fn cookie_path(&self) -> PathBuf {
+        self.dir.join("regtest").join(".cookie")
+    }
+
+    /// (notification type, address), as `getzmqnotifications` lists them.
+    pub fn zmq_endpoints(&self) -> &[(String, String)] {
+        &self.zmq
+    }
+
+    pub fn height(&self) -> u32 {
+        self.lock().chain.height()
+    }
+
+    pub fn tip(&self) -> BlockHash {
+        self.lock().chain.tip()
+    }
+
+    pub fn block_hash(&self, height: u32) -> BlockHash {
+        self.lock().chain.block_hash(height).expect("height on the active chain")
+    }
+
+    pub fn mempool_txids(&self) -> Vec<Txid> {
+        self.lock().chain.mempool().iter().map(|t| t.compute_txid()).collect()
+    }
+
+    /// Mines `n` blocks holding the whole mempool (the first one) to the miner address.
+    pub fn mine(&self, n: u32) -> Vec<BlockHash> {
+        let mut s = self.lock();
+        let miner = s.miner.clone();
+        let hashes = (0..n).map(|_| mine_one(&mut s, &miner, true)).collect();
+        s.flush();
+        hashes
+    }
+
+    /// Mines `n` blocks that leave the mempool alone.
+    pub fn mine_empty(&self, n: u32) -> Vec<BlockHash> {
+        let mut s = self.lock();
+        let miner = s.miner.clone();
+        let hashes = (0..n).map(|_| mine_one(&mut s, &miner, false)).collect();
+        s.flush();
+        hashes
+    }
+
+    /// Pays `amount_sat` to `address` from mature coinbases; the payment enters the mempool.
+    pub fn pay(&self, address: &str, amount_sat: u64) -> Txid {
+        let script = address.parse::<Address<_>>().expect("address").require_network(Network::Regtest).expect("regtest address").script_pubkey();
+        self.pay_script(&[(script, amount_sat)])
+    }
+
+    pub fn pay_script(&self, outputs: &[(ScriptBuf, u64)]) -> Txid {
+        let mut s = self.lock();
+        let total: u64 = outputs.iter().map(|o| o.1).sum::<u64>() + PAYMENT_FEE;
+        let coins = wallet_coins(&s, total);
+        for c in &coins {
+            s.spent.insert(c.0);
+        }
+        let miner = s.miner.clone();
+        let tx = mining::payment(&coins, outputs, &miner, PAYMENT_FEE);
+        let txid = s.chain.accept_tx(tx).expect("fresh payment");
+        s.flush();
+        txid
+    }
+
+    /// Accepts a raw transaction into the mempool.
+    pub fn send_raw(&self, tx: Transaction) -> Result<Txid, SimError> {
+        let mut s = self.lock();
+        let r = s.chain.accept_tx(tx);
+        s.flush();
+        r
+    }
+
+    pub fn submit_block(&self, block: bitcoin::Block) -> Result<BlockHash, SimError> {
+        let mut s = self.lock();
+        let r = s.chain.add_block(block);
+        s.flush();
+        r
+    }
+
+    pub fn invalidate(&self, hash: BlockHash) -> Result<(), SimError> {
+        let mut s = self.lock();
+        let r = s.chain.invalidate(hash);
+        s.flush();
+        r
+    }
+
+    pub fn reconsider(&self, hash: BlockHash) -> Result<(), SimError> {
+        let mut s = self.lock();
+        let r = s.chain.reconsider(hash);
+        s.flush();
+        r
+    }
+
+    /// Replaces the top `depth` blocks with `depth + 1` new ones. With `keep_txs` the
+    /// disconnected transactions are mined again in the first new block; without, they stay
+    /// in the mempool.
+    pub fn reorg(&self, depth: u32, keep_txs: bool) -> Vec<BlockHash> {
+        let height = self.height();
+        assert!(depth >= 1 && depth <= height, "reorg depth {depth} at height {height}");
+        let first = self.block_hash(height - depth + 1);
+        self.invalidate(first).expect("known block");
+        if keep_txs {
+            let mut v = self.mine(1);
+            v.extend(self.mine_empty(depth));
+            v
+        } else {
+            self.mine_empty(depth + 1)
+        }
+    }
+
+    /// Takes the RPC server down (connections refused) until `restart`.
+    pub fn stop(&self) {
+        if let Some(h) = self.server.lock().expect("server lock").take() {
+            h.abort();
+        }
+    }
+
+    /// Starts again as bitcoind would after a restart: a new cookie, ZMQ counters from zero,
+    /// and `warmup_calls` answers of -28 first.
+    pub async fn restart(&self, warmup_calls: u32) -> std::io::Result<()> {
+        self.stop();
+        {
+            let mut s = self.lock();
+            s.chain.restart();
+            s.cookie = new_cookie();
+            s.warmup_calls = warmup_calls;
+        }
+        self.write_cookie()?;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.rpc_addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        };
+        self.serve(listener);
+        Ok(())
+    }
+}
+
+fn mine_one(s: &mut State, to: &ScriptBuf, with_mempool: bool) -> BlockHash {
+    let prev = s.chain.tip();
+    let height = s.chain.height() + 1;
+    s.clock += 1;
+    let txs: Vec<Transaction> = if with_mempool { s.chain.mempool().to_vec() } else { vec![] };
+    let fees = txs.len() as u64 * PAYMENT_FEE;
+    let block = mining::build_block(prev, height, s.clock, to, txs, fees);
+    s.chain.add_block(block).expect("extends the tip")
+}
+
+/// Mature coinbase outputs of the active chain not yet spent, enough to cover `total`.
+fn wallet_coins(s: &State, total: u64) -> Vec<(OutPoint, u64)> {
+    let tip = s.chain.height();
+    let mut coins = vec![];
+    let mut sum = 0;
+    for h in 1..=tip.saturating_sub(100) {
+        let hash = s.chain.block_hash(h).expect("active");
+        let (block, _) = s.chain.block(&hash).expect("known");
+        let cb = &block.txdata[0];
+        let op = OutPoint::new(cb.compute_txid(), 0);
+        if cb.output[0].script_pubkey == s.miner && !s.spent.contains(&op) {
+            sum += cb.output[0].value.to_sat();
+            coins.push((op, cb.output[0].value.to_sat()));
+            if sum >= total {
+                return coins;
+            }
+        }
+    }
+    panic!("simnode wallet has {sum} sat in mature coinbases, needs {total}: mine at least 101 blocks first");
+}

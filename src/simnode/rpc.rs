@@ -1,0 +1,244 @@
+//! The simulated node's JSON-RPC server, answering as Bitcoin Core does: JSON-RPC 1.0 errors as
+//! HTTP 500 (404 for an unknown method) with `error.code`; 2.0 requests get HTTP 200 with
+//! `error` and no `result`; bad credentials get 401 with an empty body.
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use base64::Engine;
+use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
+use bitcoin::{Address, BlockHash, Network, Txid};
+use serde_json::{json, Value};
+
+use super::{mine_one, SimError, SimNode, State};
+
+pub fn router(node: SimNode) -> Router {
+    let handler = move |headers: HeaderMap, body: Bytes| {
+        let node = node.clone();
+        async move { handle(&node, &headers, &body) }
+    };
+    Router::new().route("/", post(handler.clone())).route("/wallet/{name}", post(handler))
+}
+
+struct RpcError {
+    code: i64,
+    message: String,
+}
+
+fn err(code: i64, message: impl Into<String>) -> RpcError {
+    RpcError { code, message: message.into() }
+}
+
+impl From<SimError> for RpcError {
+    fn from(e: SimError) -> RpcError {
+        let code = match e {
+            SimError::HeightOutOfRange => -8,
+            SimError::Orphan(_) => -25,
+            SimError::Duplicate(_) => -27,
+            _ => -5,
+        };
+        err(code, e.to_string())
+    }
+}
+
+fn authorized(node: &SimNode, headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else { return false };
+    let Some(b64) = value.strip_prefix("Basic ") else { return false };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else { return false };
+    decoded == node.lock().cookie.as_bytes()
+}
+
+fn handle(node: &SimNode, headers: &HeaderMap, body: &[u8]) -> Response {
+    if !authorized(node, headers) {
+        return (StatusCode::UNAUTHORIZED, "").into_response();
+    }
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"result": null, "error": {"code": -32700, "message": "Parse error"}, "id": null})),
+    };
+    if let Value::Array(batch) = request {
+        let answers: Vec<Value> = batch.iter().map(|r| answer(node, r).1).collect();
+        return reply(StatusCode::OK, Value::Array(answers));
+    }
+    let (status, v) = answer(node, &request);
+    reply(status, v)
+}
+
+fn reply(status: StatusCode, v: Value) -> Response {
+    let mut text = v.to_string();
+    text.push('\n');
+    (status, [("content-type", "application/json")], text).into_response()
+}
+
+fn answer(node: &SimNode, req: &Value) -> (StatusCode, Value) {
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    let v2 = req.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
+    let method = req.get("method").and_then(Value::as_str).unwrap_or("");
+    let params = req.get("params").cloned().unwrap_or(json!([]));
+    let result = {
+        let mut s = node.lock();
+        let r = if s.warmup_calls > 0 {
+            s.warmup_calls -= 1;
+            Err(err(-28, "Loading P2P addresses…"))
+        } else {
+            call(node, &mut s, method, &params)
+        };
+        s.flush();
+        r
+    };
+    match (result, v2) {
+        (Ok(r), false) => (StatusCode::OK, json!({"result": r, "error": null, "id": id})),
+        (Ok(r), true) => (StatusCode::OK, json!({"jsonrpc": "2.0", "result": r, "id": id})),
+        (Err(e), true) => (StatusCode::OK, json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id})),
+        (Err(e), false) => {
+            let status = if e.code == -32601 { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
+            (status, json!({"result": null, "error": {"code": e.code, "message": e.message}, "id": id}))
+        }
+    }
+}
+
+fn param<'a>(params: &'a Value, i: usize) -> Option<&'a Value> {
+    params.get(i).filter(|v| !v.is_null())
+}
+
+fn block_hash_param(params: &Value) -> Result<BlockHash, RpcError> {
+    let s = param(params, 0).and_then(Value::as_str).ok_or_else(|| err(-1, "blockhash is required"))?;
+    if s.len() != 64 {
+        return Err(err(-8, format!("blockhash must be of length 64 (not {}, for '{s}')", s.len())));
+    }
+    s.parse().map_err(|_| err(-8, format!("blockhash must be hexadecimal string (not '{s}')")))
+}
+
+fn txid_param(params: &Value) -> Result<Txid, RpcError> {
+    let s = param(params, 0).and_then(Value::as_str).ok_or_else(|| err(-1, "txid is required"))?;
+    s.parse().map_err(|_| err(-8, format!("txid must be of length 64 (not {}, for '{s}')", s.len())))
+}
+
+fn address_param(params: &Value, i: usize) -> Result<bitcoin::ScriptBuf, RpcError> {
+    let s = param(params, i).and_then(Value::as_str).ok_or_else(|| err(-1, "address is required"))?;
+    s.parse::<Address<_>>()
+        .ok()
+        .and_then(|a| a.require_network(Network::Regtest).ok())
+        .map(|a| a.script_pubkey())
+        .ok_or_else(|| err(-5, "Invalid address"))
+}
+
+const REGTEST_TARGET: &str = "7fffff0000000000000000000000000000000000000000000000000000000000";
+const REGTEST_DIFFICULTY: f64 = 4.656542373906925e-10;
+
+fn chainwork(height: u32) -> String {
+    format!("{:064x}", (height as u128 + 1) * 2)
+}
+
+fn header_json(s: &State, hash: &BlockHash) -> Result<Value, RpcError> {
+    let (block, height) = s.chain.block(hash)?;
+    let h = &block.header;
+    let active = s.chain.is_active(hash);
+    let confirmations = if active { (s.chain.height() - height + 1) as i64 } else { -1 };
+    let mut v = json!({
+        "hash": hash.to_string(),
+        "confirmations": confirmations,
+        "height": height,
+        "version": h.version.to_consensus(),
+        "versionHex": format!("{:08x}", h.version.to_consensus()),
+        "merkleroot": h.merkle_root.to_string(),
+        "time": h.time,
+        "mediantime": s.chain.median_time(hash),
+        "nonce": h.nonce,
+        "bits": format!("{:08x}", h.bits.to_consensus()),
+        "target": REGTEST_TARGET,
+        "difficulty": REGTEST_DIFFICULTY,
+        "chainwork": chainwork(height),
+        "nTx": block.txdata.len(),
+    });
+    if height > 0 {
+        v["previousblockhash"] = json!(h.prev_blockhash.to_string());
+    }
+    if active {
+        if let Ok(next) = s.chain.block_hash(height + 1) {
+            v["nextblockhash"] = json!(next.to_string());
+        }
+    }
+    Ok(v)
+}
+
+fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<Value, RpcError> {
+    Ok(match method {
+        "getblockchaininfo" => {
+            let tip = s.chain.tip();
+            let (block, _) = s.chain.block(&tip)?;
+            json!({
+                "chain": "regtest", "blocks": s.chain.height(), "headers": s.chain.height(),
+                "bestblockhash": tip.to_string(), "bits": "207fffff", "target": REGTEST_TARGET,
+                "difficulty": REGTEST_DIFFICULTY, "time": block.header.time, "mediantime": s.chain.median_time(&tip),
+                "verificationprogress": 1, "initialblockdownload": s.chain.height() == 0,
+                "chainwork": chainwork(s.chain.height()), "size_on_disk": 0, "pruned": false,
+                "warnings": ["chainwatch simnode: a simulated regtest node"]
+            })
+        }
+        "getnetworkinfo" => json!({"version": 319900, "subversion": "/Satoshi:31.99.0/simnode/", "connections": 0, "warnings": []}),
+        "uptime" => json!(1),
+        "getbestblockhash" => json!(s.chain.tip().to_string()),
+        "getblockcount" => json!(s.chain.height()),
+        "getblockhash" => {
+            let h = param(params, 0).and_then(Value::as_i64).ok_or_else(|| err(-1, "height is required"))?;
+            let h = u32::try_from(h).map_err(|_| err(-8, "Block height out of range"))?;
+            json!(s.chain.block_hash(h)?.to_string())
+        }
+        "getblockheader" => {
+            let hash = block_hash_param(params)?;
+            if param(params, 1).and_then(Value::as_bool) == Some(false) {
+                json!(serialize_hex(&s.chain.block(&hash)?.0.header))
+            } else {
+                header_json(s, &hash)?
+            }
+        }
+        "getblock" => {
+            let hash = block_hash_param(params)?;
+            match param(params, 1).and_then(Value::as_i64).unwrap_or(1) {
+                0 => json!(serialize_hex(s.chain.block(&hash)?.0)),
+                _ => {
+                    let mut v = header_json(s, &hash)?;
+                    let txids: Vec<String> = s.chain.block(&hash)?.0.txdata.iter().map(|t| t.compute_txid().to_string()).collect();
+                    v["tx"] = json!(txids);
+                    v
+                }
+            }
+        }
+        "getrawmempool" => {
+            let txids: Vec<String> = s.chain.mempool().iter().map(|t| t.compute_txid().to_string()).collect();
+            if param(params, 1).and_then(Value::as_bool) == Some(true) {
+                json!({"txids": txids, "mempool_sequence": s.chain.mempool_sequence})
+            } else {
+                json!(txids)
+            }
+        }
+        "getrawtransaction" => json!(serialize_hex(s.chain.mempool_tx(&txid_param(params)?)?)),
+        "getzmqnotifications" => {
+            let list: Vec<Value> = node.zmq.iter().map(|(t, a)| json!({"type": t, "address": a, "hwm": 1000})).collect();
+            Value::Array(list)
+        }
+        "sendrawtransaction" => {
+            let hex = param(params, 0).and_then(Value::as_str).ok_or_else(|| err(-1, "hexstring is required"))?;
+            let tx = deserialize_hex(hex).map_err(|_| err(-22, "TX decode failed"))?;
+            json!(s.chain.accept_tx(tx)?.to_string())
+        }
+        "generatetoaddress" => {
+            let n = param(params, 0).and_then(Value::as_u64).ok_or_else(|| err(-1, "nblocks is required"))?;
+            let to = address_param(params, 1)?;
+            let hashes: Vec<String> = (0..n).map(|_| mine_one(s, &to, true).to_string()).collect();
+            json!(hashes)
+        }
+        "invalidateblock" => {
+            s.chain.invalidate(block_hash_param(params)?)?;
+            Value::Null
+        }
+        "reconsiderblock" => {
+            s.chain.reconsider(block_hash_param(params)?)?;
+            Value::Null
+        }
+        _ => return Err(err(-32601, "Method not found")),
+    })
+}

@@ -1,0 +1,5 @@
+//! One integration-test binary: the simulated node against the real captures, and the whole
+//! pipeline (simulated node → chainwatch → capturing receiver).
+
+mod captures;
+mod fidelity;

@@ -175,6 +175,7 @@ impl<S: ChainSource> Follower<S> {
     }
 
     async fn on_zmq(&mut self, m: ZmqMessage) -> Result<(), FollowError> {
+        tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
         if let Some(last) = self.counters.insert(m.topic.clone(), m.counter) {
             if m.counter != last.wrapping_add(1) {
                 tracing::warn!(topic = %m.topic, last, got = m.counter, "ZMQ counter gap; resyncing over RPC");
@@ -279,7 +280,7 @@ impl<S: ChainSource> Follower<S> {
     }
 
     /// The highest stored block that is still on the node's best chain.
-    async fn fork_point(&self, tip: StoredBlock, node_height: u32) -> Result<Option<StoredBlock>, FollowError> {
+    async fn fork_point(&mut self, tip: StoredBlock, node_height: u32) -> Result<Option<StoredBlock>, FollowError> {
         let mut h = tip.height.min(node_height);
         loop {
             let Some(stored) = self.store.block_at(h)? else {

@@ -1,6 +1,9 @@
 //! chainwatch: follows a Bitcoin Core node and turns chain activity into signed webhooks.
 
+pub mod commands;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod dispatch;
 pub mod chain;
 pub mod event;
@@ -10,3 +13,4 @@ pub mod store;
 pub mod tracker;
 pub mod watch;
 pub mod node;
+pub mod receiver;

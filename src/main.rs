@@ -1,1 +1,180 @@
-fn main() {}
+//! The `chainwatch` command line: argument parsing only; the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use chainwatch::commands;
+
+#[derive(Parser)]
+#[command(name = "chainwatch", version, about = "Bitcoin Core chain activity as signed, durable webhooks")]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, default_value = "./watcher.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run,
+    /// Validate the config, reach the node, report ZMQ topics and lag.
+    Check,
+    /// The whole pipeline against a built-in simulated regtest node.
+    Demo,
+    /// Manage watches.
+    #[command(subcommand)]
+    Watch(WatchCmd),
+    /// The event log.
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// The delivery outbox.
+    #[command(subcommand)]
+    Deliveries(DeliveriesCmd),
+    /// Queue an event (or every dead delivery) for delivery again.
+    Redeliver {
+        event_id: Option<String>,
+        #[arg(long, conflicts_with = "event_id")]
+        dead: bool,
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Webhook endpoints.
+    #[command(subcommand)]
+    Endpoints(EndpointsCmd),
+    /// A local receiver that verifies and prints webhooks.
+    Receive {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[arg(long, required = true)]
+        secret: Vec<String>,
+    },
+    /// Check a captured webhook's signature; the body comes on stdin.
+    Verify {
+        #[arg(long, required = true)]
+        secret: Vec<String>,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        timestamp: String,
+        #[arg(long)]
+        signature: String,
+        /// Allowed clock difference in seconds.
+        #[arg(long, default_value_t = 300)]
+        tolerance: i64,
+    },
+    /// The tamper-evident event log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum WatchCmd {
+    Add {
+        target: String,
+        #[arg(long)]
+        confirmations: Option<u32>,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        metadata: Option<String>,
+        #[arg(long)]
+        rescan_from: Option<u32>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCmd {
+    List {
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[arg(long = "type")]
+        kind: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeliveriesCmd {
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointsCmd {
+    List,
+    Enable { name: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    Verify,
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let cfg = || commands::load_config(&cli.config);
+    match cli.command {
+        Command::Run => {
+            let c = cfg()?;
+            commands::init_logging(c.json_logs);
+            commands::run(c).await
+        }
+        Command::Check => commands::check(cfg()?).await,
+        Command::Demo => {
+            commands::init_logging(false);
+            chainwatch::demo::run().await
+        }
+        Command::Watch(WatchCmd::Add { target, confirmations, label, metadata, rescan_from }) => {
+            if rescan_from.is_some() {
+                anyhow::bail!("--rescan-from is not supported by this version");
+            }
+            commands::watch_add(&cfg()?, &target, confirmations, label, metadata)
+        }
+        Command::Watch(WatchCmd::List { json }) => commands::watch_list(&cfg()?, json),
+        Command::Watch(WatchCmd::Remove { id }) => commands::watch_remove(&cfg()?, &id),
+        Command::Events(EventsCmd::List { after, kind, json }) => commands::events_list(&cfg()?, after, kind.as_deref(), json),
+        Command::Deliveries(DeliveriesCmd::List { status, endpoint }) => {
+            commands::deliveries_list(&cfg()?, status.as_deref(), endpoint.as_deref())
+        }
+        Command::Redeliver { event_id, dead, endpoint } => {
+            if event_id.is_none() && !dead {
+                anyhow::bail!("redeliver needs an EVENT_ID or --dead");
+            }
+            commands::redeliver(&cfg()?, event_id.as_deref(), endpoint.as_deref())
+        }
+        Command::Endpoints(EndpointsCmd::List) => commands::endpoints_list(&cfg()?),
+        Command::Endpoints(EndpointsCmd::Enable { name }) => commands::endpoints_enable(&cfg()?, &name),
+        Command::Receive { listen, secret } => commands::receive(&listen, &secret).await,
+        Command::Verify { secret, id, timestamp, signature, tolerance } => {
+            commands::verify(&secret, &id, &timestamp, &signature, tolerance)
+        }
+        Command::Audit(AuditCmd::Verify) => commands::audit_verify(&cfg()?),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chainwatch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -53,6 +53,7 @@ impl RpcClient {
 
     /// One JSON-RPC call; `result` on success.
     pub async fn call(&self, method: &str, params: Value) -> NodeResult<Value> {
+        tracing::debug!(method, "rpc call");
         let (user, password) = self.credentials()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = json!({ "jsonrpc": "1.0", "id": id, "method": method, "params": params });

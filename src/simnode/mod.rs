@@ -31,6 +31,8 @@ pub(crate) struct State {
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
+    /// Change outputs of the simulated wallet's payments, spendable at once.
+    pub change: Vec<(OutPoint, u64)>,
     pub publisher: Option<zmq_pub::Publisher>,
     /// Every message published, when recording (tests compare it with the captures).
     pub log: Option<Vec<Published>>,
@@ -86,6 +88,7 @@ impl SimNode {
             warmup_calls: 0,
             spent: Default::default(),
             miner,
+            change: vec![],
             publisher: Some(publisher),
             log: record.then(Vec::new),
         };
@@ -194,7 +197,13 @@ impl SimNode {
         }
         let miner = s.miner.clone();
         let tx = mining::payment(&coins, outputs, &miner, PAYMENT_FEE);
-        let txid = s.chain.accept_tx(tx).expect("fresh payment");
+        let txid = tx.compute_txid();
+        if tx.output.len() > outputs.len() {
+            let vout = (tx.output.len() - 1) as u32;
+            let value = tx.output[vout as usize].value.to_sat();
+            s.change.push((OutPoint::new(txid, vout), value));
+        }
+        s.chain.accept_tx(tx).expect("fresh payment");
         s.flush();
         txid
     }
@@ -289,6 +298,13 @@ fn wallet_coins(s: &State, total: u64) -> Vec<(OutPoint, u64)> {
     let tip = s.chain.height();
     let mut coins = vec![];
     let mut sum = 0;
+    for &(op, value) in s.change.iter().filter(|(op, _)| !s.spent.contains(op)) {
+        sum += value;
+        coins.push((op, value));
+        if sum >= total {
+            return coins;
+        }
+    }
     for h in 1..=tip.saturating_sub(100) {
         let hash = s.chain.block_hash(h).expect("active");
         let (block, _) = s.chain.block(&hash).expect("known");

@@ -176,7 +176,7 @@ impl Store {
     /// Commits a chain step: tip, tracked state, coins, events and their deliveries, atomically.
     pub fn apply(&mut self, step: &ChainStep, now_ms: i64) -> Result<Vec<CommittedEvent>> {
         let keep = self.keep_blocks;
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         apply_tip(&tx, &step.tip, keep)?;
         records::write_tracked(&tx, step)?;
         let committed = append_events(&tx, &self.filters, &step.events, now_ms)?;

@@ -77,7 +77,7 @@ impl Store {
 
     /// Makes the endpoints table match the config (new ones added, filters and urls updated).
     pub fn sync_endpoints(&mut self, endpoints: &[EndpointConfig]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for e in endpoints {
             tx.execute(
                 "INSERT INTO endpoints (name, url, events) VALUES (?1, ?2, ?3)
@@ -171,7 +171,7 @@ impl Store {
 
     /// Records an attempt and moves the delivery on, in one transaction.
     pub fn record_attempt(&mut self, endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO attempts (delivery_id, started_at, duration_ms, status_code, error, response_excerpt)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

@@ -1,0 +1,225 @@
+//! What each CLI command does; `main.rs` only parses arguments and calls these.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{check_address, Config};
+use crate::daemon::{self, now_ms, open_store};
+use crate::event::type_matches;
+use crate::node::{ChainSource, RpcClient};
+use crate::sign::{self, Secret};
+use crate::store::Store;
+use crate::watch::{check_metadata, Watch};
+
+pub fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+/// Initialises logging; JSON lines when asked (for log shippers).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHAINWATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Cancels the token on SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight deliveries");
+        t.cancel();
+    });
+    token
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let token = shutdown_on_signals();
+    daemon::run(cfg, token).await
+}
+
+pub async fn check(cfg: Config) -> anyhow::Result<()> {
+    println!("config: ok ({} endpoints, {} watches, network {})", cfg.endpoints.len(), cfg.watches.len(), crate::config::network_name(cfg.network));
+    let rpc = RpcClient::new(&cfg.bitcoind.rpc_url, cfg.bitcoind.auth.clone());
+    let info = rpc.chain_info().await.with_context(|| format!("reaching bitcoind at {}", cfg.bitcoind.rpc_url))?;
+    daemon::check_chain(&cfg, &info)?;
+    println!("node: {} chain {} height {} best {}", cfg.bitcoind.rpc_url, info.chain, info.blocks, info.best_block_hash);
+    let announced = rpc.zmq_notifications().await.unwrap_or_default();
+    let subs = daemon::subscriptions(&cfg, &announced);
+    for topic in ["sequence", "rawtx", "rawblock"] {
+        match subs.iter().find(|s| s.topic == topic) {
+            Some(s) => println!("zmq {topic}: {}", s.address),
+            None => println!("zmq {topic}: MISSING (add zmqpub{topic}=tcp://127.0.0.1:PORT to bitcoin.conf)"),
+        }
+    }
+    if !subs.iter().any(|s| s.topic == "sequence") {
+        println!("warning: without zmq sequence chainwatch follows by polling every {:?}", cfg.bitcoind.poll_interval);
+    }
+    if cfg.data_dir.join(crate::store::DB_FILE).exists() {
+        let store = Store::open(&cfg.data_dir)?;
+        match store.tip()? {
+            Some(tip) => println!("store: tip {} at height {}, {} blocks behind the node", tip.hash, tip.height, info.blocks.saturating_sub(tip.height)),
+            None => println!("store: empty"),
+        }
+    } else {
+        println!("store: not created yet ({})", cfg.data_dir.display());
+    }
+    Ok(())
+}
+
+pub fn watch_add(cfg: &Config, target: &str, confirmations: Option<u32>, label: Option<String>, metadata: Option<String>) -> anyhow::Result<()> {
+    let addr = check_address("ADDRESS", target, cfg.network)?;
+    let confirmations = confirmations.unwrap_or(cfg.default_confirmations);
+    if confirmations == 0 || confirmations > 1000 {
+        bail!("--confirmations {confirmations}: must be between 1 and 1000");
+    }
+    let metadata: serde_json::Value = match metadata {
+        None => serde_json::json!({}),
+        Some(text) => serde_json::from_str(&text).with_context(|| format!("--metadata {text:?} is not JSON"))?,
+    };
+    check_metadata(&metadata).map_err(|e| anyhow::anyhow!("--metadata: {e}"))?;
+    let store = open_store(cfg)?;
+    let w = Watch::new(&addr, confirmations, label, metadata);
+    store.upsert_watch(&w, "cli", now_ms())?;
+    println!("{}", w.id);
+    Ok(())
+}
+
+pub fn watch_list(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let store = open_store(cfg)?;
+    let watches = store.load_watches()?;
+    if json {
+        println!("{}", serde_json::to_string(&watches)?);
+        return Ok(());
+    }
+    for w in watches {
+        println!("{}  {}  conf={}  label={}  metadata={}", w.id, w.address, w.confirmations, w.label.unwrap_or_default(), w.metadata);
+    }
+    Ok(())
+}
+
+pub fn watch_remove(cfg: &Config, id: &str) -> anyhow::Result<()> {
+    let store = open_store(cfg)?;
+    if !store.remove_watch(id)? {
+        bail!("no watch with id {id}");
+    }
+    println!("removed {id}");
+    Ok(())
+}
+
+pub fn events_list(cfg: &Config, after: i64, glob: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let store = Store::open(&cfg.data_dir)?;
+    let mut after = after;
+    loop {
+        let page = store.events_after(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in page.iter().filter(|e| glob.is_none_or(|g| type_matches(g, &e.kind))) {
+            if json {
+                println!("{}", e.body);
+            } else {
+                println!("{:>6}  {:<17} {}", e.seq, e.kind, e.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn deliveries_list(cfg: &Config, status: Option<&str>, endpoint: Option<&str>) -> anyhow::Result<()> {
+    if let Some(s) = status {
+        if !["pending", "failed", "dead", "delivered"].contains(&s) {
+            bail!("--status {s:?}: expected pending, failed, dead or delivered");
+        }
+    }
+    let store = Store::open(&cfg.data_dir)?;
+    for d in store.list_deliveries(status, endpoint, i64::MAX)? {
+        println!(
+            "{:>6}  {:<17} {}  {:<10} {:<9} attempts={} last={}",
+            d.event_seq, d.event_type, d.event_id, d.endpoint, d.status, d.attempts,
+            d.last_error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+pub fn redeliver(cfg: &Config, event_id: Option<&str>, endpoint: Option<&str>) -> anyhow::Result<()> {
+    let store = Store::open(&cfg.data_dir)?;
+    if let Some(id) = event_id {
+        if store.event_by_id(id)?.is_none() {
+            bail!("no event with id {id}");
+        }
+    }
+    let n = store.redeliver(event_id, endpoint, now_ms())?;
+    println!("{n} deliveries queued again");
+    Ok(())
+}
+
+pub fn endpoints_list(cfg: &Config) -> anyhow::Result<()> {
+    let store = open_store(cfg)?;
+    for e in store.list_endpoints()? {
+        let state = if e.enabled { "enabled".to_string() } else { format!("DISABLED ({})", e.disabled_reason.unwrap_or_default()) };
+        println!("{:<12} {:<40} {}  waiting={} dead={}", e.name, e.url, state, e.pending, e.dead);
+    }
+    Ok(())
+}
+
+pub fn endpoints_enable(cfg: &Config, name: &str) -> anyhow::Result<()> {
+    let store = open_store(cfg)?;
+    if !store.set_endpoint_enabled(name, true, None)? {
+        bail!("no endpoint named {name}");
+    }
+    println!("enabled {name}");
+    Ok(())
+}
+
+pub fn audit_verify(cfg: &Config) -> anyhow::Result<()> {
+    let store = Store::open(&cfg.data_dir)?;
+    match store.audit()? {
+        (n, None) => {
+            println!("event log intact: {n} rows verified");
+            Ok(())
+        }
+        (n, Some((seq, why))) => bail!("event log broken at sequence {seq} (after {n} good rows): {why}"),
+    }
+}
+
+fn parse_secrets(texts: &[String]) -> anyhow::Result<Vec<Secret>> {
+    texts.iter().map(|s| Secret::parse(s).map_err(|e| anyhow::anyhow!("--secret: {e}"))).collect()
+}
+
+pub async fn receive(listen: &str, secrets: &[String]) -> anyhow::Result<()> {
+    let secrets = parse_secrets(secrets)?;
+    let addr = listen.parse().with_context(|| format!("--listen {listen:?}: expected IP:PORT"))?;
+    let listener = crate::receiver::bind(addr).await.with_context(|| format!("binding {listen}"))?;
+    eprintln!("listening on http://{listen}/ ; verifying with {} secret(s)", secrets.len());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(crate::receiver::serve(listener, secrets, tx));
+    while let Some(r) = rx.recv().await {
+        println!("{}", crate::receiver::describe(&r));
+        println!("{}", r.body);
+    }
+    Ok(())
+}
+
+pub fn verify(secrets: &[String], id: &str, timestamp: &str, signature: &str, tolerance: i64) -> anyhow::Result<()> {
+    let secrets = parse_secrets(secrets)?;
+    let mut body = Vec::new();
+    std::io::stdin().read_to_end(&mut body).context("reading the body from stdin")?;
+    let now = now_ms() / 1000;
+    sign::verify(&secrets, id, timestamp, signature, &body, now, tolerance).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("signature valid");
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! `chainwatch run`: opens the store, waits for the node, subscribes to ZMQ, then runs the
+//! follower and one delivery worker per endpoint until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::chain::{Follower, FollowerOptions};
+use crate::config::{core_chain_name, network_name, Config};
+use crate::dispatch;
+use crate::node::zmq_sub::{Subscriber, Subscription};
+use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
+use crate::store::Store;
+use crate::tracker::Tracker;
+use crate::watch::{Watch, WatchIndex};
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Opens the store and makes its endpoints and config watches match the config.
+pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    let mut store = Store::open(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
+    store.check_network(network_name(cfg.network))?;
+    store.set_keep_blocks(cfg.finality_depth + 10);
+    store.sync_endpoints(&cfg.endpoints)?;
+    for w in &cfg.watches {
+        let addr = crate::config::check_address("watches.address", &w.address, cfg.network)?;
+        let watch = Watch::new(&addr, w.confirmations, w.label.clone(), w.metadata.clone());
+        store.upsert_watch(&watch, "config", now_ms())?;
+    }
+    Ok(store)
+}
+
+/// Waits until the node answers, telling the user why while it does not.
+pub async fn wait_for_node(rpc: &RpcClient, shutdown: &CancellationToken) -> Result<Option<ChainInfo>, NodeError> {
+    let mut delay = Duration::from_millis(250);
+    let mut said = false;
+    loop {
+        match rpc.chain_info().await {
+            Ok(info) => return Ok(Some(info)),
+            Err(e) if e.is_transient() => {
+                if !said || delay >= Duration::from_secs(8) {
+                    tracing::warn!(error = %e, "waiting for bitcoind");
+                    said = true;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The topics we subscribe to and where: the config overrides what the node announces.
+pub fn subscriptions(cfg: &Config, announced: &[ZmqNotification]) -> Vec<Subscription> {
+    let find = |topic: &str, over: &Option<String>| {
+        over.clone()
+            .or_else(|| announced.iter().find(|n| n.kind == format!("pub{topic}")).map(|n| n.address.replace("0.0.0.0", "127.0.0.1")))
+            .map(|address| Subscription { topic: topic.to_string(), address })
+    };
+    [
+        find("sequence", &cfg.bitcoind.zmq_sequence),
+        find("rawtx", &cfg.bitcoind.zmq_rawtx),
+        find("rawblock", &cfg.bitcoind.zmq_rawblock),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+pub fn check_chain(cfg: &Config, info: &ChainInfo) -> anyhow::Result<()> {
+    let want = core_chain_name(cfg.network);
+    if info.chain != want {
+        bail!(
+            "config key network = {:?}: the node at {} is on chain {:?}",
+            network_name(cfg.network),
+            cfg.bitcoind.rpc_url,
+            info.chain
+        );
+    }
+    Ok(())
+}
+
+/// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let store = open_store(&cfg)?;
+    let rpc = Arc::new(RpcClient::new(&cfg.bitcoind.rpc_url, cfg.bitcoind.auth.clone()));
+    let Some(info) = wait_for_node(&rpc, &shutdown).await.context("connecting to bitcoind")? else { return Ok(()) };
+    check_chain(&cfg, &info)?;
+    tracing::info!(chain = %info.chain, height = info.blocks, "connected to bitcoind");
+
+    let announced = match rpc.zmq_notifications().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list ZMQ notifications");
+            vec![]
+        }
+    };
+    let subs = subscriptions(&cfg, &announced);
+    let has_sequence = subs.iter().any(|s| s.topic == "sequence");
+    let (zmq_tx, zmq_rx) = mpsc::channel(10_000);
+    let subscriber = if has_sequence {
+        for s in &subs {
+            tracing::info!(topic = %s.topic, address = %s.address, "subscribing to ZMQ");
+        }
+        Some(Subscriber::start(subs, zmq_tx).context("starting ZMQ subscriber")?)
+    } else {
+        tracing::warn!(poll_interval = ?cfg.bitcoind.poll_interval, "bitcoind publishes no ZMQ sequence topic: following by RPC polling only (add zmqpubsequence to bitcoin.conf)");
+        None
+    };
+
+    let watches = store.load_watches()?;
+    let mut index = WatchIndex::new(cfg.network, watches);
+    index.coins.extend(store.load_coins()?);
+    let tracker = Tracker::new(network_name(cfg.network), cfg.finality_depth, store.load_tracked()?);
+    tracing::info!(watches = index.len(), tracked = tracker.len(), "state loaded");
+
+    let wake = Arc::new(Notify::new());
+    let mut workers = Vec::new();
+    for ep in cfg.endpoints.clone() {
+        let ep_store = Store::open(&cfg.data_dir)?;
+        let (w, s) = (wake.clone(), shutdown.clone());
+        workers.push(tokio::spawn(dispatch::run_endpoint(ep, ep_store, w, dispatch::system_clock(), s)));
+    }
+
+    let opts = FollowerOptions {
+        start_height: cfg.start_height,
+        poll_interval: cfg.bitcoind.poll_interval,
+        zmq_mempool: has_sequence,
+    };
+    let follower = Follower::new(rpc, store, tracker, index, opts, wake);
+    let result = follower.run(subscriber.is_some().then_some(zmq_rx), shutdown.clone()).await;
+    shutdown.cancel();
+    for w in workers {
+        match w.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "delivery worker failed"),
+            Err(e) => tracing::error!(error = %e, "delivery worker panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
+    if let Some(s) = subscriber {
+        s.stop();
+    }
+    result.context("following the chain")?;
+    tracing::info!("stopped");
+    Ok(())
+}

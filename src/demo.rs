@@ -1,0 +1,118 @@
+//! `chainwatch demo`: the whole pipeline against the built-in simulated node, with a built-in
+//! receiver that verifies and prints each webhook as it arrives.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::receiver::{self, Received};
+use crate::simnode::SimNode;
+
+/// The four shop addresses of the captured session, one per standard output type.
+pub const DEMO_WATCHES: [(&str, &str); 4] = [
+    ("order-1001-p2pkh", "n3iet9u1ki76AoPrk9p6NUhjqxeyQfihSg"),
+    ("order-1002-p2sh", "2N5nWUDnNCr3kqQesi1YGqBojYwjS4P9Zw9"),
+    ("order-1003-p2wpkh", "bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp"),
+    ("order-1004-p2tr", "bcrt1pgf9g8v63sselca7rgx5uyl0xwjjp4vpfn89vt3gdutvpjc8xq8vs0mmh98"),
+];
+const DEMO_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn demo_config(node: &SimNode, data_dir: &std::path::Path, receiver: &str) -> anyhow::Result<Config> {
+    let mut text = format!(
+        "network = \"regtest\"\ndata_dir = {:?}\ndefault_confirmations = 3\n\n[bitcoind]\nrpc_url = {:?}\ncookie_file = {:?}\npoll_interval = \"500ms\"\n\n[[endpoints]]\nname = \"demo\"\nurl = \"http://{receiver}/hooks\"\nsecret = \"{DEMO_SECRET}\"\nevents = [\"tx.*\"]\n",
+        data_dir.display().to_string(),
+        node.rpc_url(),
+        node.cookie_path().display().to_string()
+    );
+    for (i, (label, addr)) in DEMO_WATCHES.iter().enumerate() {
+        text.push_str(&format!("\n[[watches]]\naddress = \"{addr}\"\nlabel = \"{label}\"\nmetadata = {{ order_id = {} }}\n", 1001 + i));
+    }
+    Ok(Config::parse(&text, "demo config", None)?)
+}
+
+struct Printer {
+    rx: mpsc::UnboundedReceiver<Received>,
+    daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+    seen: usize,
+    rejected: usize,
+}
+
+impl Printer {
+    /// Prints webhooks until `total` have arrived, or fails after `limit`.
+    async fn until(&mut self, total: usize, limit: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.seen < total {
+            let r = tokio::select! {
+                r = tokio::time::timeout_at(deadline, self.rx.recv()) => r
+                    .with_context(|| format!("waited {limit:?} for webhook {} of {total}", self.seen + 1))?
+                    .context("receiver stopped")?,
+                done = &mut self.daemon => {
+                    done.context("daemon task")?.context("daemon stopped")?;
+                    bail!("daemon stopped before webhook {} of {total}", self.seen + 1);
+                }
+            };
+            if r.verdict.is_err() {
+                self.rejected += 1;
+            }
+            self.seen += 1;
+            println!("  {}", receiver::describe(&r));
+        }
+        Ok(())
+    }
+}
+
+fn say(text: &str) {
+    println!("\n== {text}");
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let node = SimNode::start(&dir.path().join("node")).await.context("starting the simulated node")?;
+    let listener = receiver::bind("127.0.0.1:0".parse().expect("addr")).await?;
+    let recv_addr = listener.local_addr()?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let secret = crate::sign::Secret::parse(DEMO_SECRET).expect("valid secret");
+    let recv_task = tokio::spawn(receiver::serve(listener, vec![secret], tx));
+    let cfg = demo_config(&node, &dir.path().join("data"), &recv_addr.to_string())?;
+    println!("chainwatch demo: simulated regtest node at {}, receiver at http://{recv_addr}/hooks", node.rpc_url());
+    println!("watching {} addresses (p2pkh, p2sh, p2wpkh, p2tr), 3 confirmations each", DEMO_WATCHES.len());
+
+    say("mining 101 blocks so the simulated wallet has spendable coins");
+    node.mine(101);
+    let shutdown = CancellationToken::new();
+    let daemon = tokio::spawn(crate::daemon::run(cfg, shutdown.clone()));
+    let mut p = Printer { rx, daemon, seen: 0, rejected: 0 };
+    let limit = Duration::from_secs(30);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    say("paying each watched address (mempool): expect tx.pending");
+    let amounts = [100_000u64, 100_000, 50_000_000, 100_000];
+    for ((_, addr), amount) in DEMO_WATCHES.iter().zip(amounts) {
+        node.pay(addr, amount);
+    }
+    p.until(4, limit).await?;
+    say("mining 1 block: expect tx.confirmation 1/3");
+    node.mine(1);
+    p.until(8, limit).await?;
+    say("mining 1 block: expect tx.confirmation 2/3");
+    node.mine(1);
+    p.until(12, limit).await?;
+    say("reorg: the two blocks are replaced by three empty ones; expect tx.reorged");
+    node.reorg(2, false);
+    p.until(16, limit).await?;
+    say("mining 3 blocks: the payments confirm again, with new event ids");
+    node.mine(3);
+    p.until(28, limit).await?;
+
+    shutdown.cancel();
+    (&mut p.daemon).await.context("daemon task")??;
+    recv_task.abort();
+    if p.rejected > 0 {
+        bail!("{} of {} webhooks failed signature verification", p.rejected, p.seen);
+    }
+    say(&format!("done: {} webhooks received, every signature verified", p.seen));
+    Ok(())
+}

@@ -24,7 +24,9 @@ pub enum FollowError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("reorg deeper than the {kept} blocks kept: the node's chain forks below height {lowest}")]
+    #[error(
+        "reorg deeper than the {kept} blocks kept: the node's chain forks below height {lowest}"
+    )]
     TooDeep { kept: u32, lowest: u32 },
 }
 
@@ -94,10 +96,15 @@ pub struct Follower<S: ChainSource> {
     seen_mempool: HashSet<Txid>,
     counters: HashMap<String, u32>,
     needs_resync: bool,
+    /// The mempool view may have missed something (start, counter gap, first ZMQ message).
+    mempool_stale: bool,
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl<S: ChainSource> Follower<S> {
@@ -120,6 +127,7 @@ impl<S: ChainSource> Follower<S> {
             seen_mempool: HashSet::new(),
             counters: HashMap::new(),
             needs_resync: true,
+            mempool_stale: true,
         }
     }
 
@@ -128,7 +136,11 @@ impl<S: ChainSource> Follower<S> {
     }
 
     /// Runs until `shutdown`; node trouble is retried with backoff, never fatal.
-    pub async fn run(mut self, mut zmq: Option<mpsc::Receiver<ZmqMessage>>, shutdown: CancellationToken) -> Result<(), FollowError> {
+    pub async fn run(
+        mut self,
+        mut zmq: Option<mpsc::Receiver<ZmqMessage>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), FollowError> {
         let mut backoff = Duration::from_millis(250);
         let mut poll = tokio::time::interval(self.opts.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -154,7 +166,20 @@ impl<S: ChainSource> Follower<S> {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 msg = recv(&mut zmq) => match msg {
-                    Some(m) => self.on_zmq(m).await?,
+                    Some(m) => {
+                        // Take everything already queued: bodies from rawtx/rawblock (other sockets)
+                        // then serve the sequence events without asking RPC for them.
+                        let mut batch = vec![m];
+                        if let Some(rx) = zmq.as_mut() {
+                            while batch.len() < 10_000 {
+                                match rx.try_recv() {
+                                    Ok(m) => batch.push(m),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        self.on_zmq_batch(batch).await?
+                    }
                     None => zmq = None,
                 },
                 _ = poll.tick() => {
@@ -168,39 +193,58 @@ impl<S: ChainSource> Follower<S> {
     /// Brings chain and mempool up to date with the node.
     pub async fn resync(&mut self) -> Result<(), FollowError> {
         self.sync_chain().await?;
-        if self.opts.zmq_mempool && !self.seen_mempool.is_empty() {
+        if self.opts.zmq_mempool && !self.mempool_stale {
             return Ok(());
         }
-        self.sync_mempool().await
+        self.sync_mempool().await?;
+        self.mempool_stale = false;
+        Ok(())
     }
 
-    async fn on_zmq(&mut self, m: ZmqMessage) -> Result<(), FollowError> {
-        tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
-        if let Some(last) = self.counters.insert(m.topic.clone(), m.counter) {
-            if m.counter != last.wrapping_add(1) {
-                tracing::warn!(topic = %m.topic, last, got = m.counter, "ZMQ counter gap; resyncing over RPC");
-                self.needs_resync = true;
-                self.seen_mempool.clear();
+    async fn on_zmq_batch(&mut self, batch: Vec<ZmqMessage>) -> Result<(), FollowError> {
+        let mut events = Vec::new();
+        for m in batch {
+            self.check_counter(&m);
+            match m.body {
+                ZmqBody::RawTx(tx) => self.cache.add_tx(tx),
+                ZmqBody::RawBlock(b) => self.cache.add_block(b),
+                ZmqBody::Sequence(ev) => events.push(ev),
+                ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}
             }
         }
-        let result = match m.body {
-            ZmqBody::RawTx(tx) => {
-                self.cache.add_tx(tx);
-                Ok(())
+        for ev in events {
+            self.on_sequence(ev).await?;
+        }
+        Ok(())
+    }
+
+    fn check_counter(&mut self, m: &ZmqMessage) {
+        tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
+        match self.counters.insert(m.topic.clone(), m.counter) {
+            Some(last) if m.counter != last.wrapping_add(1) => {
+                tracing::warn!(topic = %m.topic, last, got = m.counter, "ZMQ counter gap; resyncing over RPC");
+                self.needs_resync = true;
+                self.mempool_stale = true;
             }
-            ZmqBody::RawBlock(b) => {
-                self.cache.add_block(b);
-                Ok(())
+            // Messages published before the subscription took hold are lost without a trace.
+            None => {
+                self.needs_resync = true;
+                self.mempool_stale = true;
             }
-            ZmqBody::Sequence(SequenceEvent::BlockConnected(_) | SequenceEvent::BlockDisconnected(_)) => {
+            Some(_) => {}
+        }
+    }
+
+    async fn on_sequence(&mut self, ev: SequenceEvent) -> Result<(), FollowError> {
+        let result = match ev {
+            SequenceEvent::BlockConnected(_) | SequenceEvent::BlockDisconnected(_) => {
                 self.sync_chain().await
             }
-            ZmqBody::Sequence(SequenceEvent::TxAdded(txid, _)) => self.mempool_tx(txid).await,
-            ZmqBody::Sequence(SequenceEvent::TxRemoved(txid, _)) => {
+            SequenceEvent::TxAdded(txid, _) => self.mempool_tx(txid).await,
+            SequenceEvent::TxRemoved(txid, _) => {
                 self.seen_mempool.remove(&txid);
                 Ok(())
             }
-            ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => Ok(()),
         };
         match result {
             Err(e) if e.is_transient() => {
@@ -228,8 +272,17 @@ impl<S: ChainSource> Follower<S> {
                 }
             },
         };
-        let Some(tip) = self.store.tip()? else { return Ok(()) };
-        let step = self.tracker.mempool_add(&self.index, &tx, TipRef { hash: tip.hash, height: tip.height });
+        let Some(tip) = self.store.tip()? else {
+            return Ok(());
+        };
+        let step = self.tracker.mempool_add(
+            &self.index,
+            &tx,
+            TipRef {
+                hash: tip.hash,
+                height: tip.height,
+            },
+        );
         self.commit(step)
     }
 
@@ -245,8 +298,11 @@ impl<S: ChainSource> Follower<S> {
     }
 
     fn commit(&mut self, step: ChainStep) -> Result<(), FollowError> {
-        if step.events.is_empty() && step.upserts.is_empty() && step.removals.is_empty()
-            && step.coins_added.is_empty() && step.tip == crate::tracker::TipChange::None
+        if step.events.is_empty()
+            && step.upserts.is_empty()
+            && step.removals.is_empty()
+            && step.coins_added.is_empty()
+            && step.tip == crate::tracker::TipChange::None
         {
             return Ok(());
         }
@@ -273,14 +329,25 @@ impl<S: ChainSource> Follower<S> {
         };
         let hash = self.source.block_hash(base_height).await?;
         let header = self.source.block_header(hash).await?;
-        let prev = header.prev.unwrap_or(BlockHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros()));
-        self.store.init_tip(StoredBlock { hash, height: header.height, prev, time: header.time })?;
+        let prev = header
+            .prev
+            .unwrap_or(BlockHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros()));
+        self.store.init_tip(StoredBlock {
+            hash,
+            height: header.height,
+            prev,
+            time: header.time,
+        })?;
         tracing::info!(height = header.height, %hash, "first run: following the chain from here");
         Ok(())
     }
 
     /// The highest stored block that is still on the node's best chain.
-    async fn fork_point(&mut self, tip: StoredBlock, node_height: u32) -> Result<Option<StoredBlock>, FollowError> {
+    async fn fork_point(
+        &mut self,
+        tip: StoredBlock,
+        node_height: u32,
+    ) -> Result<Option<StoredBlock>, FollowError> {
         let mut h = tip.height.min(node_height);
         loop {
             let Some(stored) = self.store.block_at(h)? else {
@@ -288,7 +355,10 @@ impl<S: ChainSource> Follower<S> {
                 if lowest == 0 && h == 0 {
                     return Ok(None);
                 }
-                return Err(FollowError::TooDeep { kept: tip.height - lowest + 1, lowest });
+                return Err(FollowError::TooDeep {
+                    kept: tip.height - lowest + 1,
+                    lowest,
+                });
             };
             if self.source.block_hash(h).await? == stored.hash {
                 return Ok(Some(stored));
@@ -320,17 +390,29 @@ impl<S: ChainSource> Follower<S> {
             };
             let mut progress = Progress::new(start, best_height);
             for h in start..=best_height {
-                let hash = if h == best_height { best } else { self.source.block_hash(h).await? };
+                let hash = if h == best_height {
+                    best
+                } else {
+                    self.source.block_hash(h).await?
+                };
                 let block = match self.cache.blocks.get(&hash) {
                     Some(b) => b.clone(),
                     None => self.source.block(hash).await?,
                 };
                 let tip = self.store.tip()?;
-                if tip.map(|t| t.hash).unwrap_or(BlockHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros())) != block.header.prev_blockhash {
+                if tip
+                    .map(|t| t.hash)
+                    .unwrap_or(BlockHash::from_raw_hash(bitcoin::hashes::Hash::all_zeros()))
+                    != block.header.prev_blockhash
+                {
                     tracing::info!(height = h, %hash, "node's chain moved during sync; starting over");
                     continue 'restart;
                 }
-                let at = BlockRef { hash, height: h, time: block.header.time };
+                let at = BlockRef {
+                    hash,
+                    height: h,
+                    time: block.header.time,
+                };
                 let step = self.tracker.connect_block(&self.index, &block, at);
                 self.commit(step)?;
                 for tx in &block.txdata {
@@ -349,10 +431,18 @@ impl<S: ChainSource> Follower<S> {
             }
             let parent = self.store.block_at(tip.height.wrapping_sub(1))?;
             let new_tip = parent
-                .map(|p| TipRef { hash: p.hash, height: p.height })
-                .unwrap_or(TipRef { hash: tip.prev, height: tip.height.saturating_sub(1) });
+                .map(|p| TipRef {
+                    hash: p.hash,
+                    height: p.height,
+                })
+                .unwrap_or(TipRef {
+                    hash: tip.prev,
+                    height: tip.height.saturating_sub(1),
+                });
             tracing::info!(height = tip.height, hash = %tip.hash, "disconnecting block (reorg)");
-            let step = self.tracker.disconnect_block(&self.index, tip.as_ref(), new_tip);
+            let step = self
+                .tracker
+                .disconnect_block(&self.index, tip.as_ref(), new_tip);
             self.commit(step)?;
         }
         Ok(())
@@ -378,9 +468,19 @@ impl Progress {
     fn new(start: u32, end: u32) -> Progress {
         let now = Instant::now();
         if end >= start + 10 {
-            tracing::info!(from = start, to = end, blocks = end - start + 1, "catching up");
+            tracing::info!(
+                from = start,
+                to = end,
+                blocks = end - start + 1,
+                "catching up"
+            );
         }
-        Progress { start, end, began: now, last_report: now }
+        Progress {
+            start,
+            end,
+            began: now,
+            last_report: now,
+        }
     }
 
     fn tick(&mut self, height: u32) {
@@ -391,12 +491,22 @@ impl Progress {
         let done = (height - self.start + 1) as f64;
         let rate = done / self.began.elapsed().as_secs_f64().max(0.001);
         let eta = (self.end - height) as f64 / rate.max(0.001);
-        tracing::info!(height, target = self.end, rate = format!("{rate:.1} blocks/s"), eta = format!("{eta:.0}s"), "catch-up progress");
+        tracing::info!(
+            height,
+            target = self.end,
+            rate = format!("{rate:.1} blocks/s"),
+            eta = format!("{eta:.0}s"),
+            "catch-up progress"
+        );
     }
 
     fn done(&self) {
         if self.end >= self.start + 10 {
-            tracing::info!(height = self.end, secs = self.began.elapsed().as_secs_f64(), "caught up");
+            tracing::info!(
+                height = self.end,
+                secs = self.began.elapsed().as_secs_f64(),
+                "caught up"
+            );
         }
     }
 }

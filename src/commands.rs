@@ -22,7 +22,9 @@ pub fn load_config(path: &Path) -> anyhow::Result<Config> {
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHAINWATCH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -35,7 +37,8 @@ pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -52,26 +55,47 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 pub async fn check(cfg: Config) -> anyhow::Result<()> {
-    println!("config: ok ({} endpoints, {} watches, network {})", cfg.endpoints.len(), cfg.watches.len(), crate::config::network_name(cfg.network));
+    println!(
+        "config: ok ({} endpoints, {} watches, network {})",
+        cfg.endpoints.len(),
+        cfg.watches.len(),
+        crate::config::network_name(cfg.network)
+    );
     let rpc = RpcClient::new(&cfg.bitcoind.rpc_url, cfg.bitcoind.auth.clone());
-    let info = rpc.chain_info().await.with_context(|| format!("reaching bitcoind at {}", cfg.bitcoind.rpc_url))?;
+    let info = rpc
+        .chain_info()
+        .await
+        .with_context(|| format!("reaching bitcoind at {}", cfg.bitcoind.rpc_url))?;
     daemon::check_chain(&cfg, &info)?;
-    println!("node: {} chain {} height {} best {}", cfg.bitcoind.rpc_url, info.chain, info.blocks, info.best_block_hash);
+    println!(
+        "node: {} chain {} height {} best {}",
+        cfg.bitcoind.rpc_url, info.chain, info.blocks, info.best_block_hash
+    );
     let announced = rpc.zmq_notifications().await.unwrap_or_default();
     let subs = daemon::subscriptions(&cfg, &announced);
     for topic in ["sequence", "rawtx", "rawblock"] {
         match subs.iter().find(|s| s.topic == topic) {
             Some(s) => println!("zmq {topic}: {}", s.address),
-            None => println!("zmq {topic}: MISSING (add zmqpub{topic}=tcp://127.0.0.1:PORT to bitcoin.conf)"),
+            None => println!(
+                "zmq {topic}: MISSING (add zmqpub{topic}=tcp://127.0.0.1:PORT to bitcoin.conf)"
+            ),
         }
     }
     if !subs.iter().any(|s| s.topic == "sequence") {
-        println!("warning: without zmq sequence chainwatch follows by polling every {:?}", cfg.bitcoind.poll_interval);
+        println!(
+            "warning: without zmq sequence chainwatch follows by polling every {:?}",
+            cfg.bitcoind.poll_interval
+        );
     }
     if cfg.data_dir.join(crate::store::DB_FILE).exists() {
         let store = Store::open(&cfg.data_dir)?;
         match store.tip()? {
-            Some(tip) => println!("store: tip {} at height {}, {} blocks behind the node", tip.hash, tip.height, info.blocks.saturating_sub(tip.height)),
+            Some(tip) => println!(
+                "store: tip {} at height {}, {} blocks behind the node",
+                tip.hash,
+                tip.height,
+                info.blocks.saturating_sub(tip.height)
+            ),
             None => println!("store: empty"),
         }
     } else {
@@ -80,7 +104,13 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn watch_add(cfg: &Config, target: &str, confirmations: Option<u32>, label: Option<String>, metadata: Option<String>) -> anyhow::Result<()> {
+pub fn watch_add(
+    cfg: &Config,
+    target: &str,
+    confirmations: Option<u32>,
+    label: Option<String>,
+    metadata: Option<String>,
+) -> anyhow::Result<()> {
     let addr = check_address("ADDRESS", target, cfg.network)?;
     let confirmations = confirmations.unwrap_or(cfg.default_confirmations);
     if confirmations == 0 || confirmations > 1000 {
@@ -88,7 +118,8 @@ pub fn watch_add(cfg: &Config, target: &str, confirmations: Option<u32>, label: 
     }
     let metadata: serde_json::Value = match metadata {
         None => serde_json::json!({}),
-        Some(text) => serde_json::from_str(&text).with_context(|| format!("--metadata {text:?} is not JSON"))?,
+        Some(text) => serde_json::from_str(&text)
+            .with_context(|| format!("--metadata {text:?} is not JSON"))?,
     };
     check_metadata(&metadata).map_err(|e| anyhow::anyhow!("--metadata: {e}"))?;
     let store = open_store(cfg)?;
@@ -106,7 +137,14 @@ pub fn watch_list(cfg: &Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     for w in watches {
-        println!("{}  {}  conf={}  label={}  metadata={}", w.id, w.address, w.confirmations, w.label.unwrap_or_default(), w.metadata);
+        println!(
+            "{}  {}  conf={}  label={}  metadata={}",
+            w.id,
+            w.address,
+            w.confirmations,
+            w.label.unwrap_or_default(),
+            w.metadata
+        );
     }
     Ok(())
 }
@@ -127,7 +165,10 @@ pub fn events_list(cfg: &Config, after: i64, glob: Option<&str>, json: bool) -> 
         let page = store.events_after(after, 1000)?;
         let Some(last) = page.last() else { break };
         after = last.seq;
-        for e in page.iter().filter(|e| glob.is_none_or(|g| type_matches(g, &e.kind))) {
+        for e in page
+            .iter()
+            .filter(|e| glob.is_none_or(|g| type_matches(g, &e.kind)))
+        {
             if json {
                 println!("{}", e.body);
             } else {
@@ -138,7 +179,11 @@ pub fn events_list(cfg: &Config, after: i64, glob: Option<&str>, json: bool) -> 
     Ok(())
 }
 
-pub fn deliveries_list(cfg: &Config, status: Option<&str>, endpoint: Option<&str>) -> anyhow::Result<()> {
+pub fn deliveries_list(
+    cfg: &Config,
+    status: Option<&str>,
+    endpoint: Option<&str>,
+) -> anyhow::Result<()> {
     if let Some(s) = status {
         if !["pending", "failed", "dead", "delivered"].contains(&s) {
             bail!("--status {s:?}: expected pending, failed, dead or delivered");
@@ -148,14 +193,23 @@ pub fn deliveries_list(cfg: &Config, status: Option<&str>, endpoint: Option<&str
     for d in store.list_deliveries(status, endpoint, i64::MAX)? {
         println!(
             "{:>6}  {:<17} {}  {:<10} {:<9} attempts={} last={}",
-            d.event_seq, d.event_type, d.event_id, d.endpoint, d.status, d.attempts,
+            d.event_seq,
+            d.event_type,
+            d.event_id,
+            d.endpoint,
+            d.status,
+            d.attempts,
             d.last_error.unwrap_or_default()
         );
     }
     Ok(())
 }
 
-pub fn redeliver(cfg: &Config, event_id: Option<&str>, endpoint: Option<&str>) -> anyhow::Result<()> {
+pub fn redeliver(
+    cfg: &Config,
+    event_id: Option<&str>,
+    endpoint: Option<&str>,
+) -> anyhow::Result<()> {
     let store = Store::open(&cfg.data_dir)?;
     if let Some(id) = event_id {
         if store.event_by_id(id)?.is_none() {
@@ -170,8 +224,15 @@ pub fn redeliver(cfg: &Config, event_id: Option<&str>, endpoint: Option<&str>) -
 pub fn endpoints_list(cfg: &Config) -> anyhow::Result<()> {
     let store = open_store(cfg)?;
     for e in store.list_endpoints()? {
-        let state = if e.enabled { "enabled".to_string() } else { format!("DISABLED ({})", e.disabled_reason.unwrap_or_default()) };
-        println!("{:<12} {:<40} {}  waiting={} dead={}", e.name, e.url, state, e.pending, e.dead);
+        let state = if e.enabled {
+            "enabled".to_string()
+        } else {
+            format!("DISABLED ({})", e.disabled_reason.unwrap_or_default())
+        };
+        println!(
+            "{:<12} {:<40} {}  waiting={} dead={}",
+            e.name, e.url, state, e.pending, e.dead
+        );
     }
     Ok(())
 }
@@ -192,19 +253,31 @@ pub fn audit_verify(cfg: &Config) -> anyhow::Result<()> {
             println!("event log intact: {n} rows verified");
             Ok(())
         }
-        (n, Some((seq, why))) => bail!("event log broken at sequence {seq} (after {n} good rows): {why}"),
+        (n, Some((seq, why))) => {
+            bail!("event log broken at sequence {seq} (after {n} good rows): {why}")
+        }
     }
 }
 
 fn parse_secrets(texts: &[String]) -> anyhow::Result<Vec<Secret>> {
-    texts.iter().map(|s| Secret::parse(s).map_err(|e| anyhow::anyhow!("--secret: {e}"))).collect()
+    texts
+        .iter()
+        .map(|s| Secret::parse(s).map_err(|e| anyhow::anyhow!("--secret: {e}")))
+        .collect()
 }
 
 pub async fn receive(listen: &str, secrets: &[String]) -> anyhow::Result<()> {
     let secrets = parse_secrets(secrets)?;
-    let addr = listen.parse().with_context(|| format!("--listen {listen:?}: expected IP:PORT"))?;
-    let listener = crate::receiver::bind(addr).await.with_context(|| format!("binding {listen}"))?;
-    eprintln!("listening on http://{listen}/ ; verifying with {} secret(s)", secrets.len());
+    let addr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen:?}: expected IP:PORT"))?;
+    let listener = crate::receiver::bind(addr)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    eprintln!(
+        "listening on http://{listen}/ ; verifying with {} secret(s)",
+        secrets.len()
+    );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(crate::receiver::serve(listener, secrets, tx));
     while let Some(r) = rx.recv().await {
@@ -214,12 +287,21 @@ pub async fn receive(listen: &str, secrets: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn verify(secrets: &[String], id: &str, timestamp: &str, signature: &str, tolerance: i64) -> anyhow::Result<()> {
+pub fn verify(
+    secrets: &[String],
+    id: &str,
+    timestamp: &str,
+    signature: &str,
+    tolerance: i64,
+) -> anyhow::Result<()> {
     let secrets = parse_secrets(secrets)?;
     let mut body = Vec::new();
-    std::io::stdin().read_to_end(&mut body).context("reading the body from stdin")?;
+    std::io::stdin()
+        .read_to_end(&mut body)
+        .context("reading the body from stdin")?;
     let now = now_ms() / 1000;
-    sign::verify(&secrets, id, timestamp, signature, &body, now, tolerance).map_err(|e| anyhow::anyhow!("{e}"))?;
+    sign::verify(&secrets, id, timestamp, signature, &body, now, tolerance)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("signature valid");
     Ok(())
 }

@@ -29,7 +29,11 @@ pub enum ConfigError {
     },
 }
 
-pub fn invalid(key: impl Into<String>, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+pub fn invalid(
+    key: impl Into<String>,
+    value: impl ToString,
+    reason: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         value: value.to_string(),
@@ -275,7 +279,13 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 
 fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, ConfigError> {
     let text = value.unwrap_or(default);
-    parse_duration(text).ok_or_else(|| invalid(key, text, "expected a duration such as \"500ms\", \"15s\", \"5m\", \"2h\" or \"1d\""))
+    parse_duration(text).ok_or_else(|| {
+        invalid(
+            key,
+            text,
+            "expected a duration such as \"500ms\", \"15s\", \"5m\", \"2h\" or \"1d\"",
+        )
+    })
 }
 
 /// Checks an address string against a network; returns it normalised.
@@ -328,7 +338,11 @@ fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
         .span()
         .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
         .unwrap_or(0);
-    let source_line = text.lines().nth(line.saturating_sub(1)).unwrap_or("").trim();
+    let source_line = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .unwrap_or("")
+        .trim();
     let message = e.message().replace('\n', " ");
     let message = if source_line.is_empty() {
         message
@@ -353,33 +367,59 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
 impl RawConfig {
     fn validate(self, base: &Path) -> Result<Config, ConfigError> {
         let network = parse_network(&self.network).ok_or_else(|| {
-            invalid("network", &self.network, "expected mainnet, testnet, testnet4, signet or regtest")
+            invalid(
+                "network",
+                &self.network,
+                "expected mainnet, testnet, testnet4, signet or regtest",
+            )
         })?;
         if self.default_confirmations == 0 || self.default_confirmations > 1000 {
-            return Err(invalid("default_confirmations", self.default_confirmations, "must be between 1 and 1000"));
+            return Err(invalid(
+                "default_confirmations",
+                self.default_confirmations,
+                "must be between 1 and 1000",
+            ));
         }
         let start_height = match self.start_height {
             None => StartHeight::Tip,
             Some(StartHeightRaw::Word(w)) if w == "tip" => StartHeight::Tip,
             Some(StartHeightRaw::Word(w)) => {
-                return Err(invalid("start_height", w, "expected \"tip\" or a block height"))
+                return Err(invalid(
+                    "start_height",
+                    w,
+                    "expected \"tip\" or a block height",
+                ))
             }
             Some(StartHeightRaw::Height(h)) => StartHeight::Height(h),
         };
         if self.finality_depth < 1 {
-            return Err(invalid("finality_depth", self.finality_depth, "must be at least 1"));
+            return Err(invalid(
+                "finality_depth",
+                self.finality_depth,
+                "must be at least 1",
+            ));
         }
         let json_logs = match self.log_format.as_deref() {
             None | Some("text") => false,
             Some("json") => true,
-            Some(other) => return Err(invalid("log_format", other, "expected \"text\" or \"json\"")),
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    other,
+                    "expected \"text\" or \"json\"",
+                ))
+            }
         };
         let bitcoind = self.bitcoind.validate(network, base)?;
         let mut endpoints = Vec::new();
         for (i, e) in self.endpoints.into_iter().enumerate() {
             let ep = e.validate(i)?;
             if endpoints.iter().any(|x: &EndpointConfig| x.name == ep.name) {
-                return Err(invalid(format!("endpoints[{i}].name"), &ep.name, "duplicate endpoint name"));
+                return Err(invalid(
+                    format!("endpoints[{i}].name"),
+                    &ep.name,
+                    "duplicate endpoint name",
+                ));
             }
             endpoints.push(ep);
         }
@@ -416,7 +456,9 @@ fn default_rpc_url(network: Network) -> &'static str {
 
 impl RawBitcoind {
     fn validate(self, network: Network, base: &Path) -> Result<BitcoindConfig, ConfigError> {
-        let rpc_url = self.rpc_url.unwrap_or_else(|| default_rpc_url(network).to_string());
+        let rpc_url = self
+            .rpc_url
+            .unwrap_or_else(|| default_rpc_url(network).to_string());
         reqwest::Url::parse(&rpc_url)
             .map_err(|e| invalid("bitcoind.rpc_url", &rpc_url, format!("not a URL: {e}")))?;
         let password = match (self.rpc_password, self.rpc_password_env) {
@@ -427,15 +469,24 @@ impl RawBitcoind {
         let auth = match (self.rpc_user, password, self.cookie_file) {
             (Some(user), Some(password), _) => RpcAuth::UserPass { user, password },
             (Some(user), None, _) => {
-                return Err(invalid("bitcoind.rpc_user", user, "rpc_user needs rpc_password or rpc_password_env"))
+                return Err(invalid(
+                    "bitcoind.rpc_user",
+                    user,
+                    "rpc_user needs rpc_password or rpc_password_env",
+                ))
             }
             (None, Some(_), _) => {
-                return Err(invalid("bitcoind.rpc_password", "…", "rpc_password needs rpc_user"))
+                return Err(invalid(
+                    "bitcoind.rpc_password",
+                    "…",
+                    "rpc_password needs rpc_user",
+                ))
             }
             (None, None, Some(cookie)) => RpcAuth::Cookie(resolve(base, cookie)),
-            (None, None, None) => {
-                RpcAuth::Cookie(resolve(base, PathBuf::from("./regtest/data/regtest/.cookie")))
-            }
+            (None, None, None) => RpcAuth::Cookie(resolve(
+                base,
+                PathBuf::from("./regtest/data/regtest/.cookie"),
+            )),
         };
         for (key, v) in [
             ("bitcoind.zmq_sequence", &self.zmq_sequence),
@@ -444,13 +495,25 @@ impl RawBitcoind {
         ] {
             if let Some(v) = v {
                 if !(v.starts_with("tcp://") || v.starts_with("ipc://")) {
-                    return Err(invalid(key, v, "expected a ZMQ endpoint such as tcp://127.0.0.1:28332"));
+                    return Err(invalid(
+                        key,
+                        v,
+                        "expected a ZMQ endpoint such as tcp://127.0.0.1:28332",
+                    ));
                 }
             }
         }
-        let poll_interval = duration("bitcoind.poll_interval", self.poll_interval.as_deref(), "2s")?;
+        let poll_interval = duration(
+            "bitcoind.poll_interval",
+            self.poll_interval.as_deref(),
+            "2s",
+        )?;
         if poll_interval.is_zero() {
-            return Err(invalid("bitcoind.poll_interval", "0", "must be more than zero"));
+            return Err(invalid(
+                "bitcoind.poll_interval",
+                "0",
+                "must be more than zero",
+            ));
         }
         Ok(BitcoindConfig {
             rpc_url,
@@ -466,8 +529,17 @@ impl RawBitcoind {
 impl RawEndpoint {
     fn validate(self, i: usize) -> Result<EndpointConfig, ConfigError> {
         let key = |k: &str| format!("endpoints[{i}].{k}");
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(invalid(key("name"), &self.name, "use letters, digits, '-', '_' or '.'"));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                key("name"),
+                &self.name,
+                "use letters, digits, '-', '_' or '.'",
+            ));
         }
         let url = reqwest::Url::parse(&self.url)
             .map_err(|e| invalid(key("url"), &self.url, format!("not a URL: {e}")))?;
@@ -475,9 +547,19 @@ impl RawEndpoint {
             "https" => {}
             "http" if is_loopback_url(&url) || self.allow_http == Some(true) => {}
             "http" => {
-                return Err(invalid(key("url"), &self.url, "plain http is allowed only to loopback; set allow_http = true to override"))
+                return Err(invalid(
+                    key("url"),
+                    &self.url,
+                    "plain http is allowed only to loopback; set allow_http = true to override",
+                ))
             }
-            other => return Err(invalid(key("url"), &self.url, format!("unsupported scheme {other:?}"))),
+            other => {
+                return Err(invalid(
+                    key("url"),
+                    &self.url,
+                    format!("unsupported scheme {other:?}"),
+                ))
+            }
         }
         let secret_texts = match (self.secret, self.secret_env) {
             (Some(s), None) => s.into_vec(),
@@ -487,26 +569,54 @@ impl RawEndpoint {
                 .map(|n| env_secret(&key("secret_env"), n))
                 .collect::<Result<_, _>>()?,
             (Some(_), Some(_)) => {
-                return Err(invalid(key("secret"), "…", "give secret or secret_env, not both"))
+                return Err(invalid(
+                    key("secret"),
+                    "…",
+                    "give secret or secret_env, not both",
+                ))
             }
-            (None, None) => return Err(invalid(key("secret"), "", "every endpoint needs a secret (whsec_…)")),
+            (None, None) => {
+                return Err(invalid(
+                    key("secret"),
+                    "",
+                    "every endpoint needs a secret (whsec_…)",
+                ))
+            }
         };
         if secret_texts.is_empty() {
-            return Err(invalid(key("secret"), "[]", "at least one secret is needed"));
+            return Err(invalid(
+                key("secret"),
+                "[]",
+                "at least one secret is needed",
+            ));
         }
         let secrets = secret_texts
             .iter()
-            .map(|s| Secret::parse(s).map_err(|e| invalid(key("secret"), redact_secret(s), e.to_string())))
+            .map(|s| {
+                Secret::parse(s)
+                    .map_err(|e| invalid(key("secret"), redact_secret(s), e.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let events = self.events.unwrap_or_else(|| vec!["tx.*".to_string()]);
         for g in &events {
-            if g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || "._*".contains(c)) {
-                return Err(invalid(key("events"), g, "expected an event type glob such as \"tx.*\""));
+            if g.is_empty()
+                || !g
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._*".contains(c))
+            {
+                return Err(invalid(
+                    key("events"),
+                    g,
+                    "expected an event type glob such as \"tx.*\"",
+                ));
             }
         }
         let timeout = duration(&key("timeout"), self.timeout.as_deref(), "15s")?;
         let retry_schedule = match self.retry_schedule {
-            None => DEFAULT_RETRY_SCHEDULE.iter().map(|d| parse_duration(d).unwrap()).collect(),
+            None => DEFAULT_RETRY_SCHEDULE
+                .iter()
+                .map(|d| parse_duration(d).unwrap())
+                .collect(),
             Some(list) => list
                 .iter()
                 .map(|d| duration(&key("retry_schedule"), Some(d), ""))
@@ -537,29 +647,55 @@ fn redact_secret(s: &str) -> String {
 }
 
 impl RawWatch {
-    fn validate(self, i: usize, network: Network, default_conf: u32) -> Result<WatchConfig, ConfigError> {
+    fn validate(
+        self,
+        i: usize,
+        network: Network,
+        default_conf: u32,
+    ) -> Result<WatchConfig, ConfigError> {
         let key = |k: &str| format!("watches[{i}].{k}");
         let address = match (self.address, self.descriptor) {
             (Some(a), None) => a,
             (None, Some(d)) => {
-                return Err(invalid(key("descriptor"), d, "descriptor watches are not supported by this version; list addresses instead"))
+                return Err(invalid(
+                    key("descriptor"),
+                    d,
+                    "descriptor watches are not supported by this version; list addresses instead",
+                ))
             }
-            (Some(_), Some(_)) => return Err(invalid(key("address"), "…", "give address or descriptor, not both")),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    key("address"),
+                    "…",
+                    "give address or descriptor, not both",
+                ))
+            }
             (None, None) => return Err(invalid(key("address"), "", "a watch needs an address")),
         };
         if self.gap_limit.is_some() {
-            return Err(invalid(key("gap_limit"), self.gap_limit.unwrap_or(0), "gap_limit applies to descriptor watches only"));
+            return Err(invalid(
+                key("gap_limit"),
+                self.gap_limit.unwrap_or(0),
+                "gap_limit applies to descriptor watches only",
+            ));
         }
         let addr = check_address(&key("address"), &address, network)?;
         let confirmations = self.confirmations.unwrap_or(default_conf);
         if confirmations == 0 || confirmations > 1000 {
-            return Err(invalid(key("confirmations"), confirmations, "must be between 1 and 1000"));
+            return Err(invalid(
+                key("confirmations"),
+                confirmations,
+                "must be between 1 and 1000",
+            ));
         }
         let metadata = match self.metadata {
             None => serde_json::Value::Object(Default::default()),
-            Some(t) => serde_json::to_value(t).map_err(|e| invalid(key("metadata"), "…", e.to_string()))?,
+            Some(t) => {
+                serde_json::to_value(t).map_err(|e| invalid(key("metadata"), "…", e.to_string()))?
+            }
         };
-        crate::watch::check_metadata(&metadata).map_err(|r| invalid(key("metadata"), metadata.to_string(), r))?;
+        crate::watch::check_metadata(&metadata)
+            .map_err(|r| invalid(key("metadata"), metadata.to_string(), r))?;
         Ok(WatchConfig {
             address: addr.to_string(),
             confirmations,
@@ -572,9 +708,13 @@ impl RawWatch {
 impl RawApi {
     fn validate(self) -> Result<ApiConfig, ConfigError> {
         let listen_text = self.listen.unwrap_or_else(|| "127.0.0.1:8577".into());
-        let listen: SocketAddr = listen_text
-            .parse()
-            .map_err(|_| invalid("api.listen", &listen_text, "expected IP:PORT such as 127.0.0.1:8577"))?;
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(
+                "api.listen",
+                &listen_text,
+                "expected IP:PORT such as 127.0.0.1:8577",
+            )
+        })?;
         let token = match (self.token, self.token_env) {
             (Some(t), _) => Some(t),
             // The token is optional until the API is used; an unset variable means the API stays closed.
@@ -630,17 +770,32 @@ mod tests {
     #[test]
     fn refusals_name_key_and_value() {
         let e = err("netwrk = \"regtest\"");
-        assert!(e.contains("unknown field `netwrk`") && e.contains("line 1"), "{e}");
+        assert!(
+            e.contains("unknown field `netwrk`") && e.contains("line 1"),
+            "{e}"
+        );
         let e = err("network = \"moon\"");
         assert!(e.contains("network = \"moon\""), "{e}");
         let e = err("default_confirmations = \"three\"");
-        assert!(e.contains("line 1") && e.contains("default_confirmations"), "{e}");
+        assert!(
+            e.contains("line 1") && e.contains("default_confirmations"),
+            "{e}"
+        );
         let e = err("[[watches]]\naddress = \"bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq\"");
-        assert!(e.contains("watches[0].address") && e.contains("not for network regtest"), "{e}");
+        assert!(
+            e.contains("watches[0].address") && e.contains("not for network regtest"),
+            "{e}"
+        );
         let e = err(&ENDPOINT.replace("whsec_MfKQ", "MfKQ"));
-        assert!(e.contains("endpoints[0].secret") && e.contains("whsec_"), "{e}");
+        assert!(
+            e.contains("endpoints[0].secret") && e.contains("whsec_"),
+            "{e}"
+        );
         let e = err(&ENDPOINT.replace("127.0.0.1", "example.com"));
-        assert!(e.contains("endpoints[0].url") && e.contains("loopback"), "{e}");
+        assert!(
+            e.contains("endpoints[0].url") && e.contains("loopback"),
+            "{e}"
+        );
         assert!(!e.contains('\n'), "one line: {e}");
     }
 }

@@ -18,12 +18,16 @@ use crate::tracker::Tracker;
 use crate::watch::{Watch, WatchIndex};
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Opens the store and makes its endpoints and config watches match the config.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
-    let mut store = Store::open(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
+    let mut store = Store::open(&cfg.data_dir)
+        .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
     store.check_network(network_name(cfg.network))?;
     store.set_keep_blocks(cfg.finality_depth + 10);
     store.sync_endpoints(&cfg.endpoints)?;
@@ -36,7 +40,10 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
 }
 
 /// Waits until the node answers, telling the user why while it does not.
-pub async fn wait_for_node(rpc: &RpcClient, shutdown: &CancellationToken) -> Result<Option<ChainInfo>, NodeError> {
+pub async fn wait_for_node(
+    rpc: &RpcClient,
+    shutdown: &CancellationToken,
+) -> Result<Option<ChainInfo>, NodeError> {
     let mut delay = Duration::from_millis(250);
     let mut said = false;
     loop {
@@ -62,8 +69,16 @@ pub async fn wait_for_node(rpc: &RpcClient, shutdown: &CancellationToken) -> Res
 pub fn subscriptions(cfg: &Config, announced: &[ZmqNotification]) -> Vec<Subscription> {
     let find = |topic: &str, over: &Option<String>| {
         over.clone()
-            .or_else(|| announced.iter().find(|n| n.kind == format!("pub{topic}")).map(|n| n.address.replace("0.0.0.0", "127.0.0.1")))
-            .map(|address| Subscription { topic: topic.to_string(), address })
+            .or_else(|| {
+                announced
+                    .iter()
+                    .find(|n| n.kind == format!("pub{topic}"))
+                    .map(|n| n.address.replace("0.0.0.0", "127.0.0.1"))
+            })
+            .map(|address| Subscription {
+                topic: topic.to_string(),
+                address,
+            })
     };
     [
         find("sequence", &cfg.bitcoind.zmq_sequence),
@@ -91,8 +106,16 @@ pub fn check_chain(cfg: &Config, info: &ChainInfo) -> anyhow::Result<()> {
 /// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = open_store(&cfg)?;
-    let rpc = Arc::new(RpcClient::new(&cfg.bitcoind.rpc_url, cfg.bitcoind.auth.clone()));
-    let Some(info) = wait_for_node(&rpc, &shutdown).await.context("connecting to bitcoind")? else { return Ok(()) };
+    let rpc = Arc::new(RpcClient::new(
+        &cfg.bitcoind.rpc_url,
+        cfg.bitcoind.auth.clone(),
+    ));
+    let Some(info) = wait_for_node(&rpc, &shutdown)
+        .await
+        .context("connecting to bitcoind")?
+    else {
+        return Ok(());
+    };
     check_chain(&cfg, &info)?;
     tracing::info!(chain = %info.chain, height = info.blocks, "connected to bitcoind");
 
@@ -119,15 +142,29 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let watches = store.load_watches()?;
     let mut index = WatchIndex::new(cfg.network, watches);
     index.coins.extend(store.load_coins()?);
-    let tracker = Tracker::new(network_name(cfg.network), cfg.finality_depth, store.load_tracked()?);
-    tracing::info!(watches = index.len(), tracked = tracker.len(), "state loaded");
+    let tracker = Tracker::new(
+        network_name(cfg.network),
+        cfg.finality_depth,
+        store.load_tracked()?,
+    );
+    tracing::info!(
+        watches = index.len(),
+        tracked = tracker.len(),
+        "state loaded"
+    );
 
     let wake = Arc::new(Notify::new());
     let mut workers = Vec::new();
     for ep in cfg.endpoints.clone() {
         let ep_store = Store::open(&cfg.data_dir)?;
         let (w, s) = (wake.clone(), shutdown.clone());
-        workers.push(tokio::spawn(dispatch::run_endpoint(ep, ep_store, w, dispatch::system_clock(), s)));
+        workers.push(tokio::spawn(dispatch::run_endpoint(
+            ep,
+            ep_store,
+            w,
+            dispatch::system_clock(),
+            s,
+        )));
     }
 
     let opts = FollowerOptions {
@@ -136,7 +173,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         zmq_mempool: has_sequence,
     };
     let follower = Follower::new(rpc, store, tracker, index, opts, wake);
-    let result = follower.run(subscriber.is_some().then_some(zmq_rx), shutdown.clone()).await;
+    let result = follower
+        .run(subscriber.is_some().then_some(zmq_rx), shutdown.clone())
+        .await;
     shutdown.cancel();
     for w in workers {
         match w.await {

@@ -15,12 +15,22 @@ use crate::simnode::SimNode;
 pub const DEMO_WATCHES: [(&str, &str); 4] = [
     ("order-1001-p2pkh", "n3iet9u1ki76AoPrk9p6NUhjqxeyQfihSg"),
     ("order-1002-p2sh", "2N5nWUDnNCr3kqQesi1YGqBojYwjS4P9Zw9"),
-    ("order-1003-p2wpkh", "bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp"),
-    ("order-1004-p2tr", "bcrt1pgf9g8v63sselca7rgx5uyl0xwjjp4vpfn89vt3gdutvpjc8xq8vs0mmh98"),
+    (
+        "order-1003-p2wpkh",
+        "bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp",
+    ),
+    (
+        "order-1004-p2tr",
+        "bcrt1pgf9g8v63sselca7rgx5uyl0xwjjp4vpfn89vt3gdutvpjc8xq8vs0mmh98",
+    ),
 ];
 const DEMO_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-fn demo_config(node: &SimNode, data_dir: &std::path::Path, receiver: &str) -> anyhow::Result<Config> {
+fn demo_config(
+    node: &SimNode,
+    data_dir: &std::path::Path,
+    receiver: &str,
+) -> anyhow::Result<Config> {
     let mut text = format!(
         "network = \"regtest\"\ndata_dir = {:?}\ndefault_confirmations = 3\n\n[bitcoind]\nrpc_url = {:?}\ncookie_file = {:?}\npoll_interval = \"500ms\"\n\n[[endpoints]]\nname = \"demo\"\nurl = \"http://{receiver}/hooks\"\nsecret = \"{DEMO_SECRET}\"\nevents = [\"tx.*\"]\n",
         data_dir.display().to_string(),
@@ -70,21 +80,34 @@ fn say(text: &str) {
 
 pub async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let node = SimNode::start(&dir.path().join("node")).await.context("starting the simulated node")?;
+    let node = SimNode::start(&dir.path().join("node"))
+        .await
+        .context("starting the simulated node")?;
     let listener = receiver::bind("127.0.0.1:0".parse().expect("addr")).await?;
     let recv_addr = listener.local_addr()?;
     let (tx, rx) = mpsc::unbounded_channel();
     let secret = crate::sign::Secret::parse(DEMO_SECRET).expect("valid secret");
     let recv_task = tokio::spawn(receiver::serve(listener, vec![secret], tx));
     let cfg = demo_config(&node, &dir.path().join("data"), &recv_addr.to_string())?;
-    println!("chainwatch demo: simulated regtest node at {}, receiver at http://{recv_addr}/hooks", node.rpc_url());
-    println!("watching {} addresses (p2pkh, p2sh, p2wpkh, p2tr), 3 confirmations each", DEMO_WATCHES.len());
+    println!(
+        "chainwatch demo: simulated regtest node at {}, receiver at http://{recv_addr}/hooks",
+        node.rpc_url()
+    );
+    println!(
+        "watching {} addresses (p2pkh, p2sh, p2wpkh, p2tr), 3 confirmations each",
+        DEMO_WATCHES.len()
+    );
 
     say("mining 101 blocks so the simulated wallet has spendable coins");
     node.mine(101);
     let shutdown = CancellationToken::new();
     let daemon = tokio::spawn(crate::daemon::run(cfg, shutdown.clone()));
-    let mut p = Printer { rx, daemon, seen: 0, rejected: 0 };
+    let mut p = Printer {
+        rx,
+        daemon,
+        seen: 0,
+        rejected: 0,
+    };
     let limit = Duration::from_secs(30);
     tokio::time::sleep(Duration::from_millis(700)).await;
 
@@ -111,8 +134,15 @@ pub async fn run() -> anyhow::Result<()> {
     (&mut p.daemon).await.context("daemon task")??;
     recv_task.abort();
     if p.rejected > 0 {
-        bail!("{} of {} webhooks failed signature verification", p.rejected, p.seen);
+        bail!(
+            "{} of {} webhooks failed signature verification",
+            p.rejected,
+            p.seen
+        );
     }
-    say(&format!("done: {} webhooks received, every signature verified", p.seen));
+    say(&format!(
+        "done: {} webhooks received, every signature verified",
+        p.seen
+    ));
     Ok(())
 }

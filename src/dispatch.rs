@@ -23,7 +23,10 @@ pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 pub fn system_clock() -> Clock {
     Arc::new(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
     })
 }
 
@@ -38,14 +41,22 @@ pub struct Response {
 }
 
 /// Judges an attempt: delivered, retry when, dead, or endpoint gone.
-pub fn judge(r: &Response, attempts_before: u32, schedule: &[Duration], now_ms: i64, jitter: f64) -> DeliveryResult {
+pub fn judge(
+    r: &Response,
+    attempts_before: u32,
+    schedule: &[Duration],
+    now_ms: i64,
+    jitter: f64,
+) -> DeliveryResult {
     match r.status {
         Some(s) if (200..300).contains(&s) => return DeliveryResult::Delivered,
         Some(410) => return DeliveryResult::EndpointGone,
         _ => {}
     }
     let failures = attempts_before as usize + 1;
-    let Some(base) = schedule.get(failures - 1) else { return DeliveryResult::Dead };
+    let Some(base) = schedule.get(failures - 1) else {
+        return DeliveryResult::Dead;
+    };
     let mut delay = base.mul_f64(jitter);
     if r.status == Some(429) || r.timed_out {
         delay = delay.max(MIN_BACKOFF_THROTTLED);
@@ -81,7 +92,13 @@ impl Sender {
     }
 
     /// POSTs one signed webhook.
-    pub async fn send(&self, ep: &EndpointConfig, id: &str, body: &str, timestamp: i64) -> Response {
+    pub async fn send(
+        &self,
+        ep: &EndpointConfig,
+        id: &str,
+        body: &str,
+        timestamp: i64,
+    ) -> Response {
         let signature = sign::signature_header(&ep.secrets, id, timestamp, body.as_bytes());
         let result = self
             .http
@@ -96,11 +113,21 @@ impl Sender {
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
-                return Response { status: None, retry_after: None, timed_out: e.is_timeout(), error: Some(describe(&e)), excerpt: None }
+                return Response {
+                    status: None,
+                    retry_after: None,
+                    timed_out: e.is_timeout(),
+                    error: Some(describe(&e)),
+                    excerpt: None,
+                }
             }
         };
         let status = resp.status().as_u16();
-        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
         let mut buf = Vec::new();
         let mut error = None;
         let mut timed_out = false;
@@ -124,7 +151,13 @@ impl Sender {
         let excerpt = Some(String::from_utf8_lossy(&buf).into_owned());
         // A 2xx whose body then timed out still counts: the receiver accepted the request.
         let status_ok = (200..300).contains(&status);
-        Response { status: Some(status), retry_after, timed_out: timed_out && !status_ok, error: if status_ok { None } else { error }, excerpt }
+        Response {
+            status: Some(status),
+            retry_after,
+            timed_out: timed_out && !status_ok,
+            error: if status_ok { None } else { error },
+            excerpt,
+        }
     }
 }
 
@@ -163,7 +196,9 @@ pub async fn run_endpoint(
         };
         if due.is_empty() {
             let next = store.next_due(&ep.name, ep.ordered)?;
-            let wait = next.map(|t| Duration::from_millis((t - now).clamp(0, 1000) as u64)).unwrap_or(Duration::from_secs(1));
+            let wait = next
+                .map(|t| Duration::from_millis((t - now).clamp(0, 1000) as u64))
+                .unwrap_or(Duration::from_secs(1));
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = &mut notified => {}
@@ -180,16 +215,27 @@ pub async fn run_endpoint(
     }
 }
 
-async fn attempt(sender: &Sender, ep: &EndpointConfig, d: &DueDelivery, clock: &Clock) -> AttemptOutcome {
+async fn attempt(
+    sender: &Sender,
+    ep: &EndpointConfig,
+    d: &DueDelivery,
+    clock: &Clock,
+) -> AttemptOutcome {
     let started_at_ms = clock();
     let began = Instant::now();
-    let r = sender.send(ep, &d.event_id, &d.body, started_at_ms / 1000).await;
+    let r = sender
+        .send(ep, &d.event_id, &d.body, started_at_ms / 1000)
+        .await;
     let result = judge(&r, d.attempts, &ep.retry_schedule, clock(), jitter());
     AttemptOutcome {
         started_at_ms,
         duration_ms: began.elapsed().as_millis() as i64,
         status_code: r.status,
-        error: r.error.or_else(|| r.status.filter(|s| !(200..300).contains(s)).map(|s| format!("HTTP {s}"))),
+        error: r.error.or_else(|| {
+            r.status
+                .filter(|s| !(200..300).contains(s))
+                .map(|s| format!("HTTP {s}"))
+        }),
         response_excerpt: r.excerpt,
         result,
     }
@@ -204,8 +250,12 @@ fn log_outcome(endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) {
             endpoint, event = %d.event_id, attempt = d.attempts + 1, error = o.error.as_deref().unwrap_or(""),
             retry_in_s = (t - o.started_at_ms) / 1000, "delivery failed; will retry"
         ),
-        DeliveryResult::Dead => tracing::error!(endpoint, event = %d.event_id, attempts = d.attempts + 1, "delivery dead: retry schedule spent"),
-        DeliveryResult::EndpointGone => tracing::error!(endpoint, "endpoint answered 410 Gone; disabled"),
+        DeliveryResult::Dead => {
+            tracing::error!(endpoint, event = %d.event_id, attempts = d.attempts + 1, "delivery dead: retry schedule spent")
+        }
+        DeliveryResult::EndpointGone => {
+            tracing::error!(endpoint, "endpoint answered 410 Gone; disabled")
+        }
     }
 }
 
@@ -214,22 +264,64 @@ mod tests {
     use super::*;
 
     fn resp(status: Option<u16>) -> Response {
-        Response { status, retry_after: None, error: None, timed_out: false, excerpt: None }
+        Response {
+            status,
+            retry_after: None,
+            error: None,
+            timed_out: false,
+            excerpt: None,
+        }
     }
 
     #[test]
     fn schedule_then_dead() {
-        let sched: Vec<Duration> = crate::config::DEFAULT_RETRY_SCHEDULE.iter().map(|d| crate::config::parse_duration(d).unwrap()).collect();
-        assert_eq!(judge(&resp(Some(200)), 0, &sched, 0, 1.0), DeliveryResult::Delivered);
-        assert_eq!(judge(&resp(Some(500)), 0, &sched, 0, 1.0), DeliveryResult::RetryAt(5_000), "first retry after 5s");
-        assert_eq!(judge(&resp(Some(500)), 1, &sched, 0, 1.2), DeliveryResult::RetryAt(360_000), "5m +20%");
-        assert_eq!(judge(&resp(None), 8, &sched, 0, 1.0), DeliveryResult::RetryAt(24 * 3_600_000));
-        assert_eq!(judge(&resp(Some(500)), 9, &sched, 0, 1.0), DeliveryResult::Dead, "ten attempts in all");
-        assert_eq!(judge(&resp(Some(301)), 0, &sched, 0, 1.0), DeliveryResult::RetryAt(5_000), "redirects fail");
-        assert_eq!(judge(&resp(Some(410)), 0, &sched, 0, 1.0), DeliveryResult::EndpointGone);
-        assert_eq!(judge(&resp(Some(429)), 0, &sched, 0, 1.0), DeliveryResult::RetryAt(60_000), "429 waits 60s");
+        let sched: Vec<Duration> = crate::config::DEFAULT_RETRY_SCHEDULE
+            .iter()
+            .map(|d| crate::config::parse_duration(d).unwrap())
+            .collect();
+        assert_eq!(
+            judge(&resp(Some(200)), 0, &sched, 0, 1.0),
+            DeliveryResult::Delivered
+        );
+        assert_eq!(
+            judge(&resp(Some(500)), 0, &sched, 0, 1.0),
+            DeliveryResult::RetryAt(5_000),
+            "first retry after 5s"
+        );
+        assert_eq!(
+            judge(&resp(Some(500)), 1, &sched, 0, 1.2),
+            DeliveryResult::RetryAt(360_000),
+            "5m +20%"
+        );
+        assert_eq!(
+            judge(&resp(None), 8, &sched, 0, 1.0),
+            DeliveryResult::RetryAt(24 * 3_600_000)
+        );
+        assert_eq!(
+            judge(&resp(Some(500)), 9, &sched, 0, 1.0),
+            DeliveryResult::Dead,
+            "ten attempts in all"
+        );
+        assert_eq!(
+            judge(&resp(Some(301)), 0, &sched, 0, 1.0),
+            DeliveryResult::RetryAt(5_000),
+            "redirects fail"
+        );
+        assert_eq!(
+            judge(&resp(Some(410)), 0, &sched, 0, 1.0),
+            DeliveryResult::EndpointGone
+        );
+        assert_eq!(
+            judge(&resp(Some(429)), 0, &sched, 0, 1.0),
+            DeliveryResult::RetryAt(60_000),
+            "429 waits 60s"
+        );
         let mut r = resp(Some(503));
         r.retry_after = Some(Duration::from_secs(48 * 3600));
-        assert_eq!(judge(&r, 0, &sched, 0, 1.0), DeliveryResult::RetryAt(24 * 3_600_000), "Retry-After capped at 24h");
+        assert_eq!(
+            judge(&r, 0, &sched, 0, 1.0),
+            DeliveryResult::RetryAt(24 * 3_600_000),
+            "Retry-After capped at 24h"
+        );
     }
 }

@@ -83,8 +83,14 @@ impl TxEventFacts<'_> {
         data.insert("network".into(), json!(self.network));
         data.insert("txid".into(), json!(self.identity.txid.to_string()));
         data.insert("confirmations".into(), json!(self.identity.confirmations));
-        data.insert("required_confirmations".into(), json!(self.required_confirmations));
-        data.insert("block".into(), self.block.as_ref().map(block_json).unwrap_or(Value::Null));
+        data.insert(
+            "required_confirmations".into(),
+            json!(self.required_confirmations),
+        );
+        data.insert(
+            "block".into(),
+            self.block.as_ref().map(block_json).unwrap_or(Value::Null),
+        );
         data.insert(
             "watch".into(),
             json!({ "id": self.watch.id, "label": self.watch.label, "metadata": self.watch.metadata }),
@@ -146,7 +152,9 @@ pub fn now_rfc3339() -> String {
 
 pub fn rfc3339(t: time::OffsetDateTime) -> String {
     let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
-    t.to_offset(time::UtcOffset::UTC).format(&fmt).unwrap_or_default()
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&fmt)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -164,12 +172,28 @@ mod tests {
 
     #[test]
     fn ids_change_with_every_identity_field() {
-        let txid: Txid = "dd386822a62ef88575dfe82fa1db5fc34baef163e6f7a0a4efd8b6013da4e205".parse().unwrap();
-        let base = TxEventIdentity { kind: TX_CONFIRMED, txid, watch_id: "wch_1", block_hash: None, confirmations: 3, reorg_count: 0 };
+        let txid: Txid = "dd386822a62ef88575dfe82fa1db5fc34baef163e6f7a0a4efd8b6013da4e205"
+            .parse()
+            .unwrap();
+        let base = TxEventIdentity {
+            kind: TX_CONFIRMED,
+            txid,
+            watch_id: "wch_1",
+            block_hash: None,
+            confirmations: 3,
+            reorg_count: 0,
+        };
         let id = base.event_id();
         assert!(id.starts_with("evt_") && id.len() == 36, "{id}");
         assert_eq!(id, TxEventIdentity { ..base }.event_id(), "deterministic");
-        let other = TxEventIdentity { kind: TX_CONFIRMED, txid, watch_id: "wch_1", block_hash: None, confirmations: 3, reorg_count: 1 };
+        let other = TxEventIdentity {
+            kind: TX_CONFIRMED,
+            txid,
+            watch_id: "wch_1",
+            block_hash: None,
+            confirmations: 3,
+            reorg_count: 1,
+        };
         assert_ne!(id, other.event_id(), "a reorg count gives a new id");
     }
 }

@@ -1,16 +1,16 @@
 //! chainwatch: follows a Bitcoin Core node and turns chain activity into signed webhooks.
 
+pub mod chain;
 pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod dispatch;
-pub mod chain;
 pub mod event;
+pub mod node;
+pub mod receiver;
 pub mod sign;
 pub mod simnode;
 pub mod store;
 pub mod tracker;
 pub mod watch;
-pub mod node;
-pub mod receiver;

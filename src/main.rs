@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use chainwatch::commands;
 
 #[derive(Parser)]
-#[command(name = "chainwatch", version, about = "Bitcoin Core chain activity as signed, durable webhooks")]
+#[command(
+    name = "chainwatch",
+    version,
+    about = "Bitcoin Core chain activity as signed, durable webhooks"
+)]
 struct Cli {
     /// The configuration file.
     #[arg(long, global = true, default_value = "./watcher.toml")]
@@ -139,7 +143,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             commands::init_logging(false);
             chainwatch::demo::run().await
         }
-        Command::Watch(WatchCmd::Add { target, confirmations, label, metadata, rescan_from }) => {
+        Command::Watch(WatchCmd::Add {
+            target,
+            confirmations,
+            label,
+            metadata,
+            rescan_from,
+        }) => {
             if rescan_from.is_some() {
                 anyhow::bail!("--rescan-from is not supported by this version");
             }
@@ -147,22 +157,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Watch(WatchCmd::List { json }) => commands::watch_list(&cfg()?, json),
         Command::Watch(WatchCmd::Remove { id }) => commands::watch_remove(&cfg()?, &id),
-        Command::Events(EventsCmd::List { after, kind, json }) => commands::events_list(&cfg()?, after, kind.as_deref(), json),
+        Command::Events(EventsCmd::List { after, kind, json }) => {
+            commands::events_list(&cfg()?, after, kind.as_deref(), json)
+        }
         Command::Deliveries(DeliveriesCmd::List { status, endpoint }) => {
             commands::deliveries_list(&cfg()?, status.as_deref(), endpoint.as_deref())
         }
-        Command::Redeliver { event_id, dead, endpoint } => {
+        Command::Redeliver {
+            event_id,
+            dead,
+            endpoint,
+        } => {
             if event_id.is_none() && !dead {
                 anyhow::bail!("redeliver needs an EVENT_ID or --dead");
             }
             commands::redeliver(&cfg()?, event_id.as_deref(), endpoint.as_deref())
         }
         Command::Endpoints(EndpointsCmd::List) => commands::endpoints_list(&cfg()?),
-        Command::Endpoints(EndpointsCmd::Enable { name }) => commands::endpoints_enable(&cfg()?, &name),
-        Command::Receive { listen, secret } => commands::receive(&listen, &secret).await,
-        Command::Verify { secret, id, timestamp, signature, tolerance } => {
-            commands::verify(&secret, &id, &timestamp, &signature, tolerance)
+        Command::Endpoints(EndpointsCmd::Enable { name }) => {
+            commands::endpoints_enable(&cfg()?, &name)
         }
+        Command::Receive { listen, secret } => commands::receive(&listen, &secret).await,
+        Command::Verify {
+            secret,
+            id,
+            timestamp,
+            signature,
+            tolerance,
+        } => commands::verify(&secret, &id, &timestamp, &signature, tolerance),
         Command::Audit(AuditCmd::Verify) => commands::audit_verify(&cfg()?),
     }
 }

@@ -22,11 +22,18 @@ pub struct Received {
 }
 
 fn header(h: &HeaderMap, name: &str) -> String {
-    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Serves on `listener` until the task is dropped; each request goes to `out`.
-pub async fn serve(listener: tokio::net::TcpListener, secrets: Vec<Secret>, out: mpsc::UnboundedSender<Received>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    secrets: Vec<Secret>,
+    out: mpsc::UnboundedSender<Received>,
+) {
     let secrets = Arc::new(secrets);
     let handler = move |headers: HeaderMap, body: Bytes| {
         let secrets = secrets.clone();
@@ -47,7 +54,11 @@ pub async fn serve(listener: tokio::net::TcpListener, secrets: Vec<Secret>, out:
                 )
                 .map_err(|e| e.to_string()),
             };
-            let status = if r.verdict.is_ok() { StatusCode::NO_CONTENT } else { StatusCode::UNAUTHORIZED };
+            let status = if r.verdict.is_ok() {
+                StatusCode::NO_CONTENT
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
             let _ = out.send(r);
             status
         }
@@ -57,7 +68,10 @@ pub async fn serve(listener: tokio::net::TcpListener, secrets: Vec<Secret>, out:
 }
 
 fn chrono_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -68,7 +82,11 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 pub fn describe(r: &Received) -> String {
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
     let d = &v["data"];
-    let mark = if r.verdict.is_ok() { "verified" } else { "REJECTED" };
+    let mark = if r.verdict.is_ok() {
+        "verified"
+    } else {
+        "REJECTED"
+    };
     let kind = v["type"].as_str().unwrap_or("?");
     let mut line = format!("{mark} #{:<3} {:<16} {}", d["sequence"], kind, r.id);
     if let Some(txid) = d["txid"].as_str() {

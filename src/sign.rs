@@ -21,7 +21,12 @@ pub enum SignError {
     #[error("timestamp {0:?} is not a whole number of Unix seconds")]
     BadTimestamp(String),
     #[error("timestamp {ts} is {age}s away from now ({now}); allowed is {tolerance}s")]
-    StaleTimestamp { ts: i64, now: i64, age: i64, tolerance: i64 },
+    StaleTimestamp {
+        ts: i64,
+        now: i64,
+        age: i64,
+        tolerance: i64,
+    },
     #[error("signature header has no \"v1,\" entry")]
     NoV1Signature,
     #[error("no v1 signature matches this secret and body (checked {0})")]
@@ -155,25 +160,55 @@ mod tests {
     #[test]
     fn signs_the_published_vector() {
         let s = Secret::parse(SECRET).unwrap();
-        assert_eq!(s.sign(ID, TS, BODY), SIG, "signature must match the spec's vector");
+        assert_eq!(
+            s.sign(ID, TS, BODY),
+            SIG,
+            "signature must match the spec's vector"
+        );
     }
 
     #[test]
     fn verify_accepts_any_matching_entry_and_rejects_tampering() {
         let s = Secret::parse(SECRET).unwrap();
         let header = format!("v1,bm90IGl0 {SIG}");
-        verify(&[s.clone()], ID, &TS.to_string(), &header, BODY, TS, 300)
-            .expect("second entry matches");
-        let err = verify(&[s.clone()], ID, &TS.to_string(), SIG, b"{}", TS, 300).unwrap_err();
+        verify(
+            std::slice::from_ref(&s),
+            ID,
+            &TS.to_string(),
+            &header,
+            BODY,
+            TS,
+            300,
+        )
+        .expect("second entry matches");
+        let err = verify(
+            std::slice::from_ref(&s),
+            ID,
+            &TS.to_string(),
+            SIG,
+            b"{}",
+            TS,
+            300,
+        )
+        .unwrap_err();
         assert_eq!(err, SignError::Mismatch(1), "tampered body must fail");
         let err = verify(&[s], ID, &TS.to_string(), SIG, BODY, TS + 301, 300).unwrap_err();
-        assert!(matches!(err, SignError::StaleTimestamp { age: 301, .. }), "{err}");
+        assert!(
+            matches!(err, SignError::StaleTimestamp { age: 301, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn rejects_malformed_secrets() {
-        assert!(matches!(Secret::parse("MfKQ9r8"), Err(SignError::MissingPrefix(_))));
-        assert!(matches!(Secret::parse("whsec_!!!"), Err(SignError::BadBase64(_))));
+        assert!(matches!(
+            Secret::parse("MfKQ9r8"),
+            Err(SignError::MissingPrefix(_))
+        ));
+        assert!(matches!(
+            Secret::parse("whsec_!!!"),
+            Err(SignError::BadBase64(_))
+        ));
         assert_eq!(Secret::parse("whsec_").unwrap_err(), SignError::EmptyKey);
     }
 }

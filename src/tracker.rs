@@ -51,8 +51,13 @@ pub type TrackedKey = (Txid, String);
 /// What a chain step does to the tip.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TipChange {
-    Connect { block: BlockRef, prev: bitcoin::BlockHash },
-    Disconnect { block: BlockRef },
+    Connect {
+        block: BlockRef,
+        prev: bitcoin::BlockHash,
+    },
+    Disconnect {
+        block: BlockRef,
+    },
     None,
 }
 
@@ -87,11 +92,18 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(network: &'static str, finality_depth: u32, entries: impl IntoIterator<Item = Tracked>) -> Tracker {
+    pub fn new(
+        network: &'static str,
+        finality_depth: u32,
+        entries: impl IntoIterator<Item = Tracked>,
+    ) -> Tracker {
         Tracker {
             network,
             finality_depth,
-            entries: entries.into_iter().map(|t| ((t.txid, t.watch_id.clone()), t)).collect(),
+            entries: entries
+                .into_iter()
+                .map(|t| ((t.txid, t.watch_id.clone()), t))
+                .collect(),
         }
     }
 
@@ -144,7 +156,10 @@ impl Tracker {
                 }
                 // Back in the mempool after a reorg: tx.reorged already said so.
                 Some(t) if t.status == TxStatus::Unconfirmed => {
-                    step.upserts.push(Tracked { status: TxStatus::Mempool, ..t.clone() });
+                    step.upserts.push(Tracked {
+                        status: TxStatus::Mempool,
+                        ..t.clone()
+                    });
                 }
                 Some(_) => {}
             }
@@ -154,8 +169,14 @@ impl Tracker {
 
     /// A block was connected on top of the tip.
     pub fn connect_block(&self, index: &WatchIndex, block: &Block, at: BlockRef) -> ChainStep {
-        let tip = TipRef { hash: at.hash, height: at.height };
-        let mut step = ChainStep::new(TipChange::Connect { block: at, prev: block.header.prev_blockhash });
+        let tip = TipRef {
+            hash: at.hash,
+            height: at.height,
+        };
+        let mut step = ChainStep::new(TipChange::Connect {
+            block: at,
+            prev: block.header.prev_blockhash,
+        });
         let mut changed: BTreeMap<TrackedKey, Tracked> = BTreeMap::new();
         let mut overlay: HashMap<OutPoint, WatchedCoin> = HashMap::new();
         for tx in &block.txdata {
@@ -167,7 +188,11 @@ impl Tracker {
                 let key = (txid, m.watch_id.clone());
                 let t = match self.entries.get(&key) {
                     Some(t) if t.status == TxStatus::Confirmed(at) => continue,
-                    Some(t) => Tracked { status: TxStatus::Confirmed(at), fired: 0, ..t.clone() },
+                    Some(t) => Tracked {
+                        status: TxStatus::Confirmed(at),
+                        fired: 0,
+                        ..t.clone()
+                    },
                     None => Tracked {
                         txid,
                         watch_id: m.watch_id,
@@ -195,8 +220,17 @@ impl Tracker {
     }
 
     /// Announces every confirmation depth not yet announced, and retires final transactions.
-    fn advance(&self, index: &WatchIndex, mut t: Tracked, key: TrackedKey, tip: TipRef, step: &mut ChainStep) {
-        let TxStatus::Confirmed(block) = t.status else { return };
+    fn advance(
+        &self,
+        index: &WatchIndex,
+        mut t: Tracked,
+        key: TrackedKey,
+        tip: TipRef,
+        step: &mut ChainStep,
+    ) {
+        let TxStatus::Confirmed(block) = t.status else {
+            return;
+        };
         let Some(watch) = index.get(&t.watch_id) else {
             step.removals.push(key);
             return;
@@ -206,7 +240,11 @@ impl Tracker {
         let before = t.fired;
         while t.fired < depth.min(target) {
             t.fired += 1;
-            let kind = if t.fired < target { event::TX_CONFIRMATION } else { event::TX_CONFIRMED };
+            let kind = if t.fired < target {
+                event::TX_CONFIRMATION
+            } else {
+                event::TX_CONFIRMED
+            };
             if let Some(e) = self.event(index, &t, kind, t.fired, Some(block), tip, None) {
                 step.events.push(e);
             }

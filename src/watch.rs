@@ -19,7 +19,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(address: &Address, confirmations: u32, label: Option<String>, metadata: serde_json::Value) -> Watch {
+    pub fn new(
+        address: &Address,
+        confirmations: u32,
+        label: Option<String>,
+        metadata: serde_json::Value,
+    ) -> Watch {
         Watch {
             id: watch_id(&address.to_string()),
             address: address.to_string(),
@@ -49,7 +54,9 @@ pub fn check_metadata(v: &serde_json::Value) -> Result<(), String> {
     }
     let len = v.to_string().len();
     if len > MAX_METADATA_BYTES {
-        return Err(format!("metadata is {len} bytes; at most {MAX_METADATA_BYTES} are allowed"));
+        return Err(format!(
+            "metadata is {len} bytes; at most {MAX_METADATA_BYTES} are allowed"
+        ));
     }
     Ok(())
 }
@@ -152,18 +159,27 @@ impl WatchIndex {
     }
 
     /// As `match_tx`, also recognising spends of `extra` coins (created earlier in the same block).
-    pub fn match_tx_with(&self, tx: &Transaction, extra: &HashMap<OutPoint, WatchedCoin>) -> Vec<TxMatch> {
+    pub fn match_tx_with(
+        &self,
+        tx: &Transaction,
+        extra: &HashMap<OutPoint, WatchedCoin>,
+    ) -> Vec<TxMatch> {
         fn entry(found: &mut Vec<TxMatch>, watch_id: &str) -> usize {
             match found.iter().position(|m| m.watch_id == watch_id) {
                 Some(i) => i,
                 None => {
-                    found.push(TxMatch { watch_id: watch_id.to_string(), outputs: vec![], inputs: vec![] });
+                    found.push(TxMatch {
+                        watch_id: watch_id.to_string(),
+                        outputs: vec![],
+                        inputs: vec![],
+                    });
                     found.len() - 1
                 }
             }
         }
         let mut found: Vec<TxMatch> = Vec::new();
-        if !(self.coins.is_empty() && extra.is_empty()) && !tx.is_coinbase() {
+        let may_spend_watched = !(self.coins.is_empty() && extra.is_empty());
+        if may_spend_watched && !tx.is_coinbase() {
             for input in &tx.input {
                 let op = &input.previous_output;
                 if let Some(coin) = self.coins.get(op).or_else(|| extra.get(op)) {

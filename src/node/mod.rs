@@ -23,7 +23,11 @@ pub enum NodeError {
     #[error("cannot read RPC cookie file {path}: {reason}")]
     Cookie { path: String, reason: String },
     #[error("bitcoind RPC {method} failed with code {code}: {message}")]
-    Rpc { method: String, code: i64, message: String },
+    Rpc {
+        method: String,
+        code: i64,
+        message: String,
+    },
     #[error("bitcoind sent a malformed answer to {method}: {reason}")]
     BadResponse { method: String, reason: String },
 }
@@ -31,7 +35,13 @@ pub enum NodeError {
 impl NodeError {
     /// Transient errors are retried with backoff; the others need a person.
     pub fn is_transient(&self) -> bool {
-        matches!(self, NodeError::Unreachable { .. } | NodeError::WarmingUp(_) | NodeError::Auth(_) | NodeError::Cookie { .. })
+        matches!(
+            self,
+            NodeError::Unreachable { .. }
+                | NodeError::WarmingUp(_)
+                | NodeError::Auth(_)
+                | NodeError::Cookie { .. }
+        )
     }
 
     /// "Not found" answers (-5 unknown block/tx, -8 height out of range).
@@ -79,6 +89,9 @@ pub trait ChainSource: Send + Sync + 'static {
     fn block(&self, hash: BlockHash) -> impl Future<Output = NodeResult<Block>> + Send;
     /// Mempool txids and the mempool sequence they are valid at.
     fn raw_mempool(&self) -> impl Future<Output = NodeResult<(Vec<Txid>, u64)>> + Send;
-    fn mempool_transaction(&self, txid: Txid) -> impl Future<Output = NodeResult<Transaction>> + Send;
+    fn mempool_transaction(
+        &self,
+        txid: Txid,
+    ) -> impl Future<Output = NodeResult<Transaction>> + Send;
     fn zmq_notifications(&self) -> impl Future<Output = NodeResult<Vec<ZmqNotification>>> + Send;
 }

@@ -29,7 +29,13 @@ impl RpcClient {
             .timeout(Duration::from_secs(60))
             .build()
             .expect("HTTP client builds");
-        RpcClient { url: url.to_string(), auth, http, cookie: Mutex::new(None), next_id: AtomicU64::new(1) }
+        RpcClient {
+            url: url.to_string(),
+            auth,
+            http,
+            cookie: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     fn credentials(&self) -> NodeResult<(String, String)> {
@@ -66,14 +72,20 @@ impl RpcClient {
             .await
             .map_err(|e| {
                 self.forget_cookie();
-                NodeError::Unreachable { url: self.url.clone(), reason: root_cause(&e) }
+                NodeError::Unreachable {
+                    url: self.url.clone(),
+                    reason: root_cause(&e),
+                }
             })?;
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED {
             self.forget_cookie();
             return Err(NodeError::Auth(format!("HTTP 401 from {}", self.url)));
         }
-        let body = resp.bytes().await.map_err(|e| NodeError::Unreachable { url: self.url.clone(), reason: root_cause(&e) })?;
+        let body = resp.bytes().await.map_err(|e| NodeError::Unreachable {
+            url: self.url.clone(),
+            reason: root_cause(&e),
+        })?;
         parse_response(method, status.as_u16(), &body)
     }
 }
@@ -89,54 +101,90 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 }
 
 fn read_cookie(path: &PathBuf) -> NodeResult<(String, String)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| NodeError::Cookie { path: path.display().to_string(), reason: e.to_string() })?;
-    let (user, pass) = text.trim().split_once(':').ok_or_else(|| NodeError::Cookie {
+    let text = std::fs::read_to_string(path).map_err(|e| NodeError::Cookie {
         path: path.display().to_string(),
-        reason: "expected user:password".into(),
+        reason: e.to_string(),
     })?;
+    let (user, pass) = text
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| NodeError::Cookie {
+            path: path.display().to_string(),
+            reason: "expected user:password".into(),
+        })?;
     Ok((user.to_string(), pass.to_string()))
 }
 
 /// Bitcoin Core answers errors with HTTP 500 (404 for unknown methods) and a JSON body.
 pub fn parse_response(method: &str, status: u16, body: &[u8]) -> NodeResult<Value> {
-    let bad = |reason: String| NodeError::BadResponse { method: method.to_string(), reason };
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| bad(format!("HTTP {status}, body is not JSON ({e}): {:?}", String::from_utf8_lossy(&body[..body.len().min(200)]))))?;
+    let bad = |reason: String| NodeError::BadResponse {
+        method: method.to_string(),
+        reason,
+    };
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        bad(format!(
+            "HTTP {status}, body is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ))
+    })?;
     if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
         let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-        let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_string();
+        let message = err
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if code == -28 {
             return Err(NodeError::WarmingUp(message));
         }
-        return Err(NodeError::Rpc { method: method.to_string(), code, message });
+        return Err(NodeError::Rpc {
+            method: method.to_string(),
+            code,
+            message,
+        });
     }
     if !(200..300).contains(&status) {
         return Err(bad(format!("HTTP {status} without an error object")));
     }
-    v.get("result").cloned().ok_or_else(|| bad("no result field".into()))
+    v.get("result")
+        .cloned()
+        .ok_or_else(|| bad("no result field".into()))
 }
 
 fn field<'a>(method: &str, v: &'a Value, key: &str) -> NodeResult<&'a Value> {
-    v.get(key).ok_or_else(|| NodeError::BadResponse { method: method.into(), reason: format!("missing {key}") })
+    v.get(key).ok_or_else(|| NodeError::BadResponse {
+        method: method.into(),
+        reason: format!("missing {key}"),
+    })
 }
 
 fn as_str<'a>(method: &str, v: &'a Value) -> NodeResult<&'a str> {
-    v.as_str().ok_or_else(|| NodeError::BadResponse { method: method.into(), reason: format!("expected a string, got {v}") })
+    v.as_str().ok_or_else(|| NodeError::BadResponse {
+        method: method.into(),
+        reason: format!("expected a string, got {v}"),
+    })
 }
 
 fn as_u64(method: &str, v: &Value) -> NodeResult<u64> {
-    v.as_u64().ok_or_else(|| NodeError::BadResponse { method: method.into(), reason: format!("expected a number, got {v}") })
+    v.as_u64().ok_or_else(|| NodeError::BadResponse {
+        method: method.into(),
+        reason: format!("expected a number, got {v}"),
+    })
 }
 
 fn parse_hex<T: std::str::FromStr>(method: &str, v: &Value) -> NodeResult<T> {
     let s = as_str(method, v)?;
-    s.parse().map_err(|_| NodeError::BadResponse { method: method.into(), reason: format!("bad hash {s:?}") })
+    s.parse().map_err(|_| NodeError::BadResponse {
+        method: method.into(),
+        reason: format!("bad hash {s:?}"),
+    })
 }
 
 fn decode<T: bitcoin::consensus::Decodable>(method: &str, v: &Value) -> NodeResult<T> {
-    deserialize_hex(as_str(method, v)?)
-        .map_err(|e| NodeError::BadResponse { method: method.into(), reason: format!("cannot decode: {e}") })
+    deserialize_hex(as_str(method, v)?).map_err(|e| NodeError::BadResponse {
+        method: method.into(),
+        reason: format!("cannot decode: {e}"),
+    })
 }
 
 pub fn chain_info_from(v: &Value) -> NodeResult<ChainInfo> {
@@ -145,7 +193,10 @@ pub fn chain_info_from(v: &Value) -> NodeResult<ChainInfo> {
         chain: as_str(m, field(m, v, "chain")?)?.to_string(),
         blocks: as_u64(m, field(m, v, "blocks")?)? as u32,
         best_block_hash: parse_hex(m, field(m, v, "bestblockhash")?)?,
-        initial_block_download: v.get("initialblockdownload").and_then(Value::as_bool).unwrap_or(false),
+        initial_block_download: v
+            .get("initialblockdownload")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     })
 }
 
@@ -154,7 +205,10 @@ pub fn header_from(v: &Value) -> NodeResult<HeaderInfo> {
     Ok(HeaderInfo {
         hash: parse_hex(m, field(m, v, "hash")?)?,
         height: as_u64(m, field(m, v, "height")?)? as u32,
-        prev: v.get("previousblockhash").map(|p| parse_hex(m, p)).transpose()?,
+        prev: v
+            .get("previousblockhash")
+            .map(|p| parse_hex(m, p))
+            .transpose()?,
         time: as_u64(m, field(m, v, "time")?)? as u32,
         confirmations: field(m, v, "confirmations")?.as_i64().unwrap_or(-1),
     })
@@ -164,7 +218,10 @@ pub fn mempool_from(v: &Value) -> NodeResult<(Vec<Txid>, u64)> {
     let m = "getrawmempool";
     let txids = field(m, v, "txids")?
         .as_array()
-        .ok_or_else(|| NodeError::BadResponse { method: m.into(), reason: "txids is not a list".into() })?
+        .ok_or_else(|| NodeError::BadResponse {
+            method: m.into(),
+            reason: "txids is not a list".into(),
+        })?
         .iter()
         .map(|t| parse_hex(m, t))
         .collect::<NodeResult<Vec<Txid>>>()?;
@@ -173,7 +230,10 @@ pub fn mempool_from(v: &Value) -> NodeResult<(Vec<Txid>, u64)> {
 
 pub fn zmq_from(v: &Value) -> NodeResult<Vec<ZmqNotification>> {
     let m = "getzmqnotifications";
-    let list = v.as_array().ok_or_else(|| NodeError::BadResponse { method: m.into(), reason: "not a list".into() })?;
+    let list = v.as_array().ok_or_else(|| NodeError::BadResponse {
+        method: m.into(),
+        reason: "not a list".into(),
+    })?;
     list.iter()
         .map(|n| {
             Ok(ZmqNotification {
@@ -190,19 +250,32 @@ impl ChainSource for RpcClient {
     }
 
     async fn best_block_hash(&self) -> NodeResult<BlockHash> {
-        parse_hex("getbestblockhash", &self.call("getbestblockhash", json!([])).await?)
+        parse_hex(
+            "getbestblockhash",
+            &self.call("getbestblockhash", json!([])).await?,
+        )
     }
 
     async fn block_hash(&self, height: u32) -> NodeResult<BlockHash> {
-        parse_hex("getblockhash", &self.call("getblockhash", json!([height])).await?)
+        parse_hex(
+            "getblockhash",
+            &self.call("getblockhash", json!([height])).await?,
+        )
     }
 
     async fn block_header(&self, hash: BlockHash) -> NodeResult<HeaderInfo> {
-        header_from(&self.call("getblockheader", json!([hash.to_string(), true])).await?)
+        header_from(
+            &self
+                .call("getblockheader", json!([hash.to_string(), true]))
+                .await?,
+        )
     }
 
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
-        decode("getblock", &self.call("getblock", json!([hash.to_string(), 0])).await?)
+        decode(
+            "getblock",
+            &self.call("getblock", json!([hash.to_string(), 0])).await?,
+        )
     }
 
     async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {
@@ -210,7 +283,12 @@ impl ChainSource for RpcClient {
     }
 
     async fn mempool_transaction(&self, txid: Txid) -> NodeResult<Transaction> {
-        decode("getrawtransaction", &self.call("getrawtransaction", json!([txid.to_string()])).await?)
+        decode(
+            "getrawtransaction",
+            &self
+                .call("getrawtransaction", json!([txid.to_string()]))
+                .await?,
+        )
     }
 
     async fn zmq_notifications(&self) -> NodeResult<Vec<ZmqNotification>> {

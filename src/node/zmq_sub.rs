@@ -22,7 +22,10 @@ pub struct Subscriber {
 
 impl Subscriber {
     /// Connects and starts forwarding. Malformed messages are logged and skipped.
-    pub fn start(subs: Vec<Subscription>, tx: mpsc::Sender<ZmqMessage>) -> Result<Subscriber, zmq::Error> {
+    pub fn start(
+        subs: Vec<Subscription>,
+        tx: mpsc::Sender<ZmqMessage>,
+    ) -> Result<Subscriber, zmq::Error> {
         let ctx = zmq::Context::new();
         let mut sockets = Vec::new();
         // One socket per distinct address, so topics that share a publisher share a socket.
@@ -47,7 +50,10 @@ impl Subscriber {
             .name("zmq-subscriber".into())
             .spawn(move || receive_loop(ctx, sockets, tx, flag))
             .expect("spawn zmq thread");
-        Ok(Subscriber { stop, thread: Some(thread) })
+        Ok(Subscriber {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn stop(mut self) {
@@ -64,9 +70,17 @@ impl Drop for Subscriber {
     }
 }
 
-fn receive_loop(_ctx: zmq::Context, sockets: Vec<zmq::Socket>, tx: mpsc::Sender<ZmqMessage>, stop: Arc<AtomicBool>) {
+fn receive_loop(
+    _ctx: zmq::Context,
+    sockets: Vec<zmq::Socket>,
+    tx: mpsc::Sender<ZmqMessage>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::SeqCst) {
-        let mut items: Vec<zmq::PollItem> = sockets.iter().map(|s| s.as_poll_item(zmq::POLLIN)).collect();
+        let mut items: Vec<zmq::PollItem> = sockets
+            .iter()
+            .map(|s| s.as_poll_item(zmq::POLLIN))
+            .collect();
         if let Err(e) = zmq::poll(&mut items, 200) {
             tracing::warn!(error = %e, "zmq poll failed");
             continue;

@@ -42,7 +42,11 @@ pub enum WireError {
     #[error("unknown topic {0:?}")]
     Topic(String),
     #[error("{topic} body of {len} bytes is malformed: {reason}")]
-    Body { topic: String, len: usize, reason: String },
+    Body {
+        topic: String,
+        len: usize,
+        reason: String,
+    },
 }
 
 /// bitcoind sends hashes in the byte order RPC displays, the reverse of the internal order.
@@ -57,18 +61,33 @@ pub fn decode(frames: &[Vec<u8>]) -> Result<ZmqMessage, WireError> {
         return Err(WireError::FrameCount(frames.len()));
     }
     let topic = String::from_utf8_lossy(&frames[0]).into_owned();
-    let counter_bytes: [u8; 4] = frames[2].as_slice().try_into().map_err(|_| WireError::Counter(frames[2].len()))?;
+    let counter_bytes: [u8; 4] = frames[2]
+        .as_slice()
+        .try_into()
+        .map_err(|_| WireError::Counter(frames[2].len()))?;
     let counter = u32::from_le_bytes(counter_bytes);
     let body = decode_body(&topic, &frames[1])?;
-    Ok(ZmqMessage { topic, counter, body })
+    Ok(ZmqMessage {
+        topic,
+        counter,
+        body,
+    })
 }
 
 pub fn decode_body(topic: &str, b: &[u8]) -> Result<ZmqBody, WireError> {
-    let err = |reason: String| WireError::Body { topic: topic.to_string(), len: b.len(), reason };
+    let err = |reason: String| WireError::Body {
+        topic: topic.to_string(),
+        len: b.len(),
+        reason,
+    };
     match topic {
         "sequence" => decode_sequence(b).map(ZmqBody::Sequence).map_err(err),
-        "rawtx" => deserialize(b).map(ZmqBody::RawTx).map_err(|e| err(e.to_string())),
-        "rawblock" => deserialize(b).map(ZmqBody::RawBlock).map_err(|e| err(e.to_string())),
+        "rawtx" => deserialize(b)
+            .map(ZmqBody::RawTx)
+            .map_err(|e| err(e.to_string())),
+        "rawblock" => deserialize(b)
+            .map(ZmqBody::RawBlock)
+            .map_err(|e| err(e.to_string())),
         "hashtx" => display_order_hash(b)
             .map(|h| ZmqBody::HashTx(Txid::from_byte_array(h)))
             .ok_or_else(|| err("expected 32 bytes".into())),
@@ -85,22 +104,44 @@ fn decode_sequence(b: &[u8]) -> Result<SequenceEvent, String> {
     }
     let hash = display_order_hash(&b[..32]).expect("32 bytes");
     let mempool_seq = || -> Result<u64, String> {
-        let s: [u8; 8] = b[33..].try_into().map_err(|_| format!("{} bytes after the label, expected 8", b.len() - 33))?;
+        let s: [u8; 8] = b[33..]
+            .try_into()
+            .map_err(|_| format!("{} bytes after the label, expected 8", b.len() - 33))?;
         Ok(u64::from_le_bytes(s))
     };
-    let block_only = || if b.len() == 33 { Ok(()) } else { Err(format!("{} stray bytes after a block label", b.len() - 33)) };
+    let block_only = || {
+        if b.len() == 33 {
+            Ok(())
+        } else {
+            Err(format!("{} stray bytes after a block label", b.len() - 33))
+        }
+    };
     match b[32] {
-        b'C' => block_only().map(|_| SequenceEvent::BlockConnected(BlockHash::from_byte_array(hash))),
-        b'D' => block_only().map(|_| SequenceEvent::BlockDisconnected(BlockHash::from_byte_array(hash))),
-        b'A' => Ok(SequenceEvent::TxAdded(Txid::from_byte_array(hash), mempool_seq()?)),
-        b'R' => Ok(SequenceEvent::TxRemoved(Txid::from_byte_array(hash), mempool_seq()?)),
+        b'C' => {
+            block_only().map(|_| SequenceEvent::BlockConnected(BlockHash::from_byte_array(hash)))
+        }
+        b'D' => {
+            block_only().map(|_| SequenceEvent::BlockDisconnected(BlockHash::from_byte_array(hash)))
+        }
+        b'A' => Ok(SequenceEvent::TxAdded(
+            Txid::from_byte_array(hash),
+            mempool_seq()?,
+        )),
+        b'R' => Ok(SequenceEvent::TxRemoved(
+            Txid::from_byte_array(hash),
+            mempool_seq()?,
+        )),
         l => Err(format!("unknown label {:?}", l as char)),
     }
 }
 
 /// Encodes a message exactly as bitcoind does (used by the simulated node).
 pub fn encode(topic: &str, body: Vec<u8>, counter: u32) -> [Vec<u8>; 3] {
-    [topic.as_bytes().to_vec(), body, counter.to_le_bytes().to_vec()]
+    [
+        topic.as_bytes().to_vec(),
+        body,
+        counter.to_le_bytes().to_vec(),
+    ]
 }
 
 pub fn sequence_body(ev: &SequenceEvent) -> Vec<u8> {

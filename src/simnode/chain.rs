@@ -68,8 +68,18 @@ impl SimChain {
             outbox: vec![],
         };
         c.publish_txs(&genesis);
-        c.publish("sequence", sequence_body(&SequenceEvent::BlockConnected(hash)));
-        c.blocks.insert(hash, Entry { block: genesis, height: 0, order: 0 });
+        c.publish(
+            "sequence",
+            sequence_body(&SequenceEvent::BlockConnected(hash)),
+        );
+        c.blocks.insert(
+            hash,
+            Entry {
+                block: genesis,
+                height: 0,
+                order: 0,
+            },
+        );
         c
     }
 
@@ -86,7 +96,11 @@ impl SimChain {
 
     fn publish(&mut self, topic: &'static str, body: Vec<u8>) {
         let c = self.counters.entry(topic).or_insert(0);
-        self.outbox.push(Published { topic, body, counter: *c });
+        self.outbox.push(Published {
+            topic,
+            body,
+            counter: *c,
+        });
         *c = c.wrapping_add(1);
     }
 
@@ -110,15 +124,23 @@ impl SimChain {
     }
 
     pub fn block_hash(&self, height: u32) -> Result<BlockHash, SimError> {
-        self.active.get(height as usize).copied().ok_or(SimError::HeightOutOfRange)
+        self.active
+            .get(height as usize)
+            .copied()
+            .ok_or(SimError::HeightOutOfRange)
     }
 
     pub fn block(&self, hash: &BlockHash) -> Result<(&Block, u32), SimError> {
-        self.blocks.get(hash).map(|e| (&e.block, e.height)).ok_or(SimError::BlockNotFound)
+        self.blocks
+            .get(hash)
+            .map(|e| (&e.block, e.height))
+            .ok_or(SimError::BlockNotFound)
     }
 
     pub fn is_active(&self, hash: &BlockHash) -> bool {
-        self.blocks.get(hash).is_some_and(|e| self.active.get(e.height as usize) == Some(hash))
+        self.blocks
+            .get(hash)
+            .is_some_and(|e| self.active.get(e.height as usize) == Some(hash))
     }
 
     pub fn mempool(&self) -> &[Transaction] {
@@ -126,7 +148,10 @@ impl SimChain {
     }
 
     pub fn mempool_tx(&self, txid: &Txid) -> Result<&Transaction, SimError> {
-        self.mempool.iter().find(|t| t.compute_txid() == *txid).ok_or(SimError::TxNotFound)
+        self.mempool
+            .iter()
+            .find(|t| t.compute_txid() == *txid)
+            .ok_or(SimError::TxNotFound)
     }
 
     /// Median of the last eleven block times, as bitcoind computes `mediantime`.
@@ -164,7 +189,10 @@ impl SimChain {
         self.publish_tx(&tx);
         let seq = self.mempool_sequence;
         self.mempool_sequence += 1;
-        self.publish("sequence", sequence_body(&SequenceEvent::TxAdded(txid, seq)));
+        self.publish(
+            "sequence",
+            sequence_body(&SequenceEvent::TxAdded(txid, seq)),
+        );
         self.mempool.push(tx);
         Ok(txid)
     }
@@ -175,7 +203,9 @@ impl SimChain {
         let mut removed = vec![];
         let mut queue = vec![txid];
         while let Some(t) = queue.pop() {
-            let Some(pos) = self.mempool.iter().position(|m| m.compute_txid() == t) else { continue };
+            let Some(pos) = self.mempool.iter().position(|m| m.compute_txid() == t) else {
+                continue;
+            };
             self.mempool.remove(pos);
             let seq = self.mempool_sequence;
             self.mempool_sequence += 1;
@@ -196,10 +226,20 @@ impl SimChain {
         if self.blocks.contains_key(&hash) {
             return Ok(hash);
         }
-        let parent = self.blocks.get(&block.header.prev_blockhash).ok_or(SimError::Orphan(hash))?;
+        let parent = self
+            .blocks
+            .get(&block.header.prev_blockhash)
+            .ok_or(SimError::Orphan(hash))?;
         let height = parent.height + 1;
         let order = self.blocks.len();
-        self.blocks.insert(hash, Entry { block, height, order });
+        self.blocks.insert(
+            hash,
+            Entry {
+                block,
+                height,
+                order,
+            },
+        );
         self.activate_best_chain();
         Ok(hash)
     }
@@ -259,9 +299,16 @@ impl SimChain {
             let hash = self.active.pop().expect("above fork");
             let block = self.blocks[&hash].block.clone();
             self.publish_txs(&block);
-            self.publish("sequence", sequence_body(&SequenceEvent::BlockDisconnected(hash)));
+            self.publish(
+                "sequence",
+                sequence_body(&SequenceEvent::BlockDisconnected(hash)),
+            );
             // Transactions of disconnected blocks go back to the mempool, oldest block first.
-            let mut txs: Vec<Transaction> = block.txdata.into_iter().filter(|t| !t.is_coinbase()).collect();
+            let mut txs: Vec<Transaction> = block
+                .txdata
+                .into_iter()
+                .filter(|t| !t.is_coinbase())
+                .collect();
             txs.append(&mut returned);
             returned = txs;
         }
@@ -275,25 +322,36 @@ impl SimChain {
 
     fn connect(&mut self, hash: BlockHash, returned: &mut Vec<Transaction>) {
         let block = self.blocks[&hash].block.clone();
-        let spent: HashSet<OutPoint> = block.txdata.iter().flat_map(|t| t.input.iter().map(|i| i.previous_output)).collect();
+        let spent: HashSet<OutPoint> = block
+            .txdata
+            .iter()
+            .flat_map(|t| t.input.iter().map(|i| i.previous_output))
+            .collect();
         let in_block: HashSet<Txid> = block.txdata.iter().map(|t| t.compute_txid()).collect();
         returned.retain(|t| !in_block.contains(&t.compute_txid()));
         // Conflicts leave with R before the block is announced; included ones leave silently.
         let conflicts: Vec<Txid> = self
             .mempool
             .iter()
-            .filter(|t| !in_block.contains(&t.compute_txid()) && t.input.iter().any(|i| spent.contains(&i.previous_output)))
+            .filter(|t| {
+                !in_block.contains(&t.compute_txid())
+                    && t.input.iter().any(|i| spent.contains(&i.previous_output))
+            })
             .map(|t| t.compute_txid())
             .collect();
         for t in conflicts {
             self.remove_tx(t);
         }
         let before = self.mempool.len();
-        self.mempool.retain(|t| !in_block.contains(&t.compute_txid()));
+        self.mempool
+            .retain(|t| !in_block.contains(&t.compute_txid()));
         self.mempool_sequence += (before - self.mempool.len()) as u64;
         self.active.push(hash);
         self.publish_txs(&block);
-        self.publish("sequence", sequence_body(&SequenceEvent::BlockConnected(hash)));
+        self.publish(
+            "sequence",
+            sequence_body(&SequenceEvent::BlockConnected(hash)),
+        );
         self.publish("hashblock", hash_body(hash));
         self.publish("rawblock", serialize(&block));
     }

@@ -79,7 +79,11 @@ impl SimNode {
     }
 
     async fn start_inner(dir: &Path, record: bool) -> std::io::Result<SimNode> {
-        let miner = MINER_ADDRESS.parse::<Address<_>>().expect("valid").assume_checked().script_pubkey();
+        let miner = MINER_ADDRESS
+            .parse::<Address<_>>()
+            .expect("valid")
+            .assume_checked()
+            .script_pubkey();
         let (publisher, zmq) = zmq_pub::Publisher::bind().map_err(std::io::Error::other)?;
         let state = State {
             chain: SimChain::new(),
@@ -157,11 +161,19 @@ impl SimNode {
     }
 
     pub fn block_hash(&self, height: u32) -> BlockHash {
-        self.lock().chain.block_hash(height).expect("height on the active chain")
+        self.lock()
+            .chain
+            .block_hash(height)
+            .expect("height on the active chain")
     }
 
     pub fn mempool_txids(&self) -> Vec<Txid> {
-        self.lock().chain.mempool().iter().map(|t| t.compute_txid()).collect()
+        self.lock()
+            .chain
+            .mempool()
+            .iter()
+            .map(|t| t.compute_txid())
+            .collect()
     }
 
     /// Mines `n` blocks holding the whole mempool (the first one) to the miner address.
@@ -184,14 +196,56 @@ impl SimNode {
 
     /// Pays `amount_sat` to `address` from mature coinbases; the payment enters the mempool.
     pub fn pay(&self, address: &str, amount_sat: u64) -> Txid {
-        let script = address.parse::<Address<_>>().expect("address").require_network(Network::Regtest).expect("regtest address").script_pubkey();
+        let script = address
+            .parse::<Address<_>>()
+            .expect("address")
+            .require_network(Network::Regtest)
+            .expect("regtest address")
+            .script_pubkey();
         self.pay_script(&[(script, amount_sat)])
+    }
+
+    /// A payment to `address` from the simulated wallet, not broadcast.
+    pub fn payment_tx(&self, address: &str, amount_sat: u64) -> Transaction {
+        let script = address
+            .parse::<Address<_>>()
+            .expect("address")
+            .require_network(Network::Regtest)
+            .expect("regtest address")
+            .script_pubkey();
+        let mut s = self.lock();
+        build_payment(&mut s, &[(script, amount_sat)])
+    }
+
+    /// Mines one block holding exactly `txs` (as `generateblock` does), leaving the mempool alone
+    /// except for conflicts.
+    pub fn mine_block_with(&self, txs: Vec<Transaction>) -> BlockHash {
+        let mut s = self.lock();
+        let prev = s.chain.tip();
+        let height = s.chain.height() + 1;
+        s.clock += 1;
+        let fees = txs.len() as u64 * PAYMENT_FEE;
+        let miner = s.miner.clone();
+        let block = mining::build_block(prev, height, s.clock, &miner, txs, fees);
+        let hash = s.chain.add_block(block).expect("extends the tip");
+        s.flush();
+        hash
     }
 
     pub fn pay_script(&self, outputs: &[(ScriptBuf, u64)]) -> Txid {
         let mut s = self.lock();
+        let tx = build_payment(&mut s, outputs);
+        let txid = s.chain.accept_tx(tx).expect("fresh payment");
+        s.flush();
+        txid
+    }
+}
+
+/// Spends wallet coins into `outputs`, keeping the change for later payments.
+fn build_payment(s: &mut State, outputs: &[(ScriptBuf, u64)]) -> Transaction {
+    {
         let total: u64 = outputs.iter().map(|o| o.1).sum::<u64>() + PAYMENT_FEE;
-        let coins = wallet_coins(&s, total);
+        let coins = wallet_coins(s, total);
         for c in &coins {
             s.spent.insert(c.0);
         }
@@ -203,11 +257,11 @@ impl SimNode {
             let value = tx.output[vout as usize].value.to_sat();
             s.change.push((OutPoint::new(txid, vout), value));
         }
-        s.chain.accept_tx(tx).expect("fresh payment");
-        s.flush();
-        txid
+        tx
     }
+}
 
+impl SimNode {
     /// Accepts a raw transaction into the mempool.
     pub fn send_raw(&self, tx: Transaction) -> Result<Txid, SimError> {
         let mut s = self.lock();
@@ -242,7 +296,10 @@ impl SimNode {
     /// in the mempool.
     pub fn reorg(&self, depth: u32, keep_txs: bool) -> Vec<BlockHash> {
         let height = self.height();
-        assert!(depth >= 1 && depth <= height, "reorg depth {depth} at height {height}");
+        assert!(
+            depth >= 1 && depth <= height,
+            "reorg depth {depth} at height {height}"
+        );
         let first = self.block_hash(height - depth + 1);
         self.invalidate(first).expect("known block");
         if keep_txs {
@@ -287,7 +344,11 @@ fn mine_one(s: &mut State, to: &ScriptBuf, with_mempool: bool) -> BlockHash {
     let prev = s.chain.tip();
     let height = s.chain.height() + 1;
     s.clock += 1;
-    let txs: Vec<Transaction> = if with_mempool { s.chain.mempool().to_vec() } else { vec![] };
+    let txs: Vec<Transaction> = if with_mempool {
+        s.chain.mempool().to_vec()
+    } else {
+        vec![]
+    };
     let fees = txs.len() as u64 * PAYMENT_FEE;
     let block = mining::build_block(prev, height, s.clock, to, txs, fees);
     s.chain.add_block(block).expect("extends the tip")

@@ -19,7 +19,9 @@ pub fn router(node: SimNode) -> Router {
         let node = node.clone();
         async move { handle(&node, &headers, &body) }
     };
-    Router::new().route("/", post(handler.clone())).route("/wallet/{name}", post(handler))
+    Router::new()
+        .route("/", post(handler.clone()))
+        .route("/wallet/{name}", post(handler))
 }
 
 struct RpcError {
@@ -28,7 +30,10 @@ struct RpcError {
 }
 
 fn err(code: i64, message: impl Into<String>) -> RpcError {
-    RpcError { code, message: message.into() }
+    RpcError {
+        code,
+        message: message.into(),
+    }
 }
 
 impl From<SimError> for RpcError {
@@ -44,9 +49,15 @@ impl From<SimError> for RpcError {
 }
 
 fn authorized(node: &SimNode, headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else { return false };
-    let Some(b64) = value.strip_prefix("Basic ") else { return false };
-    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else { return false };
+    let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(b64) = value.strip_prefix("Basic ") else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+        return false;
+    };
     decoded == node.lock().cookie.as_bytes()
 }
 
@@ -56,7 +67,12 @@ fn handle(node: &SimNode, headers: &HeaderMap, body: &[u8]) -> Response {
     }
     let request: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(_) => return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"result": null, "error": {"code": -32700, "message": "Parse error"}, "id": null})),
+        Err(_) => {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"result": null, "error": {"code": -32700, "message": "Parse error"}, "id": null}),
+            )
+        }
     };
     if let Value::Array(batch) = request {
         let answers: Vec<Value> = batch.iter().map(|r| answer(node, r).1).collect();
@@ -89,35 +105,73 @@ fn answer(node: &SimNode, req: &Value) -> (StatusCode, Value) {
         r
     };
     match (result, v2) {
-        (Ok(r), false) => (StatusCode::OK, json!({"result": r, "error": null, "id": id})),
-        (Ok(r), true) => (StatusCode::OK, json!({"jsonrpc": "2.0", "result": r, "id": id})),
-        (Err(e), true) => (StatusCode::OK, json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id})),
+        (Ok(r), false) => (
+            StatusCode::OK,
+            json!({"result": r, "error": null, "id": id}),
+        ),
+        (Ok(r), true) => (
+            StatusCode::OK,
+            json!({"jsonrpc": "2.0", "result": r, "id": id}),
+        ),
+        (Err(e), true) => (
+            StatusCode::OK,
+            json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id}),
+        ),
         (Err(e), false) => {
-            let status = if e.code == -32601 { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
-            (status, json!({"result": null, "error": {"code": e.code, "message": e.message}, "id": id}))
+            let status = if e.code == -32601 {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            (
+                status,
+                json!({"result": null, "error": {"code": e.code, "message": e.message}, "id": id}),
+            )
         }
     }
 }
 
-fn param<'a>(params: &'a Value, i: usize) -> Option<&'a Value> {
+fn param(params: &Value, i: usize) -> Option<&Value> {
     params.get(i).filter(|v| !v.is_null())
 }
 
 fn block_hash_param(params: &Value) -> Result<BlockHash, RpcError> {
-    let s = param(params, 0).and_then(Value::as_str).ok_or_else(|| err(-1, "blockhash is required"))?;
+    let s = param(params, 0)
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(-1, "blockhash is required"))?;
     if s.len() != 64 {
-        return Err(err(-8, format!("blockhash must be of length 64 (not {}, for '{s}')", s.len())));
+        return Err(err(
+            -8,
+            format!(
+                "blockhash must be of length 64 (not {}, for '{s}')",
+                s.len()
+            ),
+        ));
     }
-    s.parse().map_err(|_| err(-8, format!("blockhash must be hexadecimal string (not '{s}')")))
+    s.parse().map_err(|_| {
+        err(
+            -8,
+            format!("blockhash must be hexadecimal string (not '{s}')"),
+        )
+    })
 }
 
 fn txid_param(params: &Value) -> Result<Txid, RpcError> {
-    let s = param(params, 0).and_then(Value::as_str).ok_or_else(|| err(-1, "txid is required"))?;
-    s.parse().map_err(|_| err(-8, format!("txid must be of length 64 (not {}, for '{s}')", s.len())))
+    let s = param(params, 0)
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(-1, "txid is required"))?;
+    s.parse().map_err(|_| {
+        err(
+            -8,
+            format!("txid must be of length 64 (not {}, for '{s}')", s.len()),
+        )
+    })
 }
 
 fn address_param(params: &Value, i: usize) -> Result<bitcoin::ScriptBuf, RpcError> {
-    let s = param(params, i).and_then(Value::as_str).ok_or_else(|| err(-1, "address is required"))?;
+    let s = param(params, i)
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(-1, "address is required"))?;
     s.parse::<Address<_>>()
         .ok()
         .and_then(|a| a.require_network(Network::Regtest).ok())
@@ -136,7 +190,11 @@ fn header_json(s: &State, hash: &BlockHash) -> Result<Value, RpcError> {
     let (block, height) = s.chain.block(hash)?;
     let h = &block.header;
     let active = s.chain.is_active(hash);
-    let confirmations = if active { (s.chain.height() - height + 1) as i64 } else { -1 };
+    let confirmations = if active {
+        (s.chain.height() - height + 1) as i64
+    } else {
+        -1
+    };
     let mut v = json!({
         "hash": hash.to_string(),
         "confirmations": confirmations,
@@ -178,12 +236,16 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                 "warnings": ["chainwatch simnode: a simulated regtest node"]
             })
         }
-        "getnetworkinfo" => json!({"version": 319900, "subversion": "/Satoshi:31.99.0/simnode/", "connections": 0, "warnings": []}),
+        "getnetworkinfo" => {
+            json!({"version": 319900, "subversion": "/Satoshi:31.99.0/simnode/", "connections": 0, "warnings": []})
+        }
         "uptime" => json!(1),
         "getbestblockhash" => json!(s.chain.tip().to_string()),
         "getblockcount" => json!(s.chain.height()),
         "getblockhash" => {
-            let h = param(params, 0).and_then(Value::as_i64).ok_or_else(|| err(-1, "height is required"))?;
+            let h = param(params, 0)
+                .and_then(Value::as_i64)
+                .ok_or_else(|| err(-1, "height is required"))?;
             let h = u32::try_from(h).map_err(|_| err(-8, "Block height out of range"))?;
             json!(s.chain.block_hash(h)?.to_string())
         }
@@ -201,14 +263,26 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                 0 => json!(serialize_hex(s.chain.block(&hash)?.0)),
                 _ => {
                     let mut v = header_json(s, &hash)?;
-                    let txids: Vec<String> = s.chain.block(&hash)?.0.txdata.iter().map(|t| t.compute_txid().to_string()).collect();
+                    let txids: Vec<String> = s
+                        .chain
+                        .block(&hash)?
+                        .0
+                        .txdata
+                        .iter()
+                        .map(|t| t.compute_txid().to_string())
+                        .collect();
                     v["tx"] = json!(txids);
                     v
                 }
             }
         }
         "getrawmempool" => {
-            let txids: Vec<String> = s.chain.mempool().iter().map(|t| t.compute_txid().to_string()).collect();
+            let txids: Vec<String> = s
+                .chain
+                .mempool()
+                .iter()
+                .map(|t| t.compute_txid().to_string())
+                .collect();
             if param(params, 1).and_then(Value::as_bool) == Some(true) {
                 json!({"txids": txids, "mempool_sequence": s.chain.mempool_sequence})
             } else {
@@ -217,16 +291,24 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
         }
         "getrawtransaction" => json!(serialize_hex(s.chain.mempool_tx(&txid_param(params)?)?)),
         "getzmqnotifications" => {
-            let list: Vec<Value> = node.zmq.iter().map(|(t, a)| json!({"type": t, "address": a, "hwm": 1000})).collect();
+            let list: Vec<Value> = node
+                .zmq
+                .iter()
+                .map(|(t, a)| json!({"type": t, "address": a, "hwm": 1000}))
+                .collect();
             Value::Array(list)
         }
         "sendrawtransaction" => {
-            let hex = param(params, 0).and_then(Value::as_str).ok_or_else(|| err(-1, "hexstring is required"))?;
+            let hex = param(params, 0)
+                .and_then(Value::as_str)
+                .ok_or_else(|| err(-1, "hexstring is required"))?;
             let tx = deserialize_hex(hex).map_err(|_| err(-22, "TX decode failed"))?;
             json!(s.chain.accept_tx(tx)?.to_string())
         }
         "generatetoaddress" => {
-            let n = param(params, 0).and_then(Value::as_u64).ok_or_else(|| err(-1, "nblocks is required"))?;
+            let n = param(params, 0)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| err(-1, "nblocks is required"))?;
             let to = address_param(params, 1)?;
             let hashes: Vec<String> = (0..n).map(|_| mine_one(s, &to, true).to_string()).collect();
             json!(hashes)

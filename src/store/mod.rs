@@ -46,7 +46,11 @@ pub struct StoredBlock {
 
 impl StoredBlock {
     pub fn as_ref(&self) -> BlockRef {
-        BlockRef { hash: self.hash, height: self.height, time: self.time }
+        BlockRef {
+            hash: self.hash,
+            height: self.height,
+            time: self.time,
+        }
     }
 }
 
@@ -74,7 +78,8 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 }
 
 fn parse_hash(s: &str) -> Result<BlockHash> {
-    s.parse().map_err(|_| StoreError::Corrupt(format!("bad block hash {s:?}")))
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("bad block hash {s:?}")))
 }
 
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
@@ -101,7 +106,12 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::migrate(&mut conn)?;
-        let mut store = Store { conn, path, filters: vec![], keep_blocks: 110 };
+        let mut store = Store {
+            conn,
+            path,
+            filters: vec![],
+            keep_blocks: 110,
+        };
         store.load_filters()?;
         Ok(store)
     }
@@ -134,7 +144,10 @@ impl Store {
         match self.meta("network")? {
             None => self.set_meta("network", network),
             Some(n) if n == network => Ok(()),
-            Some(n) => Err(StoreError::NetworkMismatch { stored: n, configured: network.into() }),
+            Some(n) => Err(StoreError::NetworkMismatch {
+                stored: n,
+                configured: network.into(),
+            }),
         }
     }
 
@@ -155,11 +168,21 @@ impl Store {
         let row = self
             .conn
             .query_row(&sql, p, |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, u32>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u32>(3)?,
+                ))
             })
             .optional()?;
         row.map(|(h, height, p, time)| {
-            Ok(StoredBlock { hash: parse_hash(&h)?, height, prev: parse_hash(&p)?, time })
+            Ok(StoredBlock {
+                hash: parse_hash(&h)?,
+                height,
+                prev: parse_hash(&p)?,
+                time,
+            })
         })
         .transpose()
     }
@@ -168,7 +191,12 @@ impl Store {
     pub fn init_tip(&self, block: StoredBlock) -> Result<()> {
         self.conn.execute(
             "INSERT INTO blocks (height, hash, prev_hash, time) VALUES (?1, ?2, ?3, ?4)",
-            params![block.height, block.hash.to_string(), block.prev.to_string(), block.time],
+            params![
+                block.height,
+                block.hash.to_string(),
+                block.prev.to_string(),
+                block.time
+            ],
         )?;
         Ok(())
     }
@@ -176,7 +204,9 @@ impl Store {
     /// Commits a chain step: tip, tracked state, coins, events and their deliveries, atomically.
     pub fn apply(&mut self, step: &ChainStep, now_ms: i64) -> Result<Vec<CommittedEvent>> {
         let keep = self.keep_blocks;
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         apply_tip(&tx, &step.tip, keep)?;
         records::write_tracked(&tx, step)?;
         let committed = append_events(&tx, &self.filters, &step.events, now_ms)?;
@@ -187,9 +217,11 @@ impl Store {
 
 fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
     let tip: Option<(String, u32)> = tx
-        .query_row("SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?;
     match change {
         TipChange::None => {}
@@ -204,13 +236,24 @@ fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
             }
             tx.execute(
                 "INSERT INTO blocks (height, hash, prev_hash, time) VALUES (?1, ?2, ?3, ?4)",
-                params![block.height, block.hash.to_string(), prev.to_string(), block.time],
+                params![
+                    block.height,
+                    block.hash.to_string(),
+                    prev.to_string(),
+                    block.time
+                ],
             )?;
-            tx.execute("DELETE FROM blocks WHERE height + ?1 < ?2", params![keep, block.height])?;
+            tx.execute(
+                "DELETE FROM blocks WHERE height + ?1 < ?2",
+                params![keep, block.height],
+            )?;
         }
         TipChange::Disconnect { block } => {
             if tip.as_ref().map(|t| t.0.as_str()) != Some(block.hash.to_string().as_str()) {
-                return Err(StoreError::TipMismatch(format!("block {} is not the tip", block.hash)));
+                return Err(StoreError::TipMismatch(format!(
+                    "block {} is not the tip",
+                    block.hash
+                )));
             }
             tx.execute("DELETE FROM blocks WHERE height = ?1", [block.height])?;
         }
@@ -228,13 +271,16 @@ fn append_events(
         return Ok(vec![]);
     }
     let (mut seq, mut prev_hash): (i64, String) = tx
-        .query_row("SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?
         .unwrap_or((0, String::new()));
     let timestamp = crate::event::rfc3339(
-        time::OffsetDateTime::from_unix_timestamp(now_ms / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        time::OffsetDateTime::from_unix_timestamp(now_ms / 1000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
     );
     let mut out = Vec::new();
     for e in events {
@@ -264,7 +310,11 @@ fn append_events(
                 )?;
             }
         }
-        out.push(CommittedEvent { seq, id: e.id.clone(), kind: e.kind.to_string() });
+        out.push(CommittedEvent {
+            seq,
+            id: e.id.clone(),
+            kind: e.kind.to_string(),
+        });
         prev_hash = hash;
     }
     Ok(out)

@@ -63,7 +63,9 @@ pub struct EndpointRow {
 
 impl Store {
     pub(super) fn load_filters(&mut self) -> Result<()> {
-        let mut stmt = self.conn.prepare("SELECT name, events FROM endpoints ORDER BY name")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, events FROM endpoints ORDER BY name")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         let mut filters = Vec::new();
         for row in rows {
@@ -77,12 +79,18 @@ impl Store {
 
     /// Makes the endpoints table match the config (new ones added, filters and urls updated).
     pub fn sync_endpoints(&mut self, endpoints: &[EndpointConfig]) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for e in endpoints {
             tx.execute(
                 "INSERT INTO endpoints (name, url, events) VALUES (?1, ?2, ?3)
                  ON CONFLICT(name) DO UPDATE SET url = excluded.url, events = excluded.events",
-                params![e.name, e.url, serde_json::to_string(&e.events).expect("globs serialise")],
+                params![
+                    e.name,
+                    e.url,
+                    serde_json::to_string(&e.events).expect("globs serialise")
+                ],
             )?;
         }
         let names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
@@ -99,12 +107,21 @@ impl Store {
     pub fn endpoint_enabled(&self, name: &str) -> Result<bool> {
         Ok(self
             .conn
-            .query_row("SELECT enabled FROM endpoints WHERE name = ?1", [name], |r| r.get::<_, bool>(0))
+            .query_row(
+                "SELECT enabled FROM endpoints WHERE name = ?1",
+                [name],
+                |r| r.get::<_, bool>(0),
+            )
             .optional()?
             .unwrap_or(false))
     }
 
-    pub fn set_endpoint_enabled(&self, name: &str, enabled: bool, reason: Option<&str>) -> Result<bool> {
+    pub fn set_endpoint_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        reason: Option<&str>,
+    ) -> Result<bool> {
         let n = self.conn.execute(
             "UPDATE endpoints SET enabled = ?2, disabled_reason = ?3 WHERE name = ?1",
             params![name, enabled, reason],
@@ -134,7 +151,13 @@ impl Store {
 
     /// Deliveries of `endpoint` that may be sent now. Ordered endpoints get only their head,
     /// and only when it is due, so a failing head holds back the ones behind it.
-    pub fn due_deliveries(&self, endpoint: &str, now_ms: i64, ordered: bool, limit: u32) -> Result<Vec<DueDelivery>> {
+    pub fn due_deliveries(
+        &self,
+        endpoint: &str,
+        now_ms: i64,
+        ordered: bool,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>> {
         let sql = if ordered {
             "SELECT * FROM (SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at
                FROM deliveries d JOIN events e ON e.seq = d.event_seq
@@ -166,12 +189,23 @@ impl Store {
         } else {
             "SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = ?1 AND status IN ('pending','failed')"
         };
-        Ok(self.conn.query_row(sql, [endpoint], |r| r.get::<_, Option<i64>>(0)).optional()?.flatten())
+        Ok(self
+            .conn
+            .query_row(sql, [endpoint], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten())
     }
 
     /// Records an attempt and moves the delivery on, in one transaction.
-    pub fn record_attempt(&mut self, endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    pub fn record_attempt(
+        &mut self,
+        endpoint: &str,
+        d: &DueDelivery,
+        o: &AttemptOutcome,
+    ) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO attempts (delivery_id, started_at, duration_ms, status_code, error, response_excerpt)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -186,7 +220,14 @@ impl Store {
         tx.execute(
             "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
                last_status = ?4, last_error = ?5, delivered_at = ?6 WHERE id = ?1",
-            params![d.delivery_id, status, next, o.status_code, o.error, delivered_at],
+            params![
+                d.delivery_id,
+                status,
+                next,
+                o.status_code,
+                o.error,
+                delivered_at
+            ],
         )?;
         match o.result {
             DeliveryResult::Delivered => {
@@ -212,7 +253,12 @@ impl Store {
         Ok(())
     }
 
-    pub fn list_deliveries(&self, status: Option<&str>, endpoint: Option<&str>, limit: i64) -> Result<Vec<DeliveryRow>> {
+    pub fn list_deliveries(
+        &self,
+        status: Option<&str>,
+        endpoint: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeliveryRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT e.id, d.event_seq, e.type, d.endpoint, d.status, d.attempts, d.next_attempt_at, d.last_status, d.last_error
                FROM deliveries d JOIN events e ON e.seq = d.event_seq
@@ -236,7 +282,12 @@ impl Store {
     }
 
     /// Puts deliveries of an event (or all dead ones) back in the queue. Returns how many.
-    pub fn redeliver(&self, event_id: Option<&str>, endpoint: Option<&str>, now_ms: i64) -> Result<usize> {
+    pub fn redeliver(
+        &self,
+        event_id: Option<&str>,
+        endpoint: Option<&str>,
+        now_ms: i64,
+    ) -> Result<usize> {
         let n = match event_id {
             Some(id) => self.conn.execute(
                 "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1

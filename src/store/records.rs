@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{parse_hash, Result, Store, StoreError};
 use crate::event::BlockRef;
-use crate::tracker::{ChainStep, TxStatus, Tracked};
+use crate::tracker::{ChainStep, Tracked, TxStatus};
 use crate::watch::{Watch, WatchedCoin};
 
 /// One row of the event log.
@@ -47,7 +47,10 @@ pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
         )?;
     }
     for (txid, watch) in &step.removals {
-        tx.execute("DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2", params![txid.to_string(), watch])?;
+        tx.execute(
+            "DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2",
+            params![txid.to_string(), watch],
+        )?;
     }
     for (op, coin) in &step.coins_added {
         tx.execute(
@@ -79,13 +82,26 @@ impl Store {
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (txid, watch_id, status, bhash, bheight, btime, reorg_count, fired, outputs, inputs) = row?;
+            let (
+                txid,
+                watch_id,
+                status,
+                bhash,
+                bheight,
+                btime,
+                reorg_count,
+                fired,
+                outputs,
+                inputs,
+            ) = row?;
             let status = match (status.as_str(), bhash, bheight, btime) {
                 ("mempool", ..) => TxStatus::Mempool,
                 ("unconfirmed", ..) => TxStatus::Unconfirmed,
-                ("confirmed", Some(h), Some(height), Some(time)) => {
-                    TxStatus::Confirmed(BlockRef { hash: parse_hash(&h)?, height, time })
-                }
+                ("confirmed", Some(h), Some(height), Some(time)) => TxStatus::Confirmed(BlockRef {
+                    hash: parse_hash(&h)?,
+                    height,
+                    time,
+                }),
                 (s, ..) => return Err(corrupt("tracked status", s)),
             };
             out.push(Tracked {
@@ -102,14 +118,28 @@ impl Store {
     }
 
     pub fn load_coins(&self) -> Result<Vec<(OutPoint, WatchedCoin)>> {
-        let mut stmt = self.conn.prepare("SELECT outpoint, watch_id, address, amount_sat FROM coins")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT outpoint, watch_id, address, amount_sat FROM coins")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
         })?;
         rows.map(|row| {
             let (op, watch_id, address, amount) = row?;
             let op: OutPoint = op.parse().map_err(|e| corrupt("outpoint", e))?;
-            Ok((op, WatchedCoin { watch_id, address, amount_sat: amount as u64 }))
+            Ok((
+                op,
+                WatchedCoin {
+                    watch_id,
+                    address,
+                    amount_sat: amount as u64,
+                },
+            ))
         })
         .collect()
     }
@@ -119,7 +149,13 @@ impl Store {
             .conn
             .prepare("SELECT id, address, confirmations, label, metadata FROM watches ORDER BY created_at, id")?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, Option<String>>(3)?, r.get::<_, String>(4)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, String>(4)?,
+            ))
         })?;
         rows.map(|row| {
             let (id, address, confirmations, label, metadata) = row?;
@@ -141,13 +177,24 @@ impl Store {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(address) DO UPDATE SET confirmations = excluded.confirmations,
                label = excluded.label, metadata = excluded.metadata",
-            params![w.id, w.address, w.confirmations, w.label, w.metadata.to_string(), source, now_ms],
+            params![
+                w.id,
+                w.address,
+                w.confirmations,
+                w.label,
+                w.metadata.to_string(),
+                source,
+                now_ms
+            ],
         )?;
         Ok(())
     }
 
     pub fn remove_watch(&self, id: &str) -> Result<bool> {
-        Ok(self.conn.execute("DELETE FROM watches WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .conn
+            .execute("DELETE FROM watches WHERE id = ?1", [id])?
+            > 0)
     }
 
     /// Events after `after`, in sequence order.
@@ -156,7 +203,13 @@ impl Store {
             "SELECT seq, id, type, body, created_at FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit], |r| {
-            Ok(EventRow { seq: r.get(0)?, id: r.get(1)?, kind: r.get(2)?, body: r.get(3)?, created_at: r.get(4)? })
+            Ok(EventRow {
+                seq: r.get(0)?,
+                id: r.get(1)?,
+                kind: r.get(2)?,
+                body: r.get(3)?,
+                created_at: r.get(4)?,
+            })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -164,9 +217,19 @@ impl Store {
     pub fn event_by_id(&self, id: &str) -> Result<Option<EventRow>> {
         Ok(self
             .conn
-            .query_row("SELECT seq, id, type, body, created_at FROM events WHERE id = ?1", [id], |r| {
-                Ok(EventRow { seq: r.get(0)?, id: r.get(1)?, kind: r.get(2)?, body: r.get(3)?, created_at: r.get(4)? })
-            })
+            .query_row(
+                "SELECT seq, id, type, body, created_at FROM events WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(EventRow {
+                        seq: r.get(0)?,
+                        id: r.get(1)?,
+                        kind: r.get(2)?,
+                        body: r.get(3)?,
+                        created_at: r.get(4)?,
+                    })
+                },
+            )
             .optional()?)
     }
 
@@ -178,10 +241,14 @@ impl Store {
         let mut rows = stmt.query([])?;
         let (mut expected_seq, mut prev, mut count) = (1i64, String::new(), 0i64);
         while let Some(r) = rows.next()? {
-            let (seq, id, kind, body): (i64, String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
-            let (prev_hash, payload_hash, hash): (String, String, String) = (r.get(4)?, r.get(5)?, r.get(6)?);
+            let (seq, id, kind, body): (i64, String, String, String) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            let (prev_hash, payload_hash, hash): (String, String, String) =
+                (r.get(4)?, r.get(5)?, r.get(6)?);
             let problem = if seq != expected_seq {
-                Some(format!("expected sequence {expected_seq} here: a row was removed or reordered"))
+                Some(format!(
+                    "expected sequence {expected_seq} here: a row was removed or reordered"
+                ))
             } else if prev_hash != prev {
                 Some("its prev_hash does not match the row before: a row was removed, edited or reordered".into())
             } else if super::sha256_hex(body.as_bytes()) != payload_hash {

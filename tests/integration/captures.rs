@@ -6,11 +6,16 @@ use bitcoin::consensus::deserialize;
 use bitcoin::{Block, BlockHash, Transaction, Txid};
 use serde_json::Value;
 
-pub const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bitcoind-regtest");
+pub const DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/bitcoind-regtest"
+);
 
 pub fn lines(file: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(format!("{DIR}/{file}")).expect("fixture readable");
-    text.lines().map(|l| serde_json::from_str(l).expect("fixture line is JSON")).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("fixture line is JSON"))
+        .collect()
 }
 
 pub struct ZmqCapture {

@@ -14,8 +14,8 @@ fn comparable(req: &Value) -> bool {
     let method = req["method"].as_str().unwrap_or("");
     let params = &req["params"];
     match method {
-        "getbestblockhash" | "getblockcount" | "getblockhash" | "getblockheader" | "invalidateblock"
-        | "reconsiderblock" | "sendrawtransaction" | "nosuchmethod" => true,
+        "getbestblockhash" | "getblockcount" | "getblockhash" | "getblockheader"
+        | "invalidateblock" | "reconsiderblock" | "sendrawtransaction" | "nosuchmethod" => true,
         "getblock" => params.get(1).map(|v| v == 0).unwrap_or(true),
         "getrawmempool" => params.get(0).map(|v| v == false).unwrap_or(true),
         "getrawtransaction" => params.as_array().map(|a| a.len() == 1).unwrap_or(false),
@@ -31,16 +31,24 @@ async fn replay_effect(node: &SimNode, bodies: &Bodies, req: &Value, body: &Valu
         "generatetoaddress" => {
             for h in result.as_array().unwrap() {
                 let hash: BlockHash = h.as_str().unwrap().parse().unwrap();
-                node.submit_block(bodies.blocks[&hash].clone()).expect("captured block connects");
+                node.submit_block(bodies.blocks[&hash].clone())
+                    .expect("captured block connects");
             }
         }
         "generateblock" => {
             let hash: BlockHash = result["hash"].as_str().unwrap().parse().unwrap();
-            node.submit_block(bodies.blocks[&hash].clone()).expect("captured block connects");
+            node.submit_block(bodies.blocks[&hash].clone())
+                .expect("captured block connects");
         }
         "sendtoaddress" | "bumpfee" => {
-            let txid: Txid = result.as_str().or(result["txid"].as_str()).unwrap().parse().unwrap();
-            node.send_raw(bodies.txs[&txid].clone()).expect("captured tx accepted");
+            let txid: Txid = result
+                .as_str()
+                .or(result["txid"].as_str())
+                .unwrap()
+                .parse()
+                .unwrap();
+            node.send_raw(bodies.txs[&txid].clone())
+                .expect("captured tx accepted");
         }
         "stop" if req["id"] == "stop" => node.restart(0).await.unwrap(),
         _ => {}
@@ -53,9 +61,19 @@ async fn send(node: &SimNode, path: &str, auth: &str, req: &Value) -> (u16, Stri
         Value::String(raw) => raw.clone(),
         other => other.to_string(),
     };
-    let mut r = reqwest::Client::new().post(format!("{}{}", node.rpc_url(), path)).body(body);
+    let mut r = reqwest::Client::new()
+        .post(format!("{}{}", node.rpc_url(), path))
+        .body(body);
     match auth {
-        "cookie" => r = r.header("authorization", format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(cookie))),
+        "cookie" => {
+            r = r.header(
+                "authorization",
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(cookie)
+                ),
+            )
+        }
         "wrong" => r = r.basic_auth("__cookie__", Some("wrong")),
         _ => {}
     }
@@ -75,10 +93,21 @@ async fn simnode_answers_and_publishes_like_bitcoin_core() {
         let step = ex["step"].as_str().unwrap();
         let body: Value = serde_json::from_str(ex["body"].as_str().unwrap()).unwrap_or(Value::Null);
         // The warm-up answer, every error case (bad auth, parse error, batch) and the chain reads.
-        let compare = (comparable(req) || step == "startup" || step == "errors") && req["method"] != "getmempoolentry";
+        let compare = (comparable(req) || step == "startup" || step == "errors")
+            && req["method"] != "getmempoolentry";
         if compare {
-            let (status, text) = send(&node, ex["path"].as_str().unwrap(), ex["auth"].as_str().unwrap(), req).await;
-            assert_eq!(status, ex["status"].as_u64().unwrap() as u16, "HTTP status of {step} {req}");
+            let (status, text) = send(
+                &node,
+                ex["path"].as_str().unwrap(),
+                ex["auth"].as_str().unwrap(),
+                req,
+            )
+            .await;
+            assert_eq!(
+                status,
+                ex["status"].as_u64().unwrap() as u16,
+                "HTTP status of {step} {req}"
+            );
             assert_eq!(text, ex["body"].as_str().unwrap(), "body of {step} {req}");
             compared += 1;
         } else {
@@ -91,13 +120,31 @@ async fn simnode_answers_and_publishes_like_bitcoin_core() {
     // genesis messages (counter 0 of the tx topics), published before anyone subscribed.
     let published = node.published();
     for topic in ["hashblock", "hashtx", "rawblock", "rawtx", "sequence"] {
-        let ours: Vec<(u32, Vec<u8>)> = published.iter().filter(|m| m.topic == topic).map(|m| (m.counter, m.body.clone())).collect();
-        let theirs: Vec<(u32, Vec<u8>)> = captures::zmq().into_iter().filter(|m| m.topic == topic).map(|m| (m.counter, m.body)).collect();
+        let ours: Vec<(u32, Vec<u8>)> = published
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| (m.counter, m.body.clone()))
+            .collect();
+        let theirs: Vec<(u32, Vec<u8>)> = captures::zmq()
+            .into_iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| (m.counter, m.body))
+            .collect();
         let skip = ours.len() - theirs.len();
-        assert!(skip <= 1, "{topic}: simnode published {} messages, capture has {}", ours.len(), theirs.len());
+        assert!(
+            skip <= 1,
+            "{topic}: simnode published {} messages, capture has {}",
+            ours.len(),
+            theirs.len()
+        );
         for (i, (a, b)) in ours[skip..].iter().zip(&theirs).enumerate() {
             assert_eq!(a.0, b.0, "{topic} message {i}: counter");
-            assert_eq!(hex::encode(&a.1), hex::encode(&b.1), "{topic} message {i} (counter {}): body", b.0);
+            assert_eq!(
+                hex::encode(&a.1),
+                hex::encode(&b.1),
+                "{topic} message {i} (counter {}): body",
+                b.0
+            );
         }
     }
 }
@@ -107,7 +154,8 @@ fn decoders_read_every_captured_frame() {
     let mut labels = std::collections::HashMap::new();
     for m in captures::zmq() {
         let frames = zmq_wire::encode(&m.topic, m.body.clone(), m.counter);
-        let msg = zmq_wire::decode(&frames).unwrap_or_else(|e| panic!("{} {}: {e}", m.step, m.topic));
+        let msg =
+            zmq_wire::decode(&frames).unwrap_or_else(|e| panic!("{} {}: {e}", m.step, m.topic));
         assert_eq!(msg.counter, m.counter);
         let reencoded = match &msg.body {
             ZmqBody::Sequence(ev) => {
@@ -125,18 +173,39 @@ fn decoders_read_every_captured_frame() {
             ZmqBody::HashTx(t) => zmq_wire::hash_body(*t),
             ZmqBody::HashBlock(h) => zmq_wire::hash_body(*h),
         };
-        assert_eq!(reencoded, m.body, "{} {} re-encodes byte for byte", m.step, m.topic);
+        assert_eq!(
+            reencoded, m.body,
+            "{} {} re-encodes byte for byte",
+            m.step, m.topic
+        );
     }
-    assert_eq!(labels.get(&'D'), Some(&6), "six disconnects in the two reorgs: {labels:?}");
-    assert_eq!(labels.get(&'R'), Some(&2), "one replacement and one conflict: {labels:?}");
+    assert_eq!(
+        labels.get(&'D'),
+        Some(&6),
+        "six disconnects in the two reorgs: {labels:?}"
+    );
+    assert_eq!(
+        labels.get(&'R'),
+        Some(&2),
+        "one replacement and one conflict: {labels:?}"
+    );
 }
 
 #[test]
 fn hashes_are_in_rpc_display_order() {
-    let m = captures::zmq().into_iter().find(|m| m.topic == "hashblock").unwrap();
+    let m = captures::zmq()
+        .into_iter()
+        .find(|m| m.topic == "hashblock")
+        .unwrap();
     let frames = zmq_wire::encode("hashblock", m.body.clone(), 0);
-    let ZmqBody::HashBlock(h) = zmq_wire::decode(&frames).unwrap().body else { panic!("hashblock") };
-    assert_eq!(h.to_string(), "2f217eda60a9cf71cf22e072c119a5afc8c9df517f87cf2a095623110aae027b", "first mined block");
+    let ZmqBody::HashBlock(h) = zmq_wire::decode(&frames).unwrap().body else {
+        panic!("hashblock")
+    };
+    assert_eq!(
+        h.to_string(),
+        "2f217eda60a9cf71cf22e072c119a5afc8c9df517f87cf2a095623110aae027b",
+        "first mined block"
+    );
 }
 
 #[test]
@@ -148,6 +217,10 @@ fn malformed_frames_are_refused_with_a_reason() {
     let e = zmq_wire::decode(&[b"sequence".to_vec(), body, vec![0; 4]]).unwrap_err();
     assert!(e.to_string().contains("unknown label 'X'"), "{e}");
     let e = zmq_wire::decode(&[b"rawtx".to_vec(), vec![1, 2, 3], vec![0; 4]]).unwrap_err();
-    assert!(e.to_string().starts_with("rawtx body of 3 bytes is malformed"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("rawtx body of 3 bytes is malformed"),
+        "{e}"
+    );
     assert!(zmq_wire::decode(&[b"rawtx".to_vec()]).is_err(), "one frame");
 }

@@ -2,4 +2,9 @@
 //! pipeline (simulated node → chainwatch → capturing receiver).
 
 mod captures;
+mod cli;
+mod crash;
+mod delivery;
 mod fidelity;
+mod harness;
+mod pipeline;

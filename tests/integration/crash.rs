@@ -1,0 +1,129 @@
+//! SIGKILL at awkward moments: nothing is lost, nothing is repeated, ids never change.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::harness::*;
+
+fn kill(child: &mut std::process::Child) {
+    // SIGKILL: no chance to clean up.
+    child.kill().expect("kill chainwatch");
+    child.wait().expect("reap chainwatch");
+}
+
+/// Every event id appears once in the store, and every copy the receiver got of an id carries
+/// the identical body.
+fn assert_consistent(h: &Harness, expected_events: usize) {
+    let rows = h.store().events_after(0, 10_000).unwrap();
+    assert_eq!(rows.len(), expected_events, "events in the store");
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), rows.len(), "every id appears once in the store");
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=rows.len() as i64).collect::<Vec<_>>(),
+        "gap-free sequence"
+    );
+    let stored: HashMap<&str, &str> = rows
+        .iter()
+        .map(|r| (r.id.as_str(), r.body.as_str()))
+        .collect();
+    for c in h.receiver.all() {
+        assert!(c.verified, "signature of {} verifies", c.id);
+        assert_eq!(
+            Some(&c.body.as_str()),
+            stored.get(c.id.as_str()),
+            "body of {} is the stored one, every time",
+            c.id
+        );
+    }
+    assert_eq!(
+        h.store().audit().unwrap(),
+        (rows.len() as i64, None),
+        "hash chain intact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_commit_and_delivery_loses_and_repeats_nothing() {
+    let h = Harness::new(
+        &[watch(P2WPKH, 3, "order-1017"), watch(P2TR, 2, "order-1018")],
+        "",
+    )
+    .await;
+    let mut child = h.spawn_binary();
+    h.wait_synced().await;
+    // The receiver holds every request: events get committed, deliveries stay in flight.
+    h.receiver.set_hang(Duration::from_secs(30));
+    let a = h.node.pay(P2WPKH, 200_000).to_string();
+    let b = h.node.pay(P2TR, 300_000).to_string();
+    h.receiver.wait_requests(1, WAIT).await;
+    h.node.mine(1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(&mut child);
+    assert!(
+        h.receiver.accepted().is_empty(),
+        "nothing was acknowledged before the kill"
+    );
+
+    // Blocks arrive while chainwatch is down; it catches up on restart.
+    h.node.mine(2);
+    h.receiver.set_hang(Duration::ZERO);
+    let mut child = h.spawn_binary();
+    let got = h.receiver.wait_accepted(7, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(&mut child);
+
+    assert_eq!(
+        history(&got, &a),
+        expect_history(&[
+            ("tx.pending", 0),
+            ("tx.confirmation", 1),
+            ("tx.confirmation", 2),
+            ("tx.confirmed", 3)
+        ])
+    );
+    assert_eq!(
+        history(&got, &b),
+        expect_history(&[
+            ("tx.pending", 0),
+            ("tx.confirmation", 1),
+            ("tx.confirmed", 2)
+        ])
+    );
+    assert_consistent(&h, 7);
+    let redelivered = h.receiver.all().len() - h.receiver.accepted().len();
+    assert!(
+        redelivered >= 1,
+        "the request in flight at the kill was sent again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sigkills_while_blocks_arrive_give_the_same_log_as_a_clean_run() {
+    let h = Harness::new(&[watch(P2PKH, 6, "slow")], "").await;
+    let mut child = h.spawn_binary();
+    h.wait_synced().await;
+    let txid = h.node.pay(P2PKH, 123_456).to_string();
+    h.receiver.wait_accepted(1, WAIT).await;
+    // Kill at varied instants after each block: before, during and after its commit.
+    for (i, delay_ms) in [0u64, 3, 7, 15, 30, 60, 120].iter().enumerate() {
+        h.node.mine(1);
+        tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+        kill(&mut child);
+        child = h.spawn_binary();
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let got = h.receiver.wait_accepted(7, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(&mut child);
+    let mut expected = vec![("tx.pending", 0)];
+    expected.extend((1..6).map(|c| ("tx.confirmation", c)));
+    expected.push(("tx.confirmed", 6));
+    assert_eq!(history(&got, &txid), expect_history(&expected));
+    assert_consistent(&h, 7);
+}

@@ -1,0 +1,307 @@
+//! Test harness: a capturing receiver that verifies every request with an independent Standard
+//! Webhooks implementation, a simulated node, and chainwatch run in-process or as the binary.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Router;
+use chainwatch::simnode::SimNode;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Addresses of every standard type (the captured shop wallet's).
+pub const P2PKH: &str = "n3iet9u1ki76AoPrk9p6NUhjqxeyQfihSg";
+pub const P2SH: &str = "2N5nWUDnNCr3kqQesi1YGqBojYwjS4P9Zw9";
+pub const P2WPKH: &str = "bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp";
+pub const P2TR: &str = "bcrt1pgf9g8v63sselca7rgx5uyl0xwjjp4vpfn89vt3gdutvpjc8xq8vs0mmh98";
+/// A p2wsh address (BIP173's test vector script, on regtest).
+pub const P2WSH: &str = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry";
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub id: String,
+    pub body: String,
+    pub json: Value,
+    /// What the independent verifier said.
+    pub verified: bool,
+    /// The status the receiver answered.
+    pub answered: u16,
+}
+
+impl Captured {
+    pub fn kind(&self) -> &str {
+        self.json["type"].as_str().unwrap_or("")
+    }
+    pub fn data(&self) -> &Value {
+        &self.json["data"]
+    }
+}
+
+#[derive(Clone)]
+pub struct TestReceiver {
+    pub url: String,
+    captured: Arc<Mutex<Vec<Captured>>>,
+    status: Arc<AtomicU16>,
+    hang_ms: Arc<AtomicU64>,
+}
+
+impl TestReceiver {
+    pub async fn start() -> TestReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+        let r = TestReceiver {
+            url,
+            captured: Default::default(),
+            status: Arc::new(AtomicU16::new(204)),
+            hang_ms: Arc::new(AtomicU64::new(0)),
+        };
+        let me = r.clone();
+        let handler = move |headers: HeaderMap, body: Bytes| {
+            let me = me.clone();
+            async move {
+                let hang = me.hang_ms.load(Ordering::SeqCst);
+                let verified = standardwebhooks::Webhook::new(SECRET)
+                    .unwrap()
+                    .verify(&body, &headers)
+                    .is_ok();
+                let text = String::from_utf8_lossy(&body).into_owned();
+                let answered = if hang > 0 {
+                    0
+                } else {
+                    me.status.load(Ordering::SeqCst)
+                };
+                me.captured.lock().unwrap().push(Captured {
+                    id: headers
+                        .get("webhook-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string(),
+                    json: serde_json::from_str(&text).unwrap_or(Value::Null),
+                    body: text,
+                    verified,
+                    answered,
+                });
+                if hang > 0 {
+                    tokio::time::sleep(Duration::from_millis(hang)).await;
+                }
+                StatusCode::from_u16(me.status.load(Ordering::SeqCst)).unwrap()
+            }
+        };
+        let app = Router::new().fallback(axum::routing::post(handler));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        r
+    }
+
+    pub fn set_status(&self, s: u16) {
+        self.status.store(s, Ordering::SeqCst);
+    }
+
+    /// Holds every request this long before answering (0: answer at once).
+    pub fn set_hang(&self, d: Duration) {
+        self.hang_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn all(&self) -> Vec<Captured> {
+        self.captured.lock().unwrap().clone()
+    }
+
+    /// Requests answered with 2xx: what the receiver accepted, in arrival order.
+    pub fn accepted(&self) -> Vec<Captured> {
+        self.all()
+            .into_iter()
+            .filter(|c| (200..300).contains(&c.answered))
+            .collect()
+    }
+
+    /// Waits until `n` distinct event ids were accepted.
+    pub async fn wait_accepted(&self, n: usize, limit: Duration) -> Vec<Captured> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let got = self.accepted();
+            let mut ids: Vec<&str> = got.iter().map(|c| c.id.as_str()).collect();
+            ids.sort();
+            ids.dedup();
+            if ids.len() >= n {
+                return got;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let kinds: Vec<String> = got
+                    .iter()
+                    .map(|c| format!("{} {}", c.kind(), c.data()["confirmations"]))
+                    .collect();
+                panic!(
+                    "waited {limit:?} for {n} accepted events, got {}: {kinds:?}",
+                    ids.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until at least `n` requests arrived, whatever was answered.
+    pub async fn wait_requests(&self, n: usize, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.all().len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited {limit:?} for {n} requests"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+pub struct WatchSpec {
+    pub address: &'static str,
+    pub confirmations: u32,
+    pub label: &'static str,
+}
+
+pub fn watch(address: &'static str, confirmations: u32, label: &'static str) -> WatchSpec {
+    WatchSpec {
+        address,
+        confirmations,
+        label,
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub node: SimNode,
+    pub receiver: TestReceiver,
+    pub config_path: PathBuf,
+}
+
+impl Harness {
+    /// A simulated node with 101 blocks (spendable coins), a receiver, and a config watching `watches`.
+    pub async fn new(watches: &[WatchSpec], extra: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let node = SimNode::start(&dir.path().join("node")).await.unwrap();
+        node.mine(101);
+        let receiver = TestReceiver::start().await;
+        let config_path = dir.path().join("watcher.toml");
+        let h = Harness {
+            dir,
+            node,
+            receiver,
+            config_path,
+        };
+        std::fs::write(&h.config_path, h.config_text(watches, extra)).unwrap();
+        h
+    }
+
+    pub fn config_text(&self, watches: &[WatchSpec], extra: &str) -> String {
+        let mut t = format!(
+            "network = \"regtest\"\ndata_dir = \"data\"\n{extra}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"300ms\"\n\n[[endpoints]]\nname = \"shop\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\ntimeout = \"60s\"\n",
+            self.node.rpc_url(),
+            self.node.cookie_path().display().to_string(),
+            self.receiver.url
+        );
+        for (i, w) in watches.iter().enumerate() {
+            t.push_str(&format!(
+                "\n[[watches]]\naddress = \"{}\"\nconfirmations = {}\nlabel = \"{}\"\nmetadata = {{ order_id = {} }}\n",
+                w.address,
+                w.confirmations,
+                w.label,
+                1000 + i
+            ));
+        }
+        t
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs chainwatch in this process until the returned token is cancelled.
+    pub fn start_daemon(&self) -> Daemon {
+        let cfg =
+            chainwatch::config::Config::load(&self.config_path).expect("test config is valid");
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
+        Daemon { token, handle }
+    }
+
+    /// Runs the release binary (as users do) against this harness.
+    pub fn spawn_binary(&self) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("CHAINWATCH_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chainwatch binary starts")
+    }
+
+    /// Waits until chainwatch's stored tip is the node's tip, then a little longer so its ZMQ
+    /// subscription takes hold (messages published before that are lost, as with bitcoind).
+    pub async fn wait_synced(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let db = chainwatch::store::db_path(&self.data_dir());
+            let tip = if db.exists() {
+                chainwatch::store::Store::open(&self.data_dir()).map(|s| s.tip())
+            } else {
+                Ok(Ok(None))
+            };
+            if matches!(&tip, Ok(Ok(Some(t))) if t.hash == self.node.tip()) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chainwatch did not reach the node's tip {} at {}: store says {tip:?}",
+                self.node.tip(),
+                self.node.height()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    pub fn store(&self) -> chainwatch::store::Store {
+        chainwatch::store::Store::open(&self.data_dir()).unwrap()
+    }
+}
+
+pub struct Daemon {
+    pub token: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.handle
+            .await
+            .expect("daemon task")
+            .expect("daemon stops cleanly");
+    }
+}
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The (type, confirmations) sequence the receiver got for one txid, in sequence order.
+pub fn history(events: &[Captured], txid: &str) -> Vec<(String, u64)> {
+    let mut v: Vec<&Captured> = events.iter().filter(|c| c.data()["txid"] == txid).collect();
+    v.sort_by_key(|c| c.data()["sequence"].as_i64());
+    v.dedup_by_key(|c| c.id.clone());
+    v.iter()
+        .map(|c| {
+            (
+                c.kind().to_string(),
+                c.data()["confirmations"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn expect_history(kinds: &[(&str, u64)]) -> Vec<(String, u64)> {
+    kinds.iter().map(|(k, c)| (k.to_string(), *c)).collect()
+}

@@ -151,8 +151,14 @@ impl<S: ChainSource> Follower<S> {
                         self.needs_resync = false;
                         backoff = Duration::from_millis(250);
                     }
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "node not available; will retry");
+                    Err(e) => {
+                        // Nothing here is fatal: a node that is down, a malformed answer or a
+                        // busy database are all retried, and said loudly while they last.
+                        if e.is_transient() {
+                            tracing::warn!(error = %e, retry_in = ?backoff, "node not available; will retry");
+                        } else {
+                            tracing::error!(error = %e, retry_in = ?backoff, "sync failed; will retry");
+                        }
                         tokio::select! {
                             _ = shutdown.cancelled() => return Ok(()),
                             _ = tokio::time::sleep(backoff) => {}
@@ -160,7 +166,6 @@ impl<S: ChainSource> Follower<S> {
                         backoff = (backoff * 2).min(Duration::from_secs(30));
                         continue;
                     }
-                    Err(e) => return Err(e),
                 }
             }
             tokio::select! {
@@ -178,7 +183,11 @@ impl<S: ChainSource> Follower<S> {
                                 }
                             }
                         }
-                        self.on_zmq_batch(batch).await?
+                        if let Err(e) = self.on_zmq_batch(batch).await {
+                            tracing::warn!(error = %e, "handling ZMQ news failed; resyncing over RPC");
+                            self.needs_resync = true;
+                            self.mempool_stale = true;
+                        }
                     }
                     None => zmq = None,
                 },

@@ -28,6 +28,8 @@ pub(crate) struct State {
     pub cookie: String,
     /// RPC calls still to answer with -28 (warming up).
     pub warmup_calls: u32,
+    /// Stopped: a request on a connection that outlived the server is dropped unanswered.
+    pub down: bool,
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
@@ -57,7 +59,8 @@ pub struct SimNode {
     dir: PathBuf,
     rpc_addr: SocketAddr,
     zmq: Vec<(String, String)>,
-    server: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Cancelling it shuts the RPC server down, closing kept-alive connections too.
+    server: Arc<Mutex<Option<tokio_util::sync::CancellationToken>>>,
 }
 
 fn new_cookie() -> String {
@@ -90,6 +93,7 @@ impl SimNode {
             clock: 1_764_000_000,
             cookie: new_cookie(),
             warmup_calls: 0,
+            down: false,
             spent: Default::default(),
             miner,
             change: vec![],
@@ -123,10 +127,14 @@ impl SimNode {
 
     fn serve(&self, listener: tokio::net::TcpListener) {
         let app = rpc::router(self.clone());
-        let handle = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+        let token = tokio_util::sync::CancellationToken::new();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
         });
-        *self.server.lock().expect("server lock") = Some(handle);
+        *self.server.lock().expect("server lock") = Some(token);
     }
 
     fn write_cookie(&self) -> std::io::Result<()> {
@@ -313,9 +321,10 @@ impl SimNode {
 
     /// Takes the RPC server down (connections refused) until `restart`.
     pub fn stop(&self) {
-        if let Some(h) = self.server.lock().expect("server lock").take() {
-            h.abort();
+        if let Some(t) = self.server.lock().expect("server lock").take() {
+            t.cancel();
         }
+        self.lock().down = true;
     }
 
     /// Starts again as bitcoind would after a restart: a new cookie, ZMQ counters from zero,
@@ -327,6 +336,7 @@ impl SimNode {
             s.chain.restart();
             s.cookie = new_cookie();
             s.warmup_calls = warmup_calls;
+            s.down = false;
         }
         self.write_cookie()?;
         let listener = loop {

@@ -62,6 +62,9 @@ fn authorized(node: &SimNode, headers: &HeaderMap) -> bool {
 }
 
 fn handle(node: &SimNode, headers: &HeaderMap, body: &[u8]) -> Response {
+    if node.lock().down {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopped").into_response();
+    }
     if !authorized(node, headers) {
         return (StatusCode::UNAUTHORIZED, "").into_response();
     }

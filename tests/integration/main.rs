@@ -5,6 +5,8 @@ mod captures;
 mod cli;
 mod crash;
 mod delivery;
+mod faults;
 mod fidelity;
 mod harness;
 mod pipeline;
+mod real_node;

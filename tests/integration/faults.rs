@@ -1,0 +1,85 @@
+//! The node misbehaving: warming up, going away, coming back with a new cookie.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warming_up_node_is_waited_for() {
+    let h = Harness::new(&[watch(P2WPKH, 1, "w")], "").await;
+    h.node.set_warmup_calls(5);
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    let txid = h.node.pay(P2WPKH, 5_000).to_string();
+    h.receiver.wait_accepted(1, WAIT).await;
+    h.node.mine(1);
+    let got = h.receiver.wait_accepted(2, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        history(&got, &txid),
+        expect_history(&[("tx.pending", 0), ("tx.confirmed", 1)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bitcoind_down_then_back_with_a_new_cookie_loses_nothing() {
+    let h = Harness::new(&[watch(P2WPKH, 3, "r")], "").await;
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    let txid = h.node.pay(P2WPKH, 9_000).to_string();
+    h.receiver.wait_accepted(1, WAIT).await;
+    let old_cookie = std::fs::read_to_string(h.node.cookie_path()).unwrap();
+    h.node.stop();
+    // Blocks mined while chainwatch cannot reach the node.
+    h.node.mine(2);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    h.node.restart(2).await.unwrap();
+    assert_ne!(
+        std::fs::read_to_string(h.node.cookie_path()).unwrap(),
+        old_cookie,
+        "restart wrote a new cookie"
+    );
+    let got = h.receiver.wait_accepted(3, WAIT).await;
+    h.node.mine(1);
+    let got2 = h.receiver.wait_accepted(4, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(got.len(), 3);
+    let expected = expect_history(&[
+        ("tx.pending", 0),
+        ("tx.confirmation", 1),
+        ("tx.confirmation", 2),
+        ("tx.confirmed", 3),
+    ]);
+    assert_eq!(
+        history(&got2, &txid),
+        expected,
+        "caught up over RPC, then followed ZMQ with reset counters"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_delivery_in_flight_and_exits_zero() {
+    let h = Harness::new(&[watch(P2TR, 1, "t")], "").await;
+    let mut child = h.spawn_binary();
+    h.wait_synced().await;
+    h.receiver.set_hang(Duration::from_millis(1500));
+    h.node.pay(P2TR, 4_000);
+    h.receiver.wait_requests(1, WAIT).await;
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+    let rows = h.store().list_deliveries(None, None, 10).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].status, "delivered",
+        "the request in flight was finished and recorded"
+    );
+    assert_eq!(h.receiver.all().len(), 1, "and not sent twice");
+}

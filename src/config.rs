@@ -81,6 +81,8 @@ struct RawConfig {
     #[serde(default = "default_alert_reorg_depth")]
     alert_reorg_depth: u32,
     #[serde(default)]
+    node_unreachable_after: Option<String>,
+    #[serde(default)]
     log_format: Option<String>,
     #[serde(default)]
     bitcoind: RawBitcoind,
@@ -217,6 +219,7 @@ pub struct Config {
     pub start_height: StartHeight,
     pub finality_depth: u32,
     pub alert_reorg_depth: u32,
+    pub node_unreachable_after: Duration,
     pub json_logs: bool,
     pub bitcoind: BitcoindConfig,
     pub endpoints: Vec<EndpointConfig>,
@@ -410,6 +413,11 @@ impl RawConfig {
                 ))
             }
         };
+        let node_unreachable_after = duration(
+            "node_unreachable_after",
+            self.node_unreachable_after.as_deref(),
+            "60s",
+        )?;
         let bitcoind = self.bitcoind.validate(network, base)?;
         let mut endpoints = Vec::new();
         for (i, e) in self.endpoints.into_iter().enumerate() {
@@ -435,6 +443,7 @@ impl RawConfig {
             start_height,
             finality_depth: self.finality_depth,
             alert_reorg_depth: self.alert_reorg_depth,
+            node_unreachable_after,
             json_logs,
             bitcoind,
             endpoints,

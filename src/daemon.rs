@@ -171,9 +171,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         start_height: cfg.start_height,
         poll_interval: cfg.bitcoind.poll_interval,
         zmq_mempool: has_sequence,
+        alert_reorg_depth: cfg.alert_reorg_depth,
+        node_unreachable_after: cfg.node_unreachable_after,
     };
     let follower = Follower::new(rpc, store, tracker, index, opts, wake);
-    let result = follower
+    follower
         .run(subscriber.is_some().then_some(zmq_rx), shutdown.clone())
         .await;
     shutdown.cancel();
@@ -187,7 +189,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     if let Some(s) = subscriber {
         s.stop();
     }
-    result.context("following the chain")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -11,6 +11,15 @@ pub const TX_PENDING: &str = "tx.pending";
 pub const TX_CONFIRMATION: &str = "tx.confirmation";
 pub const TX_CONFIRMED: &str = "tx.confirmed";
 pub const TX_REORGED: &str = "tx.reorged";
+pub const TX_REPLACED: &str = "tx.replaced";
+pub const TX_DROPPED: &str = "tx.dropped";
+pub const BLOCK_CONNECTED: &str = "block.connected";
+pub const BLOCK_DISCONNECTED: &str = "block.disconnected";
+pub const ALERT_REORG: &str = "alert.reorg";
+pub const ALERT_NODE_UNREACHABLE: &str = "alert.node_unreachable";
+pub const ALERT_NODE_RECOVERED: &str = "alert.node_recovered";
+pub const ALERT_ENDPOINT_DISABLED: &str = "alert.endpoint_disabled";
+pub const ALERT_DELIVERY_EXHAUSTED: &str = "alert.delivery_exhausted";
 
 /// A block as events name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,10 +78,11 @@ pub struct TxEventFacts<'a> {
     pub inputs: &'a [MatchedInput],
     pub amount_sat: i64,
     pub tip: TipRef,
-    pub previous_block: Option<BlockRef>,
+    /// Type-specific fields: `previous_block`, `replaced_by`, `reason`, `conflicting_txid`.
+    pub extra: Map<String, Value>,
 }
 
-fn block_json(b: &BlockRef) -> Value {
+pub fn block_json(b: &BlockRef) -> Value {
     json!({ "hash": b.hash.to_string(), "height": b.height, "time": b.time })
 }
 
@@ -102,9 +112,7 @@ impl TxEventFacts<'_> {
             "tip".into(),
             json!({ "hash": self.tip.hash.to_string(), "height": self.tip.height }),
         );
-        if let Some(prev) = &self.previous_block {
-            data.insert("previous_block".into(), block_json(prev));
-        }
+        data.extend(self.extra);
         NewEvent {
             id,
             kind: static_kind(self.identity.kind),
@@ -113,13 +121,47 @@ impl TxEventFacts<'_> {
     }
 }
 
-fn static_kind(kind: &str) -> &'static str {
-    match kind {
-        TX_PENDING => TX_PENDING,
-        TX_CONFIRMATION => TX_CONFIRMATION,
-        TX_CONFIRMED => TX_CONFIRMED,
-        TX_REORGED => TX_REORGED,
-        _ => "unknown",
+const KINDS: [&str; 13] = [
+    TX_PENDING,
+    TX_CONFIRMATION,
+    TX_CONFIRMED,
+    TX_REORGED,
+    TX_REPLACED,
+    TX_DROPPED,
+    BLOCK_CONNECTED,
+    BLOCK_DISCONNECTED,
+    ALERT_REORG,
+    ALERT_NODE_UNREACHABLE,
+    ALERT_NODE_RECOVERED,
+    ALERT_ENDPOINT_DISABLED,
+    ALERT_DELIVERY_EXHAUSTED,
+];
+
+pub fn static_kind(kind: &str) -> &'static str {
+    KINDS
+        .iter()
+        .find(|k| **k == kind)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// An event that is not about a (transaction, watch): chain events and alerts. Its id hashes
+/// its type and `identity`, which must name the occurrence (a block and how often it was
+/// disconnected before, an outage's start).
+pub fn other_event(
+    kind: &'static str,
+    identity: &str,
+    network: &str,
+    fields: Map<String, Value>,
+) -> NewEvent {
+    let h = sha256::Hash::hash(format!("chainwatch-event-v1|{kind}|{identity}").as_bytes());
+    let mut data = Map::new();
+    data.insert("network".into(), json!(network));
+    data.extend(fields);
+    NewEvent {
+        id: format!("evt_{}", hex::encode(&h.as_byte_array()[..16])),
+        kind,
+        data,
     }
 }
 

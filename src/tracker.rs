@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde_json::json;
+
 use bitcoin::{Block, OutPoint, Transaction, Txid};
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +35,26 @@ pub struct Tracked {
     pub fired: u32,
     pub outputs: Vec<MatchedOutput>,
     pub inputs: Vec<MatchedInput>,
+    /// Every outpoint the transaction spends, to recognise replacements and conflicts.
+    pub spends: Vec<OutPoint>,
+}
+
+/// Why a transaction left the mempool without being mined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// A replacement spending the same inputs arrived.
+    Replaced(Txid),
+    /// An input was spent by a transaction confirmed in a block.
+    Conflict(Txid),
+    /// Any other reason (mempool limits, expiry, a replaced ancestor).
+    Evicted,
+}
+
+fn spends_of(tx: &Transaction) -> Vec<OutPoint> {
+    if tx.is_coinbase() {
+        return vec![];
+    }
+    tx.input.iter().map(|i| i.previous_output).collect()
 }
 
 impl Tracked {
@@ -54,6 +76,7 @@ pub enum TipChange {
     Connect {
         block: BlockRef,
         prev: bitcoin::BlockHash,
+        tx_count: u32,
     },
     Disconnect {
         block: BlockRef,
@@ -72,6 +95,10 @@ pub struct ChainStep {
 }
 
 impl ChainStep {
+    pub fn empty() -> ChainStep {
+        ChainStep::new(TipChange::None)
+    }
+
     fn new(tip: TipChange) -> ChainStep {
         ChainStep {
             tip,
@@ -148,8 +175,11 @@ impl Tracker {
                         fired: 0,
                         outputs: m.outputs,
                         inputs: m.inputs,
+                        spends: spends_of(tx),
                     };
-                    if let Some(e) = self.event(index, &t, event::TX_PENDING, 0, None, tip, None) {
+                    if let Some(e) =
+                        self.event(index, &t, Shape::new(event::TX_PENDING, 0, None, tip))
+                    {
                         step.events.push(e);
                     }
                     step.upserts.push(t);
@@ -176,6 +206,7 @@ impl Tracker {
         let mut step = ChainStep::new(TipChange::Connect {
             block: at,
             prev: block.header.prev_blockhash,
+            tx_count: block.txdata.len() as u32,
         });
         let mut changed: BTreeMap<TrackedKey, Tracked> = BTreeMap::new();
         let mut overlay: HashMap<OutPoint, WatchedCoin> = HashMap::new();
@@ -201,6 +232,7 @@ impl Tracker {
                         fired: 0,
                         outputs: m.outputs,
                         inputs: m.inputs,
+                        spends: spends_of(tx),
                     },
                 };
                 changed.insert(key, t);
@@ -245,7 +277,7 @@ impl Tracker {
             } else {
                 event::TX_CONFIRMED
             };
-            if let Some(e) = self.event(index, &t, kind, t.fired, Some(block), tip, None) {
+            if let Some(e) = self.event(index, &t, Shape::new(kind, t.fired, Some(block), tip)) {
                 step.events.push(e);
             }
         }
@@ -263,7 +295,16 @@ impl Tracker {
             if t.status != TxStatus::Confirmed(at) {
                 continue;
             }
-            if let Some(e) = self.event(index, t, event::TX_REORGED, 0, None, new_tip, Some(at)) {
+            let shape = Shape::new(event::TX_REORGED, 0, None, new_tip)
+                .with("previous_block", event::block_json(&at));
+            if let Some(e) = self.event(
+                index,
+                t,
+                Shape {
+                    identity_block: Some(at.hash),
+                    ..shape
+                },
+            ) {
                 step.events.push(e);
             }
             step.upserts.push(Tracked {
@@ -276,24 +317,88 @@ impl Tracker {
         step
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn event(
+    fn entries_of(&self, txid: Txid) -> impl Iterator<Item = &Tracked> {
+        self.entries
+            .range((txid, String::new())..)
+            .take_while(move |(k, _)| k.0 == txid)
+            .map(|(_, t)| t)
+    }
+
+    /// Whether `txid` is tracked and not confirmed.
+    pub fn is_unconfirmed(&self, txid: Txid) -> bool {
+        self.entries_of(txid)
+            .any(|t| !matches!(t.status, TxStatus::Confirmed(_)))
+    }
+
+    /// The outpoints a tracked transaction spends.
+    pub fn spends_of(&self, txid: Txid) -> Vec<OutPoint> {
+        self.entries_of(txid)
+            .next()
+            .map(|t| t.spends.clone())
+            .unwrap_or_default()
+    }
+
+    fn txids_with(&self, status: impl Fn(&TxStatus) -> bool) -> Vec<Txid> {
+        let mut v: Vec<Txid> = self
+            .entries
+            .values()
+            .filter(|t| status(&t.status))
+            .map(|t| t.txid)
+            .collect();
+        v.dedup();
+        v
+    }
+
+    /// Tracked transactions we believe are in the mempool.
+    pub fn in_mempool(&self) -> Vec<Txid> {
+        self.txids_with(|s| *s == TxStatus::Mempool)
+    }
+
+    /// Tracked transactions reorged out and not seen in the mempool since.
+    pub fn reorged_out(&self) -> Vec<Txid> {
+        self.txids_with(|s| *s == TxStatus::Unconfirmed)
+    }
+
+    /// A tracked unconfirmed transaction left the mempool (or will never return to it).
+    pub fn mempool_removed(
         &self,
         index: &WatchIndex,
-        t: &Tracked,
-        kind: &str,
-        confirmations: u32,
-        block: Option<BlockRef>,
+        txid: Txid,
+        why: Removal,
         tip: TipRef,
-        previous_block: Option<BlockRef>,
-    ) -> Option<NewEvent> {
+    ) -> ChainStep {
+        let mut step = ChainStep::new(TipChange::None);
+        for t in self.entries_of(txid) {
+            if matches!(t.status, TxStatus::Confirmed(_)) {
+                continue;
+            }
+            let key = (t.txid, t.watch_id.clone());
+            let shape = match why {
+                Removal::Replaced(by) => Shape::new(event::TX_REPLACED, 0, None, tip)
+                    .with("replaced_by", json!(by.to_string())),
+                Removal::Conflict(by) => Shape::new(event::TX_DROPPED, 0, None, tip)
+                    .with("reason", json!("conflict"))
+                    .with("conflicting_txid", json!(by.to_string())),
+                Removal::Evicted => {
+                    Shape::new(event::TX_DROPPED, 0, None, tip).with("reason", json!("evicted"))
+                }
+            };
+            if let Some(e) = self.event(index, t, shape) {
+                step.events.push(e);
+            }
+            step.removals.push(key);
+        }
+        step
+    }
+
+    fn event(&self, index: &WatchIndex, t: &Tracked, shape: Shape) -> Option<NewEvent> {
         let watch = index.get(&t.watch_id)?;
         let identity = TxEventIdentity {
-            kind,
+            kind: shape.kind,
             txid: t.txid,
             watch_id: &t.watch_id,
-            block_hash: block.or(previous_block).map(|b| b.hash),
-            confirmations,
+            block_hash: shape.block.map(|b| b.hash).or(shape.identity_block),
+            confirmations: shape.confirmations,
             reorg_count: t.reorg_count,
         };
         Some(
@@ -301,15 +406,44 @@ impl Tracker {
                 identity,
                 network: self.network,
                 required_confirmations: watch.confirmations,
-                block,
+                block: shape.block,
                 watch,
                 outputs: &t.outputs,
                 inputs: &t.inputs,
                 amount_sat: t.amount_sat(),
-                tip,
-                previous_block,
+                tip: shape.tip,
+                extra: shape.extra,
             }
             .into_event(),
         )
+    }
+}
+
+/// What distinguishes one transaction event from another of the same transaction.
+struct Shape {
+    kind: &'static str,
+    confirmations: u32,
+    block: Option<BlockRef>,
+    /// The block named in the id when `block` is null (tx.reorged names the one it left).
+    identity_block: Option<bitcoin::BlockHash>,
+    tip: TipRef,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Shape {
+    fn new(kind: &'static str, confirmations: u32, block: Option<BlockRef>, tip: TipRef) -> Shape {
+        Shape {
+            kind,
+            confirmations,
+            block,
+            identity_block: None,
+            tip,
+            extra: Default::default(),
+        }
+    }
+
+    fn with(mut self, key: &str, v: serde_json::Value) -> Shape {
+        self.extra.insert(key.to_string(), v);
+        self
     }
 }

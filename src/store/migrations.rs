@@ -85,6 +85,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX attempts_by_delivery ON attempts (delivery_id);
     "#,
+    // 2: what tracked transactions spend (replacements, conflicts); how often blocks were
+    // disconnected (ids of chain events for a block that comes back).
+    r#"
+    ALTER TABLE tracked ADD COLUMN spends TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE block_disconnects (hash TEXT PRIMARY KEY, count INTEGER NOT NULL);
+    ALTER TABLE blocks ADD COLUMN tx_count INTEGER;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

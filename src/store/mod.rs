@@ -42,6 +42,7 @@ pub struct StoredBlock {
     pub height: u32,
     pub prev: BlockHash,
     pub time: u32,
+    pub tx_count: Option<u32>,
 }
 
 impl StoredBlock {
@@ -164,7 +165,7 @@ impl Store {
     }
 
     fn block_where(&self, clause: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Option<StoredBlock>> {
-        let sql = format!("SELECT hash, height, prev_hash, time FROM blocks {clause}");
+        let sql = format!("SELECT hash, height, prev_hash, time, tx_count FROM blocks {clause}");
         let row = self
             .conn
             .query_row(&sql, p, |r| {
@@ -173,18 +174,41 @@ impl Store {
                     r.get::<_, u32>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, u32>(3)?,
+                    r.get::<_, Option<u32>>(4)?,
                 ))
             })
             .optional()?;
-        row.map(|(h, height, p, time)| {
+        row.map(|(h, height, p, time, tx_count)| {
             Ok(StoredBlock {
                 hash: parse_hash(&h)?,
                 height,
                 prev: parse_hash(&p)?,
                 time,
+                tx_count,
             })
         })
         .transpose()
+    }
+
+    /// Whether any endpoint's filter takes events of this type (chain events and alerts are
+    /// recorded only then).
+    pub fn wants(&self, kind: &str) -> bool {
+        self.filters
+            .iter()
+            .any(|(_, globs)| globs.iter().any(|g| type_matches(g, kind)))
+    }
+
+    /// How many times a block was disconnected.
+    pub fn disconnect_count(&self, hash: BlockHash) -> Result<u32> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT count FROM block_disconnects WHERE hash = ?1",
+                [hash.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
     }
 
     /// Sets the block the watcher starts after (first run only): no events.
@@ -225,7 +249,11 @@ fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
         .optional()?;
     match change {
         TipChange::None => {}
-        TipChange::Connect { block, prev } => {
+        TipChange::Connect {
+            block,
+            prev,
+            tx_count,
+        } => {
             if let Some((hash, height)) = &tip {
                 if *hash != prev.to_string() || *height + 1 != block.height {
                     return Err(StoreError::TipMismatch(format!(
@@ -235,13 +263,8 @@ fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
                 }
             }
             tx.execute(
-                "INSERT INTO blocks (height, hash, prev_hash, time) VALUES (?1, ?2, ?3, ?4)",
-                params![
-                    block.height,
-                    block.hash.to_string(),
-                    prev.to_string(),
-                    block.time
-                ],
+                "INSERT INTO blocks (height, hash, prev_hash, time, tx_count) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![block.height, block.hash.to_string(), prev.to_string(), block.time, tx_count],
             )?;
             tx.execute(
                 "DELETE FROM blocks WHERE height + ?1 < ?2",
@@ -256,6 +279,11 @@ fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
                 )));
             }
             tx.execute("DELETE FROM blocks WHERE height = ?1", [block.height])?;
+            tx.execute(
+                "INSERT INTO block_disconnects (hash, count) VALUES (?1, 1)
+                 ON CONFLICT(hash) DO UPDATE SET count = count + 1",
+                [block.hash.to_string()],
+            )?;
         }
     }
     Ok(())

@@ -31,7 +31,7 @@ pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
         };
         tx.execute(
             "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
-             reorg_count, fired, outputs, inputs) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             reorg_count, fired, outputs, inputs, spends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 t.txid.to_string(),
                 t.watch_id,
@@ -43,6 +43,7 @@ pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
                 t.fired,
                 serde_json::to_string(&t.outputs).expect("outputs serialise"),
                 serde_json::to_string(&t.inputs).expect("inputs serialise"),
+                serde_json::to_string(&t.spends.iter().map(|o| o.to_string()).collect::<Vec<_>>()).expect("spends serialise"),
             ],
         )?;
     }
@@ -64,7 +65,7 @@ pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
 impl Store {
     pub fn load_tracked(&self) -> Result<Vec<Tracked>> {
         let mut stmt = self.conn.prepare(
-            "SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs FROM tracked",
+            "SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs, spends FROM tracked",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -78,6 +79,7 @@ impl Store {
                 r.get::<_, u32>(7)?,
                 r.get::<_, String>(8)?,
                 r.get::<_, String>(9)?,
+                r.get::<_, String>(10)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -93,7 +95,10 @@ impl Store {
                 fired,
                 outputs,
                 inputs,
+                spends,
             ) = row?;
+            let spends: Vec<String> =
+                serde_json::from_str(&spends).map_err(|e| corrupt("spends", e))?;
             let status = match (status.as_str(), bhash, bheight, btime) {
                 ("mempool", ..) => TxStatus::Mempool,
                 ("unconfirmed", ..) => TxStatus::Unconfirmed,
@@ -112,6 +117,11 @@ impl Store {
                 fired,
                 outputs: serde_json::from_str(&outputs).map_err(|e| corrupt("outputs", e))?,
                 inputs: serde_json::from_str(&inputs).map_err(|e| corrupt("inputs", e))?,
+                spends: spends
+                    .iter()
+                    .map(|o| o.parse())
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(|e| corrupt("spends", e))?,
             });
         }
         Ok(out)

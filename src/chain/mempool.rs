@@ -1,0 +1,123 @@
+//! The follower's mempool side: matching new transactions, and telling why tracked ones left
+//! (replaced, in conflict with a block, or evicted), the same way whether ZMQ announced the
+//! removal or a resync over RPC found it.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bitcoin::{OutPoint, Transaction, Txid};
+
+use super::{FollowError, Follower};
+use crate::node::ChainSource;
+use crate::tracker::Removal;
+
+impl<S: ChainSource> Follower<S> {
+    /// The body of a mempool transaction, from ZMQ's rawtx or RPC; `None` if it is gone already.
+    async fn mempool_body(&mut self, txid: Txid) -> Result<Option<Transaction>, FollowError> {
+        if let Some(tx) = self.cache.txs.get(&txid) {
+            return Ok(Some(tx.clone()));
+        }
+        match self.source.mempool_transaction(txid).await {
+            Ok(tx) => Ok(Some(tx)),
+            // Mined or replaced meanwhile: the chain sync or a removal will account for it.
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// ZMQ `A`: a transaction entered the mempool.
+    pub(super) async fn mempool_added(&mut self, txid: Txid) -> Result<(), FollowError> {
+        if self.seen_mempool.contains(&txid) {
+            return Ok(());
+        }
+        let Some(tx) = self.mempool_body(txid).await? else {
+            return Ok(());
+        };
+        self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)?;
+        self.match_mempool_tx(&tx)
+    }
+
+    fn match_mempool_tx(&mut self, tx: &Transaction) -> Result<(), FollowError> {
+        self.seen_mempool.insert(tx.compute_txid());
+        let Some(tip) = self.tip_ref()? else {
+            return Ok(());
+        };
+        let step = self.tracker.mempool_add(&self.index, tx, tip);
+        self.commit(step)
+    }
+
+    /// Announces every pending removal at least `min_age` old: replaced by one of `incoming`
+    /// if it spends the same outpoints, in conflict with a recently mined transaction, or
+    /// evicted. Reorged-out transactions that a new block conflicts with are dropped too.
+    pub(super) fn classify_pending(
+        &mut self,
+        incoming: &[Transaction],
+        min_age: Duration,
+    ) -> Result<(), FollowError> {
+        let Some(tip) = self.tip_ref()? else {
+            return Ok(());
+        };
+        let (due, wait): (Vec<(Txid, Instant)>, Vec<(Txid, Instant)>) =
+            std::mem::take(&mut self.pending_removals)
+                .into_iter()
+                .partition(|(_, at)| at.elapsed() >= min_age);
+        self.pending_removals = wait;
+        for (txid, _) in due {
+            let why = self.removal_cause(&self.tracker.spends_of(txid), incoming);
+            tracing::info!(%txid, ?why, "tracked transaction left the mempool");
+            let step = self.tracker.mempool_removed(&self.index, txid, why, tip);
+            self.commit(step)?;
+        }
+        for txid in self.tracker.reorged_out() {
+            if let Some(by) = self.recent_spends.conflict(&self.tracker.spends_of(txid)) {
+                let step =
+                    self.tracker
+                        .mempool_removed(&self.index, txid, Removal::Conflict(by), tip);
+                self.commit(step)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn removal_cause(&self, spends: &[OutPoint], incoming: &[Transaction]) -> Removal {
+        let replacement = incoming
+            .iter()
+            .find(|t| t.input.iter().any(|i| spends.contains(&i.previous_output)));
+        if let Some(r) = replacement {
+            return Removal::Replaced(r.compute_txid());
+        }
+        match self.recent_spends.conflict(spends) {
+            Some(by) => Removal::Conflict(by),
+            None => Removal::Evicted,
+        }
+    }
+
+    /// Reconciles with `getrawmempool`: classifies tracked transactions that left while we were
+    /// not listening, then matches every transaction not seen yet, in the node's order.
+    pub async fn sync_mempool(&mut self) -> Result<(), FollowError> {
+        let (txids, _sequence) = self.source.raw_mempool().await?;
+        let current: HashSet<Txid> = txids.iter().copied().collect();
+        self.seen_mempool.retain(|t| current.contains(t));
+        let mut fresh = Vec::new();
+        for txid in txids
+            .iter()
+            .filter(|t| !self.seen_mempool.contains(*t))
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            if let Some(tx) = self.mempool_body(txid).await? {
+                fresh.push(tx);
+            }
+        }
+        for txid in self.tracker.in_mempool() {
+            if !current.contains(&txid) && !self.pending_removals.iter().any(|(t, _)| *t == txid) {
+                self.pending_removals.push((txid, Instant::now()));
+            }
+        }
+        self.classify_pending(&fresh, Duration::ZERO)?;
+        for tx in &fresh {
+            self.match_mempool_tx(tx)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,386 @@
+//! The chain follower: keeps the stored chain equal to the node's best chain, one step at a time.
+//! ZMQ messages only wake it and carry bodies; RPC decides. On a fork it disconnects back to
+//! the fork point, then connects the new branch in height order.
+
+mod mempool;
+mod support;
+mod sync;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::Txid;
+use serde_json::{json, Map};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::StartHeight;
+use crate::event::{self, NewEvent, TipRef};
+use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
+use crate::node::{ChainSource, NodeError};
+use crate::store::{Store, StoreError};
+use crate::tracker::{ChainStep, TipChange, Tracker};
+use crate::watch::WatchIndex;
+use support::{BodyCache, RecentSpends};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl FollowError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FollowError::Node(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
+/// Settings the follower needs from the config.
+#[derive(Debug, Clone)]
+pub struct FollowerOptions {
+    pub start_height: StartHeight,
+    pub poll_interval: Duration,
+    /// Whether ZMQ delivers mempool news; without it the mempool is polled.
+    pub zmq_mempool: bool,
+    pub alert_reorg_depth: u32,
+    pub node_unreachable_after: Duration,
+}
+
+/// An outage of the node, for `alert.node_unreachable` / `alert.node_recovered`.
+struct Outage {
+    since_ms: i64,
+    alerted: bool,
+    error: String,
+}
+
+pub struct Follower<S: ChainSource> {
+    source: Arc<S>,
+    store: Store,
+    tracker: Tracker,
+    index: WatchIndex,
+    opts: FollowerOptions,
+    wake_dispatch: Arc<Notify>,
+    cache: BodyCache,
+    recent_spends: RecentSpends,
+    /// Mempool txids already matched, so a resync fetches only new ones.
+    seen_mempool: HashSet<Txid>,
+    /// Tracked transactions announced as removed (`R`), classified by what comes next.
+    pending_removals: Vec<(Txid, std::time::Instant)>,
+    counters: HashMap<String, u32>,
+    needs_resync: bool,
+    /// The mempool view may have missed something (start, counter gap, first ZMQ message).
+    mempool_stale: bool,
+    outage: Option<Outage>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl<S: ChainSource> Follower<S> {
+    pub fn new(
+        source: Arc<S>,
+        store: Store,
+        tracker: Tracker,
+        index: WatchIndex,
+        opts: FollowerOptions,
+        wake_dispatch: Arc<Notify>,
+    ) -> Follower<S> {
+        Follower {
+            source,
+            store,
+            tracker,
+            index,
+            opts,
+            wake_dispatch,
+            cache: BodyCache::default(),
+            recent_spends: RecentSpends::default(),
+            seen_mempool: HashSet::new(),
+            pending_removals: Vec::new(),
+            counters: HashMap::new(),
+            needs_resync: true,
+            mempool_stale: true,
+            outage: None,
+        }
+    }
+
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// Runs until `shutdown`. Nothing here is fatal: a node that is down, a malformed answer or
+    /// a busy database are all retried with backoff, and said loudly while they last.
+    pub async fn run(
+        mut self,
+        mut zmq: Option<mpsc::Receiver<ZmqMessage>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(250);
+        let mut poll = tokio::time::interval(self.opts.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if self.needs_resync {
+                match self.resync().await {
+                    Ok(()) => {
+                        self.needs_resync = false;
+                        backoff = Duration::from_millis(250);
+                        self.node_answered();
+                    }
+                    Err(e) => {
+                        if e.is_transient() {
+                            tracing::warn!(error = %e, retry_in = ?backoff, "node not available; will retry");
+                            self.node_failed(&e);
+                        } else {
+                            tracing::error!(error = %e, retry_in = ?backoff, "sync failed; will retry");
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                msg = recv(&mut zmq) => match msg {
+                    Some(m) => {
+                        let batch = drain(m, zmq.as_mut());
+                        if let Err(e) = self.on_zmq_batch(batch).await {
+                            tracing::warn!(error = %e, "handling ZMQ news failed; resyncing over RPC");
+                            self.needs_resync = true;
+                            self.mempool_stale = true;
+                        }
+                    }
+                    None => zmq = None,
+                },
+                _ = poll.tick() => {
+                    // Polling catches what ZMQ missed or never sent; removals announced a whole
+                    // interval ago with no replacement or conflict since were evictions.
+                    self.needs_resync = true;
+                    if !self.pending_removals.is_empty() {
+                        if let Err(e) = self.classify_pending(&[], self.opts.poll_interval) {
+                            tracing::warn!(error = %e, "classifying mempool removals failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Brings chain and mempool up to date with the node.
+    pub async fn resync(&mut self) -> Result<(), FollowError> {
+        self.sync_chain().await?;
+        if self.opts.zmq_mempool && !self.mempool_stale {
+            return Ok(());
+        }
+        self.sync_mempool().await?;
+        self.mempool_stale = false;
+        Ok(())
+    }
+
+    async fn on_zmq_batch(&mut self, batch: Vec<ZmqMessage>) -> Result<(), FollowError> {
+        let mut events = Vec::new();
+        for m in batch {
+            self.check_counter(&m);
+            match m.body {
+                ZmqBody::RawTx(tx) => self.cache.add_tx(tx),
+                ZmqBody::RawBlock(b) => self.cache.add_block(b),
+                ZmqBody::Sequence(ev) => events.push(ev),
+                ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}
+            }
+        }
+        for ev in events {
+            self.on_sequence(ev).await?;
+        }
+        Ok(())
+    }
+
+    fn check_counter(&mut self, m: &ZmqMessage) {
+        tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
+        match self.counters.insert(m.topic.clone(), m.counter) {
+            Some(last) if m.counter != last.wrapping_add(1) => {
+                if m.counter < last {
+                    tracing::warn!(topic = %m.topic, last, got = m.counter, "ZMQ counter went back: bitcoind restarted; resyncing over RPC");
+                } else {
+                    tracing::warn!(topic = %m.topic, last, got = m.counter, lost = m.counter - last - 1, "ZMQ messages lost; resyncing over RPC");
+                }
+                self.needs_resync = true;
+                self.mempool_stale = true;
+            }
+            // Messages published before the subscription took hold are lost without a trace.
+            None => {
+                self.needs_resync = true;
+                self.mempool_stale = true;
+            }
+            Some(_) => {}
+        }
+    }
+
+    async fn on_sequence(&mut self, ev: SequenceEvent) -> Result<(), FollowError> {
+        match ev {
+            SequenceEvent::BlockConnected(_) | SequenceEvent::BlockDisconnected(_) => {
+                self.sync_chain().await?;
+                // bitcoind announces the R of a transaction a block conflicts with before the
+                // block's C: now the block is in, classify.
+                self.classify_pending(&[], Duration::ZERO)
+            }
+            SequenceEvent::TxAdded(txid, _) => self.mempool_added(txid).await,
+            SequenceEvent::TxRemoved(txid, _) => {
+                self.seen_mempool.remove(&txid);
+                if self.tracker.is_unconfirmed(txid)
+                    && !self.pending_removals.iter().any(|(t, _)| *t == txid)
+                {
+                    self.pending_removals
+                        .push((txid, std::time::Instant::now()));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn tip_ref(&self) -> Result<Option<TipRef>, FollowError> {
+        Ok(self.store.tip()?.map(|t| TipRef {
+            hash: t.hash,
+            height: t.height,
+        }))
+    }
+
+    fn commit(&mut self, step: ChainStep) -> Result<(), FollowError> {
+        let empty = step.events.is_empty()
+            && step.upserts.is_empty()
+            && step.removals.is_empty()
+            && step.coins_added.is_empty()
+            && step.tip == TipChange::None;
+        if empty {
+            return Ok(());
+        }
+        let committed = self.store.apply(&step, now_ms())?;
+        self.tracker.apply(&step, &mut self.index);
+        for e in &committed {
+            tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded");
+        }
+        if !committed.is_empty() {
+            self.wake_dispatch.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Records a chain event or alert on its own, if any endpoint asks for its type.
+    fn commit_other(
+        &mut self,
+        kind: &'static str,
+        identity: &str,
+        fields: Map<String, serde_json::Value>,
+    ) -> Result<(), FollowError> {
+        if !self.store.wants(kind) {
+            return Ok(());
+        }
+        let step = ChainStep {
+            events: vec![self.other_event(kind, identity, fields)],
+            ..ChainStep::empty()
+        };
+        self.commit(step)
+    }
+
+    fn other_event(
+        &self,
+        kind: &'static str,
+        identity: &str,
+        fields: Map<String, serde_json::Value>,
+    ) -> NewEvent {
+        event::other_event(kind, identity, self.tracker.network, fields)
+    }
+
+    fn node_failed(&mut self, e: &FollowError) {
+        let now = now_ms();
+        let outage = self.outage.get_or_insert(Outage {
+            since_ms: now,
+            alerted: false,
+            error: String::new(),
+        });
+        outage.error = e.to_string();
+        if outage.alerted
+            || now - outage.since_ms < self.opts.node_unreachable_after.as_millis() as i64
+        {
+            return;
+        }
+        let since = outage.since_ms;
+        let fields = fields(json!({ "since": rfc3339_ms(since), "error": outage.error }));
+        tracing::error!(since = %rfc3339_ms(since), "bitcoind unreachable; alerting");
+        if self
+            .commit_other(event::ALERT_NODE_UNREACHABLE, &since.to_string(), fields)
+            .is_ok()
+        {
+            if let Some(o) = self.outage.as_mut() {
+                o.alerted = true;
+            }
+        }
+    }
+
+    fn node_answered(&mut self) {
+        let Some(outage) = self.outage.take() else {
+            return;
+        };
+        if !outage.alerted {
+            return;
+        }
+        let down_secs = (now_ms() - outage.since_ms) / 1000;
+        tracing::info!(down_secs, "bitcoind reachable again");
+        let fields =
+            fields(json!({ "since": rfc3339_ms(outage.since_ms), "down_seconds": down_secs }));
+        if let Err(e) = self.commit_other(
+            event::ALERT_NODE_RECOVERED,
+            &outage.since_ms.to_string(),
+            fields,
+        ) {
+            tracing::warn!(error = %e, "recording alert.node_recovered failed");
+        }
+    }
+}
+
+fn fields(v: serde_json::Value) -> Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    event::rfc3339(
+        time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
+}
+
+/// Takes `first` and everything already queued behind it: bodies from rawtx/rawblock (other
+/// sockets) can then serve the sequence events without asking RPC for them.
+fn drain(first: ZmqMessage, rx: Option<&mut mpsc::Receiver<ZmqMessage>>) -> Vec<ZmqMessage> {
+    let mut batch = vec![first];
+    if let Some(rx) = rx {
+        while batch.len() < 10_000 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+    }
+    batch
+}
+
+async fn recv(rx: &mut Option<mpsc::Receiver<ZmqMessage>>) -> Option<ZmqMessage> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 use bitcoin::{OutPoint, Transaction, Txid};
 
 use super::{FollowError, Follower};
-use crate::node::ChainSource;
+use crate::node::{ChainSource, NodeError};
 use crate::tracker::Removal;
+
+/// A tracked transaction announced as removed, and when.
+type Removed = (Txid, Instant);
 
 impl<S: ChainSource> Follower<S> {
     /// The body of a mempool transaction, from ZMQ's rawtx or RPC; `None` if it is gone already.
@@ -33,7 +36,8 @@ impl<S: ChainSource> Follower<S> {
         let Some(tx) = self.mempool_body(txid).await? else {
             return Ok(());
         };
-        self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)?;
+        self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)
+            .await?;
         self.match_mempool_tx(&tx)
     }
 
@@ -49,7 +53,7 @@ impl<S: ChainSource> Follower<S> {
     /// Announces every pending removal at least `min_age` old: replaced by one of `incoming`
     /// if it spends the same outpoints, in conflict with a recently mined transaction, or
     /// evicted. Reorged-out transactions that a new block conflicts with are dropped too.
-    pub(super) fn classify_pending(
+    pub(super) async fn classify_pending(
         &mut self,
         incoming: &[Transaction],
         min_age: Duration,
@@ -57,13 +61,13 @@ impl<S: ChainSource> Follower<S> {
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
-        let (due, wait): (Vec<(Txid, Instant)>, Vec<(Txid, Instant)>) =
-            std::mem::take(&mut self.pending_removals)
-                .into_iter()
-                .partition(|(_, at)| at.elapsed() >= min_age);
+        let (due, wait): (Vec<Removed>, Vec<Removed>) = std::mem::take(&mut self.pending_removals)
+            .into_iter()
+            .partition(|(_, at)| at.elapsed() >= min_age);
         self.pending_removals = wait;
         for (txid, _) in due {
-            let why = self.removal_cause(&self.tracker.spends_of(txid), incoming);
+            let spends = self.tracker.spends_of(txid);
+            let why = self.removal_cause(&spends, incoming).await?;
             tracing::info!(%txid, ?why, "tracked transaction left the mempool");
             let step = self.tracker.mempool_removed(&self.index, txid, why, tip);
             self.commit(step)?;
@@ -79,16 +83,28 @@ impl<S: ChainSource> Follower<S> {
         Ok(())
     }
 
-    fn removal_cause(&self, spends: &[OutPoint], incoming: &[Transaction]) -> Removal {
+    /// Replaced if a mempool transaction (one just announced, or one the node names) spends the
+    /// same outpoints; in conflict if a recent block did; else evicted.
+    async fn removal_cause(
+        &mut self,
+        spends: &[OutPoint],
+        incoming: &[Transaction],
+    ) -> Result<Removal, FollowError> {
         let replacement = incoming
             .iter()
             .find(|t| t.input.iter().any(|i| spends.contains(&i.previous_output)));
         if let Some(r) = replacement {
-            return Removal::Replaced(r.compute_txid());
+            return Ok(Removal::Replaced(r.compute_txid()));
         }
-        match self.recent_spends.conflict(spends) {
-            Some(by) => Removal::Conflict(by),
-            None => Removal::Evicted,
+        if let Some(by) = self.recent_spends.conflict(spends) {
+            return Ok(Removal::Conflict(by));
+        }
+        match self.source.mempool_spender(spends).await {
+            Ok(Some(by)) => Ok(Removal::Replaced(by)),
+            Ok(None) => Ok(Removal::Evicted),
+            // Nodes before v24 lack gettxspendingprevout: without it, evicted is the best guess.
+            Err(NodeError::Rpc { code: -32601, .. }) => Ok(Removal::Evicted),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -114,7 +130,7 @@ impl<S: ChainSource> Follower<S> {
                 self.pending_removals.push((txid, Instant::now()));
             }
         }
-        self.classify_pending(&fresh, Duration::ZERO)?;
+        self.classify_pending(&fresh, Duration::ZERO).await?;
         for tx in &fresh {
             self.match_mempool_tx(tx)?;
         }

@@ -77,6 +77,9 @@ pub struct Follower<S: ChainSource> {
     /// The mempool view may have missed something (start, counter gap, first ZMQ message).
     mempool_stale: bool,
     outage: Option<Outage>,
+    /// When the sequence topic last spoke: a silence longer than `poll_interval` may hide a
+    /// lost last message, which no counter gap would reveal.
+    last_sequence_msg: std::time::Instant,
 }
 
 pub fn now_ms() -> i64 {
@@ -110,6 +113,7 @@ impl<S: ChainSource> Follower<S> {
             needs_resync: true,
             mempool_stale: true,
             outage: None,
+            last_sequence_msg: std::time::Instant::now(),
         }
     }
 
@@ -168,8 +172,11 @@ impl<S: ChainSource> Follower<S> {
                     // Polling catches what ZMQ missed or never sent; removals announced a whole
                     // interval ago with no replacement or conflict since were evictions.
                     self.needs_resync = true;
+                    if self.last_sequence_msg.elapsed() >= self.opts.poll_interval {
+                        self.mempool_stale = true;
+                    }
                     if !self.pending_removals.is_empty() {
-                        if let Err(e) = self.classify_pending(&[], self.opts.poll_interval) {
+                        if let Err(e) = self.classify_pending(&[], self.opts.poll_interval).await {
                             tracing::warn!(error = %e, "classifying mempool removals failed");
                         }
                     }
@@ -208,6 +215,9 @@ impl<S: ChainSource> Follower<S> {
 
     fn check_counter(&mut self, m: &ZmqMessage) {
         tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
+        if m.topic == "sequence" {
+            self.last_sequence_msg = std::time::Instant::now();
+        }
         match self.counters.insert(m.topic.clone(), m.counter) {
             Some(last) if m.counter != last.wrapping_add(1) => {
                 if m.counter < last {
@@ -233,7 +243,7 @@ impl<S: ChainSource> Follower<S> {
                 self.sync_chain().await?;
                 // bitcoind announces the R of a transaction a block conflicts with before the
                 // block's C: now the block is in, classify.
-                self.classify_pending(&[], Duration::ZERO)
+                self.classify_pending(&[], Duration::ZERO).await
             }
             SequenceEvent::TxAdded(txid, _) => self.mempool_added(txid).await,
             SequenceEvent::TxRemoved(txid, _) => {

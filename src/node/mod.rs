@@ -7,7 +7,7 @@ pub mod zmq_wire;
 
 use std::future::Future;
 
-use bitcoin::{Block, BlockHash, Transaction, Txid};
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 
 pub use rpc::RpcClient;
 
@@ -94,4 +94,9 @@ pub trait ChainSource: Send + Sync + 'static {
         txid: Txid,
     ) -> impl Future<Output = NodeResult<Transaction>> + Send;
     fn zmq_notifications(&self) -> impl Future<Output = NodeResult<Vec<ZmqNotification>>> + Send;
+    /// Which mempool transaction spends any of `outpoints` (`gettxspendingprevout`).
+    fn mempool_spender(
+        &self,
+        outpoints: &[OutPoint],
+    ) -> impl Future<Output = NodeResult<Option<Txid>>> + Send;
 }

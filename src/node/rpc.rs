@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bitcoin::consensus::encode::deserialize_hex;
-use bitcoin::{Block, BlockHash, Transaction, Txid};
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 use serde_json::{json, Value};
 
 use super::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
@@ -289,6 +289,28 @@ impl ChainSource for RpcClient {
                 .call("getrawtransaction", json!([txid.to_string()]))
                 .await?,
         )
+    }
+
+    async fn mempool_spender(&self, outpoints: &[OutPoint]) -> NodeResult<Option<Txid>> {
+        if outpoints.is_empty() {
+            return Ok(None);
+        }
+        let list: Vec<Value> = outpoints
+            .iter()
+            .map(|o| json!({"txid": o.txid.to_string(), "vout": o.vout}))
+            .collect();
+        let v = self.call("gettxspendingprevout", json!([list])).await?;
+        let m = "gettxspendingprevout";
+        let entries = v.as_array().ok_or_else(|| NodeError::BadResponse {
+            method: m.into(),
+            reason: "not a list".into(),
+        })?;
+        for e in entries {
+            if let Some(t) = e.get("spendingtxid") {
+                return Ok(Some(parse_hex(m, t)?));
+            }
+        }
+        Ok(None)
     }
 
     async fn zmq_notifications(&self) -> NodeResult<Vec<ZmqNotification>> {

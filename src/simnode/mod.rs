@@ -38,13 +38,19 @@ pub(crate) struct State {
     pub publisher: Option<zmq_pub::Publisher>,
     /// Every message published, when recording (tests compare it with the captures).
     pub log: Option<Vec<Published>>,
+    /// Drops published ZMQ messages at random: (probability, RNG).
+    pub drop: Option<(f64, rand::rngs::StdRng)>,
 }
 
 impl State {
     fn flush(&mut self) {
-        let msgs = self.chain.take_published();
+        let mut msgs = self.chain.take_published();
         if let Some(log) = &mut self.log {
             log.extend(msgs.iter().cloned());
+        }
+        if let Some((p, rng)) = &mut self.drop {
+            use rand::Rng;
+            msgs.retain(|_| !rng.random_bool(*p));
         }
         if let Some(p) = &self.publisher {
             p.send(msgs);
@@ -73,21 +79,31 @@ impl SimNode {
     /// Starts RPC on an ephemeral loopback port and one ZMQ publisher per topic; writes the
     /// cookie to `dir/regtest/.cookie` as bitcoind does.
     pub async fn start(dir: &Path) -> std::io::Result<SimNode> {
-        SimNode::start_inner(dir, false).await
+        SimNode::start_inner(dir, false, true).await
     }
 
     /// As `start`, keeping a log of every ZMQ message (genesis included) for `published`.
     pub async fn start_recording(dir: &Path) -> std::io::Result<SimNode> {
-        SimNode::start_inner(dir, true).await
+        SimNode::start_inner(dir, true, true).await
     }
 
-    async fn start_inner(dir: &Path, record: bool) -> std::io::Result<SimNode> {
+    /// A node started without any -zmqpub option: `getzmqnotifications` lists nothing.
+    pub async fn start_without_zmq(dir: &Path) -> std::io::Result<SimNode> {
+        SimNode::start_inner(dir, false, false).await
+    }
+
+    async fn start_inner(dir: &Path, record: bool, with_zmq: bool) -> std::io::Result<SimNode> {
         let miner = MINER_ADDRESS
             .parse::<Address<_>>()
             .expect("valid")
             .assume_checked()
             .script_pubkey();
-        let (publisher, zmq) = zmq_pub::Publisher::bind().map_err(std::io::Error::other)?;
+        let (publisher, zmq) = if with_zmq {
+            let (p, list) = zmq_pub::Publisher::bind().map_err(std::io::Error::other)?;
+            (Some(p), list)
+        } else {
+            (None, vec![])
+        };
         let state = State {
             chain: SimChain::new(),
             clock: 1_764_000_000,
@@ -97,8 +113,9 @@ impl SimNode {
             spent: Default::default(),
             miner,
             change: vec![],
-            publisher: Some(publisher),
+            publisher,
             log: record.then(Vec::new),
+            drop: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let rpc_addr = listener.local_addr()?;
@@ -118,6 +135,35 @@ impl SimNode {
     /// Every ZMQ message published so far (only when started with `start_recording`).
     pub fn published(&self) -> Vec<Published> {
         self.lock().log.clone().unwrap_or_default()
+    }
+
+    /// From now on drops each ZMQ message with probability `p` (seeded, so runs repeat).
+    pub fn drop_zmq(&self, p: f64, seed: u64) {
+        use rand::SeedableRng;
+        self.lock().drop = Some((p, rand::rngs::StdRng::seed_from_u64(seed)));
+    }
+
+    /// Replaces a mempool transaction (as `bumpfee` does): same inputs, `outputs`, a higher fee.
+    /// bitcoind publishes R for the original, then A for the replacement.
+    pub fn replace(&self, txid: Txid, outputs: &[(ScriptBuf, u64)]) -> Txid {
+        let mut s = self.lock();
+        let tx = conflicting_tx(&s, txid, outputs);
+        let new = s.chain.accept_tx(tx).expect("replacement accepted");
+        s.flush();
+        new
+    }
+
+    /// A transaction spending the same inputs as mempool transaction `txid`, not broadcast:
+    /// mined with `mine_block_with`, it is the double-spend that drops `txid`.
+    pub fn double_spend(&self, txid: Txid, outputs: &[(ScriptBuf, u64)]) -> Transaction {
+        conflicting_tx(&self.lock(), txid, outputs)
+    }
+
+    /// Drops a transaction from the mempool for no visible reason (limits, expiry): R only.
+    pub fn evict(&self, txid: Txid) {
+        let mut s = self.lock();
+        s.chain.remove_tx(txid);
+        s.flush();
     }
 
     /// The next `n` RPC calls answer -28 (warming up), as bitcoind does while it starts.
@@ -364,30 +410,61 @@ fn mine_one(s: &mut State, to: &ScriptBuf, with_mempool: bool) -> BlockHash {
     s.chain.add_block(block).expect("extends the tip")
 }
 
-/// Mature coinbase outputs of the active chain not yet spent, enough to cover `total`.
+/// Coins to cover `total`: mature coinbases of the active chain first (so payments are
+/// independent of each other), then change of earlier payments.
 fn wallet_coins(s: &State, total: u64) -> Vec<(OutPoint, u64)> {
     let tip = s.chain.height();
     let mut coins = vec![];
     let mut sum = 0;
-    for &(op, value) in s.change.iter().filter(|(op, _)| !s.spent.contains(op)) {
+    let coinbases = (1..=tip.saturating_sub(100)).filter_map(|h| {
+        let hash = s.chain.block_hash(h).expect("active");
+        let cb = &s.chain.block(&hash).expect("known").0.txdata[0];
+        (cb.output[0].script_pubkey == s.miner).then(|| {
+            (
+                OutPoint::new(cb.compute_txid(), 0),
+                cb.output[0].value.to_sat(),
+            )
+        })
+    });
+    let change = s.change.iter().copied();
+    for (op, value) in coinbases.collect::<Vec<_>>().into_iter().chain(change) {
+        if s.spent.contains(&op) {
+            continue;
+        }
         sum += value;
         coins.push((op, value));
         if sum >= total {
             return coins;
         }
     }
-    for h in 1..=tip.saturating_sub(100) {
+    panic!("simnode wallet has {sum} sat spendable, needs {total}: mine at least 101 blocks first");
+}
+
+fn conflicting_tx(s: &State, txid: Txid, outputs: &[(ScriptBuf, u64)]) -> Transaction {
+    let original = s
+        .chain
+        .mempool_tx(&txid)
+        .expect("transaction in the mempool")
+        .clone();
+    let coins: Vec<(OutPoint, u64)> = original
+        .input
+        .iter()
+        .map(|i| (i.previous_output, coin_value(s, &i.previous_output)))
+        .collect();
+    mining::payment(&coins, outputs, &s.miner, PAYMENT_FEE * 2)
+}
+
+/// The value of an outpoint the simulated wallet spent (a coinbase or its own change).
+fn coin_value(s: &State, op: &OutPoint) -> u64 {
+    if let Some((_, v)) = s.change.iter().find(|(o, _)| o == op) {
+        return *v;
+    }
+    for h in 1..=s.chain.height() {
         let hash = s.chain.block_hash(h).expect("active");
-        let (block, _) = s.chain.block(&hash).expect("known");
-        let cb = &block.txdata[0];
-        let op = OutPoint::new(cb.compute_txid(), 0);
-        if cb.output[0].script_pubkey == s.miner && !s.spent.contains(&op) {
-            sum += cb.output[0].value.to_sat();
-            coins.push((op, cb.output[0].value.to_sat()));
-            if sum >= total {
-                return coins;
-            }
+        let cb = &s.chain.block(&hash).expect("known").0.txdata[0];
+        if cb.compute_txid() == op.txid {
+            return cb.output[op.vout as usize].value.to_sat();
         }
     }
-    panic!("simnode wallet has {sum} sat in mature coinbases, needs {total}: mine at least 101 blocks first");
+    0
 }

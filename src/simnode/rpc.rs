@@ -301,6 +301,34 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                 .collect();
             Value::Array(list)
         }
+        "gettxspendingprevout" => {
+            let list = param(params, 0)
+                .and_then(Value::as_array)
+                .ok_or_else(|| err(-1, "outputs are required"))?;
+            let mut out = Vec::new();
+            for o in list {
+                let txid: Txid = o["txid"]
+                    .as_str()
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| err(-8, "txid must be hexadecimal"))?;
+                let vout = o["vout"]
+                    .as_u64()
+                    .ok_or_else(|| err(-8, "vout must be a number"))?
+                    as u32;
+                let op = bitcoin::OutPoint::new(txid, vout);
+                let mut entry = json!({"txid": txid.to_string(), "vout": vout});
+                if let Some(spender) = s
+                    .chain
+                    .mempool()
+                    .iter()
+                    .find(|t| t.input.iter().any(|i| i.previous_output == op))
+                {
+                    entry["spendingtxid"] = json!(spender.compute_txid().to_string());
+                }
+                out.push(entry);
+            }
+            Value::Array(out)
+        }
         "sendrawtransaction" => {
             let hex = param(params, 0)
                 .and_then(Value::as_str)

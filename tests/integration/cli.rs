@@ -85,7 +85,7 @@ async fn check_reports_the_node_and_its_zmq_topics() {
             .await
             .unwrap();
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("chain regtest height 101"), "{out}");
+    assert!(out.contains("chain regtest height 130"), "{out}");
     for topic in ["sequence", "rawtx", "rawblock"] {
         assert!(
             out.contains(&format!("zmq {topic}: tcp://127.0.0.1:")),

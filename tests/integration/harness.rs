@@ -179,12 +179,38 @@ pub struct Harness {
     pub config_path: PathBuf,
 }
 
+/// What a harness varies: top-level config keys, endpoint keys, a node without ZMQ.
+#[derive(Default)]
+pub struct Options {
+    pub top: &'static str,
+    pub endpoint: &'static str,
+    pub no_zmq: bool,
+}
+
 impl Harness {
-    /// A simulated node with 101 blocks (spendable coins), a receiver, and a config watching `watches`.
-    pub async fn new(watches: &[WatchSpec], extra: &str) -> Harness {
+    /// A simulated node with 130 blocks (spendable coins), a receiver, and a config watching `watches`.
+    pub async fn new(watches: &[WatchSpec], extra: &'static str) -> Harness {
+        Harness::with(
+            watches,
+            Options {
+                top: extra,
+                ..Options::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn with(watches: &[WatchSpec], opts: Options) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let node = SimNode::start(&dir.path().join("node")).await.unwrap();
-        node.mine(101);
+        let node_dir = dir.path().join("node");
+        let node = if opts.no_zmq {
+            SimNode::start_without_zmq(&node_dir).await
+        } else {
+            SimNode::start(&node_dir).await
+        };
+        let node = node.unwrap();
+        // 30 mature coinbases: payments need not chain on each other's change.
+        node.mine(130);
         let receiver = TestReceiver::start().await;
         let config_path = dir.path().join("watcher.toml");
         let h = Harness {
@@ -193,16 +219,18 @@ impl Harness {
             receiver,
             config_path,
         };
-        std::fs::write(&h.config_path, h.config_text(watches, extra)).unwrap();
+        std::fs::write(&h.config_path, h.config_text(watches, &opts)).unwrap();
         h
     }
 
-    pub fn config_text(&self, watches: &[WatchSpec], extra: &str) -> String {
+    pub fn config_text(&self, watches: &[WatchSpec], opts: &Options) -> String {
         let mut t = format!(
-            "network = \"regtest\"\ndata_dir = \"data\"\n{extra}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"300ms\"\n\n[[endpoints]]\nname = \"shop\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\ntimeout = \"60s\"\n",
+            "network = \"regtest\"\ndata_dir = \"data\"\n{}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"300ms\"\n\n[[endpoints]]\nname = \"shop\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\ntimeout = \"60s\"\n{}\n",
+            opts.top,
             self.node.rpc_url(),
             self.node.cookie_path().display().to_string(),
-            self.receiver.url
+            self.receiver.url,
+            opts.endpoint,
         );
         for (i, w) in watches.iter().enumerate() {
             t.push_str(&format!(
@@ -304,4 +332,24 @@ pub fn history(events: &[Captured], txid: &str) -> Vec<(String, u64)> {
 
 pub fn expect_history(kinds: &[(&str, u64)]) -> Vec<(String, u64)> {
     kinds.iter().map(|(k, c)| (k.to_string(), *c)).collect()
+}
+
+pub fn script(address: &str) -> bitcoin::ScriptBuf {
+    let a: bitcoin::Address<bitcoin::address::NetworkUnchecked> = address.parse().unwrap();
+    a.assume_checked().script_pubkey()
+}
+
+/// (type, txid) of every accepted event, in sequence order, each id once.
+pub fn log_of(events: &[Captured]) -> Vec<(String, String)> {
+    let mut v: Vec<&Captured> = events.iter().collect();
+    v.sort_by_key(|c| c.data()["sequence"].as_i64());
+    v.dedup_by_key(|c| c.id.clone());
+    v.iter()
+        .map(|c| {
+            (
+                c.kind().to_string(),
+                c.data()["txid"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
 }

@@ -8,5 +8,6 @@ mod delivery;
 mod faults;
 mod fidelity;
 mod harness;
+mod mempool;
 mod pipeline;
 mod real_node;

@@ -59,6 +59,16 @@ impl RpcClient {
 
     /// One JSON-RPC call; `result` on success.
     pub async fn call(&self, method: &str, params: Value) -> NodeResult<Value> {
+        match self.call_once(method, &params).await {
+            // A restarted bitcoind wrote a new cookie: read it and try again at once.
+            Err(NodeError::Auth(_)) if matches!(self.auth, RpcAuth::Cookie(_)) => {
+                self.call_once(method, &params).await
+            }
+            other => other,
+        }
+    }
+
+    async fn call_once(&self, method: &str, params: &Value) -> NodeResult<Value> {
         tracing::debug!(method, "rpc call");
         let (user, password) = self.credentials()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

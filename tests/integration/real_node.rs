@@ -22,6 +22,7 @@ fn free_port() -> u16 {
 pub struct RealNode {
     pub dir: tempfile::TempDir,
     child: Child,
+    args: Vec<String>,
     pub rpc_url: String,
     pub node: RpcClient,
     miner: RpcClient,
@@ -34,39 +35,33 @@ impl RealNode {
         let exe = std::env::var("BITCOIND_EXE").expect("BITCOIND_EXE names a bitcoind");
         let dir = tempfile::tempdir().unwrap();
         let rpc_port = free_port();
-        let mut cmd = Command::new(exe);
-        cmd.arg("-regtest")
-            .arg(format!("-datadir={}", dir.path().display()))
-            .arg(format!("-rpcport={rpc_port}"))
-            .args([
-                "-listen=0",
-                "-server=1",
-                "-txindex=0",
-                "-fallbackfee=0.0002",
-                "-printtoconsole=0",
-                "-rpcbind=127.0.0.1",
-                "-rpcallowip=127.0.0.1",
-            ]);
-        for topic in ["sequence", "rawtx", "rawblock", "hashtx", "hashblock"] {
-            cmd.arg(format!("-zmqpub{topic}=tcp://127.0.0.1:{}", free_port()));
+        let mut args: Vec<String> = vec![
+            "-regtest".into(),
+            format!("-datadir={}", dir.path().display()),
+            format!("-rpcport={rpc_port}"),
+        ];
+        for a in [
+            "-listen=0",
+            "-server=1",
+            "-txindex=0",
+            "-fallbackfee=0.0002",
+            "-printtoconsole=0",
+            "-rpcbind=127.0.0.1",
+            "-rpcallowip=127.0.0.1",
+        ] {
+            args.push(a.into());
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("bitcoind starts");
+        for topic in ["sequence", "rawtx", "rawblock", "hashtx", "hashblock"] {
+            args.push(format!("-zmqpub{topic}=tcp://127.0.0.1:{}", free_port()));
+        }
+        let child = spawn_bitcoind(&exe, &args);
         let rpc_url = format!("http://127.0.0.1:{rpc_port}");
         let cookie = dir.path().join("regtest/.cookie");
         let client = |path: &str| {
             RpcClient::new(&format!("{rpc_url}{path}"), RpcAuth::Cookie(cookie.clone()))
         };
         let node = client("");
-        for _ in 0..200 {
-            if node.call("getblockchaininfo", json!([])).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_ready(&node).await;
         node.call("createwallet", json!(["miner"]))
             .await
             .expect("miner wallet");
@@ -85,14 +80,73 @@ impl RealNode {
         let n = RealNode {
             dir,
             child,
+            args,
             rpc_url,
             node,
             miner,
             shop,
             miner_address,
         };
-        n.mine(101).await;
+        // Ten mature coinbases, so payments and fee bumps have coins to spend.
+        n.mine(110).await;
         n
+    }
+
+    /// Stops bitcoind, waits `down`, starts it again (a new cookie, ZMQ counters from 0).
+    pub async fn restart(&mut self, down: Duration) {
+        self.call("stop", json!([])).await;
+        let _ = self.child.wait();
+        tokio::time::sleep(down).await;
+        self.child = spawn_bitcoind(&std::env::var("BITCOIND_EXE").unwrap(), &self.args);
+        wait_ready(&self.node).await;
+        for w in ["miner", "shop"] {
+            let _ = self.node.call("loadwallet", json!([w])).await;
+        }
+    }
+
+    /// Spends the inputs of mempool transaction `txid` back to the miner, in a block of its own
+    /// (`generateblock`), as the captures' double-spend-conflict step does.
+    pub async fn mine_double_spend(&self, txid: &str) -> (String, String) {
+        let raw = self.call("getrawtransaction", json!([txid, true])).await;
+        let inputs: Vec<Value> = raw["vin"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| json!({"txid": i["txid"], "vout": i["vout"]}))
+            .collect();
+        let mut total = 0.0;
+        for i in &inputs {
+            let prev = self
+                .miner
+                .call("gettransaction", json!([i["txid"]]))
+                .await
+                .unwrap();
+            let vout = i["vout"].as_u64().unwrap();
+            let decoded = self
+                .call("decoderawtransaction", json!([prev["hex"]]))
+                .await;
+            total += decoded["vout"][vout as usize]["value"].as_f64().unwrap();
+        }
+        let to = self.miner.call("getnewaddress", json!([])).await.unwrap();
+        let amount = ((total - 0.001) * 1e8).round() / 1e8;
+        let unsigned = self
+            .call(
+                "createrawtransaction",
+                json!([inputs, { to.as_str().unwrap(): amount }]),
+            )
+            .await;
+        let signed = self
+            .miner
+            .call("signrawtransactionwithwallet", json!([unsigned]))
+            .await
+            .unwrap();
+        let hex = signed["hex"].as_str().unwrap().to_string();
+        let decoded = self.call("decoderawtransaction", json!([hex])).await;
+        let block = self.call("generateblock", json!([to, [hex]])).await;
+        (
+            decoded["txid"].as_str().unwrap().to_string(),
+            block["hash"].as_str().unwrap().to_string(),
+        )
     }
 
     pub fn cookie(&self) -> PathBuf {
@@ -118,10 +172,13 @@ impl RealNode {
         r.as_str().unwrap().to_string()
     }
 
+    /// Mines to a fresh address: after `invalidateblock`, a block built from the same template
+    /// in the same second would be the very block just invalidated, and bitcoind refuses it.
     pub async fn mine(&self, n: u32) -> Vec<String> {
+        let to = self.miner.call("getnewaddress", json!([])).await.unwrap();
         let r = self
             .node
-            .call("generatetoaddress", json!([n, self.miner_address]))
+            .call("generatetoaddress", json!([n, to]))
             .await
             .unwrap();
         r.as_array()
@@ -134,6 +191,25 @@ impl RealNode {
     pub async fn call(&self, method: &str, params: Value) -> Value {
         self.node.call(method, params).await.unwrap()
     }
+}
+
+fn spawn_bitcoind(exe: &str, args: &[String]) -> Child {
+    Command::new(exe)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bitcoind starts")
+}
+
+async fn wait_ready(node: &RpcClient) {
+    for _ in 0..300 {
+        if node.call("getblockchaininfo", json!([])).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("bitcoind did not answer");
 }
 
 impl Drop for RealNode {
@@ -276,14 +352,102 @@ async fn real_node_answers_decode_like_the_captures() {
     use chainwatch::node::ChainSource;
     let info = node.node.chain_info().await.unwrap();
     assert_eq!(info.chain, "regtest");
-    assert_eq!(info.blocks, 101);
+    assert_eq!(info.blocks, 110);
     let best = node.node.best_block_hash().await.unwrap();
     let block = node.node.block(best).await.unwrap();
     assert_eq!(block.block_hash(), best);
     let header = node.node.block_header(best).await.unwrap();
-    assert_eq!((header.height, header.confirmations), (101, 1));
+    assert_eq!((header.height, header.confirmations), (110, 1));
     let zmq = node.node.zmq_notifications().await.unwrap();
     assert_eq!(zmq.len(), 5, "{zmq:?}");
     let err = node.node.block_hash(999_999).await.unwrap_err();
     assert!(err.is_not_found(), "{err}");
+}
+
+async fn start_watching(
+    node: &RealNode,
+    receiver: &TestReceiver,
+    watches: &[(String, u32)],
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let data = node.dir.path().join("chainwatch");
+    let cfg = config(node, receiver, &data, watches);
+    let token = CancellationToken::new();
+    let daemon = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
+    wait_tip(&data, node).await;
+    (token, daemon)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
+async fn real_node_bumpfee_is_replaced_and_a_mined_double_spend_is_dropped() {
+    let node = RealNode::start().await;
+    let receiver = TestReceiver::start().await;
+    let a = node.shop_address("bech32").await;
+    let b = node.shop_address("bech32m").await;
+    let (token, daemon) = start_watching(&node, &receiver, &[(a.clone(), 1), (b.clone(), 1)]).await;
+    let original = node.pay(&a, 0.25).await;
+    receiver.wait_accepted(1, WAIT).await;
+    let bumped = node.miner.call("bumpfee", json!([original])).await.unwrap();
+    let replacement = bumped["txid"].as_str().unwrap().to_string();
+    receiver.wait_accepted(3, WAIT).await;
+    let paid = node.pay(&b, 0.1).await;
+    receiver.wait_accepted(4, WAIT).await;
+    let (conflict, _block) = node.mine_double_spend(&paid).await;
+    receiver.wait_accepted(5, WAIT).await;
+    // generateblock mined only the conflict; the next block takes the replacement.
+    node.mine(1).await;
+    let got = receiver.wait_accepted(6, WAIT).await;
+    token.cancel();
+    daemon.await.unwrap().unwrap();
+    assert_eq!(
+        history(&got, &original),
+        expect_history(&[("tx.pending", 0), ("tx.replaced", 0)])
+    );
+    let replaced = got.iter().find(|c| c.kind() == "tx.replaced").unwrap();
+    assert_eq!(replaced.data()["replaced_by"], replacement.as_str());
+    assert_eq!(
+        history(&got, &paid),
+        expect_history(&[("tx.pending", 0), ("tx.dropped", 0)])
+    );
+    let dropped = got.iter().find(|c| c.kind() == "tx.dropped").unwrap();
+    assert_eq!(dropped.data()["reason"], "conflict");
+    assert_eq!(dropped.data()["conflicting_txid"], conflict.as_str());
+    // The replacement pays the same watch: its own pending, then confirmed.
+    assert_eq!(
+        history(&got, &replacement),
+        expect_history(&[("tx.pending", 0), ("tx.confirmed", 1)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
+async fn real_node_restart_with_a_new_cookie_loses_nothing() {
+    let mut node = RealNode::start().await;
+    let receiver = TestReceiver::start().await;
+    let a = node.shop_address("bech32").await;
+    let (token, daemon) = start_watching(&node, &receiver, &[(a.clone(), 2)]).await;
+    let txid = node.pay(&a, 0.3).await;
+    receiver.wait_accepted(1, WAIT).await;
+    let cookie = std::fs::read_to_string(node.cookie()).unwrap();
+    node.restart(Duration::from_secs(2)).await;
+    assert_ne!(
+        std::fs::read_to_string(node.cookie()).unwrap(),
+        cookie,
+        "bitcoind wrote a new cookie"
+    );
+    node.mine(2).await;
+    let got = receiver.wait_accepted(3, Duration::from_secs(60)).await;
+    token.cancel();
+    daemon.await.unwrap().unwrap();
+    assert_eq!(
+        history(&got, &txid),
+        expect_history(&[
+            ("tx.pending", 0),
+            ("tx.confirmation", 1),
+            ("tx.confirmed", 2)
+        ])
+    );
 }

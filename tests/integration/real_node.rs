@@ -27,7 +27,6 @@ pub struct RealNode {
     pub node: RpcClient,
     miner: RpcClient,
     shop: RpcClient,
-    miner_address: String,
 }
 
 impl RealNode {
@@ -70,13 +69,6 @@ impl RealNode {
             .expect("shop wallet");
         let miner = client("/wallet/miner");
         let shop = client("/wallet/shop");
-        let miner_address = miner
-            .call("getnewaddress", json!([]))
-            .await
-            .unwrap()
-            .as_str()
-            .unwrap()
-            .to_string();
         let n = RealNode {
             dir,
             child,
@@ -85,7 +77,6 @@ impl RealNode {
             node,
             miner,
             shop,
-            miner_address,
         };
         // Ten mature coinbases, so payments and fee bumps have coins to spend.
         n.mine(110).await;

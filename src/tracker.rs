@@ -281,7 +281,8 @@ impl Tracker {
                 step.events.push(e);
             }
         }
-        if depth >= self.finality_depth.max(target) {
+        // Kept while a reorg of finality_depth blocks could still remove its block.
+        if depth > self.finality_depth.max(target) {
             step.removals.push(key);
         } else if t.fired != before || self.entries.get(&key) != Some(&t) {
             step.upserts.push(t);

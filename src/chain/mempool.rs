@@ -111,7 +111,18 @@ impl<S: ChainSource> Follower<S> {
     /// Reconciles with `getrawmempool`: classifies tracked transactions that left while we were
     /// not listening, then matches every transaction not seen yet, in the node's order.
     pub async fn sync_mempool(&mut self) -> Result<(), FollowError> {
-        let (txids, _sequence) = self.source.raw_mempool().await?;
+        // A transaction mined between our chain sync and this snapshot would look evicted:
+        // trust the snapshot only if the best block is still the one we stored.
+        let mut tries = 0;
+        let txids = loop {
+            let (txids, _sequence) = self.source.raw_mempool().await?;
+            let best = self.source.best_block_hash().await?;
+            if self.store.tip()?.map(|t| t.hash) == Some(best) || tries == 5 {
+                break txids;
+            }
+            tries += 1;
+            self.sync_chain().await?;
+        };
         let current: HashSet<Txid> = txids.iter().copied().collect();
         self.seen_mempool.retain(|t| current.contains(t));
         let mut fresh = Vec::new();

@@ -94,6 +94,10 @@ impl SimChain {
         std::mem::take(&mut self.outbox)
     }
 
+    pub fn publish_raw(&mut self, topic: &'static str, body: Vec<u8>) {
+        self.publish(topic, body);
+    }
+
     fn publish(&mut self, topic: &'static str, body: Vec<u8>) {
         let c = self.counters.entry(topic).or_insert(0);
         self.outbox.push(Published {

@@ -30,6 +30,8 @@ pub(crate) struct State {
     pub warmup_calls: u32,
     /// Stopped: a request on a connection that outlived the server is dropped unanswered.
     pub down: bool,
+    /// RPC calls still to answer with a malformed body.
+    pub garbage_calls: u32,
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
@@ -110,6 +112,7 @@ impl SimNode {
             cookie: new_cookie(),
             warmup_calls: 0,
             down: false,
+            garbage_calls: 0,
             spent: Default::default(),
             miner,
             change: vec![],
@@ -157,6 +160,19 @@ impl SimNode {
     /// mined with `mine_block_with`, it is the double-spend that drops `txid`.
     pub fn double_spend(&self, txid: Txid, outputs: &[(ScriptBuf, u64)]) -> Transaction {
         conflicting_tx(&self.lock(), txid, outputs)
+    }
+
+    /// The next `n` RPC calls get HTTP 200 with a body that is not JSON.
+    pub fn set_garbage_calls(&self, n: u32) {
+        self.lock().garbage_calls = n;
+    }
+
+    /// Publishes an arbitrary message on a topic's socket (with the topic's next counter), to
+    /// see how a subscriber copes with malformed bodies.
+    pub fn publish_raw(&self, topic: &'static str, body: Vec<u8>) {
+        let mut s = self.lock();
+        s.chain.publish_raw(topic, body);
+        s.flush();
     }
 
     /// Drops a transaction from the mempool for no visible reason (limits, expiry): R only.

@@ -62,8 +62,15 @@ fn authorized(node: &SimNode, headers: &HeaderMap) -> bool {
 }
 
 fn handle(node: &SimNode, headers: &HeaderMap, body: &[u8]) -> Response {
-    if node.lock().down {
-        return (StatusCode::SERVICE_UNAVAILABLE, "stopped").into_response();
+    {
+        let mut s = node.lock();
+        if s.down {
+            return (StatusCode::SERVICE_UNAVAILABLE, "stopped").into_response();
+        }
+        if s.garbage_calls > 0 {
+            s.garbage_calls -= 1;
+            return (StatusCode::OK, "{\"result\": [truncated").into_response();
+        }
     }
     if !authorized(node, headers) {
         return (StatusCode::UNAUTHORIZED, "").into_response();

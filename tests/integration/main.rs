@@ -2,6 +2,7 @@
 //! pipeline (simulated node → chainwatch → capturing receiver).
 
 mod captures;
+mod chain_events;
 mod cli;
 mod crash;
 mod delivery;

@@ -140,6 +140,11 @@ impl Store {
         Ok(())
     }
 
+    /// The network the data directory belongs to.
+    pub fn network(&self) -> Result<String> {
+        Ok(self.meta("network")?.unwrap_or_default())
+    }
+
     /// Binds the data directory to a network on first use; refuses another one later.
     pub fn check_network(&self, network: &str) -> Result<()> {
         match self.meta("network")? {

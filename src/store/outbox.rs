@@ -11,6 +11,7 @@ pub struct DueDelivery {
     pub delivery_id: i64,
     pub event_seq: i64,
     pub event_id: String,
+    pub kind: String,
     pub body: String,
     pub attempts: u32,
 }
@@ -104,6 +105,19 @@ impl Store {
         self.load_filters()
     }
 
+    /// Since when the endpoint has failed without a success in between, if it is failing.
+    pub fn failing_since(&self, name: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT failing_since FROM endpoints WHERE name = ?1",
+                [name],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
     pub fn endpoint_enabled(&self, name: &str) -> Result<bool> {
         Ok(self
             .conn
@@ -159,12 +173,12 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
         let sql = if ordered {
-            "SELECT * FROM (SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at
+            "SELECT * FROM (SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type
                FROM deliveries d JOIN events e ON e.seq = d.event_seq
               WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') ORDER BY d.event_seq LIMIT 1)
              WHERE next_attempt_at <= ?2 LIMIT ?3"
         } else {
-            "SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at
+            "SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type
                FROM deliveries d JOIN events e ON e.seq = d.event_seq
               WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') AND d.next_attempt_at <= ?2
               ORDER BY d.event_seq LIMIT ?3"
@@ -177,6 +191,7 @@ impl Store {
                 event_id: r.get(2)?,
                 body: r.get(3)?,
                 attempts: r.get(4)?,
+                kind: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

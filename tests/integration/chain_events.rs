@@ -68,7 +68,19 @@ async fn deep_reorg(depth: u32) {
             "the alert precedes the reorg's events"
         );
     }
-    assert_eq!(h.receiver.accepted().len(), total, "nothing more");
+    let all = h.receiver.accepted();
+    let kinds: Vec<String> = all
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {}",
+                c.data()["sequence"],
+                c.kind(),
+                c.data()["confirmations"]
+            )
+        })
+        .collect();
+    assert_eq!(all.len(), total, "nothing more: {kinds:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

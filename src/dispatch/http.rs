@@ -1,16 +1,13 @@
-//! The dispatcher: one worker per endpoint reads due deliveries from the outbox, POSTs them with
-//! Standard Webhooks headers and records every attempt. A slow endpoint delays only itself.
+//! One webhook request, and the verdict on its outcome.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::EndpointConfig;
 use crate::sign;
-use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, Store, StoreError};
+use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery};
 
 pub const MAX_RESPONSE_READ: usize = 64 * 1024;
 pub const MAX_RESPONSE_STORED: usize = 4 * 1024;
@@ -161,61 +158,8 @@ impl Sender {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        msg = format!("{msg}: {s}");
-        src = s.source();
-    }
-    msg
-}
-
-/// Delivers one endpoint's queue until shutdown; in-flight requests finish first.
-pub async fn run_endpoint(
-    ep: EndpointConfig,
-    mut store: Store,
-    wake: Arc<Notify>,
-    clock: Clock,
-    shutdown: CancellationToken,
-) -> Result<(), StoreError> {
-    let sender = Sender::new(ep.timeout);
-    let batch = if ep.ordered { 1 } else { ep.concurrency };
-    loop {
-        let notified = wake.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        let now = clock();
-        let due = if store.endpoint_enabled(&ep.name)? {
-            store.due_deliveries(&ep.name, now, ep.ordered, batch)?
-        } else {
-            vec![]
-        };
-        if due.is_empty() {
-            let next = store.next_due(&ep.name, ep.ordered)?;
-            let wait = next
-                .map(|t| Duration::from_millis((t - now).clamp(0, 1000) as u64))
-                .unwrap_or(Duration::from_secs(1));
-            tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
-            continue;
-        }
-        let sends = due.iter().map(|d| attempt(&sender, &ep, d, &clock));
-        let outcomes = futures_util::future::join_all(sends).await;
-        for (d, o) in due.iter().zip(outcomes) {
-            log_outcome(&ep.name, d, &o);
-            store.record_attempt(&ep.name, d, &o)?;
-        }
-    }
-}
-
-async fn attempt(
+/// Sends one delivery and judges the outcome against the endpoint's retry schedule.
+pub async fn attempt(
     sender: &Sender,
     ep: &EndpointConfig,
     d: &DueDelivery,
@@ -227,36 +171,28 @@ async fn attempt(
         .send(ep, &d.event_id, &d.body, started_at_ms / 1000)
         .await;
     let result = judge(&r, d.attempts, &ep.retry_schedule, clock(), jitter());
+    let status_error = r
+        .status
+        .filter(|s| !(200..300).contains(s))
+        .map(|s| format!("HTTP {s}"));
     AttemptOutcome {
         started_at_ms,
         duration_ms: began.elapsed().as_millis() as i64,
         status_code: r.status,
-        error: r.error.or_else(|| {
-            r.status
-                .filter(|s| !(200..300).contains(s))
-                .map(|s| format!("HTTP {s}"))
-        }),
+        error: r.error.or(status_error),
         response_excerpt: r.excerpt,
         result,
     }
 }
 
-fn log_outcome(endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) {
-    match o.result {
-        DeliveryResult::Delivered => {
-            tracing::info!(endpoint, event = %d.event_id, seq = d.event_seq, status = o.status_code, ms = o.duration_ms, "delivered")
-        }
-        DeliveryResult::RetryAt(t) => tracing::warn!(
-            endpoint, event = %d.event_id, attempt = d.attempts + 1, error = o.error.as_deref().unwrap_or(""),
-            retry_in_s = (t - o.started_at_ms) / 1000, "delivery failed; will retry"
-        ),
-        DeliveryResult::Dead => {
-            tracing::error!(endpoint, event = %d.event_id, attempts = d.attempts + 1, "delivery dead: retry schedule spent")
-        }
-        DeliveryResult::EndpointGone => {
-            tracing::error!(endpoint, "endpoint answered 410 Gone; disabled")
-        }
+fn describe(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
     }
+    msg
 }
 
 #[cfg(test)]

@@ -1,0 +1,181 @@
+//! The dispatcher: one worker per endpoint reads due deliveries from the outbox, POSTs them with
+//! Standard Webhooks headers and records every attempt. Ordered endpoints have one request in
+//! flight; unordered ones up to `concurrency`. A slow or dead endpoint delays only itself.
+
+mod http;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use http::{attempt, jitter, judge, system_clock, Clock, Response, Sender};
+pub use http::{MAX_RESPONSE_READ, MAX_RESPONSE_STORED, MAX_RETRY_AFTER, MIN_BACKOFF_THROTTLED};
+
+use crate::config::EndpointConfig;
+use crate::event;
+use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, Store, StoreError};
+use crate::tracker::ChainStep;
+
+/// Delivers one endpoint's queue until shutdown; requests in flight then finish and are
+/// recorded before it returns.
+pub async fn run_endpoint(
+    ep: EndpointConfig,
+    mut store: Store,
+    wake: Arc<Notify>,
+    clock: Clock,
+    shutdown: CancellationToken,
+) -> Result<(), StoreError> {
+    let sender = Sender::new(ep.timeout);
+    let capacity = if ep.ordered {
+        1
+    } else {
+        ep.concurrency as usize
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut in_flight_ids: HashSet<i64> = HashSet::new();
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let stopping = shutdown.is_cancelled();
+        if stopping && in_flight.is_empty() {
+            return Ok(());
+        }
+        let now = clock();
+        if !stopping && in_flight.len() < capacity && store.endpoint_enabled(&ep.name)? {
+            let limit = (capacity + in_flight_ids.len()) as u32;
+            for d in store.due_deliveries(&ep.name, now, ep.ordered, limit)? {
+                if in_flight.len() >= capacity || (ep.ordered && !in_flight_ids.is_empty()) {
+                    break;
+                }
+                if in_flight_ids.insert(d.delivery_id) {
+                    let (sender, ep, clock) = (&sender, &ep, &clock);
+                    in_flight.push(async move {
+                        let o = attempt(sender, ep, &d, clock).await;
+                        (d, o)
+                    });
+                }
+            }
+        }
+        let wait = match store.next_due(&ep.name, ep.ordered)? {
+            Some(t) => Duration::from_millis((t - now).clamp(5, 1000) as u64),
+            None => Duration::from_secs(1),
+        };
+        tokio::select! {
+            Some((d, o)) = in_flight.next(), if !in_flight.is_empty() => {
+                in_flight_ids.remove(&d.delivery_id);
+                log_outcome(&ep.name, &d, &o);
+                store.record_attempt(&ep.name, &d, &o)?;
+                after_attempt(&mut store, &ep, &d, &o, clock(), &wake)?;
+            }
+            _ = shutdown.cancelled(), if !stopping => {}
+            _ = &mut notified, if !stopping => {}
+            _ = tokio::time::sleep(wait), if !stopping => {}
+        }
+    }
+}
+
+/// Alerts and endpoint disabling that follow from an attempt.
+fn after_attempt(
+    store: &mut Store,
+    ep: &EndpointConfig,
+    d: &DueDelivery,
+    o: &AttemptOutcome,
+    now: i64,
+    wake: &Notify,
+) -> Result<(), StoreError> {
+    let mut alerts = Vec::new();
+    match o.result {
+        DeliveryResult::Delivered => {}
+        DeliveryResult::EndpointGone => alerts.push(disabled_alert(
+            &ep.name,
+            "the endpoint answered 410 Gone",
+            now,
+        )),
+        DeliveryResult::Dead | DeliveryResult::RetryAt(_) => {
+            // Alerts about failed alerts would feed on themselves.
+            if o.result == DeliveryResult::Dead && !d.kind.starts_with("alert.") {
+                tracing::error!(endpoint = %ep.name, event = %d.event_id, "delivery exhausted its retry schedule");
+                let fields = json!({
+                    "endpoint": ep.name, "event_id": d.event_id, "event_type": d.kind,
+                    "attempts": d.attempts + 1, "last_error": o.error,
+                });
+                alerts.push(alert(
+                    event::ALERT_DELIVERY_EXHAUSTED,
+                    &format!("{}|{}|{}", ep.name, d.event_id, o.started_at_ms),
+                    fields,
+                ));
+            }
+            if let Some(since) = store.failing_since(&ep.name)? {
+                if now - since >= ep.disable_after.as_millis() as i64 {
+                    let reason =
+                        format!("no successful delivery for {}s", ep.disable_after.as_secs());
+                    store.set_endpoint_enabled(&ep.name, false, Some(&reason))?;
+                    alerts.push(disabled_alert(&ep.name, &reason, now));
+                }
+            }
+        }
+    }
+    if matches!(alerts.last(), Some(a) if a.kind == event::ALERT_ENDPOINT_DISABLED) {
+        tracing::error!(endpoint = %ep.name, "endpoint disabled; `chainwatch endpoints enable {}` resumes it", ep.name);
+    }
+    let network = store.network()?;
+    let wanted: Vec<event::NewEvent> = alerts
+        .into_iter()
+        .filter(|a| store.wants(a.kind))
+        .map(|mut a| {
+            a.data.insert("network".into(), json!(network));
+            a
+        })
+        .collect();
+    if !wanted.is_empty() {
+        store.apply(
+            &ChainStep {
+                events: wanted,
+                ..ChainStep::empty()
+            },
+            now,
+        )?;
+        wake.notify_waiters();
+    }
+    Ok(())
+}
+
+fn disabled_alert(endpoint: &str, reason: &str, now: i64) -> event::NewEvent {
+    let fields = json!({ "endpoint": endpoint, "reason": reason });
+    alert(
+        event::ALERT_ENDPOINT_DISABLED,
+        &format!("{endpoint}|{now}"),
+        fields,
+    )
+}
+
+fn alert(kind: &'static str, identity: &str, fields: serde_json::Value) -> event::NewEvent {
+    let serde_json::Value::Object(map) = fields else {
+        unreachable!("alert fields are an object")
+    };
+    event::other_event(kind, identity, "", map)
+}
+
+fn log_outcome(endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) {
+    match o.result {
+        DeliveryResult::Delivered => tracing::info!(
+            endpoint, event = %d.event_id, seq = d.event_seq, status = o.status_code, ms = o.duration_ms, "delivered"
+        ),
+        DeliveryResult::RetryAt(t) => tracing::warn!(
+            endpoint, event = %d.event_id, attempt = d.attempts + 1, error = o.error.as_deref().unwrap_or(""),
+            retry_in_s = (t - o.started_at_ms) / 1000, "delivery failed; will retry"
+        ),
+        DeliveryResult::Dead => {
+            tracing::error!(endpoint, event = %d.event_id, attempts = d.attempts + 1, "delivery dead")
+        }
+        DeliveryResult::EndpointGone => {
+            tracing::error!(endpoint, "endpoint answered 410 Gone; disabled")
+        }
+    }
+}

@@ -13,7 +13,9 @@ use bitcoin::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 pub use migrations::latest_version;
-pub use outbox::{AttemptOutcome, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow};
+pub use outbox::{
+    AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,
+};
 pub use records::EventRow;
 
 use crate::event::{type_matches, webhook_body, BlockRef, NewEvent};

@@ -51,6 +51,17 @@ pub struct DeliveryRow {
     pub last_error: Option<String>,
 }
 
+/// One recorded attempt.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttemptRow {
+    pub endpoint: String,
+    pub started_at: i64,
+    pub duration_ms: i64,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub response_excerpt: Option<String>,
+}
+
 /// An endpoint as stored.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EndpointRow {
@@ -316,6 +327,26 @@ impl Store {
             )?,
         };
         Ok(n)
+    }
+
+    /// Every attempt to deliver an event, oldest first.
+    pub fn attempts_for(&self, event_id: &str) -> Result<Vec<AttemptRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT d.endpoint, a.started_at, a.duration_ms, a.status_code, a.error, a.response_excerpt
+               FROM attempts a JOIN deliveries d ON d.id = a.delivery_id JOIN events e ON e.seq = d.event_seq
+              WHERE e.id = ?1 ORDER BY a.id",
+        )?;
+        let rows = stmt.query_map([event_id], |r| {
+            Ok(AttemptRow {
+                endpoint: r.get(0)?,
+                started_at: r.get(1)?,
+                duration_ms: r.get(2)?,
+                status_code: r.get(3)?,
+                error: r.get(4)?,
+                response_excerpt: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// How many deliveries are still waiting (pending or failed), over all endpoints.

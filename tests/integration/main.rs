@@ -10,5 +10,6 @@ mod faults;
 mod fidelity;
 mod harness;
 mod mempool;
+mod outbox;
 mod pipeline;
 mod real_node;

@@ -70,10 +70,6 @@ impl Scripted {
         s
     }
 
-    pub fn set_default(&self, b: Behave) {
-        *self.default.lock().unwrap() = b;
-    }
-
     pub fn push(&self, b: Behave) {
         self.script.lock().unwrap().push_back(b);
     }
@@ -666,9 +662,9 @@ async fn signatures_verify_with_two_independent_implementations_during_a_rotatio
             other.verify(r.body.as_bytes(), &r.headers).is_err(),
             "a third secret does not verify"
         );
-        assert_eq!(
-            python_verifies("whsec_c29tZSBvdGhlciBzZWNyZXQ=", r).unwrap_or(false),
-            false
+        assert!(
+            !python_verifies("whsec_c29tZSBvdGhlciBzZWNyZXQ=", r).unwrap_or(false),
+            "Python rejects a third secret too"
         );
     }
 }

@@ -733,6 +733,10 @@ impl RawApi {
         let allow_ips = self
             .allow_ips
             .unwrap_or_else(|| vec!["127.0.0.1/32".into(), "::1/128".into()]);
+        for ip in &allow_ips {
+            ip.parse::<crate::api::IpNet>()
+                .map_err(|e| invalid("api.allow_ips", ip, e))?;
+        }
         Ok(ApiConfig {
             listen,
             token,

@@ -8,9 +8,11 @@ use anyhow::{bail, Context};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::api;
 use crate::chain::{Follower, FollowerOptions};
 use crate::config::{core_chain_name, network_name, Config};
 use crate::dispatch;
+use crate::metrics::Metrics;
 use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
 use crate::store::Store;
@@ -103,6 +105,39 @@ pub fn check_chain(cfg: &Config, info: &ChainInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Binds the admin API; a port already taken is an error at start, not a silent absence.
+async fn start_api(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let app = api::router(
+        &cfg.api,
+        Store::open(&cfg.data_dir)?,
+        metrics,
+        cfg.network,
+        cfg.default_confirmations,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "config key api.listen = \"{}\": cannot bind",
+                cfg.api.listen
+            )
+        })?;
+    if cfg.api.token.is_none() {
+        tracing::warn!("no API token configured (api.token_env): only /health answers");
+    }
+    tracing::info!(listen = %cfg.api.listen, "admin API listening");
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = api::serve(listener, app, shutdown).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    })))
+}
+
 /// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = open_store(&cfg)?;
@@ -153,16 +188,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         "state loaded"
     );
 
+    let metrics = Arc::new(Metrics::default());
+    let api = start_api(&cfg, metrics.clone(), shutdown.clone()).await?;
     let wake = Arc::new(Notify::new());
     let mut workers = Vec::new();
     for ep in cfg.endpoints.clone() {
         let ep_store = Store::open(&cfg.data_dir)?;
-        let (w, s) = (wake.clone(), shutdown.clone());
+        let (w, s, m) = (wake.clone(), shutdown.clone(), metrics.clone());
         workers.push(tokio::spawn(dispatch::run_endpoint(
             ep,
             ep_store,
             w,
             dispatch::system_clock(),
+            m,
             s,
         )));
     }
@@ -174,7 +212,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         alert_reorg_depth: cfg.alert_reorg_depth,
         node_unreachable_after: cfg.node_unreachable_after,
     };
-    let follower = Follower::new(rpc, store, tracker, index, opts, wake);
+    let follower = Follower::new(rpc, store, tracker, index, opts, wake)
+        .with_metrics(metrics)
+        .with_network(cfg.network);
     follower
         .run(subscriber.is_some().then_some(zmq_rx), shutdown.clone())
         .await;
@@ -188,6 +228,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     if let Some(s) = subscriber {
         s.stop();
+    }
+    if let Some(api) = api {
+        let _ = api.await;
     }
     tracing::info!("stopped");
     Ok(())

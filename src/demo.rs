@@ -32,7 +32,7 @@ fn demo_config(
     receiver: &str,
 ) -> anyhow::Result<Config> {
     let mut text = format!(
-        "network = \"regtest\"\ndata_dir = {:?}\ndefault_confirmations = 3\n\n[bitcoind]\nrpc_url = {:?}\ncookie_file = {:?}\npoll_interval = \"500ms\"\n\n[[endpoints]]\nname = \"demo\"\nurl = \"http://{receiver}/hooks\"\nsecret = \"{DEMO_SECRET}\"\nevents = [\"tx.*\"]\n",
+        "network = \"regtest\"\ndata_dir = {:?}\ndefault_confirmations = 3\n\n[bitcoind]\nrpc_url = {:?}\ncookie_file = {:?}\npoll_interval = \"500ms\"\n\n[[endpoints]]\nname = \"demo\"\nurl = \"http://{receiver}/hooks\"\nsecret = \"{DEMO_SECRET}\"\nevents = [\"tx.*\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\n",
         data_dir.display().to_string(),
         node.rpc_url(),
         node.cookie_path().display().to_string()

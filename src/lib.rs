@@ -1,5 +1,6 @@
 //! chainwatch: follows a Bitcoin Core node and turns chain activity into signed webhooks.
 
+pub mod api;
 pub mod chain;
 pub mod commands;
 pub mod config;
@@ -7,6 +8,7 @@ pub mod daemon;
 pub mod demo;
 pub mod dispatch;
 pub mod event;
+pub mod metrics;
 pub mod node;
 pub mod receiver;
 pub mod sign;

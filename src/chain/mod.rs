@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::StartHeight;
 use crate::event::{self, NewEvent, TipRef};
+use crate::metrics::Metrics;
 use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
 use crate::node::{ChainSource, NodeError};
 use crate::store::{Store, StoreError};
@@ -77,6 +78,10 @@ pub struct Follower<S: ChainSource> {
     /// The mempool view may have missed something (start, counter gap, first ZMQ message).
     mempool_stale: bool,
     outage: Option<Outage>,
+    metrics: Arc<Metrics>,
+    /// The store's watch version our index reflects.
+    watch_version: i64,
+    network: bitcoin::Network,
     /// When the sequence topic last spoke: a silence longer than `poll_interval` may hide a
     /// lost last message, which no counter gap would reveal.
     last_sequence_msg: std::time::Instant,
@@ -114,7 +119,40 @@ impl<S: ChainSource> Follower<S> {
             mempool_stale: true,
             outage: None,
             last_sequence_msg: std::time::Instant::now(),
+            metrics: Arc::new(Metrics::default()),
+            watch_version: -1,
+            network: bitcoin::Network::Regtest,
         }
+    }
+
+    /// The network addresses are read for (watches added at run time are reloaded with it).
+    pub fn with_network(mut self, network: bitcoin::Network) -> Follower<S> {
+        self.network = network;
+        self
+    }
+
+    /// Picks up watches added, changed or removed since we last looked (CLI, API), so a watch
+    /// takes effect on the next transaction without a restart.
+    fn refresh_watches(&mut self) -> Result<(), FollowError> {
+        let version = self.store.watch_version()?;
+        if version == self.watch_version {
+            return Ok(());
+        }
+        let watches = self.store.load_watches()?;
+        let coins = std::mem::take(&mut self.index.coins);
+        self.index = WatchIndex::new(self.network, watches);
+        self.index.coins = coins;
+        if self.watch_version >= 0 {
+            tracing::info!(watches = self.index.len(), "watches changed; reloaded");
+        }
+        self.watch_version = version;
+        Ok(())
+    }
+
+    /// Reports into `metrics` (by default into a private set nobody reads).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Follower<S> {
+        self.metrics = metrics;
+        self
     }
 
     pub fn tracker(&self) -> &Tracker {
@@ -137,11 +175,17 @@ impl<S: ChainSource> Follower<S> {
                     Ok(()) => {
                         self.needs_resync = false;
                         backoff = Duration::from_millis(250);
+                        self.metrics
+                            .node_reachable
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
                         self.node_answered();
                     }
                     Err(e) => {
                         if e.is_transient() {
                             tracing::warn!(error = %e, retry_in = ?backoff, "node not available; will retry");
+                            self.metrics
+                                .node_reachable
+                                .store(false, std::sync::atomic::Ordering::Relaxed);
                             self.node_failed(&e);
                         } else {
                             tracing::error!(error = %e, retry_in = ?backoff, "sync failed; will retry");
@@ -187,16 +231,21 @@ impl<S: ChainSource> Follower<S> {
 
     /// Brings chain and mempool up to date with the node.
     pub async fn resync(&mut self) -> Result<(), FollowError> {
+        self.refresh_watches()?;
         self.sync_chain().await?;
         if self.opts.zmq_mempool && !self.mempool_stale {
             return Ok(());
         }
+        self.metrics
+            .resyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.sync_mempool().await?;
         self.mempool_stale = false;
         Ok(())
     }
 
     async fn on_zmq_batch(&mut self, batch: Vec<ZmqMessage>) -> Result<(), FollowError> {
+        self.refresh_watches()?;
         let mut events = Vec::new();
         for m in batch {
             self.check_counter(&m);
@@ -215,6 +264,7 @@ impl<S: ChainSource> Follower<S> {
 
     fn check_counter(&mut self, m: &ZmqMessage) {
         tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
+        self.metrics.zmq_message(&m.topic);
         if m.topic == "sequence" {
             self.last_sequence_msg = std::time::Instant::now();
         }
@@ -227,6 +277,7 @@ impl<S: ChainSource> Follower<S> {
                 }
                 self.needs_resync = true;
                 self.mempool_stale = true;
+                self.metrics.zmq_gap(&m.topic);
             }
             // Messages published before the subscription took hold are lost without a trace.
             None => {
@@ -279,6 +330,18 @@ impl<S: ChainSource> Follower<S> {
         self.tracker.apply(&step, &mut self.index);
         for e in &committed {
             tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded");
+            self.metrics.event(&e.kind);
+        }
+        match step.tip {
+            TipChange::Connect { block, .. } => self
+                .metrics
+                .tip_height
+                .store(block.height as i64, std::sync::atomic::Ordering::Relaxed),
+            TipChange::Disconnect { block } => self.metrics.tip_height.store(
+                block.height as i64 - 1,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
+            TipChange::None => {}
         }
         if !committed.is_empty() {
             self.wake_dispatch.notify_waiters();

@@ -88,10 +88,23 @@ impl<S: ChainSource> Follower<S> {
         'restart: loop {
             let best = self.source.best_block_hash().await?;
             let tip = self.store.tip()?;
+            if let Some(t) = tip {
+                self.metrics
+                    .tip_height
+                    .store(t.height as i64, std::sync::atomic::Ordering::Relaxed);
+            }
             if tip.map(|t| t.hash) == Some(best) {
+                if let Some(t) = tip {
+                    self.metrics
+                        .node_height
+                        .store(t.height as i64, std::sync::atomic::Ordering::Relaxed);
+                }
                 return Ok(());
             }
             let best_height = self.source.block_header(best).await?.height;
+            self.metrics
+                .node_height
+                .store(best_height as i64, std::sync::atomic::Ordering::Relaxed);
             let start = match tip {
                 None => 0,
                 Some(tip) => self.unwind(tip, best, best_height).await?,

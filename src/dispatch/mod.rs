@@ -18,6 +18,7 @@ pub use http::{MAX_RESPONSE_READ, MAX_RESPONSE_STORED, MAX_RETRY_AFTER, MIN_BACK
 
 use crate::config::EndpointConfig;
 use crate::event;
+use crate::metrics::Metrics;
 use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, Store, StoreError};
 use crate::tracker::ChainStep;
 
@@ -28,6 +29,7 @@ pub async fn run_endpoint(
     mut store: Store,
     wake: Arc<Notify>,
     clock: Clock,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
     let sender = Sender::new(ep.timeout);
@@ -71,6 +73,17 @@ pub async fn run_endpoint(
                 in_flight_ids.remove(&d.delivery_id);
                 log_outcome(&ep.name, &d, &o);
                 store.record_attempt(&ep.name, &d, &o)?;
+                let outcome = match o.result {
+                    DeliveryResult::Delivered => {
+                        let done = o.started_at_ms + o.duration_ms;
+                        metrics.delivery_latency((done - d.created_at).max(0) as f64 / 1000.0);
+                        "delivered"
+                    }
+                    DeliveryResult::RetryAt(_) => "failed",
+                    DeliveryResult::Dead => "dead",
+                    DeliveryResult::EndpointGone => "gone",
+                };
+                metrics.delivery(&ep.name, outcome);
                 after_attempt(&mut store, &ep, &d, &o, clock(), &wake)?;
             }
             _ = shutdown.cancelled(), if !stopping => {}

@@ -127,7 +127,7 @@ impl Store {
         self.keep_blocks = n.max(10);
     }
 
-    fn meta(&self, key: &str) -> Result<Option<String>> {
+    pub(crate) fn meta(&self, key: &str) -> Result<Option<String>> {
         Ok(self
             .conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -351,6 +351,14 @@ fn append_events(
             kind: e.kind.to_string(),
         });
         prev_hash = hash;
+    }
+    // The head makes removing the newest rows detectable too: the chain alone ends wherever it is cut.
+    if let Some(last) = out.last() {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('event_head', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [format!("{}|{}", last.seq, prev_hash)],
+        )?;
     }
     Ok(out)
 }

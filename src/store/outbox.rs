@@ -14,6 +14,8 @@ pub struct DueDelivery {
     pub kind: String,
     pub body: String,
     pub attempts: u32,
+    /// When the event was committed (ms).
+    pub created_at: i64,
 }
 
 /// What one attempt came to.
@@ -184,12 +186,12 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
         let sql = if ordered {
-            "SELECT * FROM (SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type
+            "SELECT * FROM (SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type, e.created_at
                FROM deliveries d JOIN events e ON e.seq = d.event_seq
               WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') ORDER BY d.event_seq LIMIT 1)
              WHERE next_attempt_at <= ?2 LIMIT ?3"
         } else {
-            "SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type
+            "SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type, e.created_at
                FROM deliveries d JOIN events e ON e.seq = d.event_seq
               WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') AND d.next_attempt_at <= ?2
               ORDER BY d.event_seq LIMIT ?3"
@@ -203,6 +205,7 @@ impl Store {
                 body: r.get(3)?,
                 attempts: r.get(4)?,
                 kind: r.get(6)?,
+                created_at: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -344,6 +347,28 @@ impl Store {
                 status_code: r.get(3)?,
                 error: r.get(4)?,
                 response_excerpt: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Per endpoint: deliveries waiting, and the age of the oldest one's event at `now_ms`.
+    pub fn queue_states(&self, now_ms: i64) -> Result<Vec<crate::metrics::QueueState>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT ep.name,
+               (SELECT count(*) FROM deliveries d WHERE d.endpoint = ep.name AND d.status IN ('pending','failed')),
+               (SELECT min(e.created_at) FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.endpoint = ep.name AND d.status IN ('pending','failed'))
+             FROM endpoints ep ORDER BY ep.name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let oldest: Option<i64> = r.get(2)?;
+            Ok(crate::metrics::QueueState {
+                endpoint: r.get(0)?,
+                waiting: r.get(1)?,
+                oldest_age_seconds: oldest
+                    .map(|t| (now_ms - t).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -197,14 +197,35 @@ impl Store {
                 now_ms
             ],
         )?;
-        Ok(())
+        self.bump_watch_version()
     }
 
     pub fn remove_watch(&self, id: &str) -> Result<bool> {
-        Ok(self
+        let removed = self
             .conn
             .execute("DELETE FROM watches WHERE id = ?1", [id])?
-            > 0)
+            > 0;
+        if removed {
+            self.bump_watch_version()?;
+        }
+        Ok(removed)
+    }
+
+    /// Changes whenever a watch is added, changed or removed, by any process.
+    pub fn watch_version(&self) -> Result<i64> {
+        Ok(self
+            .meta("watch_version")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    fn bump_watch_version(&self) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('watch_version', '1')
+             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+            [],
+        )?;
+        Ok(())
     }
 
     /// Events after `after`, in sequence order.
@@ -274,6 +295,17 @@ impl Store {
             prev = hash;
             expected_seq += 1;
             count += 1;
+        }
+        drop(rows);
+        drop(stmt);
+        if let Some(head) = self.meta("event_head")? {
+            let (seq, hash) = head.split_once('|').unwrap_or(("", ""));
+            let seq: i64 = seq.parse().unwrap_or(0);
+            if seq != count || hash != prev {
+                let first_missing = count + 1;
+                let why = format!("the log ends at sequence {count}, but {seq} events were recorded: the newest rows were removed or edited");
+                return Ok((count, Some((first_missing, why))));
+            }
         }
         Ok((count, None))
     }

@@ -185,6 +185,8 @@ pub struct Options {
     pub top: &'static str,
     pub endpoint: &'static str,
     pub no_zmq: bool,
+    /// The [api] table's body; empty means an ephemeral port.
+    pub api: String,
 }
 
 impl Harness {
@@ -232,6 +234,12 @@ impl Harness {
             self.receiver.url,
             opts.endpoint,
         );
+        let api = if opts.api.is_empty() {
+            "listen = \"127.0.0.1:0\""
+        } else {
+            opts.api.as_str()
+        };
+        t.push_str(&format!("\n[api]\n{api}\n"));
         for (i, w) in watches.iter().enumerate() {
             t.push_str(&format!(
                 "\n[[watches]]\naddress = \"{}\"\nconfirmations = {}\nlabel = \"{}\"\nmetadata = {{ order_id = {} }}\n",

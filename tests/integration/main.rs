@@ -1,6 +1,7 @@
 //! One integration-test binary: the simulated node against the real captures, and the whole
 //! pipeline (simulated node → chainwatch → capturing receiver).
 
+mod api;
 mod captures;
 mod chain_events;
 mod cli;

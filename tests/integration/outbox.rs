@@ -196,6 +196,7 @@ impl Outbox {
                 store,
                 o.wake.clone(),
                 clock,
+                Default::default(),
                 o.token.clone(),
             )));
         }

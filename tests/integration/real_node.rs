@@ -217,7 +217,7 @@ fn config(
     watches: &[(String, u32)],
 ) -> chainwatch::config::Config {
     let mut t = format!(
-        "network = \"regtest\"\ndata_dir = {:?}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"500ms\"\n[[endpoints]]\nname = \"shop\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n",
+        "network = \"regtest\"\ndata_dir = {:?}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"500ms\"\n[[endpoints]]\nname = \"shop\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[api]\nlisten = \"127.0.0.1:0\"\n",
         data.display().to_string(),
         node.rpc_url,
         node.cookie().display().to_string(),

@@ -1,0 +1,392 @@
+//! The admin HTTP API (`api.listen`). Requests from outside `api.allow_ips` get 403 before
+//! anything else is read; every route but `/health` needs `Authorization: Bearer <token>`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use bitcoin::Network;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{check_address, ApiConfig};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::watch::{check_metadata, Watch};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An address block, `10.0.0.0/8` or `::1/128`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IpNet, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse()
+                .map_err(|_| format!("{p:?} is not a prefix length"))?
+        };
+        if prefix > max {
+            return Err(format!("prefix /{prefix} is longer than {max}"));
+        }
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    store: Arc<Mutex<Store>>,
+    token: Option<String>,
+    allow: Arc<Vec<IpNet>>,
+    metrics: Arc<Metrics>,
+    network: Network,
+    default_confirmations: u32,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// Equal-time comparison of hashes, so the response time says nothing about the token.
+fn token_matches(given: &str, expected: &str) -> bool {
+    use bitcoin::hashes::{sha256, Hash};
+    let a = sha256::Hash::hash(given.as_bytes()).to_byte_array();
+    let b = sha256::Hash::hash(expected.as_bytes()).to_byte_array();
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+async fn guard(
+    State(api): State<Api>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !api.allow.iter().any(|n| n.contains(peer.ip())) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("{} is not in api.allow_ips", peer.ip()),
+        );
+    }
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let Some(expected) = api.token.as_deref() else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "no API token is configured (set api.token_env)",
+        );
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if token_matches(t.trim(), expected) => next.run(req).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "wrong bearer token"),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token>",
+        ),
+    }
+}
+
+pub fn router(
+    cfg: &ApiConfig,
+    store: Store,
+    metrics: Arc<Metrics>,
+    network: Network,
+    default_confirmations: u32,
+) -> Result<Router, String> {
+    let allow = cfg
+        .allow_ips
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map_err(|e| format!("api.allow_ips {s:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let api = Api {
+        store: Arc::new(Mutex::new(store)),
+        token: cfg.token.clone(),
+        allow: Arc::new(allow),
+        metrics,
+        network,
+        default_confirmations,
+    };
+    Ok(Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/watches", get(list_watches).post(add_watch))
+        .route("/v1/watches/{id}", delete(remove_watch))
+        .route("/v1/events", get(list_events))
+        .route("/v1/events/{id}/redeliver", post(redeliver))
+        .route("/v1/deliveries", get(list_deliveries))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(api.clone(), guard))
+        .with_state(api))
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}"))
+}
+
+async fn health(State(api): State<Api>) -> Response {
+    let tip = match api.store.lock().await.tip() {
+        Ok(t) => t,
+        Err(e) => return store_error(e),
+    };
+    let node = api
+        .metrics
+        .node_reachable
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let tip = tip.map(|t| json!({ "hash": t.hash.to_string(), "height": t.height }));
+    Json(json!({ "status": "ok", "tip": tip, "node_reachable": node })).into_response()
+}
+
+async fn metrics_text(State(api): State<Api>) -> Response {
+    let queues = match api.store.lock().await.queue_states(crate::chain::now_ms()) {
+        Ok(q) => q,
+        Err(e) => return store_error(e),
+    };
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        api.metrics.render(&queues),
+    )
+        .into_response()
+}
+
+async fn list_watches(State(api): State<Api>) -> Response {
+    match api.store.lock().await.load_watches() {
+        Ok(w) => Json(json!({ "watches": w })).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewWatch {
+    address: String,
+    confirmations: Option<u32>,
+    label: Option<String>,
+    metadata: Option<Value>,
+}
+
+async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+    let w: NewWatch = match serde_json::from_slice(&body) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+    };
+    let addr = match check_address("address", &w.address, api.network) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    };
+    let confirmations = w.confirmations.unwrap_or(api.default_confirmations);
+    if !(1..=1000).contains(&confirmations) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("confirmations {confirmations}: must be between 1 and 1000"),
+        );
+    }
+    let metadata = w.metadata.unwrap_or(json!({}));
+    if let Err(e) = check_metadata(&metadata) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, e);
+    }
+    let watch = Watch::new(&addr, confirmations, w.label, metadata);
+    match api
+        .store
+        .lock()
+        .await
+        .upsert_watch(&watch, "api", crate::chain::now_ms())
+    {
+        Ok(()) => (StatusCode::CREATED, Json(json!(watch))).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn remove_watch(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    match api.store.lock().await.remove_watch(&id) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no watch {id}")),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_events(
+    State(api): State<Api>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit {limit}: must be between 1 and 1000"),
+        );
+    }
+    let rows = match api
+        .store
+        .lock()
+        .await
+        .events_after(q.after.unwrap_or(0), limit)
+    {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let next = rows.last().map(|r| r.seq);
+    let events: Vec<Value> = rows
+        .iter()
+        .filter_map(|r| serde_json::from_str(&r.body).ok())
+        .collect();
+    Json(json!({ "events": events, "next_after": next })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveriesQuery {
+    status: Option<String>,
+    endpoint: Option<String>,
+}
+
+async fn list_deliveries(
+    State(api): State<Api>,
+    q: Result<Query<DeliveriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    if let Some(s) = q.status.as_deref() {
+        if !["pending", "failed", "dead", "delivered"].contains(&s) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("status {s:?}: expected pending, failed, dead or delivered"),
+            );
+        }
+    }
+    match api
+        .store
+        .lock()
+        .await
+        .list_deliveries(q.status.as_deref(), q.endpoint.as_deref(), 10_000)
+    {
+        Ok(rows) => Json(json!({ "deliveries": rows })).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn redeliver(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let store = api.store.lock().await;
+    match store.event_by_id(&id) {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no event {id}")),
+        Err(e) => return store_error(e),
+    }
+    match store.redeliver(Some(&id), None, crate::chain::now_ms()) {
+        Ok(n) => (StatusCode::ACCEPTED, Json(json!({ "queued": n }))).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_blocks() {
+        let n: IpNet = "127.0.0.1/32".parse().unwrap();
+        assert!(n.contains("127.0.0.1".parse().unwrap()));
+        assert!(!n.contains("127.0.0.2".parse().unwrap()));
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains("10.200.1.1".parse().unwrap()));
+        assert!(
+            n.contains("::ffff:10.1.2.3".parse().unwrap()),
+            "v4-mapped v6"
+        );
+        let n: IpNet = "::1/128".parse().unwrap();
+        assert!(n.contains("::1".parse().unwrap()) && !n.contains("127.0.0.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("nonsense/8".parse::<IpNet>().is_err());
+    }
+
+    #[test]
+    fn tokens_compare_by_content() {
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cret", "s3cret2"));
+        assert!(!token_matches("", "x"));
+    }
+}

@@ -16,10 +16,10 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{check_address, ApiConfig};
+use crate::config::ApiConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::watch::{check_metadata, Watch};
+use crate::watch::check_metadata;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -230,7 +230,9 @@ async fn list_watches(State(api): State<Api>) -> Response {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewWatch {
-    address: String,
+    address: Option<String>,
+    descriptor: Option<String>,
+    gap_limit: Option<u32>,
     confirmations: Option<u32>,
     label: Option<String>,
     metadata: Option<Value>,
@@ -241,9 +243,15 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
         Ok(w) => w,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
     };
-    let addr = match check_address("address", &w.address, api.network) {
-        Ok(a) => a,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    let target = match (w.address, w.descriptor) {
+        (Some(a), None) => a,
+        (None, Some(d)) => d,
+        _ => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "give one of address or descriptor",
+            )
+        }
     };
     let confirmations = w.confirmations.unwrap_or(api.default_confirmations);
     if !(1..=1000).contains(&confirmations) {
@@ -256,7 +264,17 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
     if let Err(e) = check_metadata(&metadata) {
         return error(StatusCode::UNPROCESSABLE_ENTITY, e);
     }
-    let watch = Watch::new(&addr, confirmations, w.label, metadata);
+    let watch = match crate::watch::parse_target(
+        &target,
+        api.network,
+        w.gap_limit,
+        confirmations,
+        w.label,
+        metadata,
+    ) {
+        Ok(w) => w,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
     match api
         .store
         .lock()

@@ -6,13 +6,13 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{check_address, Config};
+use crate::config::Config;
 use crate::daemon::{self, now_ms, open_store};
 use crate::event::type_matches;
 use crate::node::{ChainSource, RpcClient};
 use crate::sign::{self, Secret};
 use crate::store::Store;
-use crate::watch::{check_metadata, Watch};
+use crate::watch::check_metadata;
 
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
@@ -104,26 +104,36 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn watch_add(
-    cfg: &Config,
-    target: &str,
-    confirmations: Option<u32>,
-    label: Option<String>,
-    metadata: Option<String>,
-) -> anyhow::Result<()> {
-    let addr = check_address("ADDRESS", target, cfg.network)?;
-    let confirmations = confirmations.unwrap_or(cfg.default_confirmations);
+/// What `watch add` was given.
+pub struct WatchArgs {
+    pub target: String,
+    pub confirmations: Option<u32>,
+    pub gap_limit: Option<u32>,
+    pub label: Option<String>,
+    pub metadata: Option<String>,
+}
+
+pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
+    let confirmations = a.confirmations.unwrap_or(cfg.default_confirmations);
     if confirmations == 0 || confirmations > 1000 {
         bail!("--confirmations {confirmations}: must be between 1 and 1000");
     }
-    let metadata: serde_json::Value = match metadata {
+    let metadata: serde_json::Value = match a.metadata {
         None => serde_json::json!({}),
         Some(text) => serde_json::from_str(&text)
             .with_context(|| format!("--metadata {text:?} is not JSON"))?,
     };
     check_metadata(&metadata).map_err(|e| anyhow::anyhow!("--metadata: {e}"))?;
+    let w = crate::watch::parse_target(
+        &a.target,
+        cfg.network,
+        a.gap_limit,
+        confirmations,
+        a.label,
+        metadata,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", a.target))?;
     let store = open_store(cfg)?;
-    let w = Watch::new(&addr, confirmations, label, metadata);
     store.upsert_watch(&w, "cli", now_ms())?;
     println!("{}", w.id);
     Ok(())
@@ -140,9 +150,9 @@ pub fn watch_list(cfg: &Config, json: bool) -> anyhow::Result<()> {
         println!(
             "{}  {}  conf={}  label={}  metadata={}",
             w.id,
-            w.address,
+            w.target_text(),
             w.confirmations,
-            w.label.unwrap_or_default(),
+            w.label.as_deref().unwrap_or(""),
             w.metadata
         );
     }

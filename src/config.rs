@@ -9,6 +9,7 @@ use bitcoin::{Address, Network};
 use serde::Deserialize;
 
 use crate::sign::Secret;
+use crate::watch::Watch;
 
 /// A configuration refusal: which key, which value, and why.
 #[derive(Debug, thiserror::Error)]
@@ -197,14 +198,6 @@ pub struct EndpointConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct WatchConfig {
-    pub address: String,
-    pub confirmations: u32,
-    pub label: Option<String>,
-    pub metadata: serde_json::Value,
-}
-
-#[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
@@ -223,7 +216,7 @@ pub struct Config {
     pub json_logs: bool,
     pub bitcoind: BitcoindConfig,
     pub endpoints: Vec<EndpointConfig>,
-    pub watches: Vec<WatchConfig>,
+    pub watches: Vec<Watch>,
     pub api: ApiConfig,
 }
 
@@ -656,22 +649,11 @@ fn redact_secret(s: &str) -> String {
 }
 
 impl RawWatch {
-    fn validate(
-        self,
-        i: usize,
-        network: Network,
-        default_conf: u32,
-    ) -> Result<WatchConfig, ConfigError> {
+    fn validate(self, i: usize, network: Network, default_conf: u32) -> Result<Watch, ConfigError> {
         let key = |k: &str| format!("watches[{i}].{k}");
-        let address = match (self.address, self.descriptor) {
-            (Some(a), None) => a,
-            (None, Some(d)) => {
-                return Err(invalid(
-                    key("descriptor"),
-                    d,
-                    "descriptor watches are not supported by this version; list addresses instead",
-                ))
-            }
+        let (field, target) = match (self.address, self.descriptor) {
+            (Some(a), None) => ("address", a),
+            (None, Some(d)) => ("descriptor", d),
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     key("address"),
@@ -679,16 +661,21 @@ impl RawWatch {
                     "give address or descriptor, not both",
                 ))
             }
-            (None, None) => return Err(invalid(key("address"), "", "a watch needs an address")),
+            (None, None) => {
+                return Err(invalid(
+                    key("address"),
+                    "",
+                    "a watch needs an address or a descriptor",
+                ))
+            }
         };
-        if self.gap_limit.is_some() {
+        if field == "address" && self.gap_limit.is_some() {
             return Err(invalid(
                 key("gap_limit"),
                 self.gap_limit.unwrap_or(0),
                 "gap_limit applies to descriptor watches only",
             ));
         }
-        let addr = check_address(&key("address"), &address, network)?;
         let confirmations = self.confirmations.unwrap_or(default_conf);
         if confirmations == 0 || confirmations > 1000 {
             return Err(invalid(
@@ -705,12 +692,15 @@ impl RawWatch {
         };
         crate::watch::check_metadata(&metadata)
             .map_err(|r| invalid(key("metadata"), metadata.to_string(), r))?;
-        Ok(WatchConfig {
-            address: addr.to_string(),
-            confirmations,
-            label: self.label,
-            metadata,
-        })
+        let (gap_key, gap) = (key("gap_limit"), self.gap_limit);
+        crate::watch::parse_target(&target, network, gap, confirmations, self.label, metadata)
+            .map_err(|reason| {
+                if reason.starts_with("gap_limit") {
+                    invalid(gap_key, gap.unwrap_or(0), reason)
+                } else {
+                    invalid(key(field), &target, reason)
+                }
+            })
     }
 }
 

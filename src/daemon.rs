@@ -17,7 +17,7 @@ use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
 use crate::store::Store;
 use crate::tracker::Tracker;
-use crate::watch::{Watch, WatchIndex};
+use crate::watch::WatchIndex;
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -34,9 +34,7 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     store.set_keep_blocks(cfg.finality_depth + 10);
     store.sync_endpoints(&cfg.endpoints)?;
     for w in &cfg.watches {
-        let addr = crate::config::check_address("watches.address", &w.address, cfg.network)?;
-        let watch = Watch::new(&addr, w.confirmations, w.label.clone(), w.metadata.clone());
-        store.upsert_watch(&watch, "config", now_ms())?;
+        store.upsert_watch(w, "config", now_ms())?;
     }
     Ok(store)
 }
@@ -177,6 +175,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let watches = store.load_watches()?;
     let mut index = WatchIndex::new(cfg.network, watches);
     index.coins.extend(store.load_coins()?);
+    for d in store.load_derivations()? {
+        index.set_used(&d);
+    }
     let tracker = Tracker::new(
         network_name(cfg.network),
         cfg.finality_depth,

@@ -77,10 +77,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum WatchCmd {
+    /// Watch an address, or a descriptor such as "wpkh(tpub…/0/*)".
     Add {
         target: String,
         #[arg(long)]
         confirmations: Option<u32>,
+        /// Descriptors: fresh addresses watched beyond the highest used one (default 20).
+        #[arg(long)]
+        gap_limit: Option<u32>,
         #[arg(long)]
         label: Option<String>,
         #[arg(long)]
@@ -146,6 +150,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Watch(WatchCmd::Add {
             target,
             confirmations,
+            gap_limit,
             label,
             metadata,
             rescan_from,
@@ -153,7 +158,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if rescan_from.is_some() {
                 anyhow::bail!("--rescan-from is not supported by this version");
             }
-            commands::watch_add(&cfg()?, &target, confirmations, label, metadata)
+            let args = commands::WatchArgs {
+                target,
+                confirmations,
+                gap_limit,
+                label,
+                metadata,
+            };
+            commands::watch_add(&cfg()?, args)
         }
         Command::Watch(WatchCmd::List { json }) => commands::watch_list(&cfg()?, json),
         Command::Watch(WatchCmd::Remove { id }) => commands::watch_remove(&cfg()?, &id),

@@ -2,7 +2,7 @@
 //! (state changes plus events) that the store commits in one transaction; only after the
 //! commit succeeds is the step applied to the in-memory state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde_json::json;
 
@@ -10,7 +10,9 @@ use bitcoin::{Block, OutPoint, Transaction, Txid};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{self, BlockRef, NewEvent, TipRef, TxEventFacts, TxEventIdentity};
-use crate::watch::{MatchedInput, MatchedOutput, TxMatch, WatchIndex, WatchedCoin};
+use crate::watch::{
+    net_amount, Derivation, MatchedInput, MatchedOutput, Overlay, WatchIndex, WatchedCoin,
+};
 
 /// Where a tracked transaction stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,12 +61,7 @@ fn spends_of(tx: &Transaction) -> Vec<OutPoint> {
 
 impl Tracked {
     fn amount_sat(&self) -> i64 {
-        TxMatch {
-            watch_id: String::new(),
-            outputs: self.outputs.clone(),
-            inputs: self.inputs.clone(),
-        }
-        .amount_sat()
+        net_amount(&self.outputs, &self.inputs)
     }
 }
 
@@ -91,6 +88,8 @@ pub struct ChainStep {
     pub upserts: Vec<Tracked>,
     pub removals: Vec<TrackedKey>,
     pub coins_added: Vec<(OutPoint, WatchedCoin)>,
+    /// Descriptor indexes the step used: more addresses are watched after them.
+    pub derivations: Vec<Derivation>,
     pub events: Vec<NewEvent>,
 }
 
@@ -105,6 +104,7 @@ impl ChainStep {
             upserts: vec![],
             removals: vec![],
             coins_added: vec![],
+            derivations: vec![],
             events: vec![],
         }
     }
@@ -157,13 +157,19 @@ impl Tracker {
         for (op, coin) in &step.coins_added {
             index.coins.insert(*op, coin.clone());
         }
+        for d in &step.derivations {
+            index.set_used(d);
+        }
     }
 
     /// A transaction entered the mempool.
     pub fn mempool_add(&self, index: &WatchIndex, tx: &Transaction, tip: TipRef) -> ChainStep {
         let mut step = ChainStep::new(TipChange::None);
         let txid = tx.compute_txid();
-        for m in index.match_tx(tx) {
+        let mut overlay = Overlay::default();
+        let matches = index.match_tx_in(tx, &mut overlay);
+        step.derivations = overlay.derivations();
+        for m in matches {
             step.coins_added.extend(WatchIndex::coins_of(txid, &m));
             match self.get(txid, &m.watch_id) {
                 None => {
@@ -209,12 +215,12 @@ impl Tracker {
             tx_count: block.txdata.len() as u32,
         });
         let mut changed: BTreeMap<TrackedKey, Tracked> = BTreeMap::new();
-        let mut overlay: HashMap<OutPoint, WatchedCoin> = HashMap::new();
+        let mut overlay = Overlay::default();
         for tx in &block.txdata {
             let txid = tx.compute_txid();
-            for m in index.match_tx_with(tx, &overlay) {
+            for m in index.match_tx_in(tx, &mut overlay) {
                 let coins = WatchIndex::coins_of(txid, &m);
-                overlay.extend(coins.iter().cloned());
+                overlay.coins.extend(coins.iter().cloned());
                 step.coins_added.extend(coins);
                 let key = (txid, m.watch_id.clone());
                 let t = match self.entries.get(&key) {
@@ -238,6 +244,7 @@ impl Tracker {
                 changed.insert(key, t);
             }
         }
+        step.derivations = overlay.derivations();
         let confirmed = self
             .entries
             .iter()

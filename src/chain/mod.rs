@@ -142,6 +142,9 @@ impl<S: ChainSource> Follower<S> {
         let coins = std::mem::take(&mut self.index.coins);
         self.index = WatchIndex::new(self.network, watches);
         self.index.coins = coins;
+        for d in self.store.load_derivations()? {
+            self.index.set_used(&d);
+        }
         if self.watch_version >= 0 {
             tracing::info!(watches = self.index.len(), "watches changed; reloaded");
         }

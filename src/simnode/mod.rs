@@ -156,6 +156,16 @@ impl SimNode {
         new
     }
 
+    /// Spends `coins` (anyone's: signatures are not checked) into `outputs`; enters the mempool.
+    pub fn spend(&self, coins: &[(OutPoint, u64)], outputs: &[(ScriptBuf, u64)]) -> Txid {
+        let mut s = self.lock();
+        let miner = s.miner.clone();
+        let tx = mining::payment(coins, outputs, &miner, PAYMENT_FEE);
+        let txid = s.chain.accept_tx(tx).expect("spend accepted");
+        s.flush();
+        txid
+    }
+
     /// A transaction spending the same inputs as mempool transaction `txid`, not broadcast:
     /// mined with `mine_block_with`, it is the double-spend that drops `txid`.
     pub fn double_spend(&self, txid: Txid, outputs: &[(ScriptBuf, u64)]) -> Transaction {

@@ -92,6 +92,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE block_disconnects (hash TEXT PRIMARY KEY, count INTEGER NOT NULL);
     ALTER TABLE blocks ADD COLUMN tx_count INTEGER;
     "#,
+    // 3: descriptor watches (the address column holds the descriptor) and their used indexes.
+    r#"
+    ALTER TABLE watches ADD COLUMN gap_limit INTEGER;
+    CREATE TABLE derivations (
+        watch_id TEXT NOT NULL,
+        path INTEGER NOT NULL,
+        used INTEGER NOT NULL,
+        PRIMARY KEY (watch_id, path)
+    );
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -6,7 +6,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use super::{parse_hash, Result, Store, StoreError};
 use crate::event::BlockRef;
 use crate::tracker::{ChainStep, Tracked, TxStatus};
-use crate::watch::{Watch, WatchedCoin};
+use crate::watch::{Derivation, Target, Watch, WatchedCoin};
 
 /// One row of the event log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,13 @@ pub struct EventRow {
     pub kind: String,
     pub body: String,
     pub created_at: i64,
+}
+
+fn gap_of(w: &Watch) -> Option<u32> {
+    match w.target {
+        Target::Descriptor { gap_limit, .. } => Some(gap_limit),
+        Target::Address { .. } => None,
+    }
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -51,6 +58,13 @@ pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
         tx.execute(
             "DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2",
             params![txid.to_string(), watch],
+        )?;
+    }
+    for d in &step.derivations {
+        tx.execute(
+            "INSERT INTO derivations (watch_id, path, used) VALUES (?1, ?2, ?3)
+             ON CONFLICT(watch_id, path) DO UPDATE SET used = max(used, excluded.used)",
+            params![d.watch_id, d.path, d.used],
         )?;
     }
     for (op, coin) in &step.coins_added {
@@ -157,7 +171,7 @@ impl Store {
     pub fn load_watches(&self) -> Result<Vec<Watch>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, address, confirmations, label, metadata FROM watches ORDER BY created_at, id")?;
+            .prepare("SELECT id, address, confirmations, label, metadata, gap_limit FROM watches ORDER BY created_at, id")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -165,13 +179,21 @@ impl Store {
                 r.get::<_, u32>(2)?,
                 r.get::<_, Option<String>>(3)?,
                 r.get::<_, String>(4)?,
+                r.get::<_, Option<u32>>(5)?,
             ))
         })?;
         rows.map(|row| {
-            let (id, address, confirmations, label, metadata) = row?;
+            let (id, target, confirmations, label, metadata, gap_limit) = row?;
+            let target = match gap_limit {
+                None => Target::Address { address: target },
+                Some(gap_limit) => Target::Descriptor {
+                    descriptor: target,
+                    gap_limit,
+                },
+            };
             Ok(Watch {
                 id,
-                address,
+                target,
                 confirmations,
                 label,
                 metadata: serde_json::from_str(&metadata).map_err(|e| corrupt("metadata", e))?,
@@ -180,22 +202,29 @@ impl Store {
         .collect()
     }
 
+    /// The highest used derivation index of every descriptor path.
+    pub fn load_derivations(&self) -> Result<Vec<Derivation>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT watch_id, path, used FROM derivations")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Derivation {
+                watch_id: r.get(0)?,
+                path: r.get(1)?,
+                used: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Adds a watch or updates the one with the same address.
     pub fn upsert_watch(&self, w: &Watch, source: &str, now_ms: i64) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at, gap_limit)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT(address) DO UPDATE SET confirmations = excluded.confirmations,
-               label = excluded.label, metadata = excluded.metadata",
-            params![
-                w.id,
-                w.address,
-                w.confirmations,
-                w.label,
-                w.metadata.to_string(),
-                source,
-                now_ms
-            ],
+               label = excluded.label, metadata = excluded.metadata, gap_limit = excluded.gap_limit",
+            params![w.id, w.target_text(), w.confirmations, w.label, w.metadata.to_string(), source, now_ms, gap_of(w)],
         )?;
         self.bump_watch_version()
     }

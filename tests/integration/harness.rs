@@ -159,9 +159,11 @@ impl TestReceiver {
 }
 
 pub struct WatchSpec {
+    /// An address, or a descriptor (with `gap_limit`).
     pub address: &'static str,
     pub confirmations: u32,
     pub label: &'static str,
+    pub gap_limit: Option<u32>,
 }
 
 pub fn watch(address: &'static str, confirmations: u32, label: &'static str) -> WatchSpec {
@@ -169,6 +171,21 @@ pub fn watch(address: &'static str, confirmations: u32, label: &'static str) -> 
         address,
         confirmations,
         label,
+        gap_limit: None,
+    }
+}
+
+pub fn descriptor_watch(
+    descriptor: &'static str,
+    confirmations: u32,
+    label: &'static str,
+    gap_limit: u32,
+) -> WatchSpec {
+    WatchSpec {
+        address: descriptor,
+        confirmations,
+        label,
+        gap_limit: Some(gap_limit),
     }
 }
 
@@ -241,9 +258,13 @@ impl Harness {
         };
         t.push_str(&format!("\n[api]\n{api}\n"));
         for (i, w) in watches.iter().enumerate() {
+            let target = match w.gap_limit {
+                Some(g) => format!("descriptor = \"{}\"\ngap_limit = {g}", w.address),
+                None => format!("address = \"{}\"", w.address),
+            };
             t.push_str(&format!(
-                "\n[[watches]]\naddress = \"{}\"\nconfirmations = {}\nlabel = \"{}\"\nmetadata = {{ order_id = {} }}\n",
-                w.address,
+                "\n[[watches]]\n{}\nconfirmations = {}\nlabel = \"{}\"\nmetadata = {{ order_id = {} }}\n",
+                target,
                 w.confirmations,
                 w.label,
                 1000 + i

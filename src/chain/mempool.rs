@@ -16,12 +16,16 @@ type Removed = (Txid, Instant);
 
 impl<S: ChainSource> Follower<S> {
     /// The body of a mempool transaction, from ZMQ's rawtx or RPC; `None` if it is gone already.
-    async fn mempool_body(&mut self, txid: Txid) -> Result<Option<Transaction>, FollowError> {
+    /// The flag says whether the node just confirmed it is in the mempool (RPC answered).
+    async fn mempool_body(
+        &mut self,
+        txid: Txid,
+    ) -> Result<Option<(Transaction, bool)>, FollowError> {
         if let Some(tx) = self.cache.txs.get(&txid) {
-            return Ok(Some(tx.clone()));
+            return Ok(Some((tx.clone(), false)));
         }
         match self.source.mempool_transaction(txid).await {
-            Ok(tx) => Ok(Some(tx)),
+            Ok(tx) => Ok(Some((tx, true))),
             // Mined or replaced meanwhile: the chain sync or a removal will account for it.
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
@@ -33,20 +37,35 @@ impl<S: ChainSource> Follower<S> {
         if self.seen_mempool.contains(&txid) {
             return Ok(());
         }
-        let Some(tx) = self.mempool_body(txid).await? else {
+        let Some((tx, confirmed)) = self.mempool_body(txid).await? else {
             return Ok(());
         };
         self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)
             .await?;
-        self.match_mempool_tx(&tx)
+        self.match_mempool_tx(&tx, confirmed).await
     }
 
-    fn match_mempool_tx(&mut self, tx: &Transaction) -> Result<(), FollowError> {
-        self.seen_mempool.insert(tx.compute_txid());
+    /// Matches a mempool transaction. `in_mempool` says the node vouched for it just now; if
+    /// not (a body from ZMQ), it is checked before a new tx.pending: an `A` handled late may
+    /// be for a transaction mined meanwhile, and deep enough to be no longer tracked.
+    async fn match_mempool_tx(
+        &mut self,
+        tx: &Transaction,
+        in_mempool: bool,
+    ) -> Result<(), FollowError> {
+        let txid = tx.compute_txid();
+        self.seen_mempool.insert(txid);
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
         let step = self.tracker.mempool_add(&self.index, tx, tip);
+        if !in_mempool && !step.events.is_empty() {
+            match self.source.mempool_transaction(txid).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.commit(step)
     }
 
@@ -132,7 +151,7 @@ impl<S: ChainSource> Follower<S> {
             .copied()
             .collect::<Vec<_>>()
         {
-            if let Some(tx) = self.mempool_body(txid).await? {
+            if let Some((tx, _)) = self.mempool_body(txid).await? {
                 fresh.push(tx);
             }
         }
@@ -142,8 +161,9 @@ impl<S: ChainSource> Follower<S> {
             }
         }
         self.classify_pending(&fresh, Duration::ZERO).await?;
+        // These came from a getrawmempool validated against the tip: the node vouched for them.
         for tx in &fresh {
-            self.match_mempool_tx(tx)?;
+            self.match_mempool_tx(tx, true).await?;
         }
         Ok(())
     }

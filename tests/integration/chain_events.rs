@@ -80,6 +80,9 @@ async fn deep_reorg(depth: u32) {
             )
         })
         .collect();
+    if all.len() != total {
+        eprintln!("payment {txid}; last: {}", all.last().unwrap().body);
+    }
     assert_eq!(all.len(), total, "nothing more: {kinds:?}");
 }
 

@@ -54,7 +54,6 @@ impl<S: ChainSource> Follower<S> {
         in_mempool: bool,
     ) -> Result<(), FollowError> {
         let txid = tx.compute_txid();
-        self.seen_mempool.insert(txid);
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
@@ -62,11 +61,17 @@ impl<S: ChainSource> Follower<S> {
         if !in_mempool && !step.events.is_empty() {
             match self.source.mempool_transaction(txid).await {
                 Ok(_) => {}
-                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e) if e.is_not_found() => {
+                    self.seen_mempool.insert(txid);
+                    return Ok(());
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        self.commit(step)
+        self.commit(step)?;
+        // Only once handled: a failure above leaves it for the resync to pick up.
+        self.seen_mempool.insert(txid);
+        Ok(())
     }
 
     /// Announces every pending removal at least `min_age` old: replaced by one of `incoming`

@@ -234,6 +234,7 @@ struct NewWatch {
     descriptor: Option<String>,
     gap_limit: Option<u32>,
     confirmations: Option<u32>,
+    rescan_from: Option<u32>,
     label: Option<String>,
     metadata: Option<Value>,
 }
@@ -275,12 +276,14 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
         Ok(w) => w,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
-    match api
-        .store
-        .lock()
-        .await
+    let store = api.store.lock().await;
+    let stored = store
         .upsert_watch(&watch, "api", crate::chain::now_ms())
-    {
+        .and_then(|()| match w.rescan_from {
+            Some(h) => store.request_rescan(&watch.id, h).map(|_| ()),
+            None => Ok(()),
+        });
+    match stored {
         Ok(()) => (StatusCode::CREATED, Json(json!(watch))).into_response(),
         Err(e) => store_error(e),
     }

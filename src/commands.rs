@@ -111,6 +111,7 @@ pub struct WatchArgs {
     pub gap_limit: Option<u32>,
     pub label: Option<String>,
     pub metadata: Option<String>,
+    pub rescan_from: Option<u32>,
 }
 
 pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
@@ -136,7 +137,58 @@ pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
     let store = open_store(cfg)?;
     store.upsert_watch(&w, "cli", now_ms())?;
     println!("{}", w.id);
+    if let Some(from) = a.rescan_from {
+        store.request_rescan(&w.id, from)?;
+        show_rescan_progress(&store, &w.id, from);
+    }
     Ok(())
+}
+
+/// Follows the running watcher's rescan of `watch_id` with a progress line (blocks, rate, ETA).
+/// Leaves it running if nothing moves: the rescan is stored and resumes with `chainwatch run`.
+fn show_rescan_progress(store: &Store, watch_id: &str, from: u32) {
+    use std::io::Write;
+    let started = std::time::Instant::now();
+    let (mut last_next, mut last_move) = (from, std::time::Instant::now());
+    loop {
+        let next = store
+            .rescans()
+            .ok()
+            .and_then(|r| r.into_iter().find(|(id, _)| id == watch_id).map(|(_, n)| n));
+        let tip = store.tip().ok().flatten().map(|t| t.height).unwrap_or(0);
+        let Some(next) = next else {
+            eprintln!(
+                "\rrescan done: blocks {from}..={tip} in {:.1}s{}",
+                started.elapsed().as_secs_f64(),
+                " ".repeat(20)
+            );
+            return;
+        };
+        if next != last_next {
+            (last_next, last_move) = (next, std::time::Instant::now());
+        }
+        let done = next.saturating_sub(from) as f64;
+        let total = (tip + 1).saturating_sub(from).max(1) as f64;
+        let rate = done / started.elapsed().as_secs_f64().max(0.001);
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", (total - done) / rate)
+        } else {
+            "?".into()
+        };
+        let width = 30usize;
+        let filled = ((done / total) * width as f64).round() as usize;
+        eprint!(
+            "\rrescan [{}{}] block {next} of {tip}, {rate:.0} blocks/s, ETA {eta}   ",
+            "#".repeat(filled.min(width)),
+            ".".repeat(width - filled.min(width))
+        );
+        let _ = std::io::stderr().flush();
+        if last_move.elapsed() > std::time::Duration::from_secs(15) {
+            eprintln!("\nno progress for 15s: is `chainwatch run` going? The rescan is stored and resumes when it runs.");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }
 
 pub fn watch_list(cfg: &Config, json: bool) -> anyhow::Result<()> {

@@ -89,6 +89,7 @@ enum WatchCmd {
         label: Option<String>,
         #[arg(long)]
         metadata: Option<String>,
+        /// Scan past blocks from this height for the watch (the running watcher does it).
         #[arg(long)]
         rescan_from: Option<u32>,
     },
@@ -155,15 +156,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             metadata,
             rescan_from,
         }) => {
-            if rescan_from.is_some() {
-                anyhow::bail!("--rescan-from is not supported by this version");
-            }
             let args = commands::WatchArgs {
                 target,
                 confirmations,
                 gap_limit,
                 label,
                 metadata,
+                rescan_from,
             };
             commands::watch_add(&cfg()?, args)
         }

@@ -90,6 +90,8 @@ pub struct ChainStep {
     pub coins_added: Vec<(OutPoint, WatchedCoin)>,
     /// Descriptor indexes the step used: more addresses are watched after them.
     pub derivations: Vec<Derivation>,
+    /// A rescan step: the watch and the next height to scan (`None`: done, follow it live).
+    pub rescan: Option<(String, Option<u32>)>,
     pub events: Vec<NewEvent>,
 }
 
@@ -105,6 +107,7 @@ impl ChainStep {
             removals: vec![],
             coins_added: vec![],
             derivations: vec![],
+            rescan: None,
             events: vec![],
         }
     }

@@ -3,6 +3,7 @@
 //! the fork point, then connects the new branch in height order.
 
 mod mempool;
+mod rescan;
 mod support;
 mod sync;
 
@@ -81,6 +82,7 @@ pub struct Follower<S: ChainSource> {
     metrics: Arc<Metrics>,
     /// The store's watch version our index reflects.
     watch_version: i64,
+    rescan: Option<rescan::RescanJob>,
     network: bitcoin::Network,
     /// When the sequence topic last spoke: a silence longer than `poll_interval` may hide a
     /// lost last message, which no counter gap would reveal.
@@ -121,6 +123,7 @@ impl<S: ChainSource> Follower<S> {
             last_sequence_msg: std::time::Instant::now(),
             metrics: Arc::new(Metrics::default()),
             watch_version: -1,
+            rescan: None,
             network: bitcoin::Network::Regtest,
         }
     }
@@ -138,7 +141,13 @@ impl<S: ChainSource> Follower<S> {
         if version == self.watch_version {
             return Ok(());
         }
-        let watches = self.store.load_watches()?;
+        // A watch still being rescanned joins live following only when its rescan is done.
+        let rescanning: Vec<String> = self.store.rescans()?.into_iter().map(|r| r.0).collect();
+        let watches = self
+            .store
+            .load_watches()?
+            .into_iter()
+            .filter(|w| !rescanning.contains(&w.id));
         let coins = std::mem::take(&mut self.index.coins);
         self.index = WatchIndex::new(self.network, watches);
         self.index.coins = coins;
@@ -149,7 +158,7 @@ impl<S: ChainSource> Follower<S> {
             tracing::info!(watches = self.index.len(), "watches changed; reloaded");
         }
         self.watch_version = version;
-        Ok(())
+        self.pick_up_rescan()
     }
 
     /// Reports into `metrics` (by default into a private set nobody reads).
@@ -215,6 +224,12 @@ impl<S: ChainSource> Follower<S> {
                     }
                     None => zmq = None,
                 },
+                _ = std::future::ready(()), if self.rescanning() && !self.needs_resync => {
+                    if let Err(e) = self.rescan_batch().await {
+                        tracing::warn!(error = %e, "rescan step failed; will retry");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
                 _ = poll.tick() => {
                     // Polling catches what ZMQ missed or never sent; removals announced a whole
                     // interval ago with no replacement or conflict since were evictions.

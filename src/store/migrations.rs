@@ -102,6 +102,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (watch_id, path)
     );
     "#,
+    // 4: a watch being rescanned is followed live only once its rescan reaches the tip.
+    r#"
+    ALTER TABLE watches ADD COLUMN rescan_next INTEGER;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

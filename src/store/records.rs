@@ -60,6 +60,12 @@ pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
             params![txid.to_string(), watch],
         )?;
     }
+    if let Some((watch, next)) = &step.rescan {
+        tx.execute(
+            "UPDATE watches SET rescan_next = ?2 WHERE id = ?1",
+            params![watch, next],
+        )?;
+    }
     for d in &step.derivations {
         tx.execute(
             "INSERT INTO derivations (watch_id, path, used) VALUES (?1, ?2, ?3)
@@ -200,6 +206,25 @@ impl Store {
             })
         })
         .collect()
+    }
+
+    /// Watches waiting for (or in the middle of) a rescan: id and the next height to scan.
+    pub fn rescans(&self) -> Result<Vec<(String, u32)>> {
+        let mut stmt = self.conn.prepare("SELECT id, rescan_next FROM watches WHERE rescan_next IS NOT NULL ORDER BY created_at, id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Asks for a watch's past to be scanned from `height` (the running watcher picks it up).
+    pub fn request_rescan(&self, watch_id: &str, height: u32) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE watches SET rescan_next = ?2 WHERE id = ?1",
+            params![watch_id, height],
+        )?;
+        if n > 0 {
+            self.bump_watch_version()?;
+        }
+        Ok(n > 0)
     }
 
     /// The highest used derivation index of every descriptor path.

@@ -15,3 +15,4 @@ mod mempool;
 mod outbox;
 mod pipeline;
 mod real_node;
+mod rescan;

@@ -1,0 +1,164 @@
+//! Rescans: a watch added with `--rescan-from HEIGHT` is scanned block by block from that
+//! height, beside live following, with a tracker of its own, so it emits exactly the events a
+//! watcher running since then would have emitted (the same ids). Progress is stored with each
+//! block, so a crash resumes where it stopped. At the tip the watch joins live following.
+
+use std::time::Instant;
+
+use super::support::Progress;
+use super::{FollowError, Follower};
+use crate::event::BlockRef;
+use crate::node::ChainSource;
+use crate::tracker::{TipChange, Tracker};
+use crate::watch::WatchIndex;
+
+/// Blocks scanned between two looks at live news.
+const BATCH: u32 = 25;
+
+pub(super) struct RescanJob {
+    watch_id: String,
+    next: u32,
+    tracker: Tracker,
+    index: WatchIndex,
+    progress: Option<Progress>,
+    started: Instant,
+}
+
+impl<S: ChainSource> Follower<S> {
+    /// Starts the first rescan the store asks for, if none is running.
+    pub(super) fn pick_up_rescan(&mut self) -> Result<(), FollowError> {
+        if self.rescan.is_some() {
+            return Ok(());
+        }
+        let Some((watch_id, next)) = self.store.rescans()?.into_iter().next() else {
+            return Ok(());
+        };
+        let Some(watch) = self
+            .store
+            .load_watches()?
+            .into_iter()
+            .find(|w| w.id == watch_id)
+        else {
+            return Ok(());
+        };
+        let mut index = WatchIndex::new(self.network, [watch]);
+        index.coins.extend(
+            self.store
+                .load_coins()?
+                .into_iter()
+                .filter(|(_, c)| c.watch_id == watch_id),
+        );
+        for d in self
+            .store
+            .load_derivations()?
+            .iter()
+            .filter(|d| d.watch_id == watch_id)
+        {
+            index.set_used(d);
+        }
+        let entries = self
+            .store
+            .load_tracked()?
+            .into_iter()
+            .filter(|t| t.watch_id == watch_id);
+        let tracker = Tracker::new(self.tracker.network, self.tracker.finality_depth, entries);
+        tracing::info!(watch = %watch_id, from = next, "rescan started");
+        self.rescan = Some(RescanJob {
+            watch_id,
+            next,
+            tracker,
+            index,
+            progress: None,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    pub(super) fn rescanning(&self) -> bool {
+        self.rescan.is_some()
+    }
+
+    /// Scans up to `BATCH` blocks of the running rescan; finishes it at the tip.
+    pub(super) async fn rescan_batch(&mut self) -> Result<(), FollowError> {
+        let Some(mut job) = self.rescan.take() else {
+            return Ok(());
+        };
+        let result = self.rescan_blocks(&mut job).await;
+        match result {
+            Ok(true) => self.finish_rescan(job),
+            Ok(false) => {
+                self.rescan = Some(job);
+                Ok(())
+            }
+            Err(e) => {
+                self.rescan = Some(job);
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns whether the rescan reached the tip.
+    async fn rescan_blocks(&mut self, job: &mut RescanJob) -> Result<bool, FollowError> {
+        let Some(tip) = self.store.tip()? else {
+            return Ok(false);
+        };
+        let progress = job
+            .progress
+            .get_or_insert_with(|| Progress::new(job.next, tip.height));
+        for _ in 0..BATCH {
+            if job.next > tip.height {
+                return Ok(true);
+            }
+            let h = job.next;
+            // Below what we keep, the node's chain is the truth; within it, our own chain is.
+            let hash = match self.store.block_at(h)? {
+                Some(b) => b.hash,
+                None => self.source.block_hash(h).await?,
+            };
+            let block = self.source.block(hash).await?;
+            let at = BlockRef {
+                hash,
+                height: h,
+                time: block.header.time,
+            };
+            let mut step = job.tracker.connect_block(&job.index, &block, at);
+            step.tip = TipChange::None;
+            step.rescan = Some((job.watch_id.clone(), Some(h + 1)));
+            let committed = self.store.apply(&step, super::now_ms())?;
+            job.tracker.apply(&step, &mut job.index);
+            for e in &committed {
+                tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
+                self.metrics.event(&e.kind);
+            }
+            if !committed.is_empty() {
+                self.wake_dispatch.notify_waiters();
+            }
+            job.next = h + 1;
+            progress.tick(h);
+        }
+        Ok(job.next > tip.height)
+    }
+
+    /// The watch joins live following: its tracked state moves to the main tracker.
+    fn finish_rescan(&mut self, job: RescanJob) -> Result<(), FollowError> {
+        let step = crate::tracker::ChainStep {
+            rescan: Some((job.watch_id.clone(), None)),
+            ..crate::tracker::ChainStep::empty()
+        };
+        self.store.apply(&step, super::now_ms())?;
+        tracing::info!(watch = %job.watch_id, secs = job.started.elapsed().as_secs_f64(), "rescan finished; following the watch live");
+        self.tracker = Tracker::new(
+            self.tracker.network,
+            self.tracker.finality_depth,
+            self.store.load_tracked()?,
+        );
+        self.watch_version = -1;
+        self.refresh_watches()?;
+        self.index.coins = self.store.load_coins()?.into_iter().collect();
+        // Payments to it that sit in the mempool now were passed over while it was not live.
+        self.seen_mempool.clear();
+        self.mempool_stale = true;
+        self.needs_resync = true;
+        Ok(())
+    }
+}

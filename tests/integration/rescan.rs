@@ -1,0 +1,241 @@
+//! Rescans give the events a watcher running all along would have given, with the same ids.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// (type, id) of every stored event of `data_dir`, in sequence order.
+fn log(data_dir: &std::path::Path) -> Vec<(String, String)> {
+    let s = chainwatch::store::Store::open(data_dir).unwrap();
+    s.events_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.kind, e.id))
+        .collect()
+}
+
+fn without_pending(v: &[(String, String)]) -> Vec<(String, String)> {
+    v.iter()
+        .filter(|(k, _)| k != "tx.pending")
+        .cloned()
+        .collect()
+}
+
+/// A second watcher on the same node: its own data directory (and the first one's watches, or none).
+fn second_config(
+    h: &Harness,
+    name: &str,
+    extra_top: &str,
+    keep_watches: bool,
+) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    let cut = if keep_watches {
+        text.len()
+    } else {
+        text.find("\n[[watches]]").unwrap_or(text.len())
+    };
+    let text = text[..cut].replace(
+        "data_dir = \"data\"",
+        &format!("data_dir = \"{name}\"\n{extra_top}"),
+    );
+    let path = h.dir.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Live watching over 200 blocks with payments along the way; returns the first height mined.
+async fn live_history(h: &Harness) -> u32 {
+    let first = h.node.height() + 1;
+    for round in 0..8u64 {
+        h.node.pay(P2WPKH, 10_000 + round);
+        h.node.pay(P2TR, 20_000 + round);
+        // Both pendings of this round, after the 7 events of each round before.
+        h.receiver.wait_accepted(7 * round as usize + 2, WAIT).await;
+        h.node.mine(25);
+    }
+    h.receiver.wait_accepted(56, WAIT).await;
+    first
+}
+
+async fn wait_log_len(dir: &std::path::Path, n: usize) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        if chainwatch::store::db_path(dir).exists() {
+            let l = log(dir);
+            if l.len() >= n {
+                return l;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited for {n} events in {}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_from_start_height_over_200_blocks_has_the_live_runs_ids() {
+    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")], "").await;
+    let live = h.start_daemon();
+    h.wait_synced().await;
+    let first = live_history(&h).await;
+    h.wait_synced().await;
+    live.stop().await;
+    let live_log = log(&h.data_dir());
+    assert_eq!(
+        live_log.len(),
+        8 * (2 + 3 + 2),
+        "8 rounds: two pendings, 3 + 2 confirmations"
+    );
+    let expected = without_pending(&live_log);
+
+    let path = second_config(&h, "data2", &format!("start_height = {first}"), true);
+    let cfg = chainwatch::config::Config::load(&path).unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
+    let rescanned = wait_log_len(&h.dir.path().join("data2"), expected.len()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(log(&h.dir.path().join("data2")), rescanned, "nothing more");
+    assert_eq!(rescanned, expected, "the same events with the same ids, in the same order (no pendings: the past mempool is gone)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_after_a_kill() {
+    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")], "").await;
+    let live = h.start_daemon();
+    h.wait_synced().await;
+    // A second watcher runs beside the first, watching nothing yet.
+    let path = second_config(&h, "late", "", false);
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("CHAINWATCH_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut late = spawn();
+    let first = live_history(&h).await;
+    h.wait_synced().await;
+    live.stop().await;
+    let expected = without_pending(&log(&h.data_dir()));
+    let late_dir = h.dir.path().join("late");
+    // Wait for the late watcher to reach the tip too.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while chainwatch::store::Store::open(&late_dir)
+        .ok()
+        .and_then(|s| s.tip().ok().flatten())
+        .map(|t| t.hash)
+        != Some(h.node.tip())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "late watcher did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let from = first.to_string();
+    let a = run(&[
+        "watch",
+        "add",
+        P2WPKH,
+        "--confirmations",
+        "3",
+        "--label",
+        "a",
+        "--metadata",
+        "{\"order_id\":1000}",
+    ]);
+    assert!(a.status.success());
+    // The second watch rescans while we kill the watcher half way.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .args([
+            "watch",
+            "add",
+            P2TR,
+            "--confirmations",
+            "2",
+            "--label",
+            "b",
+            "--metadata",
+            "{\"order_id\":1001}",
+            "--rescan-from",
+            &from,
+            "--config",
+        ])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = chainwatch::store::Store::open(&late_dir).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let next = store.rescans().unwrap().first().map(|r| r.1);
+        if next.is_some_and(|n| n > first + 60) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rescan did not start: {next:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    late.kill().unwrap();
+    late.wait().unwrap();
+    let half = store.rescans().unwrap();
+    assert!(
+        half.first().is_some_and(|r| r.1 < h.node.height()),
+        "killed half way: {half:?}"
+    );
+    let mut late = spawn();
+    let progress = tokio::task::spawn_blocking(move || out.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&progress.stderr).to_string();
+    assert!(
+        text.contains("rescan [") && text.contains("blocks/s"),
+        "a progress bar: {text}"
+    );
+    assert!(text.contains("rescan done"), "{text}");
+    // And the first watch, added without a rescan, gets its own rescan now.
+    let a_id = String::from_utf8(a.stdout).unwrap().trim().to_string();
+    assert!(store.request_rescan(&a_id, first).unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while !store.rescans().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rescan of the first watch did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.kill().unwrap();
+    late.wait().unwrap();
+    let got = log(&late_dir);
+    let mut ids: Vec<&String> = got.iter().map(|e| &e.1).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), got.len(), "no duplicates after the kill");
+    let mut want: Vec<(String, String)> = expected.clone();
+    want.sort();
+    let mut have = got.clone();
+    have.sort();
+    assert_eq!(
+        have, want,
+        "every past payment's events, with the ids of the live run"
+    );
+}

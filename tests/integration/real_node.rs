@@ -25,8 +25,8 @@ pub struct RealNode {
     args: Vec<String>,
     pub rpc_url: String,
     pub node: RpcClient,
-    miner: RpcClient,
-    shop: RpcClient,
+    pub miner: RpcClient,
+    pub shop: RpcClient,
 }
 
 impl RealNode {
@@ -440,5 +440,96 @@ async fn real_node_restart_with_a_new_cookie_loses_nothing() {
             ("tx.confirmation", 1),
             ("tx.confirmed", 2)
         ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
+async fn real_node_descriptor_from_listdescriptors_sees_fresh_addresses_and_spends() {
+    let node = RealNode::start().await;
+    let receiver = TestReceiver::start().await;
+    let listed = node.shop.call("listdescriptors", json!([])).await.unwrap();
+    let desc = listed["descriptors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["desc"].as_str().unwrap().starts_with("wpkh(") && d["internal"] == false)
+        .unwrap()["desc"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let data = node.dir.path().join("chainwatch");
+    let mut cfg = config(&node, &receiver, &data, &[]);
+    cfg.watches.push(
+        chainwatch::watch::parse_target(
+            &desc,
+            bitcoin::Network::Regtest,
+            Some(3),
+            1,
+            Some("shop".into()),
+            json!({}),
+        )
+        .unwrap(),
+    );
+    let token = CancellationToken::new();
+    let daemon = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
+    wait_tip(&data, &node).await;
+    let mut txids = vec![];
+    for i in 0..6 {
+        // Six fresh addresses with a gap limit of 3: each payment makes room for the next.
+        let a = node.shop_address("bech32").await;
+        txids.push(node.pay(&a, 0.01).await);
+        receiver.wait_accepted(i + 1, WAIT).await;
+    }
+    node.mine(1).await;
+    receiver.wait_accepted(12, WAIT).await;
+    // The shop spends: its inputs are coins the watch received.
+    let miner_addr = node.miner.call("getnewaddress", json!([])).await.unwrap();
+    let spend = node
+        .shop
+        .call("sendtoaddress", json!([miner_addr, 0.015, "", "", true]))
+        .await
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    receiver.wait_accepted(13, WAIT).await;
+    node.mine(1).await;
+    let got = receiver.wait_accepted(14, WAIT).await;
+    token.cancel();
+    daemon.await.unwrap().unwrap();
+    for (i, txid) in txids.iter().enumerate() {
+        assert_eq!(
+            history(&got, txid),
+            expect_history(&[("tx.pending", 0), ("tx.confirmed", 1)]),
+            "payment {i}"
+        );
+        let c = got
+            .iter()
+            .find(|c| c.data()["txid"] == txid.as_str())
+            .unwrap();
+        assert_eq!(
+            c.data()["outputs"][0]["derivation_index"],
+            i,
+            "Core's getnewaddress order is the derivation order"
+        );
+    }
+    assert_eq!(
+        history(&got, &spend),
+        expect_history(&[("tx.pending", 0), ("tx.confirmed", 1)])
+    );
+    let s = got
+        .iter()
+        .find(|c| c.data()["txid"] == spend.as_str())
+        .unwrap();
+    assert!(
+        s.data()["inputs"].as_array().unwrap().len() >= 2,
+        "spends at least two received coins: {}",
+        s.body
+    );
+    assert!(
+        s.data()["amount_sat"].as_i64().unwrap() < 0,
+        "money left: {}",
+        s.body
     );
 }

@@ -14,20 +14,32 @@ use chainwatch::store::Store;
 use chainwatch::tracker::{ChainStep, Tracker};
 use chainwatch::watch::{Overlay, Watch, WatchIndex};
 
-const BLOCK: &[u8] = include_bytes!("data/block_000000000000000000000c835b2adcaedc20fdf6ee440009c249452c726dafae.raw");
+const BLOCK: &[u8] = include_bytes!(
+    "data/block_000000000000000000000c835b2adcaedc20fdf6ee440009c249452c726dafae.raw"
+);
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     format!("{cpu}, {cores} cores")
 }
 
 fn rss_mb() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0.0);
+    let pages: f64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0.0);
     pages * 4096.0 / 1e6
 }
 
@@ -60,7 +72,12 @@ fn watches(n: usize, network: Network, extra: &[ScriptBuf]) -> Vec<Watch> {
     }
     for s in extra {
         if let Ok(addr) = Address::from_script(s, network) {
-            out.push(Watch::new(&addr, 3, Some("paid".into()), serde_json::json!({})));
+            out.push(Watch::new(
+                &addr,
+                3,
+                Some("paid".into()),
+                serde_json::json!({}),
+            ));
         }
     }
     out
@@ -71,7 +88,9 @@ fn paid_scripts(block: &Block) -> Vec<ScriptBuf> {
     let mut v: Vec<ScriptBuf> = Vec::new();
     for tx in &block.txdata[1..] {
         for o in &tx.output {
-            if Address::from_script(&o.script_pubkey, Network::Bitcoin).is_ok() && !v.contains(&o.script_pubkey) {
+            if Address::from_script(&o.script_pubkey, Network::Bitcoin).is_ok()
+                && !v.contains(&o.script_pubkey)
+            {
                 v.push(o.script_pubkey.clone());
             }
             if v.len() == 100 {
@@ -86,8 +105,15 @@ fn bench_block_and_mempool(run_block: bool, run_mempool: bool) {
     let block: Block = deserialize(BLOCK).unwrap();
     let paid = paid_scripts(&block);
     let t = Instant::now();
-    let index = WatchIndex::new(Network::Bitcoin, watches(1_000_000 - paid.len(), Network::Bitcoin, &paid));
-    println!("setup: 1,000,000 watches indexed in {:.1}s ({} scripts)", t.elapsed().as_secs_f64(), index.script_count());
+    let index = WatchIndex::new(
+        Network::Bitcoin,
+        watches(1_000_000 - paid.len(), Network::Bitcoin, &paid),
+    );
+    println!(
+        "setup: 1,000,000 watches indexed in {:.1}s ({} scripts)",
+        t.elapsed().as_secs_f64(),
+        index.script_count()
+    );
     if run_block {
         let mut decode = vec![];
         let mut both = vec![];
@@ -100,7 +126,11 @@ fn bench_block_and_mempool(run_block: bool, run_mempool: bool) {
             let t = Instant::now();
             let b: Block = deserialize(BLOCK).unwrap();
             let mut overlay = Overlay::default();
-            matched = b.txdata.iter().map(|tx| index.match_tx_in(tx, &mut overlay).len()).sum::<usize>();
+            matched = b
+                .txdata
+                .iter()
+                .map(|tx| index.match_tx_in(tx, &mut overlay).len())
+                .sum::<usize>();
             both.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let (d, b) = (median(decode), median(both));
@@ -143,7 +173,13 @@ fn bench_commit() {
     let ws = watches(1000, Network::Regtest, &[]);
     let scripts: Vec<ScriptBuf> = ws
         .iter()
-        .map(|w| w.target_text().parse::<Address<_>>().unwrap().assume_checked().script_pubkey())
+        .map(|w| {
+            w.target_text()
+                .parse::<Address<_>>()
+                .unwrap()
+                .assume_checked()
+                .script_pubkey()
+        })
         .collect();
     let mut index = WatchIndex::new(Network::Regtest, ws);
     let mut tracker = Tracker::new("regtest", 100, vec![]);
@@ -153,15 +189,37 @@ fn bench_commit() {
     for height in 0..12u32 {
         // Ten transactions of a hundred outputs each, every output paying a watch.
         let txdata: Vec<Transaction> = (0..10)
-            .map(|t| chainwatch::simnode::mining::payment(
-                &[(bitcoin::OutPoint::new(bitcoin::Txid::from_byte_array([height as u8 + 1; 32]), t), 100_000_000)],
-                &scripts[t as usize * 100..(t as usize + 1) * 100].iter().map(|s| (s.clone(), 10_000)).collect::<Vec<_>>(),
-                &ScriptBuf::new(),
-                1000,
-            ))
+            .map(|t| {
+                chainwatch::simnode::mining::payment(
+                    &[(
+                        bitcoin::OutPoint::new(
+                            bitcoin::Txid::from_byte_array([height as u8 + 1; 32]),
+                            t,
+                        ),
+                        100_000_000,
+                    )],
+                    &scripts[t as usize * 100..(t as usize + 1) * 100]
+                        .iter()
+                        .map(|s| (s.clone(), 10_000))
+                        .collect::<Vec<_>>(),
+                    &ScriptBuf::new(),
+                    1000,
+                )
+            })
             .collect();
-        let block = chainwatch::simnode::mining::build_block(prev, height, 1_700_000_000 + height, &ScriptBuf::new_op_return([0u8; 4]), txdata, 0);
-        let at = BlockRef { hash: block.block_hash(), height, time: block.header.time };
+        let block = chainwatch::simnode::mining::build_block(
+            prev,
+            height,
+            1_700_000_000 + height,
+            &ScriptBuf::new_op_return([0u8; 4]),
+            txdata,
+            0,
+        );
+        let at = BlockRef {
+            hash: block.block_hash(),
+            height,
+            time: block.header.time,
+        };
         let step = tracker.connect_block(&index, &block, at);
         let t = Instant::now();
         let committed = store.apply(&step, 0).unwrap();
@@ -187,12 +245,18 @@ struct Arrivals {
 async fn receiver() -> (String, Arc<Arrivals>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-    let arrivals = Arc::new(Arrivals { at: Mutex::new(HashMap::new()) });
+    let arrivals = Arc::new(Arrivals {
+        at: Mutex::new(HashMap::new()),
+    });
     let a = arrivals.clone();
     let handler = move |headers: axum::http::HeaderMap| {
         let a = a.clone();
         async move {
-            let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let id = headers
+                .get("webhook-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
             a.at.lock().unwrap().entry(id).or_insert_with(Instant::now);
             axum::http::StatusCode::NO_CONTENT
         }
@@ -211,7 +275,16 @@ fn endpoint_config(dir: &std::path::Path, url: &str, ordered: bool) -> chainwatc
 }
 
 fn events(n: usize, tag: &str) -> Vec<chainwatch::event::NewEvent> {
-    (0..n).map(|i| chainwatch::event::other_event(chainwatch::event::TX_PENDING, &format!("{tag}-{i}"), "regtest", Default::default())).collect()
+    (0..n)
+        .map(|i| {
+            chainwatch::event::other_event(
+                chainwatch::event::TX_PENDING,
+                &format!("{tag}-{i}"),
+                "regtest",
+                Default::default(),
+            )
+        })
+        .collect()
 }
 
 async fn bench_delivery() {
@@ -224,7 +297,15 @@ async fn bench_delivery() {
         store.sync_endpoints(&cfg.endpoints).unwrap();
         let n = if ordered { 3_000 } else { 20_000 };
         for chunk in events(n, "t").chunks(1000) {
-            store.apply(&ChainStep { events: chunk.to_vec(), ..ChainStep::empty() }, chainwatch::daemon::now_ms()).unwrap();
+            store
+                .apply(
+                    &ChainStep {
+                        events: chunk.to_vec(),
+                        ..ChainStep::empty()
+                    },
+                    chainwatch::daemon::now_ms(),
+                )
+                .unwrap();
         }
         let token = tokio_util::sync::CancellationToken::new();
         let t = Instant::now();
@@ -242,7 +323,11 @@ async fn bench_delivery() {
         let secs = t.elapsed().as_secs_f64();
         token.cancel();
         worker.await.unwrap().unwrap();
-        let kind = if ordered { "ordered" } else { "unordered (concurrency 32)" };
+        let kind = if ordered {
+            "ordered"
+        } else {
+            "unordered (concurrency 32)"
+        };
         println!("delivery: {:.0} deliveries/s sustained, {kind}, {n} events to a local receiver (target >= 5,000 unordered)", n as f64 / secs);
     }
     // Latency from commit to request at a steady 100 events per second.
@@ -267,7 +352,15 @@ async fn bench_delivery() {
     for (i, e) in events(500, "lat").into_iter().enumerate() {
         tick.tick().await;
         let id = e.id.clone();
-        store.apply(&ChainStep { events: vec![e], ..ChainStep::empty() }, chainwatch::daemon::now_ms()).unwrap();
+        store
+            .apply(
+                &ChainStep {
+                    events: vec![e],
+                    ..ChainStep::empty()
+                },
+                chainwatch::daemon::now_ms(),
+            )
+            .unwrap();
         committed_at.insert(id, Instant::now());
         wake.notify_waiters();
         let _ = i;
@@ -278,7 +371,10 @@ async fn bench_delivery() {
     token.cancel();
     worker.await.unwrap().unwrap();
     let at = arrivals.at.lock().unwrap();
-    let lat: Vec<f64> = committed_at.iter().map(|(id, c)| at[id].saturating_duration_since(*c).as_secs_f64() * 1e3).collect();
+    let lat: Vec<f64> = committed_at
+        .iter()
+        .map(|(id, c)| at[id].saturating_duration_since(*c).as_secs_f64() * 1e3)
+        .collect();
     println!(
         "delivery latency: commit to request p50 {:.2} ms, p99 {:.2} ms at 100 events/s, ordered (target p99 < 20 ms)",
         percentile(lat.clone(), 0.5),
@@ -288,7 +384,9 @@ async fn bench_delivery() {
 
 async fn bench_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let node = chainwatch::simnode::SimNode::start(&dir.path().join("node")).await.unwrap();
+    let node = chainwatch::simnode::SimNode::start(&dir.path().join("node"))
+        .await
+        .unwrap();
     node.mine(300);
     let (url, arrivals) = receiver().await;
     let addr = "bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp";
@@ -323,13 +421,21 @@ async fn bench_end_to_end() {
         .iter()
         .map(|r| {
             let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            (v["data"]["txid"].as_str().unwrap_or("").to_string(), r.id.clone())
+            (
+                v["data"]["txid"].as_str().unwrap_or("").to_string(),
+                r.id.clone(),
+            )
         })
         .collect();
     let at = arrivals.at.lock().unwrap();
     let lat: Vec<f64> = sent
         .iter()
-        .filter_map(|(txid, t)| by_txid.get(&txid.to_string()).and_then(|id| at.get(id)).map(|a| a.saturating_duration_since(*t).as_secs_f64() * 1e3))
+        .filter_map(|(txid, t)| {
+            by_txid
+                .get(&txid.to_string())
+                .and_then(|id| at.get(id))
+                .map(|a| a.saturating_duration_since(*t).as_secs_f64() * 1e3)
+        })
         .collect();
     println!(
         "end to end: rawtx published by simnode to webhook received p50 {:.2} ms, p99 {:.2} ms ({} of {} payments)",
@@ -352,9 +458,16 @@ fn bench_memory() {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
-    println!("chainwatch benchmarks on {} ({})", machine(), chrono_like_now());
+    println!(
+        "chainwatch benchmarks on {} ({})",
+        machine(),
+        chrono_like_now()
+    );
     if want("block") || want("mempool") {
         bench_block_and_mempool(want("block"), want("mempool"));
     }

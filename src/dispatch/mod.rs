@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,7 @@ pub async fn run_endpoint(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
+    store.relax_durability()?;
     let sender = Sender::new(ep.timeout);
     let capacity = if ep.ordered {
         1
@@ -52,7 +54,7 @@ pub async fn run_endpoint(
         if !stopping && in_flight.len() < capacity && store.endpoint_enabled(&ep.name)? {
             let limit = (capacity + in_flight_ids.len()) as u32;
             for d in store.due_deliveries(&ep.name, now, ep.ordered, limit)? {
-                if in_flight.len() >= capacity || (ep.ordered && !in_flight_ids.is_empty()) {
+                if in_flight.len() >= capacity {
                     break;
                 }
                 if in_flight_ids.insert(d.delivery_id) {
@@ -64,32 +66,50 @@ pub async fn run_endpoint(
                 }
             }
         }
-        let wait = match store.next_due(&ep.name, ep.ordered)? {
-            Some(t) => Duration::from_millis((t - now).clamp(5, 1000) as u64),
-            None => Duration::from_secs(1),
+        // With requests in flight their completion wakes us; idle, the next due time does.
+        let wait = if in_flight.is_empty() {
+            match store.next_due(&ep.name, ep.ordered)? {
+                Some(t) => Duration::from_millis((t - now).clamp(5, 1000) as u64),
+                None => Duration::from_secs(1),
+            }
+        } else {
+            Duration::from_secs(1)
         };
         tokio::select! {
-            Some((d, o)) = in_flight.next(), if !in_flight.is_empty() => {
-                in_flight_ids.remove(&d.delivery_id);
-                log_outcome(&ep.name, &d, &o);
-                store.record_attempt(&ep.name, &d, &o)?;
-                let outcome = match o.result {
-                    DeliveryResult::Delivered => {
-                        let done = o.started_at_ms + o.duration_ms;
-                        metrics.delivery_latency((done - d.created_at).max(0) as f64 / 1000.0);
-                        "delivered"
-                    }
-                    DeliveryResult::RetryAt(_) => "failed",
-                    DeliveryResult::Dead => "dead",
-                    DeliveryResult::EndpointGone => "gone",
-                };
-                metrics.delivery(&ep.name, outcome);
-                after_attempt(&mut store, &ep, &d, &o, clock(), &wake)?;
+            Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                // Record everything that finished together in one transaction.
+                let mut done = vec![first];
+                while let Some(Some(more)) = in_flight.next().now_or_never() {
+                    done.push(more);
+                }
+                for (d, o) in &done {
+                    in_flight_ids.remove(&d.delivery_id);
+                    log_outcome(&ep.name, d, o);
+                    metrics.delivery(&ep.name, outcome_name(o, d, &metrics));
+                }
+                store.record_attempts(&ep.name, &done)?;
+                for (d, o) in &done {
+                    after_attempt(&mut store, &ep, d, o, clock(), &wake)?;
+                }
             }
             _ = shutdown.cancelled(), if !stopping => {}
             _ = &mut notified, if !stopping => {}
             _ = tokio::time::sleep(wait), if !stopping => {}
         }
+    }
+}
+
+/// The metrics label of an attempt's outcome; a success also feeds the latency histogram.
+fn outcome_name(o: &AttemptOutcome, d: &DueDelivery, metrics: &Metrics) -> &'static str {
+    match o.result {
+        DeliveryResult::Delivered => {
+            let done = o.started_at_ms + o.duration_ms;
+            metrics.delivery_latency((done - d.created_at).max(0) as f64 / 1000.0);
+            "delivered"
+        }
+        DeliveryResult::RetryAt(_) => "failed",
+        DeliveryResult::Dead => "dead",
+        DeliveryResult::EndpointGone => "gone",
     }
 }
 

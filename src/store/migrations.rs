@@ -106,6 +106,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE watches ADD COLUMN rescan_next INTEGER;
     "#,
+    // 5: when an unordered endpoint's next delivery falls due, without scanning its queue.
+    r#"
+    CREATE INDEX deliveries_next ON deliveries (endpoint, status, next_attempt_at);
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

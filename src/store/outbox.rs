@@ -185,18 +185,30 @@ impl Store {
         ordered: bool,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
+        // Each status is read along its own index; `status IN (...)` with an ORDER BY would sort
+        // the endpoint's whole queue on every call.
+        const COLS: &str = "d.id, d.event_seq, e.id AS eid, e.body, d.attempts, d.next_attempt_at, e.type, e.created_at";
         let sql = if ordered {
-            "SELECT * FROM (SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type, e.created_at
-               FROM deliveries d JOIN events e ON e.seq = d.event_seq
-              WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') ORDER BY d.event_seq LIMIT 1)
-             WHERE next_attempt_at <= ?2 LIMIT ?3"
+            format!(
+                "SELECT * FROM (
+                   SELECT * FROM (SELECT {COLS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.endpoint = ?1 AND d.status = 'pending' ORDER BY d.event_seq LIMIT 1)
+                   UNION ALL
+                   SELECT * FROM (SELECT {COLS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.endpoint = ?1 AND d.status = 'failed' ORDER BY d.event_seq LIMIT 1)
+                   ORDER BY event_seq LIMIT 1)
+                 WHERE next_attempt_at <= ?2 LIMIT ?3"
+            )
         } else {
-            "SELECT d.id, d.event_seq, e.id, e.body, d.attempts, d.next_attempt_at, e.type, e.created_at
-               FROM deliveries d JOIN events e ON e.seq = d.event_seq
-              WHERE d.endpoint = ?1 AND d.status IN ('pending','failed') AND d.next_attempt_at <= ?2
-              ORDER BY d.event_seq LIMIT ?3"
+            format!(
+                "SELECT * FROM (SELECT {COLS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                   WHERE d.endpoint = ?1 AND d.status = 'pending' ORDER BY d.event_seq LIMIT ?3) WHERE next_attempt_at <= ?2
+                 UNION ALL
+                 SELECT * FROM (SELECT {COLS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                   WHERE d.endpoint = ?1 AND d.status = 'failed' AND d.next_attempt_at <= ?2 ORDER BY d.next_attempt_at LIMIT ?3)"
+            )
         };
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![endpoint, now_ms, limit], |r| {
             Ok(DueDelivery {
                 delivery_id: r.get(0)?,
@@ -208,15 +220,25 @@ impl Store {
                 created_at: r.get(7)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let mut due: Vec<DueDelivery> = rows.collect::<rusqlite::Result<_>>()?;
+        due.sort_by_key(|d| d.event_seq);
+        due.truncate(limit as usize);
+        Ok(due)
     }
 
     /// When the next delivery of `endpoint` falls due (ms), if any is waiting.
     pub fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>> {
         let sql = if ordered {
-            "SELECT next_attempt_at FROM deliveries WHERE endpoint = ?1 AND status IN ('pending','failed') ORDER BY event_seq LIMIT 1"
+            "SELECT next_attempt_at FROM (
+               SELECT * FROM (SELECT event_seq, next_attempt_at FROM deliveries WHERE endpoint = ?1 AND status = 'pending' ORDER BY event_seq LIMIT 1)
+               UNION ALL
+               SELECT * FROM (SELECT event_seq, next_attempt_at FROM deliveries WHERE endpoint = ?1 AND status = 'failed' ORDER BY event_seq LIMIT 1))
+             ORDER BY event_seq LIMIT 1"
         } else {
-            "SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = ?1 AND status IN ('pending','failed')"
+            "SELECT min(t) FROM (
+               SELECT min(next_attempt_at) AS t FROM deliveries WHERE endpoint = ?1 AND status = 'pending'
+               UNION ALL
+               SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = ?1 AND status = 'failed')"
         };
         Ok(self
             .conn
@@ -232,51 +254,20 @@ impl Store {
         d: &DueDelivery,
         o: &AttemptOutcome,
     ) -> Result<()> {
+        self.record_attempts(endpoint, &[(d.clone(), o.clone())])
+    }
+
+    /// Records several attempts in one transaction (one disk sync for many deliveries).
+    pub fn record_attempts(
+        &mut self,
+        endpoint: &str,
+        done: &[(DueDelivery, AttemptOutcome)],
+    ) -> Result<()> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT INTO attempts (delivery_id, started_at, duration_ms, status_code, error, response_excerpt)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![d.delivery_id, o.started_at_ms, o.duration_ms, o.status_code, o.error, o.response_excerpt],
-        )?;
-        let (status, next, delivered_at) = match o.result {
-            DeliveryResult::Delivered => ("delivered", o.started_at_ms, Some(o.started_at_ms)),
-            DeliveryResult::RetryAt(t) => ("failed", t, None),
-            DeliveryResult::Dead => ("dead", o.started_at_ms, None),
-            DeliveryResult::EndpointGone => ("failed", o.started_at_ms, None),
-        };
-        tx.execute(
-            "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
-               last_status = ?4, last_error = ?5, delivered_at = ?6 WHERE id = ?1",
-            params![
-                d.delivery_id,
-                status,
-                next,
-                o.status_code,
-                o.error,
-                delivered_at
-            ],
-        )?;
-        match o.result {
-            DeliveryResult::Delivered => {
-                tx.execute(
-                    "UPDATE endpoints SET last_success_at = ?2, failing_since = NULL WHERE name = ?1",
-                    params![endpoint, o.started_at_ms],
-                )?;
-            }
-            DeliveryResult::EndpointGone => {
-                tx.execute(
-                    "UPDATE endpoints SET enabled = 0, disabled_reason = '410 Gone' WHERE name = ?1",
-                    [endpoint],
-                )?;
-            }
-            _ => {
-                tx.execute(
-                    "UPDATE endpoints SET failing_since = coalesce(failing_since, ?2) WHERE name = ?1",
-                    params![endpoint, o.started_at_ms],
-                )?;
-            }
+        for (d, o) in done {
+            record_one(&tx, endpoint, d, o)?;
         }
         tx.commit()?;
         Ok(())
@@ -382,4 +373,53 @@ impl Store {
             |r| r.get(0),
         )?)
     }
+}
+
+fn record_one(
+    tx: &rusqlite::Transaction,
+    endpoint: &str,
+    d: &DueDelivery,
+    o: &AttemptOutcome,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO attempts (delivery_id, started_at, duration_ms, status_code, error, response_excerpt)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![d.delivery_id, o.started_at_ms, o.duration_ms, o.status_code, o.error, o.response_excerpt])?;
+    let (status, next, delivered_at) = match o.result {
+        DeliveryResult::Delivered => ("delivered", o.started_at_ms, Some(o.started_at_ms)),
+        DeliveryResult::RetryAt(t) => ("failed", t, None),
+        DeliveryResult::Dead => ("dead", o.started_at_ms, None),
+        DeliveryResult::EndpointGone => ("failed", o.started_at_ms, None),
+    };
+    tx.prepare_cached(
+        "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
+           last_status = ?4, last_error = ?5, delivered_at = ?6 WHERE id = ?1",
+    )?
+    .execute(params![
+        d.delivery_id,
+        status,
+        next,
+        o.status_code,
+        o.error,
+        delivered_at
+    ])?;
+    match o.result {
+        DeliveryResult::Delivered => tx
+            .prepare_cached(
+                "UPDATE endpoints SET last_success_at = ?2, failing_since = NULL WHERE name = ?1",
+            )?
+            .execute(params![endpoint, o.started_at_ms])?,
+        DeliveryResult::EndpointGone => tx
+            .prepare_cached(
+                "UPDATE endpoints SET enabled = 0, disabled_reason = '410 Gone' WHERE name = ?1",
+            )?
+            .execute([endpoint])?,
+        _ => tx
+            .prepare_cached(
+                "UPDATE endpoints SET failing_since = coalesce(failing_since, ?2) WHERE name = ?1",
+            )?
+            .execute(params![endpoint, o.started_at_ms])?,
+    };
+    Ok(())
 }

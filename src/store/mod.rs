@@ -326,31 +326,36 @@ fn append_events(
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
     );
     let mut out = Vec::new();
+    let mut insert_event = tx.prepare_cached(
+        "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
+    )?;
+    let mut insert_delivery =
+        tx.prepare_cached("INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)")?;
     for e in events {
-        let exists: bool = tx
-            .query_row("SELECT 1 FROM events WHERE id = ?1", [&e.id], |_| Ok(()))
-            .optional()?
-            .is_some();
-        if exists {
+        let next = seq + 1;
+        let body = webhook_body(e, next, &timestamp);
+        let payload_hash = sha256_hex(body.as_bytes());
+        let hash = row_hash(next, &e.id, e.kind, &payload_hash, &prev_hash);
+        if insert_event.execute(params![
+            next,
+            e.id,
+            e.kind,
+            body,
+            now_ms,
+            prev_hash,
+            payload_hash,
+            hash
+        ])? == 0
+        {
             // Deterministic ids make a replayed step harmless: the event is already logged.
             tracing::warn!(id = %e.id, kind = e.kind, "event already recorded; not repeated");
             continue;
         }
-        seq += 1;
-        let body = webhook_body(e, seq, &timestamp);
-        let payload_hash = sha256_hex(body.as_bytes());
-        let hash = row_hash(seq, &e.id, e.kind, &payload_hash, &prev_hash);
-        tx.execute(
-            "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![seq, e.id, e.kind, body, now_ms, prev_hash, payload_hash, hash],
-        )?;
+        seq = next;
         for (name, globs) in filters {
             if globs.iter().any(|g| type_matches(g, e.kind)) {
-                tx.execute(
-                    "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)",
-                    params![seq, name, now_ms],
-                )?;
+                insert_delivery.execute(params![seq, name, now_ms])?;
             }
         }
         out.push(CommittedEvent {

@@ -30,35 +30,34 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
+    let mut upsert = tx.prepare_cached(
+        "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
+         reorg_count, fired, outputs, inputs, spends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
     for t in &step.upserts {
         let (status, block) = match t.status {
             TxStatus::Mempool => ("mempool", None),
             TxStatus::Confirmed(b) => ("confirmed", Some(b)),
             TxStatus::Unconfirmed => ("unconfirmed", None),
         };
-        tx.execute(
-            "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
-             reorg_count, fired, outputs, inputs, spends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                t.txid.to_string(),
-                t.watch_id,
-                status,
-                block.map(|b| b.hash.to_string()),
-                block.map(|b| b.height),
-                block.map(|b| b.time),
-                t.reorg_count,
-                t.fired,
-                serde_json::to_string(&t.outputs).expect("outputs serialise"),
-                serde_json::to_string(&t.inputs).expect("inputs serialise"),
-                serde_json::to_string(&t.spends.iter().map(|o| o.to_string()).collect::<Vec<_>>()).expect("spends serialise"),
-            ],
-        )?;
+        let spends: Vec<String> = t.spends.iter().map(|o| o.to_string()).collect();
+        upsert.execute(params![
+            t.txid.to_string(),
+            t.watch_id,
+            status,
+            block.map(|b| b.hash.to_string()),
+            block.map(|b| b.height),
+            block.map(|b| b.time),
+            t.reorg_count,
+            t.fired,
+            serde_json::to_string(&t.outputs).expect("outputs serialise"),
+            serde_json::to_string(&t.inputs).expect("inputs serialise"),
+            serde_json::to_string(&spends).expect("spends serialise"),
+        ])?;
     }
+    let mut remove = tx.prepare_cached("DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2")?;
     for (txid, watch) in &step.removals {
-        tx.execute(
-            "DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2",
-            params![txid.to_string(), watch],
-        )?;
+        remove.execute(params![txid.to_string(), watch])?;
     }
     if let Some((watch, next)) = &step.rescan {
         tx.execute(
@@ -66,18 +65,21 @@ pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
             params![watch, next],
         )?;
     }
+    let mut derivation = tx.prepare_cached(
+        "INSERT INTO derivations (watch_id, path, used) VALUES (?1, ?2, ?3)
+         ON CONFLICT(watch_id, path) DO UPDATE SET used = max(used, excluded.used)",
+    )?;
     for d in &step.derivations {
-        tx.execute(
-            "INSERT INTO derivations (watch_id, path, used) VALUES (?1, ?2, ?3)
-             ON CONFLICT(watch_id, path) DO UPDATE SET used = max(used, excluded.used)",
-            params![d.watch_id, d.path, d.used],
-        )?;
+        derivation.execute(params![d.watch_id, d.path, d.used])?;
     }
-    for (op, coin) in &step.coins_added {
-        tx.execute(
-            "INSERT OR IGNORE INTO coins (outpoint, watch_id, address, amount_sat) VALUES (?1, ?2, ?3, ?4)",
-            params![op.to_string(), coin.watch_id, coin.address, coin.amount_sat as i64],
-        )?;
+    let mut coin = tx.prepare_cached("INSERT OR IGNORE INTO coins (outpoint, watch_id, address, amount_sat) VALUES (?1, ?2, ?3, ?4)")?;
+    for (op, c) in &step.coins_added {
+        coin.execute(params![
+            op.to_string(),
+            c.watch_id,
+            c.address,
+            c.amount_sat as i64
+        ])?;
     }
     Ok(())
 }

@@ -172,22 +172,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         None
     };
 
-    let watches = store.load_watches()?;
-    let mut index = WatchIndex::new(cfg.network, watches);
-    index.coins.extend(store.load_coins()?);
-    for d in store.load_derivations()? {
-        index.set_used(&d);
-    }
+    // The follower builds the watch index from the store before its first sync.
+    let index = WatchIndex::default();
     let tracker = Tracker::new(
         network_name(cfg.network),
         cfg.finality_depth,
         store.load_tracked()?,
     );
-    tracing::info!(
-        watches = index.len(),
-        tracked = tracker.len(),
-        "state loaded"
-    );
+    tracing::info!(tracked = tracker.len(), "state loaded");
 
     let metrics = Arc::new(Metrics::default());
     let api = start_api(&cfg, metrics.clone(), shutdown.clone()).await?;

@@ -418,7 +418,7 @@ impl Tracker {
                 network: self.network,
                 required_confirmations: watch.confirmations,
                 block: shape.block,
-                watch,
+                watch: &watch,
                 outputs: &t.outputs,
                 inputs: &t.inputs,
                 amount_sat: t.amount_sat(),

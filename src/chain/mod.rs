@@ -83,6 +83,8 @@ pub struct Follower<S: ChainSource> {
     /// The store's watch version our index reflects.
     watch_version: i64,
     rescan: Option<rescan::RescanJob>,
+    /// Loads watch records (labels, metadata) for events, over a connection of its own.
+    loader: Option<crate::watch::WatchLoader>,
     network: bitcoin::Network,
     /// When the sequence topic last spoke: a silence longer than `poll_interval` may hide a
     /// lost last message, which no counter gap would reveal.
@@ -124,6 +126,7 @@ impl<S: ChainSource> Follower<S> {
             metrics: Arc::new(Metrics::default()),
             watch_version: -1,
             rescan: None,
+            loader: None,
             network: bitcoin::Network::Regtest,
         }
     }
@@ -143,18 +146,25 @@ impl<S: ChainSource> Follower<S> {
         }
         // A watch still being rescanned joins live following only when its rescan is done.
         let rescanning: Vec<String> = self.store.rescans()?.into_iter().map(|r| r.0).collect();
-        let watches = self
-            .store
-            .load_watches()?
-            .into_iter()
-            .filter(|w| !rescanning.contains(&w.id));
-        let coins = std::mem::take(&mut self.index.coins);
-        self.index = WatchIndex::new(self.network, watches);
-        self.index.coins = coins;
-        for d in self.store.load_derivations()? {
-            self.index.set_used(&d);
-        }
-        if self.watch_version >= 0 {
+        let loader = match &self.loader {
+            Some(l) => l.clone(),
+            None => {
+                let l = watch_loader(&self.store)?;
+                self.loader = Some(l.clone());
+                l
+            }
+        };
+        let started = std::time::Instant::now();
+        self.index = self.store.build_index(self.network, loader, &rescanning)?;
+        if self.watch_version < 0 {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                watches = self.index.len(),
+                scripts = self.index.script_count(),
+                secs,
+                "watches loaded"
+            );
+        } else {
             tracing::info!(watches = self.index.len(), "watches changed; reloaded");
         }
         self.watch_version = version;
@@ -438,6 +448,19 @@ impl<S: ChainSource> Follower<S> {
             tracing::warn!(error = %e, "recording alert.node_recovered failed");
         }
     }
+}
+
+/// A loader of watch records over its own connection to the store.
+fn watch_loader(store: &Store) -> Result<crate::watch::WatchLoader, FollowError> {
+    let dir = store
+        .path()
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let conn = std::sync::Mutex::new(Store::open(&dir)?);
+    Ok(Arc::new(move |id: &str| {
+        conn.lock().ok()?.load_watch(id).ok().flatten()
+    }))
 }
 
 fn fields(v: serde_json::Value) -> Map<String, serde_json::Value> {

@@ -154,7 +154,6 @@ impl<S: ChainSource> Follower<S> {
         );
         self.watch_version = -1;
         self.refresh_watches()?;
-        self.index.coins = self.store.load_coins()?.into_iter().collect();
         // Payments to it that sit in the mempool now were passed over while it was not live.
         self.seen_mempool.clear();
         self.mempool_stale = true;

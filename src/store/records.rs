@@ -6,7 +6,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use super::{parse_hash, Result, Store, StoreError};
 use crate::event::BlockRef;
 use crate::tracker::{ChainStep, Tracked, TxStatus};
-use crate::watch::{Derivation, Target, Watch, WatchedCoin};
+use crate::watch::{Derivation, Target, Watch, WatchIndex, WatchLoader, WatchedCoin};
 
 /// One row of the event log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,10 +177,13 @@ impl Store {
     }
 
     pub fn load_watches(&self) -> Result<Vec<Watch>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, address, confirmations, label, metadata, gap_limit FROM watches ORDER BY created_at, id")?;
-        let rows = stmt.query_map([], |r| {
+        self.load_watches_where("", params![])
+    }
+
+    fn load_watches_where(&self, clause: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<Watch>> {
+        let sql = format!("SELECT id, address, confirmations, label, metadata, gap_limit FROM watches {clause} ORDER BY created_at, id");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(p, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -227,6 +230,53 @@ impl Store {
             self.bump_watch_version()?;
         }
         Ok(n > 0)
+    }
+
+    /// One watch's full record.
+    pub fn load_watch(&self, id: &str) -> Result<Option<Watch>> {
+        Ok(self
+            .load_watches_where("WHERE id = ?1", params![id])?
+            .into_iter()
+            .next())
+    }
+
+    /// Builds the matching index straight from the table, without holding every record in
+    /// memory (they load through `loader` when an event needs them). Watches in `exclude`
+    /// (being rescanned) are left out; coins and derivation indexes are loaded too.
+    pub fn build_index(
+        &self,
+        network: bitcoin::Network,
+        loader: WatchLoader,
+        exclude: &[String],
+    ) -> Result<WatchIndex> {
+        let count: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM watches", [], |r| r.get(0))?;
+        let mut index = WatchIndex::with_loader(network, loader, count as usize);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, address, gap_limit FROM watches ORDER BY created_at, id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (id, target, gap): (String, String, Option<u32>) =
+                (r.get(0)?, r.get(1)?, r.get(2)?);
+            if exclude.contains(&id) {
+                continue;
+            }
+            let target = match gap {
+                None => Target::Address { address: target },
+                Some(gap_limit) => Target::Descriptor {
+                    descriptor: target,
+                    gap_limit,
+                },
+            };
+            index.insert_target(&id, &target);
+        }
+        index.coins.extend(self.load_coins()?);
+        for d in self.load_derivations()? {
+            index.set_used(&d);
+        }
+        Ok(index)
     }
 
     /// The highest used derivation index of every descriptor path.

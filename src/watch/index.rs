@@ -1,21 +1,19 @@
-//! The in-memory index: script → watches, the coins watches hold, and for descriptor watches the
-//! addresses derived so far, extended as payments use them.
+//! The in-memory index: which scripts are watched, by whom, the coins watches hold, and for
+//! descriptor watches the addresses derived so far, extended as payments use them.
+//!
+//! Built to hold millions of addresses in little memory: a script is kept as a 128-bit keyed
+//! hash (SipHash with keys drawn at start, so no one can craft an output that collides) pointing
+//! to a slot that holds only the 12-byte watch id. Addresses are rebuilt from the script when one
+//! matches; labels and metadata are loaded on demand (and cached) when an event needs them.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::{Arc, Mutex};
 
-use bitcoin::{Network, OutPoint, ScriptBuf, Transaction, Txid};
+use bitcoin::{Address, Network, OutPoint, Script, Transaction, Txid};
 
 use super::descriptor::WatchedDescriptor;
 use super::{MatchedInput, MatchedOutput, Target, TxMatch, Watch};
-
-/// Who a script belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Owner {
-    watch_id: String,
-    address: String,
-    /// (path, index) for descriptor watches.
-    derivation: Option<(u32, u32)>,
-}
 
 /// An output a watch received, kept to recognise its spends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +29,42 @@ pub struct Derivation {
     pub watch_id: String,
     pub path: u32,
     pub used: u32,
+}
+
+type Key = [u64; 2];
+type Slot = u32;
+
+/// Who a derived script belongs to: slot, path, index.
+type DerivedOwner = (Slot, u32, u32);
+
+/// Loads a watch's full record (labels, metadata, target) by id.
+pub type WatchLoader = Arc<dyn Fn(&str) -> Option<Watch> + Send + Sync>;
+
+/// The keys are already uniformly random: hash tables may use them as they are.
+#[derive(Clone, Copy, Default)]
+struct PassThrough;
+
+struct PassThroughHasher(u64);
+
+impl Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes.iter().take(8) {
+            self.0 = (self.0 << 8) | *b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
+}
+
+impl BuildHasher for PassThrough {
+    type Hasher = PassThroughHasher;
+    fn build_hasher(&self) -> PassThroughHasher {
+        PassThroughHasher(0)
+    }
 }
 
 struct DescState {
@@ -57,9 +91,10 @@ impl DescState {
 #[derive(Default)]
 pub struct Overlay {
     pub coins: HashMap<OutPoint, WatchedCoin>,
-    scripts: HashMap<ScriptBuf, Vec<Owner>>,
-    used: HashMap<(String, u32), u32>,
-    derived: HashMap<(String, u32), u32>,
+    derived: HashMap<Key, Vec<DerivedOwner>>,
+    used: HashMap<(Slot, u32), u32>,
+    count: HashMap<(Slot, u32), u32>,
+    ids: HashMap<Slot, String>,
 }
 
 impl Overlay {
@@ -68,8 +103,8 @@ impl Overlay {
         let mut v: Vec<Derivation> = self
             .used
             .iter()
-            .map(|((w, p), u)| Derivation {
-                watch_id: w.clone(),
+            .map(|((slot, p), u)| Derivation {
+                watch_id: self.ids[slot].clone(),
                 path: *p,
                 used: *u,
             })
@@ -79,12 +114,25 @@ impl Overlay {
     }
 }
 
-#[derive(Default)]
 pub struct WatchIndex {
-    network: Option<Network>,
-    watches: HashMap<String, Watch>,
-    by_script: HashMap<ScriptBuf, Vec<Owner>>,
-    descriptors: HashMap<String, DescState>,
+    network: Network,
+    /// Seed of the fast first-half hash, and the SipHash keys of the second half.
+    seed: u64,
+    check_keys: RandomState,
+    /// Address watches: first half of the script key → (second half, slot). The second half is
+    /// computed only when the first hits. Keys whose first half collides go to `overflow`.
+    by_key: HashMap<u64, (u64, Slot), PassThrough>,
+    overflow: HashMap<Key, Slot>,
+    same_script: HashMap<Slot, Slot>,
+    /// Descriptor-derived scripts.
+    derived: HashMap<Key, Vec<DerivedOwner>, PassThrough>,
+    descriptors: HashMap<Slot, DescState>,
+    /// Slot → the watch id's 12 bytes (`wch_` + hex).
+    ids: Vec<[u8; 12]>,
+    slot_of: HashMap<[u8; 12], Slot>,
+    /// Full records: all of them without a loader, a cache of recent ones with one.
+    details: Mutex<HashMap<String, Arc<Watch>>>,
+    loader: Option<WatchLoader>,
     pub coins: HashMap<OutPoint, WatchedCoin>,
 }
 
@@ -92,89 +140,154 @@ impl std::fmt::Debug for WatchIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "WatchIndex({} watches, {} scripts, {} coins)",
-            self.watches.len(),
-            self.by_script.len(),
+            "WatchIndex({} watches, {} coins)",
+            self.ids.len(),
             self.coins.len()
         )
     }
 }
 
-fn add_owner(map: &mut HashMap<ScriptBuf, Vec<Owner>>, script: ScriptBuf, owner: Owner) {
-    let owners = map.entry(script).or_default();
-    if !owners.contains(&owner) {
-        owners.push(owner);
+impl Default for WatchIndex {
+    fn default() -> Self {
+        WatchIndex::empty(Network::Regtest, None)
     }
 }
 
+/// The details cache stays this small when a loader can refill it.
+const DETAILS_CACHE: usize = 10_000;
+
+fn id_bytes(id: &str) -> Option<[u8; 12]> {
+    let hexpart = id.strip_prefix("wch_")?;
+    hex::decode(hexpart).ok()?.try_into().ok()
+}
+
+fn id_text(b: &[u8; 12]) -> String {
+    format!("wch_{}", hex::encode(b))
+}
+
 impl WatchIndex {
+    fn empty(network: Network, loader: Option<WatchLoader>) -> WatchIndex {
+        WatchIndex {
+            network,
+            seed: {
+                let mut h = RandomState::new().build_hasher();
+                h.write_u64(0x9e37_79b9_7f4a_7c15);
+                h.finish() | 1
+            },
+            check_keys: RandomState::new(),
+            by_key: HashMap::with_hasher(PassThrough),
+            overflow: HashMap::new(),
+            same_script: HashMap::new(),
+            derived: HashMap::with_hasher(PassThrough),
+            descriptors: HashMap::new(),
+            ids: Vec::new(),
+            slot_of: HashMap::new(),
+            details: Mutex::new(HashMap::new()),
+            loader,
+            coins: HashMap::new(),
+        }
+    }
+
+    /// An index holding these watches, records included.
     pub fn new(network: Network, watches: impl IntoIterator<Item = Watch>) -> WatchIndex {
-        let mut idx = WatchIndex {
-            network: Some(network),
-            ..WatchIndex::default()
-        };
+        let mut idx = WatchIndex::empty(network, None);
         for w in watches {
             idx.insert(w);
         }
         idx
     }
 
-    fn network(&self) -> Network {
-        self.network.unwrap_or(Network::Regtest)
+    /// An index that keeps only what matching needs, and loads records with `loader`.
+    pub fn with_loader(network: Network, loader: WatchLoader, expected: usize) -> WatchIndex {
+        let mut idx = WatchIndex::empty(network, Some(loader));
+        idx.by_key.reserve(expected);
+        idx.ids.reserve(expected);
+        idx.slot_of.reserve(expected);
+        idx
     }
 
-    /// Adds a watch. A descriptor that fails to parse (it was checked on the way in) is
-    /// logged and left out rather than stopping the watcher.
+    /// First half: a fast seeded hash that routes the probe. Second half: SipHash with secret
+    /// keys, checked on every hit, so a crafted output cannot pass for a watched one.
+    fn key(&self, script: &Script) -> Key {
+        [
+            fast_hash(self.seed, script.as_bytes()),
+            check_hash(&self.check_keys, script),
+        ]
+    }
+
+    /// Adds a watch with its record.
     pub fn insert(&mut self, w: Watch) {
-        match &w.target {
+        self.insert_target(&w.id, &w.target);
+        let mut details = self.details.lock().expect("details lock");
+        if self.loader.is_none() || details.len() < DETAILS_CACHE {
+            details.insert(w.id.clone(), Arc::new(w));
+        }
+    }
+
+    /// Adds what matching needs of a watch; its record comes from the loader when needed.
+    pub fn insert_target(&mut self, id: &str, target: &Target) {
+        let Some(idb) = id_bytes(id) else {
+            tracing::error!(watch = %id, "stored watch has a malformed id; skipped");
+            return;
+        };
+        let slot = match self.slot_of.get(&idb) {
+            Some(s) => *s,
+            None => {
+                self.ids.push(idb);
+                let s = (self.ids.len() - 1) as Slot;
+                self.slot_of.insert(idb, s);
+                s
+            }
+        };
+        match target {
             Target::Address { address } => {
                 let parsed = address
-                    .parse::<bitcoin::Address<_>>()
+                    .parse::<Address<_>>()
                     .ok()
-                    .and_then(|a| a.require_network(self.network()).ok());
-                match parsed {
-                    Some(a) => add_owner(
-                        &mut self.by_script,
-                        a.script_pubkey(),
-                        Owner {
-                            watch_id: w.id.clone(),
-                            address: address.clone(),
-                            derivation: None,
-                        },
-                    ),
-                    None => {
-                        tracing::error!(watch = %w.id, %address, "stored watch has an invalid address; skipped")
-                    }
+                    .and_then(|a| a.require_network(self.network).ok());
+                let Some(a) = parsed else {
+                    tracing::error!(watch = %id, %address, "stored watch has an invalid address; skipped");
+                    return;
+                };
+                let key = self.key(&a.script_pubkey());
+                let prev = match self.by_key.get(&key[0]) {
+                    Some(&(check, _)) if check != key[1] => self.overflow.insert(key, slot),
+                    _ => self.by_key.insert(key[0], (key[1], slot)).map(|(_, s)| s),
+                };
+                if let Some(prev) = prev.filter(|p| *p != slot) {
+                    self.same_script.insert(slot, prev);
                 }
             }
             Target::Descriptor {
                 descriptor,
                 gap_limit,
-            } => match WatchedDescriptor::parse(descriptor, self.network()) {
+            } => match WatchedDescriptor::parse(descriptor, self.network) {
                 Ok(desc) => {
                     let n = desc.paths.len();
-                    let state = DescState {
-                        desc,
-                        gap: *gap_limit,
-                        derived: vec![0; n],
-                        used: vec![None; n],
-                    };
-                    self.descriptors.insert(w.id.clone(), state);
+                    self.descriptors.insert(
+                        slot,
+                        DescState {
+                            desc,
+                            gap: *gap_limit,
+                            derived: vec![0; n],
+                            used: vec![None; n],
+                        },
+                    );
                     for path in 0..n as u32 {
-                        self.extend(&w.id, path, None);
+                        self.extend(slot, path, None);
                     }
                 }
                 Err(e) => {
-                    tracing::error!(watch = %w.id, error = %e, "stored descriptor watch is invalid; skipped")
+                    tracing::error!(watch = %id, error = %e, "stored descriptor watch is invalid; skipped")
                 }
             },
         }
-        self.watches.insert(w.id.clone(), w);
     }
 
     /// Derives addresses of one path up to what `used` calls for.
-    fn extend(&mut self, watch_id: &str, path: u32, used: Option<u32>) {
-        let Some(st) = self.descriptors.get_mut(watch_id) else {
+    fn extend(&mut self, slot: Slot, path: u32, used: Option<u32>) {
+        let (seed, check_keys) = (self.seed, self.check_keys.clone());
+        let Some(st) = self.descriptors.get_mut(&slot) else {
             return;
         };
         let p = path as usize;
@@ -185,15 +298,14 @@ impl WatchIndex {
         while st.derived[p] < wanted {
             let i = st.derived[p];
             match st.desc.derive(p, i) {
-                Ok((script, address)) => {
-                    let owner = Owner {
-                        watch_id: watch_id.to_string(),
-                        address,
-                        derivation: Some((path, i)),
-                    };
-                    add_owner(&mut self.by_script, script, owner);
+                Ok((script, _)) => {
+                    let key = [
+                        fast_hash(seed, script.as_bytes()),
+                        check_hash(&check_keys, &script),
+                    ];
+                    self.derived.entry(key).or_default().push((slot, path, i));
                 }
-                Err(e) => tracing::error!(watch = %watch_id, error = %e, "derivation failed"),
+                Err(e) => tracing::error!(error = %e, "derivation failed"),
             }
             st.derived[p] += 1;
         }
@@ -201,38 +313,42 @@ impl WatchIndex {
 
     /// Records a committed derivation index and derives the addresses that follow it.
     pub fn set_used(&mut self, d: &Derivation) {
-        self.extend(&d.watch_id.clone(), d.path, Some(d.used));
+        if let Some(slot) = id_bytes(&d.watch_id).and_then(|b| self.slot_of.get(&b).copied()) {
+            self.extend(slot, d.path, Some(d.used));
+        }
     }
 
-    pub fn remove(&mut self, id: &str) -> Option<Watch> {
-        let w = self.watches.remove(id)?;
-        self.descriptors.remove(id);
-        self.by_script.retain(|_, owners| {
-            owners.retain(|o| o.watch_id != id);
-            !owners.is_empty()
-        });
+    /// The watch's full record.
+    pub fn get(&self, id: &str) -> Option<Arc<Watch>> {
+        if let Some(w) = self.details.lock().expect("details lock").get(id) {
+            return Some(w.clone());
+        }
+        let loader = self.loader.as_ref()?;
+        // Only watches in the index count, even if the store still has others.
+        id_bytes(id).filter(|b| self.slot_of.contains_key(b))?;
+        let w = Arc::new(loader(id)?);
+        let mut details = self.details.lock().expect("details lock");
+        if details.len() >= DETAILS_CACHE {
+            details.clear();
+        }
+        details.insert(id.to_string(), w.clone());
         Some(w)
     }
 
-    pub fn get(&self, id: &str) -> Option<&Watch> {
-        self.watches.get(id)
-    }
-
     pub fn len(&self) -> usize {
-        self.watches.len()
+        self.ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.watches.is_empty()
+        self.ids.is_empty()
     }
 
     /// How many scripts are watched (addresses, and derived descriptor addresses).
     pub fn script_count(&self) -> usize {
-        self.by_script.len()
-    }
-
-    pub fn watches(&self) -> impl Iterator<Item = &Watch> {
-        self.watches.values()
+        self.by_key.len()
+            + self.overflow.len()
+            + self.same_script.len()
+            + self.derived.values().map(Vec::len).sum::<usize>()
     }
 
     /// The watches a transaction touches, in watch-id order (so events come out deterministically).
@@ -240,21 +356,14 @@ impl WatchIndex {
         self.match_tx_in(tx, &mut Overlay::default())
     }
 
+    fn address_of(&self, script: &Script) -> String {
+        Address::from_script(script, self.network)
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+
     /// As `match_tx`, seeing and updating what earlier transactions of the step changed.
     pub fn match_tx_in(&self, tx: &Transaction, overlay: &mut Overlay) -> Vec<TxMatch> {
-        fn entry(found: &mut Vec<TxMatch>, watch_id: &str) -> usize {
-            match found.iter().position(|m| m.watch_id == watch_id) {
-                Some(i) => i,
-                None => {
-                    found.push(TxMatch {
-                        watch_id: watch_id.to_string(),
-                        outputs: vec![],
-                        inputs: vec![],
-                    });
-                    found.len() - 1
-                }
-            }
-        }
         let mut found: Vec<TxMatch> = Vec::new();
         let may_spend_watched = !(self.coins.is_empty() && overlay.coins.is_empty());
         if may_spend_watched && !tx.is_coinbase() {
@@ -271,77 +380,108 @@ impl WatchIndex {
             }
         }
         let mut used_now = Vec::new();
+        let any_derived = !(self.derived.is_empty() && overlay.derived.is_empty());
         for (vout, out) in tx.output.iter().enumerate() {
-            let owners = self
-                .by_script
-                .get(&out.script_pubkey)
-                .into_iter()
-                .chain(overlay.scripts.get(&out.script_pubkey))
-                .flatten();
-            for o in owners {
-                let i = entry(&mut found, &o.watch_id);
+            let owners = self.owners(&out.script_pubkey, any_derived, overlay);
+            if owners.is_empty() {
+                continue;
+            }
+            let address = self.address_of(&out.script_pubkey);
+            for (slot, derivation) in owners {
+                let watch_id = id_text(&self.ids[slot as usize]);
+                let i = entry(&mut found, &watch_id);
                 if found[i].outputs.iter().any(|x| x.vout == vout as u32) {
                     continue;
                 }
+                let multipath = self
+                    .descriptors
+                    .get(&slot)
+                    .is_some_and(|d| d.desc.is_multipath());
                 found[i].outputs.push(MatchedOutput {
                     vout: vout as u32,
-                    address: o.address.clone(),
+                    address: address.clone(),
                     amount_sat: out.value.to_sat(),
-                    derivation_index: o.derivation.map(|d| d.1),
-                    derivation_path: o
-                        .derivation
-                        .filter(|_| self.is_multipath(&o.watch_id))
-                        .map(|d| d.0),
+                    derivation_index: derivation.map(|d| d.1),
+                    derivation_path: derivation.filter(|_| multipath).map(|d| d.0),
                 });
-                if let Some((path, index)) = o.derivation {
-                    used_now.push((o.watch_id.clone(), path, index));
+                if let Some((path, index)) = derivation {
+                    used_now.push((slot, path, index));
                 }
             }
         }
-        for (watch, path, index) in used_now {
-            self.use_index(overlay, &watch, path, index);
+        for (slot, path, index) in used_now {
+            self.use_index(overlay, slot, path, index);
         }
         found.sort_by(|a, b| a.watch_id.cmp(&b.watch_id));
         found
     }
 
-    fn is_multipath(&self, watch_id: &str) -> bool {
-        self.descriptors
-            .get(watch_id)
-            .is_some_and(|d| d.desc.is_multipath())
+    /// Who watches `script`: one hash probe for the common miss, the full key only on a hit.
+    fn owners(
+        &self,
+        script: &Script,
+        any_derived: bool,
+        overlay: &Overlay,
+    ) -> Vec<(Slot, Option<(u32, u32)>)> {
+        let mut owners = Vec::new();
+        let first = fast_hash(self.seed, script.as_bytes());
+        let probe = self.by_key.get(&first).copied();
+        if probe.is_none() && self.overflow.is_empty() && !any_derived {
+            return owners;
+        }
+        let key = self.key(script);
+        let mut next = match probe {
+            Some((check, slot)) if check == key[1] => Some(slot),
+            _ => self.overflow.get(&key).copied(),
+        };
+        while let Some(slot) = next {
+            owners.push((slot, None));
+            next = self.same_script.get(&slot).copied();
+        }
+        if any_derived {
+            for (slot, path, index) in self
+                .derived
+                .get(&key)
+                .into_iter()
+                .chain(overlay.derived.get(&key))
+                .flatten()
+            {
+                owners.push((*slot, Some((*path, *index))));
+            }
+        }
+        owners
     }
 
     /// Notes a used index in the overlay and derives, into the overlay, the addresses that
     /// must now be watched after it, so the next transaction of the same block is seen.
-    fn use_index(&self, overlay: &mut Overlay, watch: &str, path: u32, index: u32) {
-        let Some(st) = self.descriptors.get(watch) else {
+    fn use_index(&self, overlay: &mut Overlay, slot: Slot, path: u32, index: u32) {
+        let Some(st) = self.descriptors.get(&slot) else {
             return;
         };
-        let key = (watch.to_string(), path);
-        let committed = st.used[path as usize];
-        let current = overlay.used.get(&key).copied().or(committed);
+        let k = (slot, path);
+        let current = overlay.used.get(&k).copied().or(st.used[path as usize]);
         if current.is_some_and(|c| c >= index) {
             return;
         }
-        overlay.used.insert(key.clone(), index);
+        overlay.used.insert(k, index);
+        overlay.ids.insert(slot, id_text(&self.ids[slot as usize]));
         let wanted = st.wanted(Some(index));
         let mut derived = overlay
-            .derived
-            .get(&key)
+            .count
+            .get(&k)
             .copied()
             .unwrap_or(st.derived[path as usize]);
         while derived < wanted {
-            if let Ok((script, address)) = st.desc.derive(path as usize, derived) {
-                let owner = Owner {
-                    watch_id: watch.to_string(),
-                    address,
-                    derivation: Some((path, derived)),
-                };
-                add_owner(&mut overlay.scripts, script, owner);
+            if let Ok((script, _)) = st.desc.derive(path as usize, derived) {
+                overlay
+                    .derived
+                    .entry(self.key(&script))
+                    .or_default()
+                    .push((slot, path, derived));
             }
             derived += 1;
         }
-        overlay.derived.insert(key, derived);
+        overlay.count.insert(k, derived);
     }
 
     /// Coins created by a matched transaction, to recognise their later spends.
@@ -357,5 +497,49 @@ impl WatchIndex {
                 (OutPoint::new(txid, o.vout), coin)
             })
             .collect()
+    }
+}
+
+/// Multiply-xorshift over 8-byte words, finished like splitmix64: a few cycles per script.
+fn fast_hash(seed: u64, bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        h = (h ^ w).wrapping_mul(K).rotate_left(29);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut buf = [0u8; 8];
+        buf[..rest.len()].copy_from_slice(rest);
+        h = (h ^ u64::from_le_bytes(buf))
+            .wrapping_mul(K)
+            .rotate_left(29);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+fn check_hash(keys: &RandomState, script: &Script) -> u64 {
+    let mut h = keys.build_hasher();
+    h.write(script.as_bytes());
+    h.finish()
+}
+
+fn entry(found: &mut Vec<TxMatch>, watch_id: &str) -> usize {
+    match found.iter().position(|m| m.watch_id == watch_id) {
+        Some(i) => i,
+        None => {
+            found.push(TxMatch {
+                watch_id: watch_id.to_string(),
+                outputs: vec![],
+                inputs: vec![],
+            });
+            found.len() - 1
+        }
     }
 }

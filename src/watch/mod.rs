@@ -9,7 +9,7 @@ use bitcoin::{Address, Network};
 use serde::{Deserialize, Serialize};
 
 pub use descriptor::{DescriptorError, WatchedDescriptor};
-pub use index::{Derivation, Overlay, WatchIndex, WatchedCoin};
+pub use index::{Derivation, Overlay, WatchIndex, WatchLoader, WatchedCoin};
 
 pub const MAX_METADATA_BYTES: usize = 4096;
 pub const DEFAULT_GAP_LIMIT: u32 = 20;

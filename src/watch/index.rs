@@ -119,9 +119,10 @@ pub struct WatchIndex {
     /// Seed of the fast first-half hash, and the SipHash keys of the second half.
     seed: u64,
     check_keys: RandomState,
-    /// Address watches: first half of the script key → (second half, slot). The second half is
-    /// computed only when the first hits. Keys whose first half collides go to `overflow`.
-    by_key: HashMap<u64, (u64, Slot), PassThrough>,
+    /// Address watches: first half of the script key → (32 bits of the second half, slot): 96
+    /// bits must agree before an output counts. The second half is computed only when the first
+    /// hits. Keys whose first half collides go to `overflow`, with the whole key.
+    by_key: HashMap<u64, (u32, Slot), PassThrough>,
     overflow: HashMap<Key, Slot>,
     same_script: HashMap<Slot, Slot>,
     /// Descriptor-derived scripts.
@@ -251,8 +252,11 @@ impl WatchIndex {
                 };
                 let key = self.key(&a.script_pubkey());
                 let prev = match self.by_key.get(&key[0]) {
-                    Some(&(check, _)) if check != key[1] => self.overflow.insert(key, slot),
-                    _ => self.by_key.insert(key[0], (key[1], slot)).map(|(_, s)| s),
+                    Some(&(check, _)) if check != key[1] as u32 => self.overflow.insert(key, slot),
+                    _ => self
+                        .by_key
+                        .insert(key[0], (key[1] as u32, slot))
+                        .map(|(_, s)| s),
                 };
                 if let Some(prev) = prev.filter(|p| *p != slot) {
                     self.same_script.insert(slot, prev);
@@ -431,7 +435,7 @@ impl WatchIndex {
         }
         let key = self.key(script);
         let mut next = match probe {
-            Some((check, slot)) if check == key[1] => Some(slot),
+            Some((check, slot)) if check == key[1] as u32 => Some(slot),
             _ => self.overflow.get(&key).copied(),
         };
         while let Some(slot) = next {

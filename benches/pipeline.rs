@@ -53,20 +53,25 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// `n` random p2wpkh watches on `network`, plus `extra`.
-fn watches(n: usize, network: Network, extra: &[ScriptBuf]) -> Vec<Watch> {
-    let mut out = Vec::with_capacity(n + extra.len());
+/// `n` random p2wpkh scripts, the same every run (xorshift).
+fn random_scripts(n: usize) -> impl Iterator<Item = ScriptBuf> {
     let mut seed = 0x1234_5678_9abc_def0u64;
-    for _ in 0..n {
+    (0..n).map(move |_| {
         let mut h = [0u8; 20];
         for chunk in h.chunks_mut(8) {
-            // xorshift: cheap and repeatable.
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
         }
-        let script = ScriptBuf::new_p2wpkh(&WPubkeyHash::from_byte_array(h));
+        ScriptBuf::new_p2wpkh(&WPubkeyHash::from_byte_array(h))
+    })
+}
+
+/// `n` random p2wpkh watches on `network`, plus `extra`.
+fn watches(n: usize, network: Network, extra: &[ScriptBuf]) -> Vec<Watch> {
+    let mut out = Vec::with_capacity(n + extra.len());
+    for script in random_scripts(n) {
         let addr = Address::from_script(&script, network).unwrap();
         out.push(Watch::new(&addr, 3, None, serde_json::json!({})));
     }
@@ -87,24 +92,13 @@ fn watches(n: usize, network: Network, extra: &[ScriptBuf]) -> Vec<Watch> {
 fn compact_index(n: usize, network: Network, extra: &[ScriptBuf]) -> WatchIndex {
     let loader: chainwatch::watch::WatchLoader = Arc::new(|_| None);
     let mut index = WatchIndex::with_loader(network, loader, n + extra.len());
-    let mut seed = 0x1234_5678_9abc_def0u64;
     let add = |index: &mut WatchIndex, script: &ScriptBuf| {
         let addr = Address::from_script(script, network).unwrap().to_string();
         let id = chainwatch::watch::watch_id(&format!("address:{addr}"));
         index.insert_target(&id, &chainwatch::watch::Target::Address { address: addr });
     };
-    for _ in 0..n {
-        let mut h = [0u8; 20];
-        for chunk in h.chunks_mut(8) {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            chunk.copy_from_slice(&seed.to_le_bytes()[..chunk.len()]);
-        }
-        add(
-            &mut index,
-            &ScriptBuf::new_p2wpkh(&WPubkeyHash::from_byte_array(h)),
-        );
+    for script in random_scripts(n) {
+        add(&mut index, &script);
     }
     for s in extra {
         if Address::from_script(s, network).is_ok() {

@@ -209,7 +209,7 @@ async fn health(State(api): State<Api>) -> Response {
 }
 
 async fn metrics_text(State(api): State<Api>) -> Response {
-    let queues = match api.store.lock().await.queue_states(crate::chain::now_ms()) {
+    let queues = match api.store.lock().await.queue_states(crate::event::now_ms()) {
         Ok(q) => q,
         Err(e) => return store_error(e),
     };
@@ -278,7 +278,7 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
     };
     let store = api.store.lock().await;
     let stored = store
-        .upsert_watch(&watch, "api", crate::chain::now_ms())
+        .upsert_watch(&watch, "api", crate::event::now_ms())
         .and_then(|()| match w.rescan_from {
             Some(h) => store.request_rescan(&watch.id, h).map(|_| ()),
             None => Ok(()),
@@ -377,7 +377,7 @@ async fn redeliver(State(api): State<Api>, Path(id): Path<String>) -> Response {
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no event {id}")),
         Err(e) => return store_error(e),
     }
-    match store.redeliver(Some(&id), None, crate::chain::now_ms()) {
+    match store.redeliver(Some(&id), None, crate::event::now_ms()) {
         Ok(n) => (StatusCode::ACCEPTED, Json(json!({ "queued": n }))).into_response(),
         Err(e) => store_error(e),
     }

@@ -596,7 +596,7 @@ impl RawEndpoint {
             .iter()
             .map(|s| {
                 Secret::parse(s)
-                    .map_err(|e| invalid(key("secret"), redact_secret(s), e.to_string()))
+                    .map_err(|e| invalid(key("secret"), crate::sign::redact(s), e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let events = self.events.unwrap_or_else(|| vec!["tx.*".to_string()]);
@@ -641,11 +641,6 @@ impl RawEndpoint {
             disable_after,
         })
     }
-}
-
-fn redact_secret(s: &str) -> String {
-    let head: String = s.chars().take(8).collect();
-    format!("{head}…")
 }
 
 impl RawWatch {

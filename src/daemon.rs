@@ -12,19 +12,13 @@ use crate::api;
 use crate::chain::{Follower, FollowerOptions};
 use crate::config::{core_chain_name, network_name, Config};
 use crate::dispatch;
+pub use crate::event::now_ms;
 use crate::metrics::Metrics;
 use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
 use crate::store::Store;
 use crate::tracker::Tracker;
 use crate::watch::WatchIndex;
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Opens the store and makes its endpoints and config watches match the config.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {

@@ -188,6 +188,14 @@ pub fn type_matches(glob: &str, kind: &str) -> bool {
     go(glob.as_bytes(), kind.as_bytes())
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 pub fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }

@@ -92,7 +92,8 @@ impl Secret {
     }
 }
 
-fn redact(text: &str) -> String {
+/// The first characters of a secret, for messages that must not print it whole.
+pub(crate) fn redact(text: &str) -> String {
     let head: String = text.chars().take(6).collect();
     format!("{head}…")
 }

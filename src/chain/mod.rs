@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StartHeight;
-use crate::event::{self, NewEvent, TipRef};
+use crate::event::{self, now_ms, NewEvent, TipRef};
 use crate::metrics::Metrics;
 use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
 use crate::node::{ChainSource, NodeError};
@@ -89,13 +89,6 @@ pub struct Follower<S: ChainSource> {
     /// When the sequence topic last spoke: a silence longer than `poll_interval` may hide a
     /// lost last message, which no counter gap would reveal.
     last_sequence_msg: std::time::Instant,
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl<S: ChainSource> Follower<S> {

@@ -124,7 +124,7 @@ impl<S: ChainSource> Follower<S> {
             let mut step = job.tracker.connect_block(&job.index, &block, at);
             step.tip = TipChange::None;
             step.rescan = Some((job.watch_id.clone(), Some(h + 1)));
-            let committed = self.store.apply(&step, super::now_ms())?;
+            let committed = self.store.apply(&step, crate::event::now_ms())?;
             job.tracker.apply(&step, &mut job.index);
             for e in &committed {
                 tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
@@ -145,7 +145,7 @@ impl<S: ChainSource> Follower<S> {
             rescan: Some((job.watch_id.clone(), None)),
             ..crate::tracker::ChainStep::empty()
         };
-        self.store.apply(&step, super::now_ms())?;
+        self.store.apply(&step, crate::event::now_ms())?;
         tracing::info!(watch = %job.watch_id, secs = job.started.elapsed().as_secs_f64(), "rescan finished; following the watch live");
         self.tracker = Tracker::new(
             self.tracker.network,

@@ -19,12 +19,7 @@ pub const MIN_BACKOFF_THROTTLED: Duration = Duration::from_secs(60);
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-    })
+    Arc::new(crate::event::now_ms)
 }
 
 /// What one HTTP attempt came to, before it is judged.

@@ -276,23 +276,13 @@ impl SimNode {
 
     /// Pays `amount_sat` to `address` from mature coinbases; the payment enters the mempool.
     pub fn pay(&self, address: &str, amount_sat: u64) -> Txid {
-        let script = address
-            .parse::<Address<_>>()
-            .expect("address")
-            .require_network(Network::Regtest)
-            .expect("regtest address")
-            .script_pubkey();
+        let script = regtest_script(address);
         self.pay_script(&[(script, amount_sat)])
     }
 
     /// A payment to `address` from the simulated wallet, not broadcast.
     pub fn payment_tx(&self, address: &str, amount_sat: u64) -> Transaction {
-        let script = address
-            .parse::<Address<_>>()
-            .expect("address")
-            .require_network(Network::Regtest)
-            .expect("regtest address")
-            .script_pubkey();
+        let script = regtest_script(address);
         let mut s = self.lock();
         build_payment(&mut s, &[(script, amount_sat)])
     }
@@ -420,6 +410,16 @@ impl SimNode {
         self.serve(listener);
         Ok(())
     }
+}
+
+/// The script of a regtest address; helpers panic on a bad one, as tests want.
+fn regtest_script(address: &str) -> ScriptBuf {
+    address
+        .parse::<Address<_>>()
+        .expect("address")
+        .require_network(Network::Regtest)
+        .expect("regtest address")
+        .script_pubkey()
 }
 
 fn mine_one(s: &mut State, to: &ScriptBuf, with_mempool: bool) -> BlockHash {

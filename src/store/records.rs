@@ -18,6 +18,16 @@ pub struct EventRow {
     pub created_at: i64,
 }
 
+fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        kind: r.get(2)?,
+        body: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
 fn gap_of(w: &Watch) -> Option<u32> {
     match w.target {
         Target::Descriptor { gap_limit, .. } => Some(gap_limit),
@@ -339,15 +349,7 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT seq, id, type, body, created_at FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![after, limit], |r| {
-            Ok(EventRow {
-                seq: r.get(0)?,
-                id: r.get(1)?,
-                kind: r.get(2)?,
-                body: r.get(3)?,
-                created_at: r.get(4)?,
-            })
-        })?;
+        let rows = stmt.query_map(params![after, limit], event_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -357,15 +359,7 @@ impl Store {
             .query_row(
                 "SELECT seq, id, type, body, created_at FROM events WHERE id = ?1",
                 [id],
-                |r| {
-                    Ok(EventRow {
-                        seq: r.get(0)?,
-                        id: r.get(1)?,
-                        kind: r.get(2)?,
-                        body: r.get(3)?,
-                        created_at: r.get(4)?,
-                    })
-                },
+                event_row,
             )
             .optional()?)
     }

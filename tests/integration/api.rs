@@ -9,14 +9,6 @@ use crate::harness::*;
 
 const TOKEN: &str = "t0ken-for-tests";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Api {
     base: String,
     http: reqwest::Client,

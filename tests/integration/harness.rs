@@ -382,3 +382,12 @@ pub fn log_of(events: &[Captured]) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+/// A loopback port free at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

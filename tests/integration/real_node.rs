@@ -11,14 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub struct RealNode {
     pub dir: tempfile::TempDir,
     child: Child,

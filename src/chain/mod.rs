@@ -170,10 +170,6 @@ impl<S: ChainSource> Follower<S> {
         self
     }
 
-    pub fn tracker(&self) -> &Tracker {
-        &self.tracker
-    }
-
     /// Runs until `shutdown`. Nothing here is fatal: a node that is down, a malformed answer or
     /// a busy database are all retried with backoff, and said loudly while they last.
     pub async fn run(

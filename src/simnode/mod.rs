@@ -227,11 +227,6 @@ impl SimNode {
         self.dir.join("regtest").join(".cookie")
     }
 
-    /// (notification type, address), as `getzmqnotifications` lists them.
-    pub fn zmq_endpoints(&self) -> &[(String, String)] {
-        &self.zmq
-    }
-
     pub fn height(&self) -> u32 {
         self.lock().chain.height()
     }
@@ -245,15 +240,6 @@ impl SimNode {
             .chain
             .block_hash(height)
             .expect("height on the active chain")
-    }
-
-    pub fn mempool_txids(&self) -> Vec<Txid> {
-        self.lock()
-            .chain
-            .mempool()
-            .iter()
-            .map(|t| t.compute_txid())
-            .collect()
     }
 
     /// Mines `n` blocks holding the whole mempool (the first one) to the miner address.

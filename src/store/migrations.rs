@@ -126,7 +126,3 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
     tx.commit()
 }
-
-pub fn latest_version() -> usize {
-    MIGRATIONS.len()
-}

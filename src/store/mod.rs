@@ -12,7 +12,6 @@ use bitcoin::hashes::{sha256, Hash};
 use bitcoin::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-pub use migrations::latest_version;
 pub use outbox::{
     AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,
 };

@@ -364,15 +364,6 @@ impl Store {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
-
-    /// How many deliveries are still waiting (pending or failed), over all endpoints.
-    pub fn undelivered_count(&self) -> Result<i64> {
-        Ok(self.conn.query_row(
-            "SELECT count(*) FROM deliveries WHERE status IN ('pending','failed')",
-            [],
-            |r| r.get(0),
-        )?)
-    }
 }
 
 fn record_one(

@@ -20,8 +20,12 @@ pub enum NodeError {
     WarmingUp(String),
     #[error("bitcoind refused the RPC credentials ({0})")]
     Auth(String),
-    #[error("cannot read RPC cookie file {path}: {reason}")]
+    /// The cookie is not there (yet): bitcoind writes it when it starts.
+    #[error("RPC cookie file {path} does not exist yet ({reason}); is bitcoind running?")]
     Cookie { path: String, reason: String },
+    /// The cookie is there but cannot be used: waiting will not help.
+    #[error("config key bitcoind.cookie_file = {path:?}: {reason}")]
+    CookieUnreadable { path: String, reason: String },
     #[error("bitcoind RPC {method} failed with code {code}: {message}")]
     Rpc {
         method: String,

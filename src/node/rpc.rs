@@ -111,16 +111,23 @@ fn root_cause(e: &dyn std::error::Error) -> String {
 }
 
 fn read_cookie(path: &PathBuf) -> NodeResult<(String, String)> {
-    let text = std::fs::read_to_string(path).map_err(|e| NodeError::Cookie {
-        path: path.display().to_string(),
-        reason: e.to_string(),
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => NodeError::Cookie {
+            path: shown.clone(),
+            reason: e.to_string(),
+        },
+        _ => NodeError::CookieUnreadable {
+            path: shown.clone(),
+            reason: format!("cannot read it: {e}"),
+        },
     })?;
     let (user, pass) = text
         .trim()
         .split_once(':')
-        .ok_or_else(|| NodeError::Cookie {
-            path: path.display().to_string(),
-            reason: "expected user:password".into(),
+        .ok_or_else(|| NodeError::CookieUnreadable {
+            path: shown.clone(),
+            reason: "its content is not user:password".into(),
         })?;
     Ok((user.to_string(), pass.to_string()))
 }

@@ -150,3 +150,41 @@ fn verify_names_what_is_wrong() {
     let (ok, text) = run("not-a-secret", now, &sig);
     assert!(!ok && text.contains("whsec_"), "secret format: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_cookie_is_refused_at_start_naming_the_key() {
+    let h = Harness::new(&[], "").await;
+    let bad = h.dir.path().join("bad.cookie");
+    std::fs::write(&bad, "no colon here").unwrap();
+    let text = std::fs::read_to_string(&h.config_path).unwrap();
+    let cookie_line = text
+        .lines()
+        .find(|l| l.starts_with("cookie_file"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &h.config_path,
+        text.replace(
+            &cookie_line,
+            &format!("cookie_file = {:?}", bad.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let cfg = h.config_path.to_str().unwrap().to_string();
+    let dir = h.dir.path().to_path_buf();
+    for cmd in ["run", "check"] {
+        let (cfg, dir) = (cfg.clone(), dir.clone());
+        let (code, _, err) =
+            tokio::task::spawn_blocking(move || chainwatch(&[cmd, "--config", &cfg], &dir))
+                .await
+                .unwrap();
+        assert_ne!(code, 0, "{cmd}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{cmd}: {err}");
+        assert!(
+            err.contains("bitcoind.cookie_file")
+                && err.contains("bad.cookie")
+                && err.contains("user:password"),
+            "{cmd}: {err}"
+        );
+    }
+}

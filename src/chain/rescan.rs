@@ -139,6 +139,34 @@ impl<S: ChainSource> Follower<S> {
         Ok(job.next > tip.height)
     }
 
+    /// A block the rescan already scanned was disconnected: reorg what the rescan confirmed in
+    /// it, as a live watcher would, and scan the new branch from there.
+    pub(super) fn rescan_disconnected(
+        &mut self,
+        block: BlockRef,
+        new_tip: crate::event::TipRef,
+    ) -> Result<(), FollowError> {
+        let Some(job) = self.rescan.as_mut() else {
+            return Ok(());
+        };
+        if job.next <= block.height {
+            return Ok(());
+        }
+        let mut step = job.tracker.disconnect_block(&job.index, block, new_tip);
+        step.tip = TipChange::None;
+        step.rescan = Some((job.watch_id.clone(), Some(block.height)));
+        let committed = self.store.apply(&step, crate::event::now_ms())?;
+        job.tracker.apply(&step, &mut job.index);
+        job.next = block.height;
+        for e in &committed {
+            tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
+        }
+        if !committed.is_empty() {
+            self.wake_dispatch.notify_waiters();
+        }
+        Ok(())
+    }
+
     /// The watch joins live following: its tracked state moves to the main tracker.
     fn finish_rescan(&mut self, job: RescanJob) -> Result<(), FollowError> {
         let step = crate::tracker::ChainStep {

@@ -268,6 +268,7 @@ impl<S: ChainSource> Follower<S> {
             }
             self.commit(step)?;
             self.recent_spends.remove_block(tip.hash);
+            self.rescan_disconnected(tip.as_ref(), new_tip)?;
         }
         Ok(())
     }

@@ -4,6 +4,22 @@ use std::time::Duration;
 
 use crate::harness::*;
 
+/// A watcher process that is killed however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// (type, id) of every stored event of `data_dir`, in sequence order.
 fn log(data_dir: &std::path::Path) -> Vec<(String, String)> {
     let s = chainwatch::store::Store::open(data_dir).unwrap();
@@ -237,5 +253,121 @@ async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_aft
     assert_eq!(
         have, want,
         "every past payment's events, with the ids of the live run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
+    let h = Harness::new(&[watch(P2WPKH, 2, "a")], "").await;
+    let live = h.start_daemon();
+    h.wait_synced().await;
+    let path = second_config(&h, "late", "", false);
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("CHAINWATCH_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut late = KillOnDrop(spawn());
+    let first = h.node.height() + 1;
+    h.node.pay(P2WPKH, 12_000);
+    h.receiver.wait_accepted(1, WAIT).await;
+    h.node.mine(1);
+    let paid_height = h.node.height();
+    // Deep enough to catch the rescan half way, shallow enough to stay within finality_depth.
+    h.node.mine(80);
+    h.receiver.wait_accepted(3, WAIT).await;
+    h.wait_synced().await;
+    let late_dir = h.dir.path().join("late");
+    let store = chainwatch::store::Store::open(&late_dir).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while store.tip().unwrap().map(|t| t.hash) != Some(h.node.tip()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "late watcher did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The CLI follows the rescan with its progress bar; let it run beside us.
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .args([
+            "watch",
+            "add",
+            P2WPKH,
+            "--confirmations",
+            "2",
+            "--label",
+            "a",
+            "--metadata",
+            "{\"order_id\":1000}",
+        ])
+        .args(["--rescan-from", &first.to_string(), "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the rescan has passed the payment's confirmations, well before the tip.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let next = store.rescans().unwrap().first().map(|r| r.1);
+        if next.is_some_and(|n| n > paid_height + 3) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rescan did not progress: {next:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    late.stop();
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let next = store.rescans().unwrap()[0].1;
+    assert!(next < h.node.height(), "killed mid-rescan at {next}");
+    assert_eq!(
+        without_pending(&log(&late_dir)).len(),
+        2,
+        "the rescan found conf 1 and confirmed before the kill"
+    );
+    // Replace everything from the payment's block up; the payment is mined again.
+    let depth = h.node.height() - paid_height + 1;
+    h.node.reorg(depth, true);
+    h.receiver.wait_accepted(6, WAIT).await;
+    h.wait_synced().await;
+    live.stop().await;
+    let mut late = KillOnDrop(spawn());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while !store.rescans().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rescan did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.stop();
+    let mut want = without_pending(&log(&h.data_dir()));
+    let kinds: Vec<&str> = want.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "tx.confirmation",
+            "tx.confirmed",
+            "tx.reorged",
+            "tx.confirmation",
+            "tx.confirmed"
+        ],
+        "the live run"
+    );
+    want.sort();
+    let mut got = log(&late_dir);
+    got.sort();
+    assert_eq!(
+        got, want,
+        "the rescan reorged what it had found, then found the payment again"
     );
 }

@@ -485,11 +485,80 @@ fn bench_memory() {
     }
 }
 
+/// Child process: a store in `dir` with `n` watched regtest addresses.
+fn fill_store(dir: &str, n: usize) {
+    let mut store = Store::open(std::path::Path::new(dir)).unwrap();
+    store.check_network("regtest").unwrap();
+    let scripts: Vec<ScriptBuf> = random_scripts(n).collect();
+    for chunk in scripts.chunks(100_000) {
+        let ws: Vec<Watch> = chunk
+            .iter()
+            .map(|s| {
+                Watch::new(
+                    &Address::from_script(s, Network::Regtest).unwrap(),
+                    3,
+                    Some("order".into()),
+                    serde_json::json!({"order_id": 1}),
+                )
+            })
+            .collect();
+        store.upsert_watches(&ws, "bench", 0).unwrap();
+    }
+}
+
+/// The whole daemon's resident size once it has loaded a store of a million watches.
+async fn bench_daemon_memory() {
+    let n = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let t = Instant::now();
+    // Filled by another process, so its allocations do not count here.
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["fill-store", data.to_str().unwrap(), &n.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let fill_secs = t.elapsed().as_secs_f64();
+    let node = chainwatch::simnode::SimNode::start(&dir.path().join("node"))
+        .await
+        .unwrap();
+    node.mine(1);
+    let baseline = rss_mb();
+    let text = format!(
+        "network = \"regtest\"\ndata_dir = {:?}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\n[api]\nlisten = \"127.0.0.1:0\"\n",
+        data.display().to_string(),
+        node.rpc_url(),
+        node.cookie_path().display().to_string()
+    );
+    let cfg = chainwatch::config::Config::parse(&text, "bench", None).unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = Instant::now();
+    let daemon = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
+    // The tip is set right after the index is built.
+    while Store::open(&data).unwrap().tip().unwrap().is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let load_secs = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = rss_mb();
+    token.cancel();
+    daemon.await.unwrap().unwrap();
+    println!(
+        "memory: the running daemon with {n} watched addresses in its store: {:.0} MB resident ({:.0} MB above the process before it started; store filled in {fill_secs:.0}s, watches loaded in {load_secs:.1}s)",
+        total,
+        total - baseline
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    if args.first().map(String::as_str) == Some("fill-store") {
+        fill_store(&args[1], args[2].parse().unwrap());
+        return;
+    }
     let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
     println!(
         "chainwatch benchmarks on {} ({})",
@@ -510,6 +579,7 @@ fn main() {
         rt.block_on(bench_end_to_end());
     }
     if want("memory") {
+        rt.block_on(bench_daemon_memory());
         bench_memory();
     }
 }

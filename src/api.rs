@@ -276,7 +276,7 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
         Ok(w) => w,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
-    let store = api.store.lock().await;
+    let mut store = api.store.lock().await;
     let stored = store
         .upsert_watch(&watch, "api", crate::event::now_ms())
         .and_then(|()| match w.rescan_from {

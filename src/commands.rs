@@ -134,7 +134,7 @@ pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
         metadata,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", a.target))?;
-    let store = open_store(cfg)?;
+    let mut store = open_store(cfg)?;
     store.upsert_watch(&w, "cli", now_ms())?;
     println!("{}", w.id);
     if let Some(from) = a.rescan_from {

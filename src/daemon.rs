@@ -27,9 +27,7 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     store.check_network(network_name(cfg.network))?;
     store.set_keep_blocks(cfg.finality_depth + 10);
     store.sync_endpoints(&cfg.endpoints)?;
-    for w in &cfg.watches {
-        store.upsert_watch(w, "config", now_ms())?;
-    }
+    store.upsert_watches(&cfg.watches, "config", now_ms())?;
     Ok(store)
 }
 

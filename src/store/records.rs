@@ -305,15 +305,42 @@ impl Store {
     }
 
     /// Adds a watch or updates the one with the same address.
-    pub fn upsert_watch(&self, w: &Watch, source: &str, now_ms: i64) -> Result<()> {
-        self.conn.execute(
-            "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at, gap_limit)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT(address) DO UPDATE SET confirmations = excluded.confirmations,
-               label = excluded.label, metadata = excluded.metadata, gap_limit = excluded.gap_limit",
-            params![w.id, w.target_text(), w.confirmations, w.label, w.metadata.to_string(), source, now_ms, gap_of(w)],
+    pub fn upsert_watch(&mut self, w: &Watch, source: &str, now_ms: i64) -> Result<()> {
+        self.upsert_watches(std::slice::from_ref(w), source, now_ms)
+    }
+
+    /// Adds or updates many watches in one transaction.
+    pub fn upsert_watches(&mut self, watches: &[Watch], source: &str, now_ms: i64) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at, gap_limit)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(address) DO UPDATE SET confirmations = excluded.confirmations,
+                   label = excluded.label, metadata = excluded.metadata, gap_limit = excluded.gap_limit",
+            )?;
+            for w in watches {
+                stmt.execute(params![
+                    w.id,
+                    w.target_text(),
+                    w.confirmations,
+                    w.label,
+                    w.metadata.to_string(),
+                    source,
+                    now_ms,
+                    gap_of(w)
+                ])?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('watch_version', '1')
+             ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+            [],
         )?;
-        self.bump_watch_version()
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn remove_watch(&self, id: &str) -> Result<bool> {

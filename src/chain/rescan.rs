@@ -22,6 +22,7 @@ pub(super) struct RescanJob {
     index: WatchIndex,
     progress: Option<Progress>,
     started: Instant,
+    backfilled: bool,
 }
 
 impl<S: ChainSource> Follower<S> {
@@ -70,6 +71,7 @@ impl<S: ChainSource> Follower<S> {
             index,
             progress: None,
             started: Instant::now(),
+            backfilled: false,
         });
         Ok(())
     }
@@ -97,8 +99,46 @@ impl<S: ChainSource> Follower<S> {
         }
     }
 
+    /// Stores the chain from just below the rescan's start up to the lowest block kept (within
+    /// the kept window), so a reorg reaching into the rescanned range is found like any other.
+    async fn backfill(&mut self, job: &mut RescanJob) -> Result<(), FollowError> {
+        job.backfilled = true;
+        let (Some(lowest), Some(tip)) = (self.store.lowest_block()?, self.store.tip()?) else {
+            return Ok(());
+        };
+        let from = job
+            .next
+            .saturating_sub(1)
+            .max(tip.height.saturating_sub(self.store.keep_blocks()));
+        if from >= lowest.height {
+            return Ok(());
+        }
+        let mut blocks = Vec::new();
+        for h in from..lowest.height {
+            let hash = self.source.block_hash(h).await?;
+            let header = self.source.block_header(hash).await?;
+            let prev = header.prev.unwrap_or_else(bitcoin::hashes::Hash::all_zeros);
+            blocks.push(crate::store::StoredBlock {
+                hash,
+                height: h,
+                prev,
+                time: header.time,
+                tx_count: None,
+            });
+        }
+        let linked = blocks.windows(2).all(|w| w[1].prev == w[0].hash)
+            && blocks.last().is_some_and(|b| b.hash == lowest.prev);
+        if linked {
+            self.store.backfill_blocks(&blocks)?;
+        }
+        Ok(())
+    }
+
     /// Returns whether the rescan reached the tip.
     async fn rescan_blocks(&mut self, job: &mut RescanJob) -> Result<bool, FollowError> {
+        if !job.backfilled {
+            self.backfill(job).await?;
+        }
         let Some(tip) = self.store.tip()? else {
             return Ok(false);
         };

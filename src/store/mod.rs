@@ -130,6 +130,28 @@ impl Store {
         &self.path
     }
 
+    /// How many blocks below the tip are kept to find fork points.
+    pub fn keep_blocks(&self) -> u32 {
+        self.keep_blocks
+    }
+
+    /// Adds blocks just below the lowest stored one (a rescan's range), so forks down there are
+    /// found too. The caller checks that they link up.
+    pub fn backfill_blocks(&self, blocks: &[StoredBlock]) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR IGNORE INTO blocks (height, hash, prev_hash, time) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for b in blocks {
+            stmt.execute(params![
+                b.height,
+                b.hash.to_string(),
+                b.prev.to_string(),
+                b.time
+            ])?;
+        }
+        Ok(())
+    }
+
     pub fn set_keep_blocks(&mut self, n: u32) {
         self.keep_blocks = n.max(10);
     }

@@ -92,6 +92,8 @@ pub struct ChainStep {
     pub derivations: Vec<Derivation>,
     /// A rescan step: the watch and the next height to scan (`None`: done, follow it live).
     pub rescan: Option<(String, Option<u32>)>,
+    /// Not a chain step but the dispatcher's: disable this endpoint (name, reason) with its alert.
+    pub disable_endpoint: Option<(String, String)>,
     pub events: Vec<NewEvent>,
 }
 
@@ -108,6 +110,7 @@ impl ChainStep {
             coins_added: vec![],
             derivations: vec![],
             rescan: None,
+            disable_endpoint: None,
             events: vec![],
         }
     }

@@ -123,13 +123,10 @@ fn after_attempt(
     wake: &Notify,
 ) -> Result<(), StoreError> {
     let mut alerts = Vec::new();
+    let mut disable = None;
     match o.result {
         DeliveryResult::Delivered => {}
-        DeliveryResult::EndpointGone => alerts.push(disabled_alert(
-            &ep.name,
-            "the endpoint answered 410 Gone",
-            now,
-        )),
+        DeliveryResult::EndpointGone => disable = Some("410 Gone".to_string()),
         DeliveryResult::Dead | DeliveryResult::RetryAt(_) => {
             // Alerts about failed alerts would feed on themselves.
             if o.result == DeliveryResult::Dead && !d.kind.starts_with("alert.") {
@@ -146,16 +143,17 @@ fn after_attempt(
             }
             if let Some(since) = store.failing_since(&ep.name)? {
                 if now - since >= ep.disable_after.as_millis() as i64 {
-                    let reason =
-                        format!("no successful delivery for {}s", ep.disable_after.as_secs());
-                    store.set_endpoint_enabled(&ep.name, false, Some(&reason))?;
-                    alerts.push(disabled_alert(&ep.name, &reason, now));
+                    disable = Some(format!(
+                        "no successful delivery for {}s",
+                        ep.disable_after.as_secs()
+                    ));
                 }
             }
         }
     }
-    if matches!(alerts.last(), Some(a) if a.kind == event::ALERT_ENDPOINT_DISABLED) {
-        tracing::error!(endpoint = %ep.name, "endpoint disabled; `chainwatch endpoints enable {}` resumes it", ep.name);
+    if let Some(reason) = &disable {
+        alerts.push(disabled_alert(&ep.name, reason, now));
+        tracing::error!(endpoint = %ep.name, %reason, "endpoint disabled; `chainwatch endpoints enable {}` resumes it", ep.name);
     }
     let network = store.network()?;
     let wanted: Vec<event::NewEvent> = alerts
@@ -166,10 +164,14 @@ fn after_attempt(
             a
         })
         .collect();
-    if !wanted.is_empty() {
+    // The endpoint is disabled in the same transaction as its alert: no one sees one without
+    // the other, and a crash loses neither.
+    let disable_endpoint = disable.map(|reason| (ep.name.clone(), reason));
+    if !wanted.is_empty() || disable_endpoint.is_some() {
         store.apply(
             &ChainStep {
                 events: wanted,
+                disable_endpoint,
                 ..ChainStep::empty()
             },
             now,

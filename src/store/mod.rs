@@ -269,6 +269,12 @@ impl Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         apply_tip(&tx, &step.tip, keep)?;
         records::write_tracked(&tx, step)?;
+        if let Some((name, reason)) = &step.disable_endpoint {
+            tx.execute(
+                "UPDATE endpoints SET enabled = 0, disabled_reason = ?2 WHERE name = ?1",
+                params![name, reason],
+            )?;
+        }
         let committed = append_events(&tx, &self.filters, &step.events, now_ms)?;
         tx.commit()?;
         Ok(committed)

@@ -401,11 +401,8 @@ fn record_one(
                 "UPDATE endpoints SET last_success_at = ?2, failing_since = NULL WHERE name = ?1",
             )?
             .execute(params![endpoint, o.started_at_ms])?,
-        DeliveryResult::EndpointGone => tx
-            .prepare_cached(
-                "UPDATE endpoints SET enabled = 0, disabled_reason = '410 Gone' WHERE name = ?1",
-            )?
-            .execute([endpoint])?,
+        // Disabling for 410 is the dispatcher's next step, together with its alert.
+        DeliveryResult::EndpointGone => 0,
         _ => tx
             .prepare_cached(
                 "UPDATE endpoints SET failing_since = coalesce(failing_since, ?2) WHERE name = ?1",

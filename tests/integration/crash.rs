@@ -60,6 +60,8 @@ async fn sigkill_between_commit_and_delivery_loses_and_repeats_nothing() {
     let a = h.node.pay(P2WPKH, 200_000).to_string();
     let b = h.node.pay(P2TR, 300_000).to_string();
     h.receiver.wait_requests(1, WAIT).await;
+    // Both pendings committed (the receiver holds the first request), then the block.
+    h.wait_events(2).await;
     h.node.mine(1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     kill(&mut child);

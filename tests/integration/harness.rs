@@ -322,6 +322,22 @@ impl Harness {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    /// Waits until chainwatch's store holds at least `n` events (whatever was delivered).
+    pub async fn wait_events(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let db = chainwatch::store::db_path(&self.data_dir());
+            if db.exists() && self.store().events_after(0, 10_000).unwrap().len() >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited for {n} events in the store"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn store(&self) -> chainwatch::store::Store {
         chainwatch::store::Store::open(&self.data_dir()).unwrap()
     }

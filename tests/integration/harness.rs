@@ -288,9 +288,14 @@ impl Harness {
 
     /// Runs the release binary (as users do) against this harness.
     pub fn spawn_binary(&self) -> std::process::Child {
+        self.spawn_binary_with(&self.config_path)
+    }
+
+    /// The binary with another config (a second watcher on the same node).
+    pub fn spawn_binary_with(&self, config: &std::path::Path) -> std::process::Child {
         std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
             .args(["run", "--config"])
-            .arg(&self.config_path)
+            .arg(config)
             .env("CHAINWATCH_LOG", "warn")
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -300,11 +305,16 @@ impl Harness {
     /// Waits until chainwatch's stored tip is the node's tip, then a little longer so its ZMQ
     /// subscription takes hold (messages published before that are lost, as with bitcoind).
     pub async fn wait_synced(&self) {
+        self.wait_synced_dir(&self.data_dir()).await
+    }
+
+    /// As `wait_synced`, for the watcher whose data directory is `dir`.
+    pub async fn wait_synced_dir(&self, dir: &std::path::Path) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let db = chainwatch::store::db_path(&self.data_dir());
+            let db = chainwatch::store::db_path(dir);
             let tip = if db.exists() {
-                chainwatch::store::Store::open(&self.data_dir()).map(|s| s.tip())
+                chainwatch::store::Store::open(dir).map(|s| s.tip())
             } else {
                 Ok(Ok(None))
             };

@@ -126,15 +126,7 @@ async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_aft
     h.wait_synced().await;
     // A second watcher runs beside the first, watching nothing yet.
     let path = second_config(&h, "late", "", false);
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("CHAINWATCH_LOG", "warn")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || h.spawn_binary_with(&path);
     let mut late = spawn();
     let first = live_history(&h).await;
     h.wait_synced().await;
@@ -142,19 +134,7 @@ async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_aft
     let expected = without_pending(&log(&h.data_dir()));
     let late_dir = h.dir.path().join("late");
     // Wait for the late watcher to reach the tip too.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while chainwatch::store::Store::open(&late_dir)
-        .ok()
-        .and_then(|s| s.tip().ok().flatten())
-        .map(|t| t.hash)
-        != Some(h.node.tip())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "late watcher did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    h.wait_synced_dir(&late_dir).await;
     let run = |args: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
             .args(args)
@@ -262,15 +242,7 @@ async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
     let live = h.start_daemon();
     h.wait_synced().await;
     let path = second_config(&h, "late", "", false);
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("CHAINWATCH_LOG", "warn")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || h.spawn_binary_with(&path);
     let mut late = KillOnDrop(spawn());
     let first = h.node.height() + 1;
     h.node.pay(P2WPKH, 12_000);
@@ -282,15 +254,8 @@ async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
     h.receiver.wait_accepted(3, WAIT).await;
     h.wait_synced().await;
     let late_dir = h.dir.path().join("late");
+    h.wait_synced_dir(&late_dir).await;
     let store = chainwatch::store::Store::open(&late_dir).unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while store.tip().unwrap().map(|t| t.hash) != Some(h.node.tip()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "late watcher did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // The CLI follows the rescan with its progress bar; let it run beside us.
     let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
         .args([

@@ -18,7 +18,6 @@ use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
 use crate::store::Store;
 use crate::tracker::Tracker;
-use crate::watch::WatchIndex;
 
 /// Opens the store and makes its endpoints and config watches match the config.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
@@ -164,8 +163,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         None
     };
 
-    // The follower builds the watch index from the store before its first sync.
-    let index = WatchIndex::default();
     let tracker = Tracker::new(
         network_name(cfg.network),
         cfg.finality_depth,
@@ -197,7 +194,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         alert_reorg_depth: cfg.alert_reorg_depth,
         node_unreachable_after: cfg.node_unreachable_after,
     };
-    let follower = Follower::new(rpc, store, tracker, index, opts, wake)
+    let follower = Follower::new(rpc, store, tracker, opts, wake)
         .with_metrics(metrics)
         .with_network(cfg.network);
     follower

@@ -96,7 +96,6 @@ impl<S: ChainSource> Follower<S> {
         source: Arc<S>,
         store: Store,
         tracker: Tracker,
-        index: WatchIndex,
         opts: FollowerOptions,
         wake_dispatch: Arc<Notify>,
     ) -> Follower<S> {
@@ -104,7 +103,8 @@ impl<S: ChainSource> Follower<S> {
             source,
             store,
             tracker,
-            index,
+            // Built from the store before the first sync (`refresh_watches`).
+            index: WatchIndex::default(),
             opts,
             wake_dispatch,
             cache: BodyCache::default(),

@@ -16,8 +16,8 @@ pub enum SignError {
     MissingPrefix(String),
     #[error("secret after \"whsec_\" is not valid base64: {0}")]
     BadBase64(String),
-    #[error("secret decodes to no bytes")]
-    EmptyKey,
+    #[error("secret decodes to {0} bytes; a secret must decode to 24 to 64 bytes (e.g. whsec_ + `openssl rand -base64 32`)")]
+    KeyLength(usize),
     #[error("timestamp {0:?} is not a whole number of Unix seconds")]
     BadTimestamp(String),
     #[error("timestamp {ts} is {age}s away from now ({now}); allowed is {tolerance}s")]
@@ -32,6 +32,10 @@ pub enum SignError {
     #[error("no v1 signature matches this secret and body (checked {0})")]
     Mismatch(usize),
 }
+
+/// Standard Webhooks keys are 24 to 64 bytes: shorter ones can be guessed.
+pub const MIN_KEY_BYTES: usize = 24;
+pub const MAX_KEY_BYTES: usize = 64;
 
 /// A webhook signing secret, `whsec_` + base64 key.
 #[derive(Clone)]
@@ -54,9 +58,9 @@ impl Secret {
             .ok_or_else(|| SignError::MissingPrefix(redact(text)))?;
         let key = B64
             .decode(b64)
-            .map_err(|e| SignError::BadBase64(e.to_string()))?;
-        if key.is_empty() {
-            return Err(SignError::EmptyKey);
+            .map_err(|e| SignError::BadBase64(base64_problem(&e)))?;
+        if !(MIN_KEY_BYTES..=MAX_KEY_BYTES).contains(&key.len()) {
+            return Err(SignError::KeyLength(key.len()));
         }
         Ok(Secret {
             text: text.to_string(),
@@ -92,10 +96,25 @@ impl Secret {
     }
 }
 
-/// The first characters of a secret, for messages that must not print it whole.
+/// What is wrong with the base64, without quoting any of the secret's characters.
+fn base64_problem(e: &base64::DecodeError) -> String {
+    use base64::DecodeError::*;
+    match e {
+        InvalidByte(at, _) | InvalidLastSymbol(at, _) => {
+            format!("a character that is not base64 at position {at}")
+        }
+        InvalidLength(n) => format!("{n} characters is not a base64 length"),
+        InvalidPadding => "wrong padding".into(),
+    }
+}
+
+/// A secret as a message may show it: its prefix if it has the right one, else nothing of it.
 pub(crate) fn redact(text: &str) -> String {
-    let head: String = text.chars().take(6).collect();
-    format!("{head}…")
+    if text.starts_with("whsec_") {
+        "whsec_…".to_string()
+    } else {
+        format!("(not shown, {} characters)", text.chars().count())
+    }
 }
 
 /// The `webhook-signature` header: one entry per active secret, space separated.
@@ -210,6 +229,39 @@ mod tests {
             Secret::parse("whsec_!!!"),
             Err(SignError::BadBase64(_))
         ));
-        assert_eq!(Secret::parse("whsec_").unwrap_err(), SignError::EmptyKey);
+        assert_eq!(
+            Secret::parse("whsec_").unwrap_err(),
+            SignError::KeyLength(0)
+        );
+        assert_eq!(
+            Secret::parse("whsec_AQ==").unwrap_err(),
+            SignError::KeyLength(1),
+            "a 1-byte key is refused"
+        );
+        let k23 = B64.encode([7u8; 23]);
+        let k24 = B64.encode([7u8; 24]);
+        let k64 = B64.encode([7u8; 64]);
+        let k65 = B64.encode([7u8; 65]);
+        assert_eq!(
+            Secret::parse(&format!("whsec_{k23}")).unwrap_err(),
+            SignError::KeyLength(23)
+        );
+        assert!(
+            Secret::parse(&format!("whsec_{k24}")).is_ok(),
+            "24 bytes is the floor"
+        );
+        assert!(
+            Secret::parse(&format!("whsec_{k64}")).is_ok(),
+            "64 bytes is the ceiling"
+        );
+        assert_eq!(
+            Secret::parse(&format!("whsec_{k65}")).unwrap_err(),
+            SignError::KeyLength(65)
+        );
+        let err = Secret::parse("sk_live_abcdef").unwrap_err().to_string();
+        assert!(
+            !err.contains("abcdef"),
+            "a malformed secret is not echoed: {err}"
+        );
     }
 }

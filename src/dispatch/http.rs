@@ -72,15 +72,47 @@ pub struct Sender {
     http: reqwest::Client,
 }
 
+/// Why an endpoint's HTTP client could not be built (bad TLS material or proxy).
+#[derive(Debug, thiserror::Error)]
+#[error("endpoint {endpoint}: cannot build its HTTP client: {reason}")]
+pub struct SenderError {
+    pub endpoint: String,
+    pub reason: String,
+}
+
 impl Sender {
-    pub fn new(timeout: Duration) -> Sender {
-        let http = reqwest::Client::builder()
+    /// An HTTP client for one endpoint: its own TLS roots and client identity, its explicit
+    /// proxy or none (environment proxies never apply), no redirects, kept-alive connections.
+    pub fn new(ep: &EndpointConfig) -> Result<Sender, SenderError> {
+        crate::net::install_crypto_provider();
+        let fail = |reason: String| SenderError {
+            endpoint: ep.name.clone(),
+            reason,
+        };
+        let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(timeout)
+            .timeout(ep.timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("HTTP client builds");
-        Sender { http }
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(ep.concurrency.max(1) as usize)
+            .no_proxy();
+        if let Some(pem) = &ep.tls.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| fail(format!("ca_file: {}", chain(&e))))?;
+            b = b.tls_certs_merge(certs);
+        }
+        if let Some(pem) = &ep.tls.identity_pem {
+            let id = reqwest::Identity::from_pem(pem)
+                .map_err(|e| fail(format!("client_cert/client_key: {}", chain(&e))))?;
+            b = b.identity(id);
+        }
+        if let Some(proxy) = &ep.proxy {
+            let p = reqwest::Proxy::all(proxy)
+                .map_err(|_| fail(format!("proxy {}", crate::net::redact_url(proxy))))?;
+            b = b.proxy(p);
+        }
+        let http = b.build().map_err(|e| fail(chain(&e)))?;
+        Ok(Sender { http })
     }
 
     /// POSTs one signed webhook.
@@ -109,7 +141,7 @@ impl Sender {
                     status: None,
                     retry_after: None,
                     timed_out: e.is_timeout(),
-                    error: Some(describe(&e)),
+                    error: Some(describe(e)),
                     excerpt: None,
                 }
             }
@@ -134,7 +166,7 @@ impl Sender {
                 Ok(None) => break,
                 Err(e) => {
                     timed_out = e.is_timeout();
-                    error = Some(describe(&e));
+                    error = Some(describe(e));
                     break;
                 }
             }
@@ -180,11 +212,21 @@ pub async fn attempt(
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+/// An attempt's error as it is logged and stored: the whole cause chain (a TLS failure names
+/// the certificate problem), without the URL, which may carry credentials or a query token.
+fn describe(e: reqwest::Error) -> String {
+    chain(&e.without_url())
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(e);
+    let mut src = e.source();
     while let Some(s) = src {
-        msg = format!("{msg}: {s}");
+        let part = s.to_string();
+        // hyper and rustls often repeat the inner message in the outer one.
+        if !msg.contains(&part) {
+            msg = format!("{msg}: {part}");
+        }
         src = s.source();
     }
     msg

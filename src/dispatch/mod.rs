@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use http::{attempt, jitter, judge, system_clock, Clock, Response, Sender};
+pub use http::{attempt, jitter, judge, system_clock, Clock, Response, Sender, SenderError};
 pub use http::{MAX_RESPONSE_READ, MAX_RESPONSE_STORED, MAX_RETRY_AFTER, MIN_BACKOFF_THROTTLED};
 
 use crate::config::EndpointConfig;
@@ -34,7 +34,16 @@ pub async fn run_endpoint(
     shutdown: CancellationToken,
 ) -> Result<(), StoreError> {
     store.relax_durability()?;
-    let sender = Sender::new(ep.timeout);
+    let sender = match Sender::new(&ep) {
+        Ok(s) => s,
+        Err(e) => {
+            // The daemon built this client once before starting workers, so this cannot happen
+            // with the same config; if it does, say it and wait for shutdown.
+            tracing::error!(error = %e, "delivery worker cannot start");
+            shutdown.cancelled().await;
+            return Ok(());
+        }
+    };
     let capacity = if ep.ordered {
         1
     } else {

@@ -102,6 +102,19 @@ pub fn check_metadata(v: &serde_json::Value) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest label a watch may carry (it is copied into every event of the watch).
+pub const MAX_LABEL_CHARS: usize = 256;
+
+pub fn check_label(label: &str) -> Result<(), String> {
+    let n = label.chars().count();
+    if n > MAX_LABEL_CHARS {
+        return Err(format!(
+            "label has {n} characters; at most {MAX_LABEL_CHARS} are allowed"
+        ));
+    }
+    Ok(())
+}
+
 /// Parses and checks a watch target given by a person: an address of `network`, or a descriptor
 /// whose keys belong to `network`. Returns the watch ready to store.
 pub fn parse_target(
@@ -112,6 +125,9 @@ pub fn parse_target(
     label: Option<String>,
     metadata: serde_json::Value,
 ) -> Result<Watch, String> {
+    if let Some(l) = &label {
+        check_label(l)?;
+    }
     let looks_like_descriptor = text.contains('(');
     if !looks_like_descriptor {
         if gap_limit.is_some() {

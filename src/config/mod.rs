@@ -1,5 +1,7 @@
 //! `watcher.toml`: parsing, defaults and validation. Every refusal is one line naming key and value.
 
+mod endpoint;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,8 +10,10 @@ use bitcoin::address::NetworkUnchecked;
 use bitcoin::{Address, Network};
 use serde::Deserialize;
 
+use crate::net::redact_url;
 use crate::sign::Secret;
 use crate::watch::Watch;
+use endpoint::RawEndpoint;
 
 /// A configuration refusal: which key, which value, and why.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,14 @@ struct RawConfig {
     watches: Vec<RawWatch>,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,22 +119,6 @@ struct RawBitcoind {
     zmq_rawtx: Option<String>,
     zmq_rawblock: Option<String>,
     poll_interval: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEndpoint {
-    name: String,
-    url: String,
-    secret: Option<OneOrMany>,
-    secret_env: Option<OneOrMany>,
-    events: Option<Vec<String>>,
-    ordered: Option<bool>,
-    timeout: Option<String>,
-    retry_schedule: Option<Vec<String>>,
-    allow_http: Option<bool>,
-    concurrency: Option<u32>,
-    disable_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +191,28 @@ pub struct EndpointConfig {
     pub retry_schedule: Vec<Duration>,
     pub concurrency: u32,
     pub disable_after: Duration,
+    pub tls: EndpointTls,
+    /// An explicit proxy; environment proxies (HTTP_PROXY …) are never used.
+    pub proxy: Option<String>,
+}
+
+/// TLS material of an endpoint, read and parsed at start so a bad file is refused there.
+#[derive(Clone, Default)]
+pub struct EndpointTls {
+    /// PEM certificates trusted in addition to the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate chain followed by the private key, for mutual TLS.
+    pub identity_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for EndpointTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material into logs.
+        f.debug_struct("EndpointTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_identity", &self.identity_pem.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -218,7 +236,15 @@ pub struct Config {
     pub endpoints: Vec<EndpointConfig>,
     pub watches: Vec<Watch>,
     pub api: ApiConfig,
+    /// The HMAC key of the event log's chain (`[audit] key_file`; default data_dir/audit.key).
+    pub audit_key_file: PathBuf,
 }
+
+/// The audit key's file name in the data directory when `[audit] key_file` is not set.
+pub const AUDIT_KEY_FILE: &str = "audit.key";
+
+/// A bearer token shorter than this could be guessed.
+pub const MIN_API_TOKEN_CHARS: usize = 32;
 
 pub const DEFAULT_RETRY_SCHEDULE: [&str; 9] =
     ["5s", "5m", "30m", "2h", "5h", "10h", "14h", "20h", "24h"];
@@ -340,16 +366,45 @@ fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
         .unwrap_or("")
         .trim();
     let message = e.message().replace('\n', " ");
-    let message = if source_line.is_empty() {
-        message
-    } else {
-        format!("{message} (at `{source_line}`)")
+    let message = match secret_key_at(text, line) {
+        // The parser's message and the line itself may quote the value: say neither.
+        Some(key) => {
+            let expected = message
+                .find("expected")
+                .map(|i| &message[i..])
+                .filter(|m| !m.contains(['`', '"', '\'']))
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            format!("invalid value for `{key}` (not shown: it may hold a secret){expected}")
+        }
+        None if source_line.is_empty() => message,
+        None => format!("{message} (at `{source_line}`)"),
     };
     ConfigError::Syntax {
         path: origin.to_string(),
         line,
         message,
     }
+}
+
+/// Keys whose values may carry a secret: secrets, passwords, tokens, and URLs (user info,
+/// query tokens). Their values are never repeated in a refusal.
+const SECRET_KEY_PARTS: [&str; 6] = ["secret", "password", "token", "url", "proxy", "key"];
+
+/// The key whose value spans `line` (1-based), if it is one that may hold a secret: the
+/// nearest `key =` at or above the line, so a value continued over several lines counts too.
+fn secret_key_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().take(line.max(1)).collect();
+    let key = lines.iter().rev().find_map(|l| {
+        let (k, _) = l.split_once('=')?;
+        let k = k.trim();
+        (!k.is_empty() && !k.contains(['"', '\'', '[', ' '])).then(|| k.to_string())
+    })?;
+    let lower = key.to_ascii_lowercase();
+    SECRET_KEY_PARTS
+        .iter()
+        .any(|p| lower.contains(p))
+        .then_some(key)
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -414,7 +469,7 @@ impl RawConfig {
         let bitcoind = self.bitcoind.validate(network, base)?;
         let mut endpoints = Vec::new();
         for (i, e) in self.endpoints.into_iter().enumerate() {
-            let ep = e.validate(i)?;
+            let ep = e.validate(i, base)?;
             if endpoints.iter().any(|x: &EndpointConfig| x.name == ep.name) {
                 return Err(invalid(
                     format!("endpoints[{i}].name"),
@@ -429,9 +484,15 @@ impl RawConfig {
             watches.push(w.validate(i, network, self.default_confirmations)?);
         }
         let api = self.api.validate()?;
+        let data_dir = resolve(base, self.data_dir);
+        let audit_key_file = match self.audit.key_file {
+            Some(p) => resolve(base, p),
+            None => data_dir.join(AUDIT_KEY_FILE),
+        };
         Ok(Config {
             network,
-            data_dir: resolve(base, self.data_dir),
+            data_dir,
+            audit_key_file,
             default_confirmations: self.default_confirmations,
             start_height,
             finality_depth: self.finality_depth,
@@ -461,8 +522,13 @@ impl RawBitcoind {
         let rpc_url = self
             .rpc_url
             .unwrap_or_else(|| default_rpc_url(network).to_string());
-        reqwest::Url::parse(&rpc_url)
-            .map_err(|e| invalid("bitcoind.rpc_url", &rpc_url, format!("not a URL: {e}")))?;
+        reqwest::Url::parse(&rpc_url).map_err(|e| {
+            invalid(
+                "bitcoind.rpc_url",
+                redact_url(&rpc_url),
+                format!("not a URL: {e}"),
+            )
+        })?;
         let password = match (self.rpc_password, self.rpc_password_env) {
             (Some(p), _) => Some(p),
             (None, Some(env)) => Some(env_secret("bitcoind.rpc_password_env", &env)?),
@@ -528,121 +594,6 @@ impl RawBitcoind {
     }
 }
 
-impl RawEndpoint {
-    fn validate(self, i: usize) -> Result<EndpointConfig, ConfigError> {
-        let key = |k: &str| format!("endpoints[{i}].{k}");
-        if self.name.is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(invalid(
-                key("name"),
-                &self.name,
-                "use letters, digits, '-', '_' or '.'",
-            ));
-        }
-        let url = reqwest::Url::parse(&self.url)
-            .map_err(|e| invalid(key("url"), &self.url, format!("not a URL: {e}")))?;
-        match url.scheme() {
-            "https" => {}
-            "http" if is_loopback_url(&url) || self.allow_http == Some(true) => {}
-            "http" => {
-                return Err(invalid(
-                    key("url"),
-                    &self.url,
-                    "plain http is allowed only to loopback; set allow_http = true to override",
-                ))
-            }
-            other => {
-                return Err(invalid(
-                    key("url"),
-                    &self.url,
-                    format!("unsupported scheme {other:?}"),
-                ))
-            }
-        }
-        let secret_texts = match (self.secret, self.secret_env) {
-            (Some(s), None) => s.into_vec(),
-            (None, Some(env)) => env
-                .into_vec()
-                .iter()
-                .map(|n| env_secret(&key("secret_env"), n))
-                .collect::<Result<_, _>>()?,
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    key("secret"),
-                    "…",
-                    "give secret or secret_env, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    key("secret"),
-                    "",
-                    "every endpoint needs a secret (whsec_…)",
-                ))
-            }
-        };
-        if secret_texts.is_empty() {
-            return Err(invalid(
-                key("secret"),
-                "[]",
-                "at least one secret is needed",
-            ));
-        }
-        let secrets = secret_texts
-            .iter()
-            .map(|s| {
-                Secret::parse(s)
-                    .map_err(|e| invalid(key("secret"), crate::sign::redact(s), e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let events = self.events.unwrap_or_else(|| vec!["tx.*".to_string()]);
-        for g in &events {
-            if g.is_empty()
-                || !g
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._*".contains(c))
-            {
-                return Err(invalid(
-                    key("events"),
-                    g,
-                    "expected an event type glob such as \"tx.*\"",
-                ));
-            }
-        }
-        let timeout = duration(&key("timeout"), self.timeout.as_deref(), "15s")?;
-        let retry_schedule = match self.retry_schedule {
-            None => DEFAULT_RETRY_SCHEDULE
-                .iter()
-                .map(|d| parse_duration(d).unwrap())
-                .collect(),
-            Some(list) => list
-                .iter()
-                .map(|d| duration(&key("retry_schedule"), Some(d), ""))
-                .collect::<Result<Vec<_>, _>>()?,
-        };
-        let concurrency = self.concurrency.unwrap_or(16);
-        if concurrency == 0 {
-            return Err(invalid(key("concurrency"), 0, "must be at least 1"));
-        }
-        let disable_after = duration(&key("disable_after"), self.disable_after.as_deref(), "5d")?;
-        Ok(EndpointConfig {
-            name: self.name,
-            url: self.url,
-            secrets,
-            events,
-            ordered: self.ordered.unwrap_or(true),
-            timeout,
-            retry_schedule,
-            concurrency,
-            disable_after,
-        })
-    }
-}
-
 impl RawWatch {
     fn validate(self, i: usize, network: Network, default_conf: u32) -> Result<Watch, ConfigError> {
         let key = |k: &str| format!("watches[{i}].{k}");
@@ -688,10 +639,13 @@ impl RawWatch {
         crate::watch::check_metadata(&metadata)
             .map_err(|r| invalid(key("metadata"), metadata.to_string(), r))?;
         let (gap_key, gap) = (key("gap_limit"), self.gap_limit);
+        let label_len = self.label.as_deref().map_or(0, |l| l.chars().count());
         crate::watch::parse_target(&target, network, gap, confirmations, self.label, metadata)
             .map_err(|reason| {
                 if reason.starts_with("gap_limit") {
                     invalid(gap_key, gap.unwrap_or(0), reason)
+                } else if reason.starts_with("label") {
+                    invalid(key("label"), format!("{} characters", label_len), reason)
                 } else {
                     invalid(key(field), &target, reason)
                 }
@@ -709,12 +663,25 @@ impl RawApi {
                 "expected IP:PORT such as 127.0.0.1:8577",
             )
         })?;
-        let token = match (self.token, self.token_env) {
-            (Some(t), _) => Some(t),
+        let (token, token_key) = match (self.token, self.token_env) {
+            (Some(t), _) => (Some(t), "api.token".to_string()),
             // The token is optional until the API is used; an unset variable means the API stays closed.
-            (None, Some(env)) => std::env::var(&env).ok(),
-            (None, None) => std::env::var("CHAINWATCH_API_TOKEN").ok(),
+            (None, Some(env)) => (std::env::var(&env).ok(), format!("api.token_env ({env})")),
+            (None, None) => (
+                std::env::var("CHAINWATCH_API_TOKEN").ok(),
+                "api.token_env (CHAINWATCH_API_TOKEN)".to_string(),
+            ),
         };
+        if let Some(t) = &token {
+            let n = t.chars().count();
+            if n < MIN_API_TOKEN_CHARS {
+                return Err(invalid(
+                    token_key,
+                    "(not shown)",
+                    format!("the API token has {n} characters; at least {MIN_API_TOKEN_CHARS} are needed (e.g. `openssl rand -hex 32`)"),
+                ));
+            }
+        }
         let allow_ips = self
             .allow_ips
             .unwrap_or_else(|| vec!["127.0.0.1/32".into(), "::1/128".into()]);

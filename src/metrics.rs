@@ -26,6 +26,7 @@ pub struct Metrics {
     pub resyncs: AtomicU64,
     zmq_messages: Mutex<BTreeMap<String, u64>>,
     zmq_gaps: Mutex<BTreeMap<String, u64>>,
+    zmq_refused: Mutex<BTreeMap<String, u64>>,
     events: Mutex<BTreeMap<String, u64>>,
     deliveries: Mutex<BTreeMap<(String, String), u64>>,
     latency: Mutex<Histogram>,
@@ -56,6 +57,11 @@ impl Metrics {
 
     pub fn zmq_gap(&self, topic: &str) {
         bump(&self.zmq_gaps, topic.to_string());
+    }
+
+    /// A relayed body that did not prove itself (forged or corrupt).
+    pub fn zmq_refused(&self, topic: &str) {
+        bump(&self.zmq_refused, topic.to_string());
     }
 
     pub fn event(&self, kind: &str) {
@@ -127,6 +133,13 @@ impl Metrics {
             "ZMQ counter gaps (lost messages or restarts).",
             "topic",
             &self.zmq_gaps,
+        );
+        counter_family(
+            &mut o,
+            "chainwatch_zmq_refused_total",
+            "ZMQ bodies refused because they did not prove themselves (forged or corrupt).",
+            "topic",
+            &self.zmq_refused,
         );
         counter_family(
             &mut o,

@@ -15,19 +15,30 @@ use crate::tracker::Removal;
 type Removed = (Txid, Instant);
 
 impl<S: ChainSource> Follower<S> {
-    /// The body of a mempool transaction, from ZMQ's rawtx or RPC; `None` if it is gone already.
-    /// The flag says whether the node just confirmed it is in the mempool (RPC answered).
+    /// The body of a mempool transaction the node holds; `None` if it is not (or no longer)
+    /// in the node's mempool. A body relayed over ZMQ is used only for a txid the node itself
+    /// listed (`vouched`): the txid commits to the outputs, so that body is the node's. For a
+    /// txid that only ZMQ announced, the node is asked, which is the proof that it holds it.
     async fn mempool_body(
         &mut self,
         txid: Txid,
-    ) -> Result<Option<(Transaction, bool)>, FollowError> {
-        if let Some(tx) = self.cache.txs.get(&txid) {
-            return Ok(Some((tx.clone(), false)));
+        vouched: bool,
+    ) -> Result<Option<Transaction>, FollowError> {
+        if vouched {
+            if let Some(tx) = self.cache.txs.get(&txid) {
+                return Ok(Some(tx.clone()));
+            }
         }
         match self.source.mempool_transaction(txid).await {
-            Ok(tx) => Ok(Some((tx, true))),
-            // Mined or replaced meanwhile: the chain sync or a removal will account for it.
-            Err(e) if e.is_not_found() => Ok(None),
+            Ok(tx) => Ok(Some(tx)),
+            // Mined or replaced meanwhile (or never there: a forged announcement); the chain
+            // sync or a removal accounts for the real cases.
+            Err(e) if e.is_not_found() => {
+                if self.cache.txs.contains_key(&txid) {
+                    tracing::warn!(%txid, "ZMQ announced a transaction the node does not hold; ignored");
+                }
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -37,37 +48,21 @@ impl<S: ChainSource> Follower<S> {
         if self.seen_mempool.contains(&txid) {
             return Ok(());
         }
-        let Some((tx, confirmed)) = self.mempool_body(txid).await? else {
+        let Some(tx) = self.mempool_body(txid, false).await? else {
             return Ok(());
         };
         self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)
             .await?;
-        self.match_mempool_tx(&tx, confirmed).await
+        self.match_mempool_tx(&tx)
     }
 
-    /// Matches a mempool transaction. `in_mempool` says the node vouched for it just now; if
-    /// not (a body from ZMQ), it is checked before a new tx.pending: an `A` handled late may
-    /// be for a transaction mined meanwhile, and deep enough to be no longer tracked.
-    async fn match_mempool_tx(
-        &mut self,
-        tx: &Transaction,
-        in_mempool: bool,
-    ) -> Result<(), FollowError> {
+    /// Matches a mempool transaction the node has just vouched for.
+    fn match_mempool_tx(&mut self, tx: &Transaction) -> Result<(), FollowError> {
         let txid = tx.compute_txid();
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
         let step = self.tracker.mempool_add(&self.index, tx, tip);
-        if !in_mempool && !step.events.is_empty() {
-            match self.source.mempool_transaction(txid).await {
-                Ok(_) => {}
-                Err(e) if e.is_not_found() => {
-                    self.seen_mempool.insert(txid);
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
         self.commit(step)?;
         // Only once handled: a failure above leaves it for the resync to pick up.
         self.seen_mempool.insert(txid);
@@ -90,6 +85,9 @@ impl<S: ChainSource> Follower<S> {
             .partition(|(_, at)| at.elapsed() >= min_age);
         self.pending_removals = wait;
         for (txid, _) in due {
+            if self.still_in_mempool(txid).await? {
+                continue;
+            }
             let spends = self.tracker.spends_of(txid);
             let why = self.removal_cause(&spends, incoming).await?;
             tracing::info!(%txid, ?why, "tracked transaction left the mempool");
@@ -105,6 +103,19 @@ impl<S: ChainSource> Follower<S> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the node still holds a transaction announced as removed: a forged `R` (or one
+    /// re-added since) must not make a payment look dropped.
+    async fn still_in_mempool(&mut self, txid: Txid) -> Result<bool, FollowError> {
+        match self.source.mempool_transaction(txid).await {
+            Ok(_) => {
+                tracing::warn!(%txid, "a removal was announced for a transaction the node still holds; ignored");
+                Ok(true)
+            }
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Replaced if a mempool transaction (one just announced, or one the node names) spends the
@@ -156,7 +167,7 @@ impl<S: ChainSource> Follower<S> {
             .copied()
             .collect::<Vec<_>>()
         {
-            if let Some((tx, _)) = self.mempool_body(txid).await? {
+            if let Some(tx) = self.mempool_body(txid, true).await? {
                 fresh.push(tx);
             }
         }
@@ -168,7 +179,7 @@ impl<S: ChainSource> Follower<S> {
         self.classify_pending(&fresh, Duration::ZERO).await?;
         // These came from a getrawmempool validated against the tip: the node vouched for them.
         for tx in &fresh {
-            self.match_mempool_tx(tx, true).await?;
+            self.match_mempool_tx(tx)?;
         }
         Ok(())
     }

@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use bitcoin::Txid;
 use serde_json::{json, Map};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::StartHeight;
 use crate::event::{self, now_ms, NewEvent, TipRef};
 use crate::metrics::Metrics;
+use crate::node::zmq_sub::ZmqReceiver;
 use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
 use crate::node::{ChainSource, NodeError};
 use crate::store::{Store, StoreError};
@@ -172,11 +173,7 @@ impl<S: ChainSource> Follower<S> {
 
     /// Runs until `shutdown`. Nothing here is fatal: a node that is down, a malformed answer or
     /// a busy database are all retried with backoff, and said loudly while they last.
-    pub async fn run(
-        mut self,
-        mut zmq: Option<mpsc::Receiver<ZmqMessage>>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn run(mut self, mut zmq: Option<ZmqReceiver>, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(250);
         let mut poll = tokio::time::interval(self.opts.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -268,7 +265,13 @@ impl<S: ChainSource> Follower<S> {
             self.check_counter(&m);
             match m.body {
                 ZmqBody::RawTx(tx) => self.cache.add_tx(tx),
-                ZmqBody::RawBlock(b) => self.cache.add_block(b),
+                ZmqBody::RawBlock(b) => {
+                    let hash = b.block_hash();
+                    if let Err(e) = self.cache.add_block(b) {
+                        tracing::warn!(%hash, counter = m.counter, error = %e, "refused a ZMQ rawblock body that does not prove itself (forged or corrupt); the block is fetched over RPC");
+                        self.metrics.zmq_refused(&m.topic);
+                    }
+                }
                 ZmqBody::Sequence(ev) => events.push(ev),
                 ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}
             }
@@ -441,12 +444,7 @@ impl<S: ChainSource> Follower<S> {
 
 /// A loader of watch records over its own connection to the store.
 fn watch_loader(store: &Store) -> Result<crate::watch::WatchLoader, FollowError> {
-    let dir = store
-        .path()
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .to_path_buf();
-    let conn = std::sync::Mutex::new(Store::open(&dir)?);
+    let conn = std::sync::Mutex::new(store.reopen()?);
     Ok(Arc::new(move |id: &str| {
         conn.lock().ok()?.load_watch(id).ok().flatten()
     }))
@@ -468,20 +466,20 @@ fn rfc3339_ms(ms: i64) -> String {
 
 /// Takes `first` and everything already queued behind it: bodies from rawtx/rawblock (other
 /// sockets) can then serve the sequence events without asking RPC for them.
-fn drain(first: ZmqMessage, rx: Option<&mut mpsc::Receiver<ZmqMessage>>) -> Vec<ZmqMessage> {
+fn drain(first: ZmqMessage, rx: Option<&mut ZmqReceiver>) -> Vec<ZmqMessage> {
     let mut batch = vec![first];
     if let Some(rx) = rx {
         while batch.len() < 10_000 {
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+                Some(m) => batch.push(m),
+                None => break,
             }
         }
     }
     batch
 }
 
-async fn recv(rx: &mut Option<mpsc::Receiver<ZmqMessage>>) -> Option<ZmqMessage> {
+async fn recv(rx: &mut Option<ZmqReceiver>) -> Option<ZmqMessage> {
     match rx {
         Some(r) => r.recv().await,
         None => std::future::pending().await,

@@ -18,9 +18,16 @@ impl BodyCache {
     const MAX_TXS: usize = 20_000;
     const MAX_BLOCKS: usize = 8;
 
+    /// Keeps a relayed transaction body under the txid it hashes to; used only for txids the
+    /// node lists itself. The first body kept for a txid stays.
     pub fn add_tx(&mut self, tx: Transaction) {
         let txid = tx.compute_txid();
-        if self.txs.insert(txid, tx).is_none() {
+        if let Err(e) = crate::proof::check_amounts(&tx, txid) {
+            tracing::warn!(%txid, error = %e, "refused a ZMQ rawtx body");
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(v) = self.txs.entry(txid) {
+            v.insert(tx);
             self.tx_order.push_back(txid);
             if self.tx_order.len() > Self::MAX_TXS {
                 let old = self.tx_order.pop_front().expect("non-empty");
@@ -29,15 +36,21 @@ impl BodyCache {
         }
     }
 
-    pub fn add_block(&mut self, block: Block) {
+    /// Keeps a relayed block body only if its transactions are the ones its header commits to;
+    /// the first body kept for a hash stays, so a later copy cannot replace it. The follower
+    /// uses a body only under the hash the node names.
+    pub fn add_block(&mut self, block: Block) -> Result<(), crate::proof::ProofError> {
+        crate::proof::check_relayed_block(&block)?;
         let hash = block.block_hash();
-        if self.blocks.insert(hash, block).is_none() {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.blocks.entry(hash) {
+            v.insert(block);
             self.block_order.push_back(hash);
             if self.block_order.len() > Self::MAX_BLOCKS {
                 let old = self.block_order.pop_front().expect("non-empty");
                 self.blocks.remove(&old);
             }
         }
+        Ok(())
     }
 }
 

@@ -13,8 +13,14 @@ use serde_json::{json, Value};
 use super::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
 use crate::config::RpcAuth;
 
+/// The largest JSON-RPC answer read: a 4 MB block is 8 MB of hex, and a mainnet
+/// `getrawmempool` of 300,000 txids about 21 MB. Anything larger is refused, not buffered.
+pub const MAX_RPC_RESPONSE: usize = 64 * 1024 * 1024;
+
 pub struct RpcClient {
     url: String,
+    /// The URL as errors and logs show it (no credentials).
+    shown_url: String,
     auth: RpcAuth,
     http: reqwest::Client,
     /// user:password from the cookie, read lazily and dropped when it stops working.
@@ -24,12 +30,17 @@ pub struct RpcClient {
 
 impl RpcClient {
     pub fn new(url: &str, auth: RpcAuth) -> RpcClient {
+        crate::net::install_crypto_provider();
+        // No proxy: HTTP_PROXY in the environment must never see the RPC password.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .build()
             .expect("HTTP client builds");
         RpcClient {
+            shown_url: crate::net::redact_url(url),
             url: url.to_string(),
             auth,
             http,
@@ -82,21 +93,41 @@ impl RpcClient {
             .await
             .map_err(|e| {
                 self.forget_cookie();
-                NodeError::Unreachable {
-                    url: self.url.clone(),
-                    reason: root_cause(&e),
-                }
+                self.unreachable(e)
             })?;
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED {
             self.forget_cookie();
-            return Err(NodeError::Auth(format!("HTTP 401 from {}", self.url)));
+            return Err(NodeError::Auth(format!("HTTP 401 from {}", self.shown_url)));
         }
-        let body = resp.bytes().await.map_err(|e| NodeError::Unreachable {
-            url: self.url.clone(),
-            reason: root_cause(&e),
-        })?;
+        let body = self.read_bounded(method, resp).await?;
         parse_response(method, status.as_u16(), &body)
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> NodeError {
+        NodeError::Unreachable {
+            url: self.shown_url.clone(),
+            reason: root_cause(&e.without_url()),
+        }
+    }
+
+    /// Reads an answer of at most `MAX_RPC_RESPONSE` bytes.
+    async fn read_bounded(&self, method: &str, mut resp: reqwest::Response) -> NodeResult<Vec<u8>> {
+        let too_big = || NodeError::BadResponse {
+            method: method.to_string(),
+            reason: format!("answer larger than {MAX_RPC_RESPONSE} bytes; not read"),
+        };
+        if resp.content_length().unwrap_or(0) > MAX_RPC_RESPONSE as u64 {
+            return Err(too_big());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
+            if body.len() + chunk.len() > MAX_RPC_RESPONSE {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 }
 
@@ -289,10 +320,15 @@ impl ChainSource for RpcClient {
     }
 
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
-        decode(
+        let block: Block = decode(
             "getblock",
             &self.call("getblock", json!([hash.to_string(), 0])).await?,
-        )
+        )?;
+        crate::proof::check_block(&block, hash).map_err(|e| NodeError::BadResponse {
+            method: "getblock".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(block)
     }
 
     async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {
@@ -300,12 +336,17 @@ impl ChainSource for RpcClient {
     }
 
     async fn mempool_transaction(&self, txid: Txid) -> NodeResult<Transaction> {
-        decode(
+        let tx: Transaction = decode(
             "getrawtransaction",
             &self
                 .call("getrawtransaction", json!([txid.to_string()]))
                 .await?,
-        )
+        )?;
+        crate::proof::check_transaction(&tx, txid).map_err(|e| NodeError::BadResponse {
+            method: "getrawtransaction".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(tx)
     }
 
     async fn mempool_spender(&self, outpoints: &[OutPoint]) -> NodeResult<Option<Txid>> {

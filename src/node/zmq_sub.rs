@@ -1,6 +1,9 @@
 //! The ZMQ subscriber: one thread owns the sockets and forwards decoded messages to tokio.
+//! Anyone who can reach the port can publish, so everything is bounded: message size, the
+//! queue in each socket, and the bytes waiting for the follower. What is dropped shows as a
+//! counter gap, which makes the follower resync over RPC.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -15,17 +18,46 @@ pub struct Subscription {
     pub address: String,
 }
 
+/// The largest message read: a block is at most 4,000,000 bytes serialised. A publisher that
+/// sends more is disconnected by libzmq.
+pub const MAX_MESSAGE_BYTES: i64 = 4 * 1024 * 1024;
+/// Messages a socket queues before libzmq drops new ones: few for sockets carrying blocks.
+const HWM_BLOCKS: i32 = 16;
+const HWM_OTHER: i32 = 10_000;
+/// Bytes of decoded bodies waiting for the follower before new ones are dropped.
+pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+const MAX_QUEUED_MESSAGES: usize = 10_000;
+
 pub struct Subscriber {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// The follower's end: messages in arrival order, their bytes released as they are taken.
+pub struct ZmqReceiver {
+    rx: mpsc::Receiver<(ZmqMessage, usize)>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ZmqReceiver {
+    pub async fn recv(&mut self) -> Option<ZmqMessage> {
+        let (m, n) = self.rx.recv().await?;
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        Some(m)
+    }
+
+    pub fn try_recv(&mut self) -> Option<ZmqMessage> {
+        let (m, n) = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(n, Ordering::SeqCst);
+        Some(m)
+    }
+}
+
 impl Subscriber {
     /// Connects and starts forwarding. Malformed messages are logged and skipped.
-    pub fn start(
-        subs: Vec<Subscription>,
-        tx: mpsc::Sender<ZmqMessage>,
-    ) -> Result<Subscriber, zmq::Error> {
+    pub fn start(subs: Vec<Subscription>) -> Result<(Subscriber, ZmqReceiver), zmq::Error> {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_MESSAGES);
+        let queued = Arc::new(AtomicUsize::new(0));
         let ctx = zmq::Context::new();
         let mut sockets = Vec::new();
         // One socket per distinct address, so topics that share a publisher share a socket.
@@ -34,7 +66,15 @@ impl Subscriber {
         addresses.dedup();
         for addr in addresses {
             let s = ctx.socket(zmq::SUB)?;
-            s.set_rcvhwm(0)?;
+            let carries_blocks = subs
+                .iter()
+                .any(|s| s.address == addr && s.topic == "rawblock");
+            s.set_rcvhwm(if carries_blocks {
+                HWM_BLOCKS
+            } else {
+                HWM_OTHER
+            })?;
+            s.set_maxmsgsize(MAX_MESSAGE_BYTES)?;
             s.set_reconnect_ivl(500)?;
             s.set_reconnect_ivl_max(5000)?;
             s.set_tcp_keepalive(1)?;
@@ -46,14 +86,20 @@ impl Subscriber {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let bridge = Bridge {
+            tx,
+            queued: queued.clone(),
+            dropped: 0,
+        };
         let thread = std::thread::Builder::new()
             .name("zmq-subscriber".into())
-            .spawn(move || receive_loop(ctx, sockets, tx, flag))
+            .spawn(move || receive_loop(ctx, sockets, bridge, flag))
             .expect("spawn zmq thread");
-        Ok(Subscriber {
+        let subscriber = Subscriber {
             stop,
             thread: Some(thread),
-        })
+        };
+        Ok((subscriber, ZmqReceiver { rx, queued }))
     }
 
     pub fn stop(mut self) {
@@ -70,10 +116,37 @@ impl Drop for Subscriber {
     }
 }
 
+/// The thread's end of the channel, with the byte budget.
+struct Bridge {
+    tx: mpsc::Sender<(ZmqMessage, usize)>,
+    queued: Arc<AtomicUsize>,
+    /// Messages dropped in the current overflow, told once when it starts and once at its end.
+    dropped: u64,
+}
+
+impl Bridge {
+    /// Forwards a message unless the follower is that far behind; false once it has gone.
+    fn forward(&mut self, msg: ZmqMessage, bytes: usize) -> bool {
+        if self.queued.load(Ordering::SeqCst) + bytes > MAX_QUEUED_BYTES {
+            if self.dropped == 0 {
+                tracing::warn!(topic = %msg.topic, counter = msg.counter, bytes, "ZMQ queue full; dropping messages until the follower catches up (it resyncs over RPC)");
+            }
+            self.dropped += 1;
+            return true;
+        }
+        if self.dropped > 0 {
+            tracing::info!(dropped = self.dropped, "ZMQ queue has room again");
+            self.dropped = 0;
+        }
+        self.queued.fetch_add(bytes, Ordering::SeqCst);
+        self.tx.blocking_send((msg, bytes)).is_ok()
+    }
+}
+
 fn receive_loop(
     _ctx: zmq::Context,
     sockets: Vec<zmq::Socket>,
-    tx: mpsc::Sender<ZmqMessage>,
+    mut bridge: Bridge,
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::SeqCst) {
@@ -91,9 +164,10 @@ fn receive_loop(
                 continue;
             }
             while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
+                let bytes = frames.iter().map(Vec::len).sum();
                 match zmq_wire::decode(&frames) {
                     Ok(msg) => {
-                        if tx.blocking_send(msg).is_err() {
+                        if !bridge.forward(msg, bytes) {
                             return;
                         }
                     }

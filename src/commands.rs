@@ -88,7 +88,7 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
         );
     }
     if cfg.data_dir.join(crate::store::DB_FILE).exists() {
-        let store = Store::open(&cfg.data_dir)?;
+        let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
         match store.tip()? {
             Some(tip) => println!(
                 "store: tip {} at height {}, {} blocks behind the node",
@@ -221,7 +221,7 @@ pub fn watch_remove(cfg: &Config, id: &str) -> anyhow::Result<()> {
 }
 
 pub fn events_list(cfg: &Config, after: i64, glob: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let store = Store::open(&cfg.data_dir)?;
+    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
     let mut after = after;
     loop {
         let page = store.events_after(after, 1000)?;
@@ -247,11 +247,11 @@ pub fn deliveries_list(
     endpoint: Option<&str>,
 ) -> anyhow::Result<()> {
     if let Some(s) = status {
-        if !["pending", "failed", "dead", "delivered"].contains(&s) {
-            bail!("--status {s:?}: expected pending, failed, dead or delivered");
+        if !["pending", "failed", "dead", "delivered", "held"].contains(&s) {
+            bail!("--status {s:?}: expected pending, failed, dead, delivered or held");
         }
     }
-    let store = Store::open(&cfg.data_dir)?;
+    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
     for d in store.list_deliveries(status, endpoint, i64::MAX)? {
         println!(
             "{:>6}  {:<17} {}  {:<10} {:<9} attempts={} last={}",
@@ -272,7 +272,7 @@ pub fn redeliver(
     event_id: Option<&str>,
     endpoint: Option<&str>,
 ) -> anyhow::Result<()> {
-    let store = Store::open(&cfg.data_dir)?;
+    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
     if let Some(id) = event_id {
         if store.event_by_id(id)?.is_none() {
             bail!("no event with id {id}");
@@ -309,16 +309,39 @@ pub fn endpoints_enable(cfg: &Config, name: &str) -> anyhow::Result<()> {
 }
 
 pub fn audit_verify(cfg: &Config) -> anyhow::Result<()> {
-    let store = Store::open(&cfg.data_dir)?;
-    match store.audit()? {
-        (n, None) => {
-            println!("event log intact: {n} rows verified");
-            Ok(())
-        }
-        (n, Some((seq, why))) => {
-            bail!("event log broken at sequence {seq} (after {n} good rows): {why}")
-        }
+    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+    let report = store.audit()?;
+    if let Some((seq, why)) = report.problem {
+        bail!(
+            "event log broken at sequence {seq} (after {} good rows): {why}",
+            report.verified
+        );
     }
+    match report.head {
+        Some((seq, chain)) => println!(
+            "event log intact: {} rows verified; head {seq} {chain}",
+            report.verified
+        ),
+        None => println!("event log intact: no events yet"),
+    }
+    Ok(())
+}
+
+/// Prints the newest sequence and its chain value, to be recorded somewhere the store's
+/// owner cannot rewrite (a later `audit verify` head must extend it).
+pub fn audit_head(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+    let report = store.audit()?;
+    if let Some((seq, why)) = report.problem {
+        bail!("event log broken at sequence {seq}: {why}; no head to anchor");
+    }
+    let (seq, chain) = report.head.unwrap_or((0, String::new()));
+    if json {
+        println!("{}", serde_json::json!({ "sequence": seq, "chain": chain }));
+    } else {
+        println!("{seq} {chain}");
+    }
+    Ok(())
 }
 
 fn parse_secrets(texts: &[String]) -> anyhow::Result<Vec<Secret>> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
@@ -21,7 +21,7 @@ use crate::tracker::Tracker;
 
 /// Opens the store and makes its endpoints and config watches match the config.
 pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
-    let mut store = Store::open(&cfg.data_dir)
+    let mut store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)
         .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
     store.check_network(network_name(cfg.network))?;
     store.set_keep_blocks(cfg.finality_depth + 10);
@@ -102,7 +102,7 @@ async fn start_api(
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let app = api::router(
         &cfg.api,
-        Store::open(&cfg.data_dir)?,
+        Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?,
         metrics,
         cfg.network,
         cfg.default_confirmations,
@@ -120,8 +120,9 @@ async fn start_api(
         tracing::warn!("no API token configured (api.token_env): only /health answers");
     }
     tracing::info!(listen = %cfg.api.listen, "admin API listening");
+    let allow = cfg.api.allow_ips.clone();
     Ok(Some(tokio::spawn(async move {
-        if let Err(e) = api::serve(listener, app, shutdown).await {
+        if let Err(e) = api::serve(listener, app, &allow, shutdown).await {
             tracing::error!(error = %e, "admin API stopped");
         }
     })))
@@ -129,6 +130,10 @@ async fn start_api(
 
 /// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Each worker builds the same client again; a bad certificate or proxy stops us here, once.
+    for ep in &cfg.endpoints {
+        dispatch::Sender::new(ep)?;
+    }
     let store = open_store(&cfg)?;
     let rpc = Arc::new(RpcClient::new(
         &cfg.bitcoind.rpc_url,
@@ -152,15 +157,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     let subs = subscriptions(&cfg, &announced);
     let has_sequence = subs.iter().any(|s| s.topic == "sequence");
-    let (zmq_tx, zmq_rx) = mpsc::channel(10_000);
-    let subscriber = if has_sequence {
+    let (subscriber, zmq_rx) = if has_sequence {
         for s in &subs {
             tracing::info!(topic = %s.topic, address = %s.address, "subscribing to ZMQ");
         }
-        Some(Subscriber::start(subs, zmq_tx).context("starting ZMQ subscriber")?)
+        let (s, rx) = Subscriber::start(subs).context("starting ZMQ subscriber")?;
+        (Some(s), Some(rx))
     } else {
         tracing::warn!(poll_interval = ?cfg.bitcoind.poll_interval, "bitcoind publishes no ZMQ sequence topic: following by RPC polling only (add zmqpubsequence to bitcoin.conf)");
-        None
+        (None, None)
     };
 
     let tracker = Tracker::new(
@@ -175,7 +180,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let wake = Arc::new(Notify::new());
     let mut workers = Vec::new();
     for ep in cfg.endpoints.clone() {
-        let ep_store = Store::open(&cfg.data_dir)?;
+        let ep_store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
         let (w, s, m) = (wake.clone(), shutdown.clone(), metrics.clone());
         workers.push(tokio::spawn(dispatch::run_endpoint(
             ep,
@@ -197,9 +202,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let follower = Follower::new(rpc, store, tracker, opts, wake)
         .with_metrics(metrics)
         .with_network(cfg.network);
-    follower
-        .run(subscriber.is_some().then_some(zmq_rx), shutdown.clone())
-        .await;
+    follower.run(zmq_rx, shutdown.clone()).await;
     shutdown.cancel();
     for w in workers {
         match w.await {

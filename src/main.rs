@@ -132,7 +132,13 @@ enum EndpointsCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
+    /// Check the event log's keyed hash chain and its head.
     Verify,
+    /// Print the newest sequence and chain value, to anchor elsewhere.
+    Head {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -197,6 +203,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             tolerance,
         } => commands::verify(&secret, &id, &timestamp, &signature, tolerance),
         Command::Audit(AuditCmd::Verify) => commands::audit_verify(&cfg()?),
+        Command::Audit(AuditCmd::Head { json }) => commands::audit_head(&cfg()?, json),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The SQLite store: tracked state, the event log, the delivery outbox and the followed chain.
 //! Every chain step is committed in one transaction (`apply`).
 
+mod audit;
 mod migrations;
 mod outbox;
 mod records;
@@ -12,6 +13,7 @@ use bitcoin::hashes::{sha256, Hash};
 use bitcoin::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+pub use audit::{AuditKey, AuditReport, ChainedRow, AUDIT_KEY_FILE};
 pub use outbox::{
     AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,
 };
@@ -32,6 +34,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("chain step does not fit the stored tip: {0}")]
     TipMismatch(String),
+    #[error("config key audit.key_file = {path:?}: {reason}")]
+    AuditKey { path: String, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -71,6 +75,7 @@ pub struct Store {
     filters: Vec<(String, Vec<String>)>,
     /// How many blocks below the tip to keep, to find fork points.
     keep_blocks: u32,
+    audit_key: AuditKey,
 }
 
 pub const DB_FILE: &str = "chainwatch.sqlite";
@@ -88,19 +93,59 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha256::Hash::hash(data).as_byte_array())
 }
 
-/// The hash of one event-log row, chaining it to the row before.
-pub fn row_hash(seq: i64, id: &str, kind: &str, payload_hash: &str, prev_hash: &str) -> String {
-    sha256_hex(format!("{seq}|{id}|{kind}|{payload_hash}|{prev_hash}").as_bytes())
+/// Creates a directory (and its parents) readable by its owner only; an existing one is left
+/// as it is.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StoreError::DataDir {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// The database file is created 0600, and tightened to that if it was readable by others.
+fn make_private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |e: std::io::Error| StoreError::DataDir {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map(|_| ())
+            .map_err(fail),
+        Err(e) => Err(fail(e)),
+    }
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `data_dir`.
+    /// Opens (creating if needed) the store in `data_dir`, with the audit key beside it.
     pub fn open(data_dir: &Path) -> Result<Store> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::DataDir {
-            path: data_dir.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        Store::open_keyed(data_dir, &data_dir.join(AUDIT_KEY_FILE))
+    }
+
+    /// Opens the store in `data_dir` with the event log's audit key at `key_file` (created on
+    /// first use, refused if it is not the key the log was chained with).
+    pub fn open_keyed(data_dir: &Path, key_file: &Path) -> Result<Store> {
+        create_private_dir(data_dir)?;
         let path = db_path(data_dir);
+        make_private_file(&path)?;
         let mut conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -108,14 +153,36 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrations::migrate(&mut conn)?;
+        let keyed: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'audit_key_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if keyed.is_some() && !key_file.exists() {
+            return Err(StoreError::AuditKey {
+                path: key_file.display().to_string(),
+                reason: "the file is missing, but the event log was chained with a key: restore it from your backup".into(),
+            });
+        }
+        let audit_key = AuditKey::load_or_create(key_file)?;
         let mut store = Store {
             conn,
             path,
             filters: vec![],
             keep_blocks: 110,
+            audit_key,
         };
+        audit::bind_key(&mut store)?;
         store.load_filters()?;
         Ok(store)
+    }
+
+    /// Another connection to the same store, with the same audit key.
+    pub fn reopen(&self) -> Result<Store> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        Store::open_keyed(dir, self.audit_key.path())
     }
 
     /// For connections whose commits may be lost on power failure without harm (delivery
@@ -275,7 +342,7 @@ impl Store {
                 params![name, reason],
             )?;
         }
-        let committed = append_events(&tx, &self.filters, &step.events, now_ms)?;
+        let committed = append_events(&tx, &self.filters, &self.audit_key, &step.events, now_ms)?;
         tx.commit()?;
         Ok(committed)
     }
@@ -334,6 +401,7 @@ fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
 fn append_events(
     tx: &Transaction,
     filters: &[(String, Vec<String>)],
+    key: &AuditKey,
     events: &[NewEvent],
     now_ms: i64,
 ) -> Result<Vec<CommittedEvent>> {
@@ -362,19 +430,28 @@ fn append_events(
     for e in events {
         let next = seq + 1;
         let body = webhook_body(e, next, &timestamp);
-        let payload_hash = sha256_hex(body.as_bytes());
-        let hash = row_hash(next, &e.id, e.kind, &payload_hash, &prev_hash);
+        let mut row = ChainedRow {
+            seq: next,
+            id: e.id.clone(),
+            kind: e.kind.to_string(),
+            payload_hash: sha256_hex(body.as_bytes()),
+            body,
+            prev: prev_hash,
+            chain: String::new(),
+        };
+        row.chain = key.chain(&row);
         if insert_event.execute(params![
             next,
             e.id,
             e.kind,
-            body,
+            row.body,
             now_ms,
-            prev_hash,
-            payload_hash,
-            hash
+            row.prev,
+            row.payload_hash,
+            row.chain
         ])? == 0
         {
+            prev_hash = row.prev;
             // Deterministic ids make a replayed step harmless: the event is already logged.
             tracing::warn!(id = %e.id, kind = e.kind, "event already recorded; not repeated");
             continue;
@@ -390,14 +467,14 @@ fn append_events(
             id: e.id.clone(),
             kind: e.kind.to_string(),
         });
-        prev_hash = hash;
+        prev_hash = row.chain;
     }
     // The head makes removing the newest rows detectable too: the chain alone ends wherever it is cut.
     if let Some(last) = out.last() {
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('event_head', ?1)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [format!("{}|{}", last.seq, prev_hash)],
+            [key.head(last.seq, &prev_hash)],
         )?;
     }
     Ok(out)

@@ -2,8 +2,9 @@
 
 use rusqlite::{params, OptionalExtension};
 
-use super::{Result, Store};
+use super::{ChainedRow, Result, Store};
 use crate::config::EndpointConfig;
+use crate::net::redact_url;
 
 /// A delivery ready to send, with the body it carries.
 #[derive(Debug, Clone)]
@@ -102,10 +103,25 @@ impl Store {
                  ON CONFLICT(name) DO UPDATE SET url = excluded.url, events = excluded.events",
                 params![
                     e.name,
-                    e.url,
+                    redact_url(&e.url),
                     serde_json::to_string(&e.events).expect("globs serialise")
                 ],
             )?;
+        }
+        // Stores written before URLs were redacted may still hold credentials: rewrite them.
+        let stored: Vec<(String, String)> = {
+            let mut stmt = tx.prepare("SELECT name, url FROM endpoints")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for (name, url) in stored {
+            let shown = redact_url(&url);
+            if shown != url {
+                tx.execute(
+                    "UPDATE endpoints SET url = ?2 WHERE name = ?1",
+                    params![name, shown],
+                )?;
+            }
         }
         let names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
         let names_json = serde_json::to_string(&names).expect("names serialise");
@@ -187,7 +203,7 @@ impl Store {
     ) -> Result<Vec<DueDelivery>> {
         // Each status is read along its own index; `status IN (...)` with an ORDER BY would sort
         // the endpoint's whole queue on every call.
-        const COLS: &str = "d.id, d.event_seq, e.id AS eid, e.body, d.attempts, d.next_attempt_at, e.type, e.created_at";
+        const COLS: &str = "d.id, d.event_seq, e.id AS eid, e.body, d.attempts, d.next_attempt_at, e.type, e.created_at, e.payload_hash, e.prev_hash, e.row_hash";
         let sql = if ordered {
             format!(
                 "SELECT * FROM (
@@ -210,7 +226,7 @@ impl Store {
         };
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![endpoint, now_ms, limit], |r| {
-            Ok(DueDelivery {
+            let d = DueDelivery {
                 delivery_id: r.get(0)?,
                 event_seq: r.get(1)?,
                 event_id: r.get(2)?,
@@ -218,12 +234,47 @@ impl Store {
                 attempts: r.get(4)?,
                 kind: r.get(6)?,
                 created_at: r.get(7)?,
-            })
+            };
+            let row = ChainedRow {
+                seq: d.event_seq,
+                id: d.event_id.clone(),
+                kind: d.kind.clone(),
+                body: d.body.clone(),
+                payload_hash: r.get(8)?,
+                prev: r.get(9)?,
+                chain: r.get(10)?,
+            };
+            Ok((d, row))
         })?;
-        let mut due: Vec<DueDelivery> = rows.collect::<rusqlite::Result<_>>()?;
+        let mut due = Vec::new();
+        for row in rows {
+            let (d, chained) = row?;
+            // Signing an edited body would vouch for it: hold it instead, loudly.
+            match chained.check(&self.audit_key) {
+                Ok(()) => due.push(d),
+                Err(why) => self.hold_delivery(endpoint, &d, why)?,
+            }
+        }
         due.sort_by_key(|d| d.event_seq);
         due.truncate(limit as usize);
         Ok(due)
+    }
+
+    /// Takes a delivery whose event row fails its audit check out of the queue (status
+    /// `held`): it is never sent, and `deliveries list --status held` shows why.
+    fn hold_delivery(&self, endpoint: &str, d: &DueDelivery, why: &str) -> Result<()> {
+        tracing::error!(
+            endpoint,
+            event = %d.event_id,
+            seq = d.event_seq,
+            problem = why,
+            "event body fails its audit check; delivery held, not sent (run `chainwatch audit verify`)"
+        );
+        self.conn.execute(
+            "UPDATE deliveries SET status = 'held', last_error = ?2 WHERE id = ?1",
+            params![d.delivery_id, format!("held: event {why}")],
+        )?;
+        Ok(())
     }
 
     /// When the next delivery of `endpoint` falls due (ms), if any is waiting.

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-const TOKEN: &str = "t0ken-for-tests";
+const TOKEN: &str = "t0ken-for-tests-7f3a9c21d4e8b6f0a5c2e9d1";
 
 struct Api {
     base: String,

@@ -142,7 +142,11 @@ fn verify_names_what_is_wrong() {
         &secret.sign("evt_1", now - 3600, body.as_bytes()),
     );
     assert!(!ok && text.contains("away from now"), "stale: {text}");
-    let (ok, text) = run("whsec_dGhlIG90aGVyIHNlY3JldA==", now, &sig);
+    let (ok, text) = run(
+        "whsec_dGhlIG90aGVyIHNlY3JldCwgMzIgYnl0ZXMgbG9uZyE=",
+        now,
+        &sig,
+    );
     assert!(
         !ok && text.contains("no v1 signature matches"),
         "wrong secret: {text}"

@@ -1,0 +1,349 @@
+//! The event log's keyed chain. Each row stores `chain = HMAC(key, seq|id|type|payload_hash|prev)`
+//! over the row before's chain value; the head (newest sequence and chain value) carries a MAC of
+//! its own. The key lives in a file outside the database, so whoever can edit the database
+//! cannot recompute the chain, and a body is checked against its row before it is signed.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, KeyInit, Mac};
+use rusqlite::{params, OptionalExtension, Transaction};
+use sha2::Sha256;
+
+use super::{sha256_hex, Result, Store, StoreError};
+
+pub use crate::config::AUDIT_KEY_FILE;
+const KEY_BYTES: usize = 32;
+
+/// The HMAC key of the event log's chain.
+#[derive(Clone)]
+pub struct AuditKey {
+    key: [u8; KEY_BYTES],
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuditKey({})", self.path.display())
+    }
+}
+
+fn key_error(path: &Path, reason: impl Into<String>) -> StoreError {
+    StoreError::AuditKey {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl AuditKey {
+    /// Reads the key file, or creates it (mode 0600, 32 random bytes as hex) when absent.
+    pub fn load_or_create(path: &Path) -> Result<AuditKey> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => AuditKey::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AuditKey::create(path),
+            Err(e) => Err(key_error(path, format!("cannot read it: {e}"))),
+        }
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<AuditKey> {
+        let bytes = hex::decode(text.trim())
+            .ok()
+            .filter(|b| b.len() == KEY_BYTES)
+            .ok_or_else(|| key_error(path, "expected 64 hexadecimal characters (32 bytes)"))?;
+        let mode = std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the audit key is readable by others; chmod 600 it");
+        }
+        let mut key = [0u8; KEY_BYTES];
+        key.copy_from_slice(&bytes);
+        Ok(AuditKey {
+            key,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn create(path: &Path) -> Result<AuditKey> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            super::create_private_dir(dir)?;
+        }
+        let key: [u8; KEY_BYTES] = rand::random();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match file {
+            Ok(mut f) => {
+                f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| key_error(path, format!("cannot write it: {e}")))?;
+                tracing::debug!(path = %path.display(), "created the audit key of the event log");
+                Ok(AuditKey {
+                    key,
+                    path: path.to_path_buf(),
+                })
+            }
+            // Another process created it a moment ago: use theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| key_error(path, format!("cannot read it: {e}")))?;
+                AuditKey::parse(path, &text)
+            }
+            Err(e) => Err(key_error(path, format!("cannot create it: {e}"))),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> String {
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).expect("HMAC takes any key");
+        for p in parts {
+            mac.update(p);
+        }
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// A short public name of the key, stored so a wrong key file is named at start.
+    pub fn id(&self) -> String {
+        self.mac(&[b"chainwatch audit key id"])[..16].to_string()
+    }
+
+    /// The chain value of one row.
+    pub fn chain(&self, row: &ChainedRow) -> String {
+        let text = format!(
+            "{}|{}|{}|{}|{}",
+            row.seq, row.id, row.kind, row.payload_hash, row.prev
+        );
+        self.mac(&[b"row|", text.as_bytes()])
+    }
+
+    /// The stored head: newest sequence, its chain value, and a MAC over both.
+    pub fn head(&self, seq: i64, chain: &str) -> String {
+        let mac = self.mac(&[format!("head|{seq}|{chain}").as_bytes()]);
+        format!("{seq}|{chain}|{mac}")
+    }
+}
+
+/// The fields of an event row that the chain covers.
+#[derive(Debug, Clone)]
+pub struct ChainedRow {
+    pub seq: i64,
+    pub id: String,
+    pub kind: String,
+    pub body: String,
+    pub payload_hash: String,
+    pub prev: String,
+    pub chain: String,
+}
+
+impl ChainedRow {
+    /// Whether the body is the one recorded: its hash matches, and the row's chain value is the
+    /// keyed one. Checked before every send, so an edited body is never signed.
+    pub fn check(&self, key: &AuditKey) -> std::result::Result<(), &'static str> {
+        if sha256_hex(self.body.as_bytes()) != self.payload_hash {
+            return Err("its body does not match its payload hash: the row was edited");
+        }
+        if key.chain(self) != self.chain {
+            return Err("its chain value does not match its contents under the audit key: the row was edited or re-chained");
+        }
+        Ok(())
+    }
+}
+
+/// The result of walking the chain: rows verified, and the first problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditReport {
+    pub verified: i64,
+    pub problem: Option<(i64, String)>,
+    /// The newest (sequence, chain value), to anchor elsewhere.
+    pub head: Option<(i64, String)>,
+}
+
+const ROW_COLUMNS: &str = "seq, id, type, body, payload_hash, prev_hash, row_hash";
+
+fn chained_row(r: &rusqlite::Row) -> rusqlite::Result<ChainedRow> {
+    Ok(ChainedRow {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        kind: r.get(2)?,
+        body: r.get(3)?,
+        payload_hash: r.get(4)?,
+        prev: r.get(5)?,
+        chain: r.get(6)?,
+    })
+}
+
+/// The first-round chain (unkeyed SHA-256), checked once when a store is upgraded.
+fn legacy_row_hash(r: &ChainedRow) -> String {
+    let text = format!(
+        "{}|{}|{}|{}|{}",
+        r.seq, r.id, r.kind, r.payload_hash, r.prev
+    );
+    sha256_hex(text.as_bytes())
+}
+
+/// Binds the store to its audit key: checks the key is the one the log was chained with, and
+/// re-chains a store from before keyed chains (once, after checking the old chain).
+pub(super) fn bind_key(store: &mut Store) -> Result<()> {
+    let key = store.audit_key.clone();
+    let tx = store
+        .conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let stored_id: Option<String> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'audit_key_id'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match stored_id {
+        Some(id) if id == key.id() => return Ok(()),
+        Some(id) => {
+            return Err(key_error(
+                key.path(),
+                format!("this is not the key the event log was chained with (key id {id}); restore that key file"),
+            ))
+        }
+        None => {}
+    }
+    upgrade_legacy_chain(&tx, &key)?;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('audit_key_id', ?1)",
+        [key.id()],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Re-chains every row under the key. A break in the old chain is kept in `meta` so that
+/// `audit verify` keeps reporting it: re-chaining must not launder an earlier edit.
+fn upgrade_legacy_chain(tx: &Transaction, key: &AuditKey) -> Result<()> {
+    let rows: Vec<ChainedRow> = {
+        let mut stmt = tx.prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))?;
+        let rows = stmt.query_map([], chained_row)?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut legacy_break = None;
+    let mut prev_legacy = String::new();
+    for (i, r) in rows.iter().enumerate() {
+        let ok = r.seq == i as i64 + 1
+            && r.prev == prev_legacy
+            && sha256_hex(r.body.as_bytes()) == r.payload_hash
+            && legacy_row_hash(r) == r.chain;
+        if !ok && legacy_break.is_none() {
+            legacy_break = Some(r.seq);
+        }
+        prev_legacy = r.chain.clone();
+    }
+    let mut update =
+        tx.prepare("UPDATE events SET prev_hash = ?2, row_hash = ?3 WHERE seq = ?1")?;
+    let mut prev = String::new();
+    for r in &rows {
+        let row = ChainedRow {
+            prev: prev.clone(),
+            ..r.clone()
+        };
+        let chain = key.chain(&row);
+        update.execute(params![r.seq, prev, chain])?;
+        prev = chain;
+    }
+    let last = rows.last().expect("non-empty").seq;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('event_head', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [key.head(last, &prev)],
+    )?;
+    if let Some(seq) = legacy_break {
+        tracing::error!(seq, "the event log's old (unkeyed) chain was broken before it was keyed; `audit verify` reports it");
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('audit_legacy_break', ?1)",
+            [seq.to_string()],
+        )?;
+    }
+    tracing::info!(
+        events = rows.len(),
+        "event log re-chained under the audit key"
+    );
+    Ok(())
+}
+
+impl Store {
+    /// Walks the keyed chain and checks the head.
+    pub fn audit(&self) -> Result<AuditReport> {
+        let key = &self.audit_key;
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))?;
+        let mut rows = stmt.query([])?;
+        let (mut expected_seq, mut prev, mut count) = (1i64, String::new(), 0i64);
+        let fail = |count: i64, seq: i64, why: String| AuditReport {
+            verified: count,
+            problem: Some((seq, why)),
+            head: None,
+        };
+        while let Some(r) = rows.next()? {
+            let row = chained_row(r)?;
+            let problem = if row.seq != expected_seq {
+                Some(format!(
+                    "expected sequence {expected_seq} here: a row was removed or reordered"
+                ))
+            } else if row.prev != prev {
+                Some("its previous chain value does not match the row before: a row was removed, edited or reordered".into())
+            } else {
+                row.check(key).err().map(str::to_string)
+            };
+            if let Some(p) = problem {
+                return Ok(fail(count, row.seq, p));
+            }
+            prev = row.chain;
+            expected_seq += 1;
+            count += 1;
+        }
+        drop(rows);
+        drop(stmt);
+        if let Some(seq) = self.meta("audit_legacy_break")? {
+            let seq: i64 = seq.parse().unwrap_or(0);
+            let why = "the log was edited before it was keyed: its old unkeyed chain broke here when the store was upgraded".to_string();
+            return Ok(fail(count, seq, why));
+        }
+        let head = self.meta("event_head")?;
+        if count == 0 && head.is_none() {
+            return Ok(AuditReport {
+                verified: 0,
+                problem: None,
+                head: None,
+            });
+        }
+        let Some(head) = head else {
+            let why = "the stored head is missing while events exist: the newest rows or the head were removed".to_string();
+            return Ok(fail(count, count + 1, why));
+        };
+        let head_seq: i64 = head
+            .split('|')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1);
+        if head != key.head(count, &prev) {
+            let why = if head_seq > count {
+                format!("the log ends at sequence {count}, but {head_seq} events were recorded: the newest rows were removed")
+            } else {
+                "the stored head does not match the log's newest row under the audit key: the head or the newest rows were edited".to_string()
+            };
+            return Ok(fail(count, count + 1, why));
+        }
+        Ok(AuditReport {
+            verified: count,
+            problem: None,
+            head: Some((count, prev)),
+        })
+    }
+}

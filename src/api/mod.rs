@@ -16,6 +16,10 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+mod listen;
+
+pub use listen::{HEADER_TIMEOUT, MAX_CONNECTIONS};
+
 use crate::config::ApiConfig;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -177,17 +181,24 @@ pub fn router(
         .with_state(api))
 }
 
-/// Serves until `shutdown`.
+/// Serves until `shutdown` (see `listen` for the connection limits).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    allow_ips: &[String],
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(
+    let allow = allow_ips
+        .iter()
+        .filter_map(|s| s.parse::<IpNet>().ok())
+        .collect();
+    listen::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        Arc::new(allow),
+        listen::Limits::default(),
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
     .await
 }
 
@@ -352,10 +363,10 @@ async fn list_deliveries(
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     if let Some(s) = q.status.as_deref() {
-        if !["pending", "failed", "dead", "delivered"].contains(&s) {
+        if !["pending", "failed", "dead", "delivered", "held"].contains(&s) {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("status {s:?}: expected pending, failed, dead or delivered"),
+                format!("status {s:?}: expected pending, failed, dead, delivered or held"),
             );
         }
     }

@@ -288,6 +288,26 @@ impl SimNode {
         hash
     }
 
+    /// The block `mine(1)` would mine next (with the mempool, or empty), built but not
+    /// submitted: a test can forge a copy of it and publish that first.
+    pub fn next_block(&self, with_mempool: bool) -> bitcoin::Block {
+        let s = self.lock();
+        let txs: Vec<Transaction> = if with_mempool {
+            s.chain.mempool().to_vec()
+        } else {
+            vec![]
+        };
+        let fees = txs.len() as u64 * PAYMENT_FEE;
+        mining::build_block(
+            s.chain.tip(),
+            s.chain.height() + 1,
+            s.clock + 1,
+            &s.miner,
+            txs,
+            fees,
+        )
+    }
+
     pub fn pay_script(&self, outputs: &[(ScriptBuf, u64)]) -> Txid {
         let mut s = self.lock();
         let tx = build_payment(&mut s, outputs);

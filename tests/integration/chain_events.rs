@@ -6,7 +6,7 @@ use crate::harness::*;
 
 async fn deep_reorg(depth: u32) {
     let opts = Options {
-        endpoint: "events = [\"tx.*\", \"alert.*\"]",
+        endpoint: "events = [\"tx.*\", \"alert.*\"]".into(),
         ..Options::default()
     };
     let h = Harness::with(&[watch(P2WPKH, 3, "deep")], opts).await;
@@ -105,7 +105,7 @@ async fn reorg_of_depth_100_the_finality_depth_still_reorgs_the_payment() {
 async fn a_reorg_deeper_than_kept_is_an_error_alert_and_the_watcher_goes_on() {
     let opts = Options {
         top: "finality_depth = 5",
-        endpoint: "events = [\"tx.*\", \"alert.*\"]",
+        endpoint: "events = [\"tx.*\", \"alert.*\"]".into(),
         ..Options::default()
     };
     let h = Harness::with(&[watch(P2TR, 1, "x")], opts).await;
@@ -143,7 +143,7 @@ async fn a_reorg_deeper_than_kept_is_an_error_alert_and_the_watcher_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_events_for_endpoints_that_ask() {
     let opts = Options {
-        endpoint: "events = [\"block.*\"]",
+        endpoint: "events = [\"block.*\"]".into(),
         ..Options::default()
     };
     let h = Harness::with(&[], opts).await;
@@ -192,7 +192,7 @@ async fn block_events_for_endpoints_that_ask() {
 async fn node_unreachable_and_recovered_alerts() {
     let opts = Options {
         top: "node_unreachable_after = \"1s\"",
-        endpoint: "events = [\"alert.*\"]",
+        endpoint: "events = [\"alert.*\"]".into(),
         ..Options::default()
     };
     let h = Harness::with(&[], opts).await;

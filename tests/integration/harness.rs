@@ -50,27 +50,108 @@ pub struct TestReceiver {
     captured: Arc<Mutex<Vec<Captured>>>,
     status: Arc<AtomicU16>,
     hang_ms: Arc<AtomicU64>,
+    /// TLS handshakes completed and failed (an https receiver only).
+    pub handshakes: Arc<AtomicU64>,
+    pub failed_handshakes: Arc<AtomicU64>,
 }
 
 impl TestReceiver {
     pub async fn start() -> TestReceiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-        let r = TestReceiver {
+        let r = TestReceiver::new(url);
+        let app = r.router();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        r
+    }
+
+    /// An https receiver at `https://localhost:PORT/hooks` serving `tls`.
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> TestReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let r = TestReceiver::new(format!("https://localhost:{port}/hooks"));
+        let (app, ok, failed) = (
+            r.router(),
+            r.handshakes.clone(),
+            r.failed_handshakes.clone(),
+        );
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, app, ok, failed) =
+                    (acceptor.clone(), app.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    ok.fetch_add(1, Ordering::SeqCst);
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let mut app = app.clone();
+                            async move {
+                                tower_service::Service::call(
+                                    &mut app,
+                                    req.map(axum::body::Body::new),
+                                )
+                                .await
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        r
+    }
+
+    fn new(url: String) -> TestReceiver {
+        TestReceiver {
             url,
             captured: Default::default(),
             status: Arc::new(AtomicU16::new(204)),
             hang_ms: Arc::new(AtomicU64::new(0)),
-        };
-        let me = r.clone();
+            handshakes: Default::default(),
+            failed_handshakes: Default::default(),
+        }
+    }
+
+    /// Captures every request, verifying its signature with the independent implementation.
+    fn router(&self) -> Router {
+        let me = self.clone();
         let handler = move |headers: HeaderMap, body: Bytes| {
             let me = me.clone();
             async move {
                 let hang = me.hang_ms.load(Ordering::SeqCst);
-                let verified = standardwebhooks::Webhook::new(SECRET)
-                    .unwrap()
-                    .verify(&body, &headers)
-                    .is_ok();
+                // Two checks: the standardwebhooks crate accepts a truncated signature, so the
+                // full-length check of our own verifier must agree.
+                let header = |k: &str| {
+                    headers
+                        .get(k)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let ours = chainwatch::sign::verify(
+                    &[chainwatch::sign::Secret::parse(SECRET).unwrap()],
+                    &header("webhook-id"),
+                    &header("webhook-timestamp"),
+                    &header("webhook-signature"),
+                    &body,
+                    chainwatch::event::now_ms() / 1000,
+                    chainwatch::sign::DEFAULT_TOLERANCE_SECS,
+                )
+                .is_ok();
+                let verified = ours
+                    && standardwebhooks::Webhook::new(SECRET)
+                        .unwrap()
+                        .verify(&body, &headers)
+                        .is_ok();
                 let text = String::from_utf8_lossy(&body).into_owned();
                 let answered = if hang > 0 {
                     0
@@ -94,9 +175,7 @@ impl TestReceiver {
                 StatusCode::from_u16(me.status.load(Ordering::SeqCst)).unwrap()
             }
         };
-        let app = Router::new().fallback(axum::routing::post(handler));
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        r
+        Router::new().fallback(axum::routing::post(handler))
     }
 
     pub fn set_status(&self, s: u16) {
@@ -200,7 +279,10 @@ pub struct Harness {
 #[derive(Default)]
 pub struct Options {
     pub top: &'static str,
-    pub endpoint: &'static str,
+    /// Extra keys of the `shop` endpoint.
+    pub endpoint: String,
+    /// The `shop` endpoint's URL instead of the harness's plain-http receiver.
+    pub endpoint_url: Option<String>,
     pub no_zmq: bool,
     /// The [api] table's body; empty means an ephemeral port.
     pub api: String,
@@ -248,7 +330,7 @@ impl Harness {
             opts.top,
             self.node.rpc_url(),
             self.node.cookie_path().display().to_string(),
-            self.receiver.url,
+            opts.endpoint_url.as_deref().unwrap_or(&self.receiver.url),
             opts.endpoint,
         );
         let api = if opts.api.is_empty() {
@@ -298,6 +380,23 @@ impl Harness {
             .arg(config)
             .env("CHAINWATCH_LOG", "warn")
             .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chainwatch binary starts")
+    }
+
+    /// The binary with its log (warnings and errors) in `log`, and extra environment.
+    pub fn spawn_binary_logged(
+        &self,
+        log: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> std::process::Child {
+        let file = std::fs::File::create(log).expect("log file");
+        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("CHAINWATCH_LOG", "warn")
+            .envs(env.iter().copied())
+            .stderr(file)
             .spawn()
             .expect("chainwatch binary starts")
     }
@@ -416,4 +515,26 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A child process killed when the test ends, even by a panic.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds, or panics with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {limit:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

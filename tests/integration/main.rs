@@ -16,3 +16,5 @@ mod outbox;
 mod pipeline;
 mod real_node;
 mod rescan;
+mod tls_kit;
+mod trust;

@@ -39,9 +39,10 @@ impl Default for Limits {
         }
     }
 }
-/// Refused connections being closed at once (each lingers at most `REFUSE_LINGER`).
-const MAX_REFUSING: usize = 256;
-const REFUSE_LINGER: Duration = Duration::from_secs(1);
+/// Refused connections being answered at once (each lingers at most twice `REFUSE_LINGER`);
+/// beyond that they are closed unanswered, so a flood of them holds few file descriptors.
+const MAX_REFUSING: usize = 64;
+const REFUSE_LINGER: Duration = Duration::from_millis(500);
 
 /// Serves `app` until `shutdown`; requests in progress then finish.
 pub async fn serve(

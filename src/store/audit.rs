@@ -347,3 +347,271 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::event::{other_event, ALERT_REORG};
+    use crate::tracker::ChainStep;
+
+    /// A store in a fresh directory with one endpoint taking every event, and `n` events.
+    fn store_with_events(n: usize) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let cfg = Config::parse(
+            "[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"*\"]\n",
+            "test",
+            None,
+        )
+        .unwrap();
+        store.sync_endpoints(&cfg.endpoints).unwrap();
+        let events = (0..n)
+            .map(|i| {
+                let fields = serde_json::json!({ "depth": i })
+                    .as_object()
+                    .unwrap()
+                    .clone();
+                other_event(ALERT_REORG, &format!("test-{i}"), "regtest", fields)
+            })
+            .collect();
+        let step = ChainStep {
+            events,
+            ..ChainStep::empty()
+        };
+        store.apply(&step, 1_764_000_000_000).unwrap();
+        (dir, store)
+    }
+
+    fn problem(store: &Store) -> Option<(i64, String)> {
+        store.audit().unwrap().problem
+    }
+
+    fn exec(store: &Store, sql: &str) {
+        store.conn.execute_batch(sql).unwrap();
+    }
+
+    #[test]
+    fn an_intact_log_verifies_and_names_its_head() {
+        let (_d, store) = store_with_events(5);
+        let r = store.audit().unwrap();
+        assert_eq!((r.verified, r.problem.clone()), (5, None), "{r:?}");
+        let (seq, chain) = r.head.expect("a head");
+        assert_eq!(seq, 5);
+        assert_eq!(chain.len(), 64, "an HMAC-SHA256 in hex");
+    }
+
+    #[test]
+    fn an_edited_body_is_found_and_its_delivery_held_not_sent() {
+        let (_d, store) = store_with_events(3);
+        exec(
+            &store,
+            "UPDATE events SET body = replace(body, '\"depth\":1', '\"depth\":9') WHERE seq = 2",
+        );
+        let (seq, why) = problem(&store).expect("the edit is found");
+        assert_eq!(seq, 2, "{why}");
+        let due = store.due_deliveries("shop", i64::MAX, false, 10).unwrap();
+        let seqs: Vec<i64> = due.iter().map(|d| d.event_seq).collect();
+        assert_eq!(
+            seqs,
+            vec![1, 3],
+            "the edited body is never handed to the sender"
+        );
+        let held = store.list_deliveries(Some("held"), None, 10).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].event_seq, 2);
+        assert!(
+            held[0]
+                .last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("payload hash"),
+            "{:?}",
+            held[0].last_error
+        );
+    }
+
+    #[test]
+    fn an_edit_with_its_unkeyed_hashes_recomputed_is_still_found() {
+        let (_d, store) = store_with_events(3);
+        // The forger edits the body and recomputes everything a key is not needed for:
+        // the payload hash, and an unkeyed chain from that row on.
+        let rows: Vec<ChainedRow> = {
+            let mut stmt = store
+                .conn
+                .prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))
+                .unwrap();
+            let rows = stmt.query_map([], chained_row).unwrap();
+            rows.map(|r| r.unwrap()).collect()
+        };
+        let mut prev = rows[0].chain.clone();
+        for r in rows.iter().skip(1) {
+            let mut row = r.clone();
+            if row.seq == 2 {
+                row.body = row.body.replace("\"depth\":1", "\"depth\":9");
+            }
+            row.payload_hash = sha256_hex(row.body.as_bytes());
+            row.prev = prev.clone();
+            row.chain = legacy_row_hash(&row);
+            store
+                .conn
+                .execute(
+                    "UPDATE events SET body = ?2, payload_hash = ?3, prev_hash = ?4, row_hash = ?5 WHERE seq = ?1",
+                    params![row.seq, row.body, row.payload_hash, row.prev, row.chain],
+                )
+                .unwrap();
+            prev = row.chain;
+        }
+        let (seq, why) = problem(&store).expect("re-chaining without the key is found");
+        assert_eq!(seq, 2, "{why}");
+        assert!(why.contains("audit key"), "{why}");
+        let due = store.due_deliveries("shop", i64::MAX, false, 10).unwrap();
+        assert_eq!(
+            due.iter().map(|d| d.event_seq).collect::<Vec<_>>(),
+            vec![1],
+            "no re-chained row is sent"
+        );
+    }
+
+    #[test]
+    fn removing_the_newest_rows_is_found_with_or_without_the_head() {
+        let (_d, store) = store_with_events(4);
+        exec(
+            &store,
+            "DELETE FROM deliveries WHERE event_seq > 2; DELETE FROM events WHERE seq > 2;",
+        );
+        let (_, why) = problem(&store).expect("removed tail rows are found");
+        assert!(why.contains("newest rows were removed"), "{why}");
+
+        // The head rewound to the new last row, with that row's real chain value: no MAC.
+        let chain: String = store
+            .conn
+            .query_row("SELECT row_hash FROM events WHERE seq = 2", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        exec(
+            &store,
+            &format!("UPDATE meta SET value = '2|{chain}' WHERE key = 'event_head'"),
+        );
+        assert!(problem(&store).is_some(), "a rewound head is found");
+
+        exec(&store, "DELETE FROM meta WHERE key = 'event_head'");
+        let (_, why) = problem(&store).expect("a missing head is found");
+        assert!(why.contains("head is missing"), "{why}");
+    }
+
+    /// Turns the store back into a first-round one: an unkeyed chain, no key.
+    fn make_legacy(store: &Store, key_file: &Path) {
+        let rows: Vec<ChainedRow> = {
+            let mut stmt = store
+                .conn
+                .prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))
+                .unwrap();
+            let rows = stmt.query_map([], chained_row).unwrap();
+            rows.map(|r| r.unwrap()).collect()
+        };
+        let mut prev = String::new();
+        for r in rows {
+            let row = ChainedRow {
+                prev: prev.clone(),
+                ..r
+            };
+            let hash = legacy_row_hash(&row);
+            store
+                .conn
+                .execute(
+                    "UPDATE events SET prev_hash = ?2, row_hash = ?3 WHERE seq = ?1",
+                    params![row.seq, prev, hash],
+                )
+                .unwrap();
+            prev = hash;
+        }
+        exec(store, "DELETE FROM meta WHERE key = 'audit_key_id'");
+        exec(
+            store,
+            &format!("UPDATE meta SET value = '3|{prev}' WHERE key = 'event_head'"),
+        );
+        std::fs::remove_file(key_file).unwrap();
+    }
+
+    #[test]
+    fn a_first_round_store_is_keyed_on_open() {
+        let (dir, store) = store_with_events(3);
+        let key_file = dir.path().join(AUDIT_KEY_FILE);
+        make_legacy(&store, &key_file);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let r = store.audit().unwrap();
+        assert_eq!(
+            (r.verified, r.problem),
+            (3, None),
+            "re-chained under a new key"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the key file is the owner's alone");
+    }
+
+    #[test]
+    fn an_edit_made_before_the_upgrade_stays_reported() {
+        let (dir, store) = store_with_events(3);
+        let key_file = dir.path().join(AUDIT_KEY_FILE);
+        make_legacy(&store, &key_file);
+        // Body and payload hash edited, the old chain left broken: re-keying would cover the
+        // edit with a valid keyed chain, so the break must be remembered.
+        let body: String = store
+            .conn
+            .query_row("SELECT body FROM events WHERE seq = 2", [], |r| r.get(0))
+            .unwrap();
+        let body = body.replace("\"depth\":1", "\"depth\":9");
+        store
+            .conn
+            .execute(
+                "UPDATE events SET body = ?1, payload_hash = ?2 WHERE seq = 2",
+                params![body, sha256_hex(body.as_bytes())],
+            )
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let (seq, why) = problem(&store).expect("re-keying does not launder the edit");
+        assert_eq!(seq, 2, "{why}");
+        assert!(why.contains("before it was keyed"), "{why}");
+    }
+
+    #[test]
+    fn a_missing_or_wrong_key_file_is_refused_at_open() {
+        let (dir, store) = store_with_events(1);
+        drop(store);
+        let key_file = dir.path().join(AUDIT_KEY_FILE);
+        let real = std::fs::read_to_string(&key_file).unwrap();
+        std::fs::remove_file(&key_file).unwrap();
+        let e = Store::open(dir.path()).err().expect("missing key refused");
+        assert!(e.to_string().contains("missing"), "{e}");
+        assert!(!key_file.exists(), "no new key is made in its place");
+        std::fs::write(&key_file, format!("{}\n", "ab".repeat(32))).unwrap();
+        let e = Store::open(dir.path()).err().expect("wrong key refused");
+        assert!(e.to_string().contains("not the key"), "{e}");
+        std::fs::write(&key_file, "short").unwrap();
+        let e = Store::open(dir.path())
+            .err()
+            .expect("malformed key refused");
+        assert!(e.to_string().contains("64 hexadecimal"), "{e}");
+        std::fs::write(&key_file, real).unwrap();
+        assert!(
+            Store::open(dir.path()).is_ok(),
+            "the right key opens it again"
+        );
+    }
+
+    #[test]
+    fn data_directory_and_database_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let _store = Store::open(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "data directory");
+        assert_eq!(mode(&super::super::db_path(&dir)), 0o600, "database");
+    }
+}

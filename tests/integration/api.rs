@@ -29,7 +29,7 @@ impl Api {
             daemon,
             Api {
                 base: format!("http://127.0.0.1:{port}"),
-                http: reqwest::Client::new(),
+                http: crate::harness::http_client(),
             },
         )
     }

@@ -61,7 +61,7 @@ async fn send(node: &SimNode, path: &str, auth: &str, req: &Value) -> (u16, Stri
         Value::String(raw) => raw.clone(),
         other => other.to_string(),
     };
-    let mut r = reqwest::Client::new()
+    let mut r = crate::harness::http_client()
         .post(format!("{}{}", node.rpc_url(), path))
         .body(body);
     match auth {

@@ -401,6 +401,21 @@ impl Harness {
             .expect("chainwatch binary starts")
     }
 
+    /// The binary with at most `nofile` open file descriptors (as a tight systemd limit would).
+    pub fn spawn_binary_fd_limited(&self, nofile: u32) -> std::process::Child {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n {nofile} && exec \"$0\" run --config \"$1\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_chainwatch"))
+            .arg(&self.config_path)
+            .env("CHAINWATCH_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chainwatch binary starts")
+    }
+
     /// Waits until chainwatch's stored tip is the node's tip, then a little longer so its ZMQ
     /// subscription takes hold (messages published before that are lost, as with bitcoind).
     pub async fn wait_synced(&self) {
@@ -537,4 +552,11 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// An HTTP client for tests: no proxy from the environment, and the process's TLS provider
+/// installed (reqwest is built without one of its own).
+pub fn http_client() -> reqwest::Client {
+    chainwatch::net::install_crypto_provider();
+    reqwest::Client::builder().no_proxy().build().unwrap()
 }

@@ -16,5 +16,6 @@ mod outbox;
 mod pipeline;
 mod real_node;
 mod rescan;
+mod secrets;
 mod tls_kit;
 mod trust;

@@ -264,3 +264,69 @@ fn check_private_mode(key: &str, path: &Path) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const HEAD: &str = "[[endpoints]]\nname = \"shop\"\nurl = \"https://shop.example/hooks\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n";
+
+    fn err(dir: &std::path::Path, extra: &str) -> String {
+        Config::parse(&format!("{HEAD}{extra}"), "watcher.toml", Some(dir))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn tls_files_are_read_and_checked_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let e = err(d, "ca_file = \"missing.pem\"");
+        assert!(
+            e.contains("endpoints[0].ca_file") && e.contains("cannot read"),
+            "{e}"
+        );
+        std::fs::write(d.join("junk.pem"), "not a certificate").unwrap();
+        let e = err(d, "ca_file = \"junk.pem\"");
+        assert!(e.contains("endpoints[0].ca_file"), "{e}");
+        let e = err(d, "client_cert = \"c.pem\"");
+        assert!(e.contains("client_cert needs client_key"), "{e}");
+        std::fs::write(d.join("c.pem"), "x").unwrap();
+        std::fs::write(d.join("k.pem"), "x").unwrap();
+        std::fs::set_permissions(d.join("k.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = err(d, "client_cert = \"c.pem\"\nclient_key = \"k.pem\"");
+        assert!(
+            e.contains("endpoints[0].client_key") && e.contains("readable by others"),
+            "{e}"
+        );
+        std::fs::set_permissions(d.join("k.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = err(d, "client_cert = \"c.pem\"\nclient_key = \"k.pem\"");
+        assert!(e.contains("do not make a PEM identity"), "{e}");
+        let e = err(d, "proxy = \"socks5://h:1\"");
+        assert!(e.contains("endpoints[0].proxy"), "{e}");
+        assert_eq!(
+            err(d, "proxy = \"http://127.0.0.1:3128\""),
+            "",
+            "an http proxy is fine"
+        );
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        let label = "x".repeat(257);
+        let text = format!(
+            "[[watches]]\naddress = \"bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp\"\nlabel = \"{label}\"\n"
+        );
+        let e = Config::parse(&text, "watcher.toml", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("watches[0].label") && e.contains("at most 256"),
+            "{e}"
+        );
+        let ok = text.replace(&label, &"x".repeat(256));
+        assert!(Config::parse(&ok, "watcher.toml", None).is_ok());
+    }
+}

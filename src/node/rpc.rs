@@ -375,3 +375,93 @@ impl ChainSource for RpcClient {
         zmq_from(&self.call("getzmqnotifications", json!([])).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every request with `head`, then streams `chunks` of 1 MiB.
+    async fn server(head: &'static str, chunks: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}/",
+            listener.local_addr().unwrap().port()
+        );
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("100000\r\n{}\r\n", "0".repeat(0x100000));
+                    for _ in 0..chunks {
+                        if s.write_all(chunk.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    fn client(url: &str) -> RpcClient {
+        RpcClient::new(
+            url,
+            RpcAuth::UserPass {
+                user: "u".into(),
+                password: "p".into(),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn an_answer_announcing_more_than_the_limit_is_not_read() {
+        let url = server("HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\n\r\n", 0).await;
+        let e = client(&url).call("getblock", json!([])).await.unwrap_err();
+        assert!(
+            matches!(&e, NodeError::BadResponse { reason, .. } if reason.contains("larger than")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_at_the_limit() {
+        let chunks = MAX_RPC_RESPONSE / 0x100000 + 8;
+        let url = server(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            chunks,
+        )
+        .await;
+        let e = client(&url).call("getblock", json!([])).await.unwrap_err();
+        assert!(
+            matches!(&e, NodeError::BadResponse { reason, .. } if reason.contains("larger than")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_rpc_url_s_credentials_never_show_in_errors() {
+        let c = RpcClient::new(
+            "http://rpcuser:rpcpass-s3cr3t@127.0.0.1:1/",
+            RpcAuth::Cookie("/nonexistent".into()),
+        );
+        let c = RpcClient {
+            auth: RpcAuth::UserPass {
+                user: "u".into(),
+                password: "p".into(),
+            },
+            ..c
+        };
+        let e = c.call("getblockchaininfo", json!([])).await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, NodeError::Unreachable { .. }), "{text}");
+        assert!(
+            !text.contains("rpcpass-s3cr3t") && !text.contains("rpcuser"),
+            "{text}"
+        );
+    }
+}

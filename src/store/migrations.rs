@@ -110,6 +110,14 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX deliveries_next ON deliveries (endpoint, status, next_attempt_at);
     "#,
+    // 6: errors stored before URLs were kept out of them may name an endpoint's credentials or
+    // query token; what they said beyond that is not worth the risk.
+    r#"
+    UPDATE attempts SET error = 'request failed (details removed on upgrade: they named the URL)'
+     WHERE error LIKE '%://%';
+    UPDATE deliveries SET last_error = 'request failed (details removed on upgrade: they named the URL)'
+     WHERE last_error LIKE '%://%';
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

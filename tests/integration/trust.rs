@@ -367,3 +367,52 @@ async fn an_edited_event_body_is_never_signed_and_audit_verify_names_it() {
     assert_eq!(history(&got, &later), expect_history(&[("tx.pending", 0)]));
     assert!(history(&got, &txid).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_zmq_message_is_refused_and_following_goes_on() {
+    let h = Harness::new(&[watch(P2WPKH, 1, "shop")], "").await;
+    let _daemon = KillOnDrop(h.spawn_binary());
+    h.wait_synced().await;
+    // 5 MiB on the rawblock topic: more than any block. libzmq drops the publisher, the
+    // subscription reconnects, and the lost counter makes the follower resync over RPC.
+    h.node.publish_raw("rawblock", vec![0u8; 5 * 1024 * 1024]);
+    let txid = h.node.pay(P2WPKH, 25_000).to_string();
+    h.receiver.wait_accepted(1, WAIT).await;
+    h.node.mine(1);
+    let got = h.receiver.wait_accepted(2, WAIT).await;
+    assert_eq!(
+        history(&got, &txid),
+        expect_history(&[("tx.pending", 0), ("tx.confirmed", 1)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_explicit_proxy_is_the_one_used() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let used = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let u = used.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            u.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let opts = Options {
+        endpoint: format!("proxy = \"http://{proxy}\""),
+        ..Options::default()
+    };
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    h.node.pay(P2WPKH, 25_000);
+    wait_until("a request through the proxy", WAIT, || {
+        used.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    assert!(
+        h.receiver.all().is_empty(),
+        "nothing went around the proxy to the receiver"
+    );
+    daemon.stop().await;
+}

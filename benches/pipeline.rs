@@ -90,7 +90,7 @@ fn watches(n: usize, network: Network, extra: &[ScriptBuf]) -> Vec<Watch> {
 
 /// The index the daemon builds: streamed in, records left in the store (here: none to load).
 fn compact_index(n: usize, network: Network, extra: &[ScriptBuf]) -> WatchIndex {
-    let loader: chainwatch::watch::WatchLoader = Arc::new(|_| None);
+    let loader: chainwatch::watch::WatchLoader = Arc::new(|_| Ok(None));
     let mut index = WatchIndex::with_loader(network, loader, n + extra.len());
     let add = |index: &mut WatchIndex, script: &ScriptBuf| {
         let addr = Address::from_script(script, network).unwrap().to_string();

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod demo;
 pub mod dispatch;
 pub mod event;
+pub mod health;
 pub mod metrics;
 pub mod net;
 pub mod node;

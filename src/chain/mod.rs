@@ -33,6 +33,10 @@ pub enum FollowError {
     Node(#[from] NodeError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A watch record could not be loaded: the step is dropped and retried, never taken to
+    /// mean the watch was removed.
+    #[error("loading a watch record failed: {0}")]
+    Lookup(String),
 }
 
 impl FollowError {
@@ -163,6 +167,13 @@ impl<S: ChainSource> Follower<S> {
         }
         self.watch_version = version;
         self.pick_up_rescan()
+    }
+
+    /// Loads watch records with `loader` instead of a connection of its own (a test can wrap
+    /// the store's loader to inject faults).
+    pub fn with_watch_loader(mut self, loader: crate::watch::WatchLoader) -> Follower<S> {
+        self.loader = Some(loader);
+        self
     }
 
     /// Reports into `metrics` (by default into a private set nobody reads).
@@ -338,6 +349,9 @@ impl<S: ChainSource> Follower<S> {
     }
 
     fn commit(&mut self, step: ChainStep) -> Result<(), FollowError> {
+        if let Some(e) = self.index.take_lookup_error() {
+            return Err(FollowError::Lookup(e));
+        }
         let empty = step.events.is_empty()
             && step.upserts.is_empty()
             && step.removals.is_empty()
@@ -446,7 +460,10 @@ impl<S: ChainSource> Follower<S> {
 fn watch_loader(store: &Store) -> Result<crate::watch::WatchLoader, FollowError> {
     let conn = std::sync::Mutex::new(store.reopen()?);
     Ok(Arc::new(move |id: &str| {
-        conn.lock().ok()?.load_watch(id).ok().flatten()
+        let conn = conn
+            .lock()
+            .map_err(|_| "watch loader lock poisoned".to_string())?;
+        conn.load_watch(id).map_err(|e| e.to_string())
     }))
 }
 

@@ -25,6 +25,7 @@ pub(super) struct RawEndpoint {
     allow_http: Option<bool>,
     concurrency: Option<u32>,
     disable_after: Option<String>,
+    failing_after: Option<String>,
     ca_file: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
@@ -79,6 +80,7 @@ impl RawEndpoint {
             return Err(invalid(key("concurrency"), 0, "must be at least 1"));
         }
         let disable_after = duration(&key("disable_after"), self.disable_after.as_deref(), "5d")?;
+        let failing_after = duration(&key("failing_after"), self.failing_after.as_deref(), "15m")?;
         let tls = tls_material(&key, base, self.ca_file, self.client_cert, self.client_key)?;
         let proxy = self
             .proxy
@@ -94,6 +96,7 @@ impl RawEndpoint {
             retry_schedule,
             concurrency,
             disable_after,
+            failing_after,
             tls,
             proxy,
         })

@@ -191,6 +191,8 @@ pub struct EndpointConfig {
     pub retry_schedule: Vec<Duration>,
     pub concurrency: u32,
     pub disable_after: Duration,
+    /// alert.endpoint_failing after failing this long without a success.
+    pub failing_after: Duration,
     pub tls: EndpointTls,
     /// An explicit proxy; environment proxies (HTTP_PROXY …) are never used.
     pub proxy: Option<String>,

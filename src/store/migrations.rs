@@ -118,6 +118,13 @@ const MIGRATIONS: &[&str] = &[
     UPDATE deliveries SET last_error = 'request failed (details removed on upgrade: they named the URL)'
      WHERE last_error LIKE '%://%';
     "#,
+    // 7: an endpoint that refuses connections waits as a whole (one probe at a time), shared
+    // by every worker; whether its alert.endpoint_failing went out for this failing spell.
+    r#"
+    ALTER TABLE endpoints ADD COLUMN backoff_until INTEGER;
+    ALTER TABLE endpoints ADD COLUMN backoff_step INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE endpoints ADD COLUMN failing_alerted INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

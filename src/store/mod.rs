@@ -5,6 +5,7 @@ mod audit;
 mod migrations;
 mod outbox;
 mod records;
+mod shared;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,8 +17,10 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 pub use audit::{AuditKey, AuditReport, ChainedRow, AUDIT_KEY_FILE};
 pub use outbox::{
     AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,
+    EndpointState,
 };
 pub use records::EventRow;
+pub use shared::SharedStore;
 
 use crate::event::{type_matches, webhook_body, BlockRef, NewEvent};
 use crate::tracker::{ChainStep, TipChange};
@@ -36,6 +39,8 @@ pub enum StoreError {
     TipMismatch(String),
     #[error("config key audit.key_file = {path:?}: {reason}")]
     AuditKey { path: String, reason: String },
+    #[error("store task failed: {0}")]
+    Worker(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -65,6 +65,20 @@ pub struct AttemptRow {
     pub response_excerpt: Option<String>,
 }
 
+/// What the dispatcher needs of an endpoint's stored state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EndpointState {
+    pub enabled: bool,
+    /// Consecutive back-off steps (0: the endpoint answers).
+    pub backoff_step: u32,
+    /// No request before this (ms), except the one probe that ends the step.
+    pub backoff_until: Option<i64>,
+    /// Since when every attempt has failed, if they do.
+    pub failing_since: Option<i64>,
+    /// alert.endpoint_failing was recorded for this failing spell.
+    pub failing_alerted: bool,
+}
+
 /// An endpoint as stored.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EndpointRow {
@@ -145,6 +159,44 @@ impl Store {
             )
             .optional()?
             .flatten())
+    }
+
+    pub fn endpoint_state(&self, name: &str) -> Result<EndpointState> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT enabled, backoff_step, backoff_until, failing_since, failing_alerted
+                   FROM endpoints WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(EndpointState {
+                        enabled: r.get(0)?,
+                        backoff_step: r.get(1)?,
+                        backoff_until: r.get(2)?,
+                        failing_since: r.get(3)?,
+                        failing_alerted: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    /// Puts the endpoint on back-off step `step` until `until` (step 0: it answers again).
+    pub fn set_endpoint_backoff(&self, name: &str, step: u32, until: Option<i64>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE endpoints SET backoff_step = ?2, backoff_until = ?3 WHERE name = ?1",
+            params![name, step, until],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_failing_alerted(&self, name: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE endpoints SET failing_alerted = 1 WHERE name = ?1",
+            [name],
+        )?;
+        Ok(())
     }
 
     pub fn endpoint_enabled(&self, name: &str) -> Result<bool> {
@@ -449,7 +501,7 @@ fn record_one(
     match o.result {
         DeliveryResult::Delivered => tx
             .prepare_cached(
-                "UPDATE endpoints SET last_success_at = ?2, failing_since = NULL WHERE name = ?1",
+                "UPDATE endpoints SET last_success_at = ?2, failing_since = NULL, failing_alerted = 0 WHERE name = ?1",
             )?
             .execute(params![endpoint, o.started_at_ms])?,
         // Disabling for 410 is the dispatcher's next step, together with its alert.

@@ -38,7 +38,9 @@ type Slot = u32;
 type DerivedOwner = (Slot, u32, u32);
 
 /// Loads a watch's full record (labels, metadata, target) by id.
-pub type WatchLoader = Arc<dyn Fn(&str) -> Option<Watch> + Send + Sync>;
+/// Loads a watch's full record: `Ok(None)` when the store has no such watch, `Err` when it
+/// could not say (an error must never pass for "removed").
+pub type WatchLoader = Arc<dyn Fn(&str) -> Result<Option<Watch>, String> + Send + Sync>;
 
 /// The keys are already uniformly random: hash tables may use them as they are.
 #[derive(Clone, Copy, Default)]
@@ -134,6 +136,8 @@ pub struct WatchIndex {
     /// Full records: all of them without a loader, a cache of recent ones with one.
     details: Mutex<HashMap<String, Arc<Watch>>>,
     loader: Option<WatchLoader>,
+    /// The first lookup that failed since the last `take_lookup_error`.
+    lookup_error: Mutex<Option<String>>,
     pub coins: HashMap<OutPoint, WatchedCoin>,
 }
 
@@ -185,6 +189,7 @@ impl WatchIndex {
             slot_of: HashMap::new(),
             details: Mutex::new(HashMap::new()),
             loader,
+            lookup_error: Mutex::new(None),
             coins: HashMap::new(),
         }
     }
@@ -330,7 +335,18 @@ impl WatchIndex {
         let loader = self.loader.as_ref()?;
         // Only watches in the index count, even if the store still has others.
         id_bytes(id).filter(|b| self.slot_of.contains_key(b))?;
-        let w = Arc::new(loader(id)?);
+        let w = match loader(id) {
+            Ok(w) => Arc::new(w?),
+            Err(e) => {
+                // Whoever asked cannot tell this from a removed watch: the caller checks
+                // `take_lookup_error` before committing what it computed.
+                self.lookup_error
+                    .lock()
+                    .expect("lookup error lock")
+                    .get_or_insert(e);
+                return None;
+            }
+        };
         let mut details = self.details.lock().expect("details lock");
         if details.len() >= DETAILS_CACHE {
             details.clear();
@@ -341,6 +357,11 @@ impl WatchIndex {
 
     pub fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// A lookup failed since the last call: whatever was computed since is unsound.
+    pub fn take_lookup_error(&self) -> Option<String> {
+        self.lookup_error.lock().expect("lookup error lock").take()
     }
 
     pub fn is_empty(&self) -> bool {

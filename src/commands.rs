@@ -62,14 +62,19 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
         crate::config::network_name(cfg.network)
     );
     let rpc = RpcClient::new(&cfg.bitcoind.rpc_url, cfg.bitcoind.auth.clone());
-    let info = rpc
-        .chain_info()
-        .await
-        .with_context(|| format!("reaching bitcoind at {}", cfg.bitcoind.rpc_url))?;
+    let info = rpc.chain_info().await.with_context(|| {
+        format!(
+            "reaching bitcoind at {}",
+            crate::net::redact_url(&cfg.bitcoind.rpc_url)
+        )
+    })?;
     daemon::check_chain(&cfg, &info)?;
     println!(
         "node: {} chain {} height {} best {}",
-        cfg.bitcoind.rpc_url, info.chain, info.blocks, info.best_block_hash
+        crate::net::redact_url(&cfg.bitcoind.rpc_url),
+        info.chain,
+        info.blocks,
+        info.best_block_hash
     );
     let announced = rpc.zmq_notifications().await.unwrap_or_default();
     let subs = daemon::subscriptions(&cfg, &announced);
@@ -308,7 +313,7 @@ pub fn endpoints_enable(cfg: &Config, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn audit_verify(cfg: &Config) -> anyhow::Result<()> {
+pub fn audit_verify(cfg: &Config, anchor: Option<&str>) -> anyhow::Result<()> {
     let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
     let report = store.audit()?;
     if let Some((seq, why)) = report.problem {
@@ -316,6 +321,21 @@ pub fn audit_verify(cfg: &Config) -> anyhow::Result<()> {
             "event log broken at sequence {seq} (after {} good rows): {why}",
             report.verified
         );
+    }
+    if let Some(anchor) = anchor {
+        let (seq, chain) = anchor
+            .split_once([' ', ':'])
+            .and_then(|(s, c)| Some((s.trim().parse::<i64>().ok()?, c.trim())))
+            .with_context(|| {
+                format!(
+                    "--anchor {anchor:?}: expected \"SEQUENCE CHAIN\" as `audit head` prints it"
+                )
+            })?;
+        match store.chain_at(seq)? {
+            Some(c) if c == chain => {}
+            Some(_) => bail!("event log differs from the anchor: sequence {seq} has another chain value (the log was rewritten)"),
+            None => bail!("event log is shorter than the anchor: sequence {seq} is missing (the log was cut back)"),
+        }
     }
     match report.head {
         Some((seq, chain)) => println!(

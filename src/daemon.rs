@@ -87,7 +87,7 @@ pub fn check_chain(cfg: &Config, info: &ChainInfo) -> anyhow::Result<()> {
         bail!(
             "config key network = {:?}: the node at {} is on chain {:?}",
             network_name(cfg.network),
-            cfg.bitcoind.rpc_url,
+            crate::net::redact_url(&cfg.bitcoind.rpc_url),
             info.chain
         );
     }

@@ -133,7 +133,11 @@ enum EndpointsCmd {
 #[derive(Subcommand)]
 enum AuditCmd {
     /// Check the event log's keyed hash chain and its head.
-    Verify,
+    Verify {
+        /// A head printed earlier by `audit head` ("SEQUENCE CHAIN"): the log must still hold it.
+        #[arg(long)]
+        anchor: Option<String>,
+    },
     /// Print the newest sequence and chain value, to anchor elsewhere.
     Head {
         #[arg(long)]
@@ -202,7 +206,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             signature,
             tolerance,
         } => commands::verify(&secret, &id, &timestamp, &signature, tolerance),
-        Command::Audit(AuditCmd::Verify) => commands::audit_verify(&cfg()?),
+        Command::Audit(AuditCmd::Verify { anchor }) => {
+            commands::audit_verify(&cfg()?, anchor.as_deref())
+        }
         Command::Audit(AuditCmd::Head { json }) => commands::audit_head(&cfg()?, json),
     }
 }

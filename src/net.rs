@@ -13,8 +13,10 @@ pub fn install_crypto_provider() {
     });
 }
 
-/// A URL as it may appear in a log line, an error, a listing or the store: user info and query
-/// values replaced, so `https://user:pw@host/p?token=x` shows as `https://***@host/p?token=***`.
+/// A URL as it may appear in a log line, an error, a listing or the store: user info, query
+/// values and every path segment after the first replaced, so `https://user:pw@host/p?token=x`
+/// shows as `https://***@host/p?token=***` and a token in the path
+/// (`https://hooks.example/services/T0/B0/XYZ`) as `https://hooks.example/services/***`.
 /// Text that is not a URL is shown only by its scheme-less length, never verbatim.
 pub fn redact_url(text: &str) -> String {
     let Ok(mut url) = url::Url::parse(text) else {
@@ -34,6 +36,13 @@ pub fn redact_url(text: &str) -> String {
         url.set_query((!shown.is_empty()).then_some(shown.as_str()));
     }
     url.set_fragment(None);
+    let segments: Vec<String> = url
+        .path_segments()
+        .map(|s| s.map(str::to_string).collect())
+        .unwrap_or_default();
+    if segments.len() > 1 {
+        url.set_path(&format!("/{}/***", segments[0]));
+    }
     let shown = url.to_string();
     if had_userinfo {
         // Url has no way to set a placeholder user, so insert it after the scheme's "//".
@@ -69,11 +78,23 @@ mod tests {
                 "http://***@127.0.0.1:8332/",
             ),
             ("https://onlyuser@h.example/#frag", "https://***@h.example/"),
+            (
+                "https://hooks.example/services/T000/B000/XXXXsecretpathXXXX",
+                "https://hooks.example/services/***",
+            ),
         ];
         for (input, want) in cases {
             let got = redact_url(input);
             assert_eq!(got, want, "redacting {input}");
-            for secret in ["hunter2", "s3cr3t", "rpcpass", "alice", "onlyuser", "frag"] {
+            for secret in [
+                "hunter2",
+                "s3cr3t",
+                "rpcpass",
+                "alice",
+                "onlyuser",
+                "frag",
+                "secretpath",
+            ] {
                 assert!(!got.contains(secret), "{got} shows {secret}");
             }
         }

@@ -16,29 +16,29 @@ type Removed = (Txid, Instant);
 
 impl<S: ChainSource> Follower<S> {
     /// The body of a mempool transaction the node holds; `None` if it is not (or no longer)
-    /// in the node's mempool. A body relayed over ZMQ is used only for a txid the node itself
-    /// listed (`vouched`): the txid commits to the outputs, so that body is the node's. For a
-    /// txid that only ZMQ announced, the node is asked, which is the proof that it holds it.
+    /// in the node's mempool. A txid the node listed itself (`vouched`) needs no proof; one
+    /// that only ZMQ announced is proven with `getmempoolentry` (which, unlike
+    /// `getrawtransaction` on a node with `-txindex`, never answers for a confirmed
+    /// transaction). A relayed body is used only under the txid it hashes to, which commits to
+    /// its outputs.
     async fn mempool_body(
         &mut self,
         txid: Txid,
         vouched: bool,
     ) -> Result<Option<Transaction>, FollowError> {
-        if vouched {
-            if let Some(tx) = self.cache.txs.get(&txid) {
-                return Ok(Some(tx.clone()));
+        if !vouched && !self.source.in_mempool(txid).await? {
+            if self.cache.txs.contains_key(&txid) && !self.cache.in_recent_block(txid) {
+                tracing::warn!(%txid, "ZMQ announced a transaction the node does not hold; ignored");
             }
+            return Ok(None);
+        }
+        if let Some(tx) = self.cache.txs.get(&txid) {
+            return Ok(Some(tx.clone()));
         }
         match self.source.mempool_transaction(txid).await {
             Ok(tx) => Ok(Some(tx)),
-            // Mined or replaced meanwhile (or never there: a forged announcement); the chain
-            // sync or a removal accounts for the real cases.
-            Err(e) if e.is_not_found() => {
-                if self.cache.txs.contains_key(&txid) {
-                    tracing::warn!(%txid, "ZMQ announced a transaction the node does not hold; ignored");
-                }
-                Ok(None)
-            }
+            // Mined or replaced meanwhile: the chain sync or a removal accounts for it.
+            Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -108,14 +108,11 @@ impl<S: ChainSource> Follower<S> {
     /// Whether the node still holds a transaction announced as removed: a forged `R` (or one
     /// re-added since) must not make a payment look dropped.
     async fn still_in_mempool(&mut self, txid: Txid) -> Result<bool, FollowError> {
-        match self.source.mempool_transaction(txid).await {
-            Ok(_) => {
-                tracing::warn!(%txid, "a removal was announced for a transaction the node still holds; ignored");
-                Ok(true)
-            }
-            Err(e) if e.is_not_found() => Ok(false),
-            Err(e) => Err(e.into()),
+        let held = self.source.in_mempool(txid).await?;
+        if held {
+            tracing::warn!(%txid, "a removal was announced for a transaction the node still holds; ignored");
         }
+        Ok(held)
     }
 
     /// Replaced if a mempool transaction (one just announced, or one the node names) spends the

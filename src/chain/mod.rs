@@ -229,7 +229,10 @@ impl<S: ChainSource> Follower<S> {
                             self.mempool_stale = true;
                         }
                     }
-                    None => zmq = None,
+                    None => {
+                        tracing::error!("the ZMQ subscriber stopped; following by RPC polling every {:?}", self.opts.poll_interval);
+                        zmq = None;
+                    }
                 },
                 _ = std::future::ready(()), if self.rescanning() && !self.needs_resync => {
                     if let Err(e) = self.rescan_batch().await {

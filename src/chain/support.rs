@@ -54,6 +54,15 @@ impl BodyCache {
     }
 }
 
+impl BodyCache {
+    /// Whether a kept block holds `txid` (it was mined, not forged, when the node lost it).
+    pub fn in_recent_block(&self, txid: Txid) -> bool {
+        self.blocks
+            .values()
+            .any(|b| b.txdata.iter().any(|t| t.compute_txid() == txid))
+    }
+}
+
 /// Which transaction of a recently connected block spent an outpoint: the evidence for
 /// `tx.dropped` with reason `conflict`.
 #[derive(Default)]

@@ -164,13 +164,13 @@ pub enum StartHeight {
     Height(u32),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum RpcAuth {
     Cookie(PathBuf),
     UserPass { user: String, password: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BitcoindConfig {
     pub rpc_url: String,
     pub auth: RpcAuth,
@@ -180,7 +180,7 @@ pub struct BitcoindConfig {
     pub poll_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EndpointConfig {
     pub name: String,
     pub url: String,
@@ -196,6 +196,49 @@ pub struct EndpointConfig {
     pub tls: EndpointTls,
     /// An explicit proxy; environment proxies (HTTP_PROXY …) are never used.
     pub proxy: Option<String>,
+}
+
+// Debug by hand for everything that holds a secret or a URL: a `{:?}` anywhere must not leak.
+impl std::fmt::Debug for RpcAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RpcAuth::Cookie(p) => f.debug_tuple("Cookie").field(p).finish(),
+            RpcAuth::UserPass { .. } => write!(f, "UserPass(not shown)"),
+        }
+    }
+}
+
+impl std::fmt::Debug for BitcoindConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BitcoindConfig")
+            .field("rpc_url", &redact_url(&self.rpc_url))
+            .field("auth", &self.auth)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("name", &self.name)
+            .field("url", &redact_url(&self.url))
+            .field("events", &self.events)
+            .field("ordered", &self.ordered)
+            .field("tls", &self.tls)
+            .field("proxy", &self.proxy.as_deref().map(redact_url))
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "(not shown)"))
+            .field("allow_ips", &self.allow_ips)
+            .finish()
+    }
 }
 
 /// TLS material of an endpoint, read and parsed at start so a bad file is refused there.
@@ -217,7 +260,7 @@ impl std::fmt::Debug for EndpointTls {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
@@ -362,25 +405,30 @@ fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
         .span()
         .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
         .unwrap_or(0);
-    let source_line = text
-        .lines()
-        .nth(line.saturating_sub(1))
-        .unwrap_or("")
-        .trim();
     let message = e.message().replace('\n', " ");
-    let message = match secret_key_at(text, line) {
-        // The parser's message and the line itself may quote the value: say neither.
-        Some(key) => {
-            let expected = message
-                .find("expected")
-                .map(|i| &message[i..])
-                .filter(|m| !m.contains(['`', '"', '\'']))
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default();
-            format!("invalid value for `{key}` (not shown: it may hold a secret){expected}")
+    // The line itself is never repeated: a mistyped key (`rpc_pass = …`) or an inline table
+    // can carry a secret under a name no list foresees. The key is named instead.
+    let key = key_at(text, line);
+    let line_text = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+    let secretive = |t: &str| {
+        let lower = t.to_ascii_lowercase();
+        SECRET_KEY_PARTS.iter().any(|p| lower.contains(p))
+    };
+    let message = if key.as_deref().is_some_and(secretive) || secretive(line_text) {
+        // The parser's message may quote the value: keep only what was expected.
+        let expected = message
+            .find("expected")
+            .map(|i| &message[i..])
+            .filter(|m| !m.contains(['`', '"', '\'']))
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        let shown = key.map(|k| format!(" for `{k}`")).unwrap_or_default();
+        format!("invalid value{shown} (not shown: it may hold a secret){expected}")
+    } else {
+        match key {
+            Some(k) => format!("{message} (key `{k}`)"),
+            None => message,
         }
-        None if source_line.is_empty() => message,
-        None => format!("{message} (at `{source_line}`)"),
     };
     ConfigError::Syntax {
         path: origin.to_string(),
@@ -393,20 +441,15 @@ fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
 /// query tokens). Their values are never repeated in a refusal.
 const SECRET_KEY_PARTS: [&str; 6] = ["secret", "password", "token", "url", "proxy", "key"];
 
-/// The key whose value spans `line` (1-based), if it is one that may hold a secret: the
-/// nearest `key =` at or above the line, so a value continued over several lines counts too.
-fn secret_key_at(text: &str, line: usize) -> Option<String> {
+/// The key whose value spans `line` (1-based): the nearest `key =` at or above the line, so
+/// a value continued over several lines counts too.
+fn key_at(text: &str, line: usize) -> Option<String> {
     let lines: Vec<&str> = text.lines().take(line.max(1)).collect();
-    let key = lines.iter().rev().find_map(|l| {
+    lines.iter().rev().find_map(|l| {
         let (k, _) = l.split_once('=')?;
         let k = k.trim();
-        (!k.is_empty() && !k.contains(['"', '\'', '[', ' '])).then(|| k.to_string())
-    })?;
-    let lower = key.to_ascii_lowercase();
-    SECRET_KEY_PARTS
-        .iter()
-        .any(|p| lower.contains(p))
-        .then_some(key)
+        (!k.is_empty() && !k.contains(['"', '\'', '[', ' ', '{'])).then(|| k.to_string())
+    })
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -649,7 +692,7 @@ impl RawWatch {
                 } else if reason.starts_with("label") {
                     invalid(key("label"), format!("{} characters", label_len), reason)
                 } else {
-                    invalid(key(field), &target, reason)
+                    invalid(key(field), crate::watch::shown_target(&target), reason)
                 }
             })
     }

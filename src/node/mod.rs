@@ -98,6 +98,9 @@ pub trait ChainSource: Send + Sync + 'static {
         txid: Txid,
     ) -> impl Future<Output = NodeResult<Transaction>> + Send;
     fn zmq_notifications(&self) -> impl Future<Output = NodeResult<Vec<ZmqNotification>>> + Send;
+    /// Whether the node's mempool holds `txid` now (`getmempoolentry`): unlike
+    /// `getrawtransaction`, never true for a confirmed transaction on a node with `-txindex`.
+    fn in_mempool(&self, txid: Txid) -> impl Future<Output = NodeResult<bool>> + Send;
     /// Which mempool transaction spends any of `outpoints` (`gettxspendingprevout`).
     fn mempool_spender(
         &self,

@@ -220,6 +220,13 @@ fn as_u64(method: &str, v: &Value) -> NodeResult<u64> {
     })
 }
 
+fn as_u32(method: &str, v: &Value) -> NodeResult<u32> {
+    u32::try_from(as_u64(method, v)?).map_err(|_| NodeError::BadResponse {
+        method: method.into(),
+        reason: format!("{v} is out of range"),
+    })
+}
+
 fn parse_hex<T: std::str::FromStr>(method: &str, v: &Value) -> NodeResult<T> {
     let s = as_str(method, v)?;
     s.parse().map_err(|_| NodeError::BadResponse {
@@ -239,7 +246,7 @@ pub fn chain_info_from(v: &Value) -> NodeResult<ChainInfo> {
     let m = "getblockchaininfo";
     Ok(ChainInfo {
         chain: as_str(m, field(m, v, "chain")?)?.to_string(),
-        blocks: as_u64(m, field(m, v, "blocks")?)? as u32,
+        blocks: as_u32(m, field(m, v, "blocks")?)?,
         best_block_hash: parse_hex(m, field(m, v, "bestblockhash")?)?,
         initial_block_download: v
             .get("initialblockdownload")
@@ -252,12 +259,12 @@ pub fn header_from(v: &Value) -> NodeResult<HeaderInfo> {
     let m = "getblockheader";
     Ok(HeaderInfo {
         hash: parse_hex(m, field(m, v, "hash")?)?,
-        height: as_u64(m, field(m, v, "height")?)? as u32,
+        height: as_u32(m, field(m, v, "height")?)?,
         prev: v
             .get("previousblockhash")
             .map(|p| parse_hex(m, p))
             .transpose()?,
-        time: as_u64(m, field(m, v, "time")?)? as u32,
+        time: as_u32(m, field(m, v, "time")?)?,
         confirmations: field(m, v, "confirmations")?.as_i64().unwrap_or(-1),
     })
 }
@@ -312,11 +319,18 @@ impl ChainSource for RpcClient {
     }
 
     async fn block_header(&self, hash: BlockHash) -> NodeResult<HeaderInfo> {
-        header_from(
+        let h = header_from(
             &self
                 .call("getblockheader", json!([hash.to_string(), true]))
                 .await?,
-        )
+        )?;
+        if h.hash != hash {
+            return Err(NodeError::BadResponse {
+                method: "getblockheader".into(),
+                reason: format!("asked for {hash}, got {}", h.hash),
+            });
+        }
+        Ok(h)
     }
 
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
@@ -373,6 +387,21 @@ impl ChainSource for RpcClient {
 
     async fn zmq_notifications(&self) -> NodeResult<Vec<ZmqNotification>> {
         zmq_from(&self.call("getzmqnotifications", json!([])).await?)
+    }
+
+    async fn in_mempool(&self, txid: Txid) -> NodeResult<bool> {
+        match self
+            .call("getmempoolentry", json!([txid.to_string()]))
+            .await
+        {
+            Ok(v) if v.is_object() => Ok(true),
+            Ok(v) => Err(NodeError::BadResponse {
+                method: "getmempoolentry".into(),
+                reason: format!("expected an object, got {v}"),
+            }),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
 

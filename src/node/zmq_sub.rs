@@ -18,12 +18,15 @@ pub struct Subscription {
     pub address: String,
 }
 
-/// The largest message read: a block is at most 4,000,000 bytes serialised. A publisher that
-/// sends more is disconnected by libzmq.
+/// The largest message read on a socket carrying bodies: a block or transaction is at most
+/// 4,000,000 bytes serialised. A publisher that sends more is disconnected by libzmq.
 pub const MAX_MESSAGE_BYTES: i64 = 4 * 1024 * 1024;
-/// Messages a socket queues before libzmq drops new ones: few for sockets carrying blocks.
+/// On a socket carrying only notifications (`sequence`: 32 + 1 + 8 bytes; hashes: 32).
+const MAX_NOTICE_BYTES: i64 = 64;
+/// Messages a socket queues before libzmq drops new ones: few where each can be 4 MiB.
 const HWM_BLOCKS: i32 = 16;
-const HWM_OTHER: i32 = 10_000;
+const HWM_TXS: i32 = 256;
+const HWM_NOTICES: i32 = 10_000;
 /// Bytes of decoded bodies waiting for the follower before new ones are dropped.
 pub const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 const MAX_QUEUED_MESSAGES: usize = 10_000;
@@ -66,15 +69,16 @@ impl Subscriber {
         addresses.dedup();
         for addr in addresses {
             let s = ctx.socket(zmq::SUB)?;
-            let carries_blocks = subs
-                .iter()
-                .any(|s| s.address == addr && s.topic == "rawblock");
-            s.set_rcvhwm(if carries_blocks {
-                HWM_BLOCKS
+            let carries = |topic: &str| subs.iter().any(|s| s.address == addr && s.topic == topic);
+            let (hwm, max) = if carries("rawblock") {
+                (HWM_BLOCKS, MAX_MESSAGE_BYTES)
+            } else if carries("rawtx") {
+                (HWM_TXS, MAX_MESSAGE_BYTES)
             } else {
-                HWM_OTHER
-            })?;
-            s.set_maxmsgsize(MAX_MESSAGE_BYTES)?;
+                (HWM_NOTICES, MAX_NOTICE_BYTES)
+            };
+            s.set_rcvhwm(hwm)?;
+            s.set_maxmsgsize(max)?;
             s.set_reconnect_ivl(500)?;
             s.set_reconnect_ivl_max(5000)?;
             s.set_tcp_keepalive(1)?;
@@ -125,9 +129,12 @@ struct Bridge {
 }
 
 impl Bridge {
-    /// Forwards a message unless the follower is that far behind; false once it has gone.
+    /// Forwards a message unless the follower is that far behind (then it is dropped, which the
+    /// follower sees as a counter gap); false once the follower has gone.
     fn forward(&mut self, msg: ZmqMessage, bytes: usize) -> bool {
-        if self.queued.load(Ordering::SeqCst) + bytes > MAX_QUEUED_BYTES {
+        let full = self.queued.load(Ordering::SeqCst) + bytes > MAX_QUEUED_BYTES
+            || self.tx.capacity() == 0;
+        if full {
             if self.dropped == 0 {
                 tracing::warn!(topic = %msg.topic, counter = msg.counter, bytes, "ZMQ queue full; dropping messages until the follower catches up (it resyncs over RPC)");
             }
@@ -139,7 +146,14 @@ impl Bridge {
             self.dropped = 0;
         }
         self.queued.fetch_add(bytes, Ordering::SeqCst);
-        self.tx.blocking_send((msg, bytes)).is_ok()
+        match self.tx.try_send((msg, bytes)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.queued.fetch_sub(bytes, Ordering::SeqCst);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 }
 
@@ -156,6 +170,7 @@ fn receive_loop(
             .collect();
         if let Err(e) = zmq::poll(&mut items, 200) {
             tracing::warn!(error = %e, "zmq poll failed");
+            std::thread::sleep(std::time::Duration::from_millis(100));
             continue;
         }
         let ready: Vec<bool> = items.iter().map(|i| i.is_readable()).collect();
@@ -163,7 +178,11 @@ fn receive_loop(
             if !ready {
                 continue;
             }
-            while let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) {
+            // A bounded drain per socket and round, so a flood on one starves no other.
+            for _ in 0..1000 {
+                let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) else {
+                    break;
+                };
                 let bytes = frames.iter().map(Vec::len).sum();
                 match zmq_wire::decode(&frames) {
                     Ok(msg) => {

@@ -151,6 +151,19 @@ impl SimChain {
         &self.mempool
     }
 
+    /// A transaction of the active chain (what `-txindex` finds).
+    pub fn confirmed_tx(&self, txid: &Txid) -> Option<Transaction> {
+        (0..=self.height()).rev().find_map(|h| {
+            let hash = self.block_hash(h).ok()?;
+            let (block, _) = self.block(&hash).ok()?;
+            block
+                .txdata
+                .iter()
+                .find(|t| t.compute_txid() == *txid)
+                .cloned()
+        })
+    }
+
     pub fn mempool_tx(&self, txid: &Txid) -> Result<&Transaction, SimError> {
         self.mempool
             .iter()

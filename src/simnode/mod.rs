@@ -32,6 +32,8 @@ pub(crate) struct State {
     pub down: bool,
     /// RPC calls still to answer with a malformed body.
     pub garbage_calls: u32,
+    /// `-txindex`: `getrawtransaction` also answers for confirmed transactions.
+    pub txindex: bool,
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
@@ -113,6 +115,7 @@ impl SimNode {
             warmup_calls: 0,
             down: false,
             garbage_calls: 0,
+            txindex: false,
             spent: Default::default(),
             miner,
             change: vec![],
@@ -173,6 +176,11 @@ impl SimNode {
     }
 
     /// The next `n` RPC calls get HTTP 200 with a body that is not JSON.
+    /// Runs as with `-txindex`: confirmed transactions are served by `getrawtransaction`.
+    pub fn set_txindex(&self, on: bool) {
+        self.lock().txindex = on;
+    }
+
     pub fn set_garbage_calls(&self, n: u32) {
         self.lock().garbage_calls = n;
     }

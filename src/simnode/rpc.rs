@@ -12,7 +12,7 @@ use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
 use bitcoin::{Address, BlockHash, Network, Txid};
 use serde_json::{json, Value};
 
-use super::{mine_one, SimError, SimNode, State};
+use super::{mine_one, SimError, SimNode, State, PAYMENT_FEE};
 
 pub fn router(node: SimNode) -> Router {
     let handler = move |headers: HeaderMap, body: Bytes| {
@@ -299,7 +299,30 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                 json!(txids)
             }
         }
-        "getrawtransaction" => json!(serialize_hex(s.chain.mempool_tx(&txid_param(params)?)?)),
+        "getrawtransaction" => {
+            let txid = txid_param(params)?;
+            match s.chain.mempool_tx(&txid) {
+                Ok(tx) => json!(serialize_hex(tx)),
+                Err(e) if !s.txindex => return Err(e.into()),
+                Err(e) => json!(serialize_hex(&s.chain.confirmed_tx(&txid).ok_or(e)?)),
+            }
+        }
+        "getmempoolentry" => {
+            let tx = s
+                .chain
+                .mempool_tx(&txid_param(params)?)
+                .map_err(|_| err(-5, "Transaction not in mempool"))?;
+            let vsize = tx.vsize();
+            let fee = json!(PAYMENT_FEE as f64 / 1e8);
+            json!({
+                "vsize": vsize, "weight": tx.weight().to_wu(), "time": s.clock,
+                "height": s.chain.height(), "descendantcount": 1, "descendantsize": vsize,
+                "ancestorcount": 1, "ancestorsize": vsize,
+                "wtxid": tx.compute_wtxid().to_string(), "chunkweight": tx.weight().to_wu(),
+                "fees": {"base": fee, "modified": fee, "ancestor": fee, "descendant": fee, "chunk": fee},
+                "depends": [], "spentby": [], "unbroadcast": false
+            })
+        }
         "getzmqnotifications" => {
             let list: Vec<Value> = node
                 .zmq

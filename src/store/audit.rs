@@ -21,6 +21,8 @@ const KEY_BYTES: usize = 32;
 pub struct AuditKey {
     key: [u8; KEY_BYTES],
     path: PathBuf,
+    /// Made by this open: only a new key may key a log that has none (see `bind_key`).
+    created: bool,
 }
 
 impl std::fmt::Debug for AuditKey {
@@ -62,28 +64,37 @@ impl AuditKey {
         Ok(AuditKey {
             key,
             path: path.to_path_buf(),
+            created: false,
         })
     }
 
+    /// Writes a new key to a temporary file and links it into place, so no one ever reads a
+    /// half-written key, and two processes starting at once end up with the same one.
     fn create(path: &Path) -> Result<AuditKey> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             super::create_private_dir(dir)?;
         }
         let key: [u8; KEY_BYTES] = rand::random();
-        let file = std::fs::OpenOptions::new()
+        // Unique per attempt: two openers in one process must not share a temporary file.
+        let tmp = path.with_extension(format!("tmp{}", hex::encode(rand::random::<[u8; 8]>())));
+        let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path);
-        match file {
-            Ok(mut f) => {
-                f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| key_error(path, format!("cannot write it: {e}")))?;
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
+                f.sync_all()
+            });
+        let linked = written.and_then(|_| std::fs::hard_link(&tmp, path));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
                 tracing::debug!(path = %path.display(), "created the audit key of the event log");
                 Ok(AuditKey {
                     key,
                     path: path.to_path_buf(),
+                    created: true,
                 })
             }
             // Another process created it a moment ago: use theirs.
@@ -114,18 +125,26 @@ impl AuditKey {
         self.mac(&[b"chainwatch audit key id"])[..16].to_string()
     }
 
-    /// The chain value of one row.
+    /// The chain value of one row. Each field is length-prefixed, so no two rows' fields can
+    /// be re-split into the same input.
     pub fn chain(&self, row: &ChainedRow) -> String {
-        let text = format!(
-            "{}|{}|{}|{}|{}",
-            row.seq, row.id, row.kind, row.payload_hash, row.prev
-        );
+        let seq = row.seq.to_string();
+        let fields = [
+            seq.as_str(),
+            &row.id,
+            &row.kind,
+            &row.payload_hash,
+            &row.prev,
+        ];
+        let text: String = fields.iter().map(|f| format!("{}:{f};", f.len())).collect();
         self.mac(&[b"row|", text.as_bytes()])
     }
 
-    /// The stored head: newest sequence, its chain value, and a MAC over both.
-    pub fn head(&self, seq: i64, chain: &str) -> String {
-        let mac = self.mac(&[format!("head|{seq}|{chain}").as_bytes()]);
+    /// The stored head: newest sequence, its chain value, and a MAC over both and over the
+    /// break an upgrade found (so removing that record is found too).
+    pub fn head(&self, seq: i64, chain: &str, legacy_break: Option<i64>) -> String {
+        let brk = legacy_break.map_or(String::new(), |b| b.to_string());
+        let mac = self.mac(&[format!("head|{seq}|{chain}|{brk}").as_bytes()]);
         format!("{seq}|{chain}|{mac}")
     }
 }
@@ -151,6 +170,11 @@ impl ChainedRow {
         }
         if key.chain(self) != self.chain {
             return Err("its chain value does not match its contents under the audit key: the row was edited or re-chained");
+        }
+        // The webhook-id header comes from the row; it must be the id the body states.
+        let body: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
+        if body["data"]["id"] != self.id.as_str() || body["type"] != self.kind.as_str() {
+            return Err("its id or type differs from the body's: the row was edited");
         }
         Ok(())
     }
@@ -192,6 +216,11 @@ fn legacy_row_hash(r: &ChainedRow) -> String {
 /// re-chains a store from before keyed chains (once, after checking the old chain).
 pub(super) fn bind_key(store: &mut Store) -> Result<()> {
     let key = store.audit_key.clone();
+    // The usual case, a bound store and its key, needs no write lock: read-only commands and
+    // other connections must not contend with the daemon's writes.
+    if store.meta("audit_key_id")?.as_deref() == Some(key.id().as_str()) {
+        return Ok(());
+    }
     let tx = store
         .conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -211,6 +240,15 @@ pub(super) fn bind_key(store: &mut Store) -> Result<()> {
             ))
         }
         None => {}
+    }
+    let events: i64 = tx.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+    // An existing key with an unkeyed log means the log's binding was removed: re-chaining
+    // now would vouch for whatever was edited meanwhile. Only a key made for this log may.
+    if events > 0 && !key.created {
+        return Err(key_error(
+            key.path(),
+            "the event log has events but no record of this key: its binding was removed from the database. Restore the database from a backup (or, for a store from before keyed chains, move this key file away so a new one is made)",
+        ));
     }
     upgrade_legacy_chain(&tx, &key)?;
     tx.execute(
@@ -260,7 +298,7 @@ fn upgrade_legacy_chain(tx: &Transaction, key: &AuditKey) -> Result<()> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES ('event_head', ?1)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        [key.head(last, &prev)],
+        [key.head(last, &prev, legacy_break)],
     )?;
     if let Some(seq) = legacy_break {
         tracing::error!(seq, "the event log's old (unkeyed) chain was broken before it was keyed; `audit verify` reports it");
@@ -310,11 +348,7 @@ impl Store {
         }
         drop(rows);
         drop(stmt);
-        if let Some(seq) = self.meta("audit_legacy_break")? {
-            let seq: i64 = seq.parse().unwrap_or(0);
-            let why = "the log was edited before it was keyed: its old unkeyed chain broke here when the store was upgraded".to_string();
-            return Ok(fail(count, seq, why));
-        }
+        let legacy_break = legacy_break(&self.conn)?;
         let head = self.meta("event_head")?;
         if count == 0 && head.is_none() {
             return Ok(AuditReport {
@@ -332,7 +366,7 @@ impl Store {
             .next()
             .and_then(|s| s.parse().ok())
             .unwrap_or(-1);
-        if head != key.head(count, &prev) {
+        if head != key.head(count, &prev, legacy_break) {
             let why = if head_seq > count {
                 format!("the log ends at sequence {count}, but {head_seq} events were recorded: the newest rows were removed")
             } else {
@@ -340,12 +374,40 @@ impl Store {
             };
             return Ok(fail(count, count + 1, why));
         }
+        if let Some(seq) = legacy_break {
+            let why = "the log was edited before it was keyed: its old unkeyed chain broke here when the store was upgraded".to_string();
+            return Ok(fail(count, seq, why));
+        }
         Ok(AuditReport {
             verified: count,
             problem: None,
             head: Some((count, prev)),
         })
     }
+}
+
+impl Store {
+    /// The chain value stored for `seq`, to compare with an anchor recorded elsewhere.
+    pub fn chain_at(&self, seq: i64) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT row_hash FROM events WHERE seq = ?1", [seq], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+}
+
+/// Where an upgrade found the old chain broken, if it did (covered by the head's MAC).
+pub(super) fn legacy_break(conn: &rusqlite::Connection) -> Result<Option<i64>> {
+    let v: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'audit_legacy_break'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(v.and_then(|s| s.parse().ok()))
 }
 
 #[cfg(test)]
@@ -580,6 +642,41 @@ mod tests {
     }
 
     #[test]
+    fn removing_the_binding_to_relaunder_an_edit_is_refused() {
+        let (dir, store) = store_with_events(3);
+        let key_file = dir.path().join(AUDIT_KEY_FILE);
+        let key = std::fs::read(&key_file).unwrap();
+        // The forger edits a body, rebuilds the old unkeyed chain and removes the binding,
+        // hoping the next open re-chains it all under the real key.
+        exec(
+            &store,
+            "UPDATE events SET body = replace(body, '\"depth\":1', '\"depth\":9') WHERE seq = 2",
+        );
+        make_legacy(&store, &key_file);
+        std::fs::write(&key_file, &key).unwrap();
+        drop(store);
+        let e = Store::open(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("binding was removed"), "{e}");
+    }
+
+    #[test]
+    fn removing_the_record_of_an_old_break_is_found() {
+        let (dir, store) = store_with_events(3);
+        let key_file = dir.path().join(AUDIT_KEY_FILE);
+        make_legacy(&store, &key_file);
+        exec(
+            &store,
+            "UPDATE events SET row_hash = 'broken' WHERE seq = 3",
+        );
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(problem(&store).is_some(), "the break is reported");
+        exec(&store, "DELETE FROM meta WHERE key = 'audit_legacy_break'");
+        let (_, why) = problem(&store).expect("its removal is found");
+        assert!(why.contains("head"), "{why}");
+    }
+
+    #[test]
     fn a_missing_or_wrong_key_file_is_refused_at_open() {
         let (dir, store) = store_with_events(1);
         drop(store);
@@ -602,6 +699,21 @@ mod tests {
             Store::open(dir.path()).is_ok(),
             "the right key opens it again"
         );
+    }
+
+    #[test]
+    fn openers_racing_to_create_the_key_agree_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(AUDIT_KEY_FILE);
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| AuditKey::load_or_create(&path).unwrap().id()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary file is left behind");
     }
 
     #[test]

@@ -479,7 +479,7 @@ fn append_events(
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('event_head', ?1)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [key.head(last.seq, &prev_hash)],
+            [key.head(last.seq, &prev_hash, audit::legacy_break(tx)?)],
         )?;
     }
     Ok(out)

@@ -102,6 +102,15 @@ pub fn check_metadata(v: &serde_json::Value) -> Result<(), String> {
     Ok(())
 }
 
+/// A watch target as a message may show it: an address whole; a descriptor only by its
+/// outer function, since a refused one may hold private keys (xprv, WIF).
+pub fn shown_target(text: &str) -> String {
+    match text.split_once('(') {
+        Some((func, _)) => format!("{}(… {} characters, not shown)", func.trim(), text.len()),
+        None => text.to_string(),
+    }
+}
+
 /// The longest label a watch may carry (it is copied into every event of the watch).
 pub const MAX_LABEL_CHARS: usize = 256;
 

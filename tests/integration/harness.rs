@@ -364,7 +364,15 @@ impl Harness {
         let cfg =
             chainwatch::config::Config::load(&self.config_path).expect("test config is valid");
         let token = CancellationToken::new();
-        let handle = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
+        let run = chainwatch::daemon::run(cfg, token.clone());
+        let handle = tokio::spawn(async move {
+            let r = run.await;
+            // A daemon that ends by itself would otherwise only show as a test timing out.
+            if let Err(e) = &r {
+                eprintln!("in-process daemon ended: {e:#}");
+            }
+            r
+        });
         Daemon { token, handle }
     }
 

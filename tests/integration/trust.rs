@@ -416,3 +416,60 @@ async fn an_endpoints_explicit_proxy_is_the_one_used() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_announcement_of_an_old_transaction_on_a_txindex_node_fires_nothing() {
+    let h = Harness::new(&[watch(P2WPKH, 1, "shop")], "finality_depth = 2").await;
+    h.node.set_txindex(true);
+    let _daemon = KillOnDrop(h.spawn_binary());
+    h.wait_synced().await;
+    let old = h.node.pay(P2WPKH, 33_000);
+    h.receiver.wait_accepted(1, WAIT).await;
+    h.node.mine(4);
+    h.receiver.wait_accepted(2, WAIT).await;
+    // Long final and no longer tracked; getrawtransaction still answers for it (txindex).
+    h.node.publish_raw(
+        "sequence",
+        sequence_body(&SequenceEvent::TxAdded(old, 4242)),
+    );
+    let marker = h.node.pay(P2WPKH, 34_000).to_string();
+    let got = h.receiver.wait_accepted(3, WAIT).await;
+    assert_eq!(history(&got, &marker), expect_history(&[("tx.pending", 0)]));
+    assert_eq!(
+        history(&got, &old.to_string()),
+        expect_history(&[("tx.pending", 0), ("tx.confirmed", 1)]),
+        "no second tx.pending for a transaction the node holds only in a block"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_with_an_anchor_finds_a_log_cut_back_below_it() {
+    let h = Harness::new(&[watch(P2WPKH, 1, "shop")], "").await;
+    let daemon = KillOnDrop(h.spawn_binary());
+    h.wait_synced().await;
+    h.node.pay(P2WPKH, 35_000);
+    h.receiver.wait_accepted(1, WAIT).await;
+    let (code, anchor, _) = cli(&h, &["audit", "head"]);
+    assert_eq!(code, 0);
+    let anchor = anchor.trim().to_string();
+    assert!(
+        anchor.starts_with("1 ") && anchor.len() == 2 + 64,
+        "{anchor}"
+    );
+    let (code, _, err) = cli(&h, &["audit", "verify", "--anchor", &anchor]);
+    assert_eq!(code, 0, "{err}");
+    drop(daemon);
+
+    // Everything removed, the head too: on its own the log looks empty and intact.
+    let db = rusqlite::Connection::open(chainwatch::store::db_path(&h.data_dir())).unwrap();
+    db.execute_batch(
+        "DELETE FROM attempts; DELETE FROM deliveries; DELETE FROM events;
+         DELETE FROM meta WHERE key = 'event_head';",
+    )
+    .unwrap();
+    let (code, out, _) = cli(&h, &["audit", "verify"]);
+    assert_eq!(code, 0, "without the anchor nothing can tell: {out}");
+    let (code, _, err) = cli(&h, &["audit", "verify", "--anchor", &anchor]);
+    assert_ne!(code, 0);
+    assert!(err.contains("sequence 1 is missing"), "{err}");
+}

@@ -341,17 +341,14 @@ async fn bench_delivery() {
         let worker = tokio::spawn(chainwatch::dispatch::run_endpoint(
             cfg.endpoints[0].clone(),
             Store::open(dir.path()).unwrap(),
-            Arc::new(tokio::sync::Notify::new()),
-            chainwatch::dispatch::system_clock(),
-            Default::default(),
-            token.clone(),
+            chainwatch::dispatch::Context::new(Arc::new(tokio::sync::Notify::new()), token.clone()),
         ));
         while arrivals.at.lock().unwrap().len() < n {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let secs = t.elapsed().as_secs_f64();
         token.cancel();
-        worker.await.unwrap().unwrap();
+        worker.await.unwrap();
         let kind = if ordered {
             "ordered"
         } else {
@@ -371,10 +368,7 @@ async fn bench_delivery() {
     let worker = tokio::spawn(chainwatch::dispatch::run_endpoint(
         cfg.endpoints[0].clone(),
         Store::open(dir.path()).unwrap(),
-        wake.clone(),
-        chainwatch::dispatch::system_clock(),
-        Default::default(),
-        token.clone(),
+        chainwatch::dispatch::Context::new(wake.clone(), token.clone()),
     ));
     let mut committed_at = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -398,7 +392,7 @@ async fn bench_delivery() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     token.cancel();
-    worker.await.unwrap().unwrap();
+    worker.await.unwrap();
     let at = arrivals.at.lock().unwrap();
     let lat: Vec<f64> = committed_at
         .iter()

@@ -1,5 +1,6 @@
-//! `chainwatch run`: opens the store, waits for the node, subscribes to ZMQ, then runs the
-//! follower and one delivery worker per endpoint until shutdown.
+//! `chainwatch run`: opens the store, starts the admin API and one supervised delivery worker
+//! per endpoint, then waits for the node, subscribes to ZMQ and runs the follower until
+//! shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use crate::chain::{Follower, FollowerOptions};
 use crate::config::{core_chain_name, network_name, Config};
 use crate::dispatch;
 pub use crate::event::now_ms;
-use crate::metrics::Metrics;
+use crate::health::Health;
 use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
 use crate::store::Store;
@@ -30,20 +31,27 @@ pub fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-/// Waits until the node answers, telling the user why while it does not.
+/// Waits until the node answers, telling the user why while it does not (once, and again
+/// when the reason changes), and saying so in `/health`.
 pub async fn wait_for_node(
     rpc: &RpcClient,
     shutdown: &CancellationToken,
+    health: &Health,
 ) -> Result<Option<ChainInfo>, NodeError> {
     let mut delay = Duration::from_millis(250);
-    let mut said = false;
+    let mut said = String::new();
     loop {
         match rpc.chain_info().await {
-            Ok(info) => return Ok(Some(info)),
+            Ok(info) => {
+                health.node_ok();
+                return Ok(Some(info));
+            }
             Err(e) if e.is_transient() => {
-                if !said || delay >= Duration::from_secs(8) {
-                    tracing::warn!(error = %e, "waiting for bitcoind");
-                    said = true;
+                health.node_failed(&e.to_string());
+                let why = e.to_string();
+                if why != said {
+                    tracing::warn!(error = %e, "waiting for bitcoind (the API and deliveries run meanwhile)");
+                    said = why;
                 }
             }
             Err(e) => return Err(e),
@@ -97,13 +105,13 @@ pub fn check_chain(cfg: &Config, info: &ChainInfo) -> anyhow::Result<()> {
 /// Binds the admin API; a port already taken is an error at start, not a silent absence.
 async fn start_api(
     cfg: &Config,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    ctx: &dispatch::Context,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let app = api::router(
         &cfg.api,
         Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?,
-        metrics,
+        ctx.metrics.clone(),
+        ctx.health.clone(),
         cfg.network,
         cfg.default_confirmations,
     )
@@ -121,31 +129,118 @@ async fn start_api(
     }
     tracing::info!(listen = %cfg.api.listen, "admin API listening");
     let allow = cfg.api.allow_ips.clone();
-    Ok(Some(tokio::spawn(async move {
+    let shutdown = ctx.shutdown.clone();
+    Ok(tokio::spawn(async move {
         if let Err(e) = api::serve(listener, app, &allow, shutdown).await {
             tracing::error!(error = %e, "admin API stopped");
         }
-    })))
+    }))
 }
 
-/// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first.
+/// Runs a delivery worker for `ep`, starting it again whenever it ends before shutdown (a
+/// panic, or a store that could not be opened), and saying so in `/health` meanwhile.
+fn supervise_endpoint(
+    cfg: &Config,
+    ep: crate::config::EndpointConfig,
+    ctx: dispatch::Context,
+) -> tokio::task::JoinHandle<()> {
+    let (dir, key) = (cfg.data_dir.clone(), cfg.audit_key_file.clone());
+    let who = format!("dispatch:{}", ep.name);
+    tokio::spawn(async move {
+        loop {
+            let opened = {
+                let (dir, key) = (dir.clone(), key.clone());
+                tokio::task::spawn_blocking(move || Store::open_keyed(&dir, &key)).await
+            };
+            let why = match opened {
+                Ok(Ok(store)) => {
+                    ctx.health.worker_running(&who);
+                    match tokio::spawn(dispatch::run_endpoint(ep.clone(), store, ctx.clone())).await
+                    {
+                        Ok(()) if ctx.shutdown.is_cancelled() => return,
+                        Ok(()) => "it ended".to_string(),
+                        Err(e) => format!("it panicked: {e}"),
+                    }
+                }
+                Ok(Err(e)) => format!("cannot open the store: {e}"),
+                Err(e) => format!("opening the store panicked: {e}"),
+            };
+            tracing::error!(worker = %who, %why, "delivery worker stopped; starting it again");
+            ctx.health.worker_ended(&who, &why);
+            ctx.metrics.worker_restart(&who);
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    })
+}
+
+/// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first. The admin
+/// API and the delivery workers start first and run whether or not bitcoind answers.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Each worker builds the same client again; a bad certificate or proxy stops us here, once.
     for ep in &cfg.endpoints {
         dispatch::Sender::new(ep)?;
     }
     let store = open_store(&cfg)?;
+    // One look at the node first: a node of another chain or an unusable cookie is refused
+    // here, in one line, before anything starts. A node that is merely down is waited for.
     let rpc = Arc::new(RpcClient::new(
         &cfg.bitcoind.rpc_url,
         cfg.bitcoind.auth.clone(),
     ));
-    let Some(info) = wait_for_node(&rpc, &shutdown)
-        .await
-        .context("connecting to bitcoind")?
-    else {
-        return Ok(());
+    let first = match rpc.chain_info().await {
+        Ok(info) => {
+            check_chain(&cfg, &info)?;
+            Some(info)
+        }
+        Err(e) if e.is_transient() => None,
+        Err(e) => return Err(e).context("connecting to bitcoind"),
     };
-    check_chain(&cfg, &info)?;
+    let ctx = dispatch::Context::new(Arc::new(Notify::new()), shutdown.clone());
+    let api = start_api(&cfg, &ctx).await?;
+    let workers: Vec<_> = cfg
+        .endpoints
+        .iter()
+        .map(|ep| supervise_endpoint(&cfg, ep.clone(), ctx.clone()))
+        .collect();
+    let followed = follow(&cfg, store, rpc, first, &ctx).await;
+    shutdown.cancel();
+    for w in workers {
+        if let Err(e) = w.await {
+            tracing::error!(error = %e, "delivery supervisor panicked");
+        }
+    }
+    let _ = api.await;
+    tracing::info!("stopped");
+    followed
+}
+
+/// Waits for the node, subscribes to ZMQ and follows the chain until shutdown. The follower
+/// runs on a thread of its own: its store work may block (busy timeouts, a slow disk) without
+/// stalling the API or the deliveries.
+async fn follow(
+    cfg: &Config,
+    store: Store,
+    rpc: Arc<RpcClient>,
+    first: Option<ChainInfo>,
+    ctx: &dispatch::Context,
+) -> anyhow::Result<()> {
+    let shutdown = ctx.shutdown.clone();
+    let info = match first {
+        Some(info) => info,
+        None => {
+            let Some(info) = wait_for_node(&rpc, &shutdown, &ctx.health)
+                .await
+                .context("connecting to bitcoind")?
+            else {
+                return Ok(());
+            };
+            check_chain(cfg, &info)?;
+            info
+        }
+    };
     tracing::info!(chain = %info.chain, height = info.blocks, "connected to bitcoind");
 
     let announced = match rpc.zmq_notifications().await {
@@ -155,7 +250,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             vec![]
         }
     };
-    let subs = subscriptions(&cfg, &announced);
+    let subs = subscriptions(cfg, &announced);
     let has_sequence = subs.iter().any(|s| s.topic == "sequence");
     let (subscriber, zmq_rx) = if has_sequence {
         for s in &subs {
@@ -174,24 +269,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         store.load_tracked()?,
     );
     tracing::info!(tracked = tracker.len(), "state loaded");
-
-    let metrics = Arc::new(Metrics::default());
-    let api = start_api(&cfg, metrics.clone(), shutdown.clone()).await?;
-    let wake = Arc::new(Notify::new());
-    let mut workers = Vec::new();
-    for ep in cfg.endpoints.clone() {
-        let ep_store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
-        let (w, s, m) = (wake.clone(), shutdown.clone(), metrics.clone());
-        workers.push(tokio::spawn(dispatch::run_endpoint(
-            ep,
-            ep_store,
-            w,
-            dispatch::system_clock(),
-            m,
-            s,
-        )));
-    }
-
     let opts = FollowerOptions {
         start_height: cfg.start_height,
         poll_interval: cfg.bitcoind.poll_interval,
@@ -199,24 +276,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         alert_reorg_depth: cfg.alert_reorg_depth,
         node_unreachable_after: cfg.node_unreachable_after,
     };
-    let follower = Follower::new(rpc, store, tracker, opts, wake)
-        .with_metrics(metrics)
+    let follower = Follower::new(rpc, store, tracker, opts, ctx.wake.clone())
+        .with_metrics(ctx.metrics.clone())
+        .with_health(ctx.health.clone())
         .with_network(cfg.network);
-    follower.run(zmq_rx, shutdown.clone()).await;
-    shutdown.cancel();
-    for w in workers {
-        match w.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "delivery worker failed"),
-            Err(e) => tracing::error!(error = %e, "delivery worker panicked"),
-            Ok(Ok(())) => {}
-        }
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("follower".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("follower runtime");
+            rt.block_on(follower.run(zmq_rx, shutdown));
+            let _ = done_tx.send(());
+        })
+        .context("starting the follower thread")?;
+    if done_rx.await.is_err() {
+        tracing::error!("the follower thread panicked; stopping");
     }
     if let Some(s) = subscriber {
         s.stop();
     }
-    if let Some(api) = api {
-        let _ = api.await;
-    }
-    tracing::info!("stopped");
     Ok(())
 }

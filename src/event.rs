@@ -20,6 +20,8 @@ pub const ALERT_NODE_UNREACHABLE: &str = "alert.node_unreachable";
 pub const ALERT_NODE_RECOVERED: &str = "alert.node_recovered";
 pub const ALERT_ENDPOINT_DISABLED: &str = "alert.endpoint_disabled";
 pub const ALERT_DELIVERY_EXHAUSTED: &str = "alert.delivery_exhausted";
+pub const ALERT_ENDPOINT_FAILING: &str = "alert.endpoint_failing";
+pub const ALERT_STORE_ERROR: &str = "alert.store_error";
 
 /// A block as events name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,7 +123,7 @@ impl TxEventFacts<'_> {
     }
 }
 
-const KINDS: [&str; 13] = [
+const KINDS: [&str; 15] = [
     TX_PENDING,
     TX_CONFIRMATION,
     TX_CONFIRMED,
@@ -135,6 +137,8 @@ const KINDS: [&str; 13] = [
     ALERT_NODE_RECOVERED,
     ALERT_ENDPOINT_DISABLED,
     ALERT_DELIVERY_EXHAUSTED,
+    ALERT_ENDPOINT_FAILING,
+    ALERT_STORE_ERROR,
 ];
 
 pub fn static_kind(kind: &str) -> &'static str {
@@ -189,6 +193,14 @@ pub fn type_matches(glob: &str, kind: &str) -> bool {
 }
 
 /// Milliseconds since the Unix epoch.
+/// Unix milliseconds as an RFC 3339 time (whole seconds).
+pub fn rfc3339_ms(ms: i64) -> String {
+    rfc3339(
+        time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    )
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

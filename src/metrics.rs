@@ -27,6 +27,8 @@ pub struct Metrics {
     zmq_messages: Mutex<BTreeMap<String, u64>>,
     zmq_gaps: Mutex<BTreeMap<String, u64>>,
     zmq_refused: Mutex<BTreeMap<String, u64>>,
+    store_errors: Mutex<BTreeMap<String, u64>>,
+    worker_restarts: Mutex<BTreeMap<String, u64>>,
     events: Mutex<BTreeMap<String, u64>>,
     deliveries: Mutex<BTreeMap<(String, String), u64>>,
     latency: Mutex<Histogram>,
@@ -57,6 +59,16 @@ impl Metrics {
 
     pub fn zmq_gap(&self, topic: &str) {
         bump(&self.zmq_gaps, topic.to_string());
+    }
+
+    /// A store operation of `who` failed (it is retried).
+    pub fn store_error(&self, who: &str) {
+        bump(&self.store_errors, who.to_string());
+    }
+
+    /// A worker ended and was started again.
+    pub fn worker_restart(&self, who: &str) {
+        bump(&self.worker_restarts, who.to_string());
     }
 
     /// A relayed body that did not prove itself (forged or corrupt).
@@ -133,6 +145,20 @@ impl Metrics {
             "ZMQ counter gaps (lost messages or restarts).",
             "topic",
             &self.zmq_gaps,
+        );
+        counter_family(
+            &mut o,
+            "chainwatch_store_errors_total",
+            "Store operations that failed and were retried, by component.",
+            "component",
+            &self.store_errors,
+        );
+        counter_family(
+            &mut o,
+            "chainwatch_worker_restarts_total",
+            "Workers that ended and were started again.",
+            "worker",
+            &self.worker_restarts,
         );
         counter_family(
             &mut o,

@@ -13,7 +13,6 @@ use axum::{Json, Router};
 use bitcoin::Network;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 mod listen;
@@ -21,8 +20,9 @@ mod listen;
 pub use listen::{HEADER_TIMEOUT, MAX_CONNECTIONS};
 
 use crate::config::ApiConfig;
+use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{SharedStore, Store};
 use crate::watch::check_metadata;
 
 /// Largest request body accepted, in bytes.
@@ -86,7 +86,8 @@ impl IpNet {
 
 #[derive(Clone)]
 struct Api {
-    store: Arc<Mutex<Store>>,
+    store: SharedStore,
+    health: Arc<Health>,
     token: Option<String>,
     allow: Arc<Vec<IpNet>>,
     metrics: Arc<Metrics>,
@@ -149,6 +150,7 @@ pub fn router(
     cfg: &ApiConfig,
     store: Store,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     network: Network,
     default_confirmations: u32,
 ) -> Result<Router, String> {
@@ -161,7 +163,8 @@ pub fn router(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let api = Api {
-        store: Arc::new(Mutex::new(store)),
+        store: SharedStore::new(store),
+        health,
         token: cfg.token.clone(),
         allow: Arc::new(allow),
         metrics,
@@ -169,7 +172,7 @@ pub fn router(
         default_confirmations,
     };
     Ok(Router::new()
-        .route("/health", get(health))
+        .route("/health", get(health_check))
         .route("/metrics", get(metrics_text))
         .route("/v1/watches", get(list_watches).post(add_watch))
         .route("/v1/watches/{id}", delete(remove_watch))
@@ -206,21 +209,51 @@ fn store_error(e: impl std::fmt::Display) -> Response {
     error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}"))
 }
 
-async fn health(State(api): State<Api>) -> Response {
-    let tip = match api.store.lock().await.tip() {
-        Ok(t) => t,
-        Err(e) => return store_error(e),
+/// 200 only when the follower is at the node's tip, the store takes writes and every worker
+/// runs; otherwise 503 with what is wrong.
+async fn health_check(State(api): State<Api>) -> Response {
+    let probe = api
+        .store
+        .run(|s| {
+            let tip = s.tip()?;
+            let writable = s.probe_write(HEALTH_WRITE_PROBE);
+            Ok((tip, writable))
+        })
+        .await;
+    let mut problems = api.health.problems();
+    let tip = match probe {
+        Ok((tip, writable)) => {
+            if let Err(e) = writable {
+                problems.push(format!("store: {e}"));
+            }
+            tip
+        }
+        Err(e) => {
+            problems.push(format!("store: {e}"));
+            None
+        }
     };
     let node = api
         .metrics
         .node_reachable
         .load(std::sync::atomic::Ordering::Relaxed);
     let tip = tip.map(|t| json!({ "hash": t.hash.to_string(), "height": t.height }));
-    Json(json!({ "status": "ok", "tip": tip, "node_reachable": node })).into_response()
+    if problems.is_empty() {
+        return Json(json!({ "status": "ok", "tip": tip, "node_reachable": node })).into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "status": "degraded", "problems": problems, "tip": tip, "node_reachable": node })),
+    )
+        .into_response()
 }
 
+/// How long `/health` waits for the store's write lock before calling it refused.
+const HEALTH_WRITE_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn metrics_text(State(api): State<Api>) -> Response {
-    let queues = match api.store.lock().await.queue_states(crate::event::now_ms()) {
+    let now = crate::event::now_ms();
+    let queues = match api.store.run(move |s| s.queue_states(now)).await {
         Ok(q) => q,
         Err(e) => return store_error(e),
     };
@@ -232,7 +265,7 @@ async fn metrics_text(State(api): State<Api>) -> Response {
 }
 
 async fn list_watches(State(api): State<Api>) -> Response {
-    match api.store.lock().await.load_watches() {
+    match api.store.run(|s| s.load_watches()).await {
         Ok(w) => Json(json!({ "watches": w })).into_response(),
         Err(e) => store_error(e),
     }
@@ -287,13 +320,17 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
         Ok(w) => w,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
-    let mut store = api.store.lock().await;
-    let stored = store
-        .upsert_watch(&watch, "api", crate::event::now_ms())
-        .and_then(|()| match w.rescan_from {
-            Some(h) => store.request_rescan(&watch.id, h).map(|_| ()),
-            None => Ok(()),
-        });
+    let (to_store, rescan_from) = (watch.clone(), w.rescan_from);
+    let stored = api
+        .store
+        .run(move |store| {
+            store.upsert_watch(&to_store, "api", crate::event::now_ms())?;
+            match rescan_from {
+                Some(h) => store.request_rescan(&to_store.id, h).map(|_| ()),
+                None => Ok(()),
+            }
+        })
+        .await;
     match stored {
         Ok(()) => (StatusCode::CREATED, Json(json!(watch))).into_response(),
         Err(e) => store_error(e),
@@ -301,7 +338,8 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
 }
 
 async fn remove_watch(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    match api.store.lock().await.remove_watch(&id) {
+    let wid = id.clone();
+    match api.store.run(move |s| s.remove_watch(&wid)).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no watch {id}")),
         Err(e) => store_error(e),
@@ -330,12 +368,8 @@ async fn list_events(
             format!("limit {limit}: must be between 1 and 1000"),
         );
     }
-    let rows = match api
-        .store
-        .lock()
-        .await
-        .events_after(q.after.unwrap_or(0), limit)
-    {
+    let after = q.after.unwrap_or(0);
+    let rows = match api.store.run(move |s| s.events_after(after, limit)).await {
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
@@ -370,26 +404,31 @@ async fn list_deliveries(
             );
         }
     }
-    match api
+    let (status, endpoint) = (q.status.clone(), q.endpoint.clone());
+    let rows = api
         .store
-        .lock()
-        .await
-        .list_deliveries(q.status.as_deref(), q.endpoint.as_deref(), 10_000)
-    {
+        .run(move |s| s.list_deliveries(status.as_deref(), endpoint.as_deref(), 10_000))
+        .await;
+    match rows {
         Ok(rows) => Json(json!({ "deliveries": rows })).into_response(),
         Err(e) => store_error(e),
     }
 }
 
 async fn redeliver(State(api): State<Api>, Path(id): Path<String>) -> Response {
-    let store = api.store.lock().await;
-    match store.event_by_id(&id) {
-        Ok(Some(_)) => {}
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no event {id}")),
-        Err(e) => return store_error(e),
-    }
-    match store.redeliver(Some(&id), None, crate::event::now_ms()) {
-        Ok(n) => (StatusCode::ACCEPTED, Json(json!({ "queued": n }))).into_response(),
+    let eid = id.clone();
+    let queued = api
+        .store
+        .run(move |s| match s.event_by_id(&eid)? {
+            Some(_) => s
+                .redeliver(Some(&eid), None, crate::event::now_ms())
+                .map(Some),
+            None => Ok(None),
+        })
+        .await;
+    match queued {
+        Ok(Some(n)) => (StatusCode::ACCEPTED, Json(json!({ "queued": n }))).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
         Err(e) => store_error(e),
     }
 }

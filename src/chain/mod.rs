@@ -3,6 +3,7 @@
 //! the fork point, then connects the new branch in height order.
 
 mod mempool;
+mod report;
 mod rescan;
 mod support;
 mod sync;
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::Txid;
-use serde_json::{json, Map};
+use serde_json::Map;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -91,6 +92,9 @@ pub struct Follower<S: ChainSource> {
     /// Loads watch records (labels, metadata) for events, over a connection of its own.
     loader: Option<crate::watch::WatchLoader>,
     network: bitcoin::Network,
+    health: Arc<crate::health::Health>,
+    /// The last error told, so a repeated one is not told again on every retry.
+    last_error: String,
     /// When the sequence topic last spoke: a silence longer than `poll_interval` may hide a
     /// lost last message, which no counter gap would reveal.
     last_sequence_msg: std::time::Instant,
@@ -122,6 +126,8 @@ impl<S: ChainSource> Follower<S> {
             outage: None,
             last_sequence_msg: std::time::Instant::now(),
             metrics: Arc::new(Metrics::default()),
+            health: Arc::default(),
+            last_error: String::new(),
             watch_version: -1,
             rescan: None,
             loader: None,
@@ -182,6 +188,12 @@ impl<S: ChainSource> Follower<S> {
         self
     }
 
+    /// Reports incidents into `health` (by default into a private one nobody reads).
+    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Follower<S> {
+        self.health = health;
+        self
+    }
+
     /// Runs until `shutdown`. Nothing here is fatal: a node that is down, a malformed answer or
     /// a busy database are all retried with backoff, and said loudly while they last.
     pub async fn run(mut self, mut zmq: Option<ZmqReceiver>, shutdown: CancellationToken) {
@@ -194,21 +206,10 @@ impl<S: ChainSource> Follower<S> {
                     Ok(()) => {
                         self.needs_resync = false;
                         backoff = Duration::from_millis(250);
-                        self.metrics
-                            .node_reachable
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
-                        self.node_answered();
+                        self.sync_succeeded();
                     }
                     Err(e) => {
-                        if e.is_transient() {
-                            tracing::warn!(error = %e, retry_in = ?backoff, "node not available; will retry");
-                            self.metrics
-                                .node_reachable
-                                .store(false, std::sync::atomic::Ordering::Relaxed);
-                            self.node_failed(&e);
-                        } else {
-                            tracing::error!(error = %e, retry_in = ?backoff, "sync failed; will retry");
-                        }
+                        self.sync_failed(&e);
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = tokio::time::sleep(backoff) => {}
@@ -224,7 +225,7 @@ impl<S: ChainSource> Follower<S> {
                     Some(m) => {
                         let batch = drain(m, zmq.as_mut());
                         if let Err(e) = self.on_zmq_batch(batch).await {
-                            tracing::warn!(error = %e, "handling ZMQ news failed; resyncing over RPC");
+                            self.sync_failed(&e);
                             self.needs_resync = true;
                             self.mempool_stale = true;
                         }
@@ -411,52 +412,6 @@ impl<S: ChainSource> Follower<S> {
     ) -> NewEvent {
         event::other_event(kind, identity, self.tracker.network, fields)
     }
-
-    fn node_failed(&mut self, e: &FollowError) {
-        let now = now_ms();
-        let outage = self.outage.get_or_insert(Outage {
-            since_ms: now,
-            alerted: false,
-            error: String::new(),
-        });
-        outage.error = e.to_string();
-        if outage.alerted
-            || now - outage.since_ms < self.opts.node_unreachable_after.as_millis() as i64
-        {
-            return;
-        }
-        let since = outage.since_ms;
-        let fields = fields(json!({ "since": rfc3339_ms(since), "error": outage.error }));
-        tracing::error!(since = %rfc3339_ms(since), "bitcoind unreachable; alerting");
-        if self
-            .commit_other(event::ALERT_NODE_UNREACHABLE, &since.to_string(), fields)
-            .is_ok()
-        {
-            if let Some(o) = self.outage.as_mut() {
-                o.alerted = true;
-            }
-        }
-    }
-
-    fn node_answered(&mut self) {
-        let Some(outage) = self.outage.take() else {
-            return;
-        };
-        if !outage.alerted {
-            return;
-        }
-        let down_secs = (now_ms() - outage.since_ms) / 1000;
-        tracing::info!(down_secs, "bitcoind reachable again");
-        let fields =
-            fields(json!({ "since": rfc3339_ms(outage.since_ms), "down_seconds": down_secs }));
-        if let Err(e) = self.commit_other(
-            event::ALERT_NODE_RECOVERED,
-            &outage.since_ms.to_string(),
-            fields,
-        ) {
-            tracing::warn!(error = %e, "recording alert.node_recovered failed");
-        }
-    }
 }
 
 /// A loader of watch records over its own connection to the store.
@@ -475,13 +430,6 @@ fn fields(v: serde_json::Value) -> Map<String, serde_json::Value> {
         serde_json::Value::Object(m) => m,
         _ => Map::new(),
     }
-}
-
-fn rfc3339_ms(ms: i64) -> String {
-    event::rfc3339(
-        time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
-    )
 }
 
 /// Takes `first` and everything already queued behind it: bodies from rawtx/rawblock (other

@@ -105,6 +105,12 @@ impl<S: ChainSource> Follower<S> {
             self.metrics
                 .node_height
                 .store(best_height as i64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(t) = tip.filter(|t| t.height < best_height) {
+                self.health.set_following(crate::health::Following::Behind {
+                    tip: t.height as i64,
+                    node: best_height as i64,
+                });
+            }
             let start = match tip {
                 None => 0,
                 Some(tip) => self.unwind(tip, best, best_height).await?,

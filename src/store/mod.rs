@@ -84,6 +84,8 @@ pub struct Store {
 }
 
 pub const DB_FILE: &str = "chainwatch.sqlite";
+/// How long a statement waits for another connection's write lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join(DB_FILE)
@@ -152,7 +154,7 @@ impl Store {
         let path = db_path(data_dir);
         make_private_file(&path)?;
         let mut conn = Connection::open(&path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed chain step survives power loss, not only a process crash.
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -200,6 +202,18 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether a write could start now: takes the write lock (waiting at most `wait`) and
+    /// lets it go, writing nothing.
+    pub fn probe_write(&mut self, wait: Duration) -> Result<()> {
+        self.conn.busy_timeout(wait)?;
+        let r = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .and_then(|tx| tx.rollback());
+        self.conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(r?)
     }
 
     /// How many blocks below the tip are kept to find fork points.

@@ -133,7 +133,7 @@ pub struct Outbox {
     pub token: CancellationToken,
     pub endpoints: Vec<EndpointConfig>,
     pub ids: Vec<String>,
-    workers: Vec<tokio::task::JoinHandle<Result<(), chainwatch::store::StoreError>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 pub const T0: i64 = 1_800_000_000_000;
@@ -191,14 +191,12 @@ impl Outbox {
             let c = o.clock.clone();
             let clock: Clock = Arc::new(move || c.load(Ordering::SeqCst));
             let store = Store::open(o.dir.path()).unwrap();
-            o.workers.push(tokio::spawn(dispatch::run_endpoint(
-                ep,
-                store,
-                o.wake.clone(),
+            let ctx = dispatch::Context {
                 clock,
-                Default::default(),
-                o.token.clone(),
-            )));
+                ..dispatch::Context::new(o.wake.clone(), o.token.clone())
+            };
+            o.workers
+                .push(tokio::spawn(dispatch::run_endpoint(ep, store, ctx)));
         }
         o
     }
@@ -256,7 +254,7 @@ impl Outbox {
     pub async fn stop(self) {
         self.token.cancel();
         for w in self.workers {
-            w.await.unwrap().unwrap();
+            w.await.expect("worker ends cleanly");
         }
     }
 }

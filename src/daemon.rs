@@ -17,7 +17,7 @@ pub use crate::event::now_ms;
 use crate::health::Health;
 use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
-use crate::store::Store;
+use crate::store::{RetentionPolicy, SharedStore, Store};
 use crate::tracker::Tracker;
 
 /// Opens the store and makes its endpoints and config watches match the config.
@@ -205,6 +205,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .iter()
         .map(|ep| supervise_endpoint(&cfg, ep.clone(), ctx.clone()))
         .collect();
+    let retention = tokio::spawn(retain(
+        Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?,
+        RetentionPolicy {
+            attempts: cfg.retain_attempts,
+            events: cfg.retain_events,
+        },
+        ctx.clone(),
+    ));
     let followed = follow(&cfg, store, rpc, first, &ctx).await;
     shutdown.cancel();
     for w in workers {
@@ -213,8 +221,65 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
     let _ = api.await;
+    let _ = retention.await;
     tracing::info!("stopped");
     followed
+}
+
+/// How often retention looks for something to prune, and how much goes per transaction.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+const RETENTION_BATCH: usize = 500;
+
+/// Prunes what the retention policy lets go, in small batches, until shutdown; store errors
+/// are reported and retried like any worker's.
+async fn retain(store: Store, policy: RetentionPolicy, ctx: dispatch::Context) {
+    let store = SharedStore::new(store);
+    let mut tick = tokio::time::interval(RETENTION_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut total = crate::store::Pruned::default();
+        loop {
+            let now = (ctx.clock)();
+            match store
+                .run(move |s| s.prune_batch(&policy, now, RETENTION_BATCH))
+                .await
+            {
+                Ok(p) => {
+                    ctx.health.store_ok("retention");
+                    if p.is_empty() {
+                        break;
+                    }
+                    total.merge(p);
+                }
+                Err(e) => {
+                    ctx.metrics.store_error("retention");
+                    if ctx.health.store_failed("retention", &e.to_string())
+                        == crate::health::Change::Started
+                    {
+                        tracing::error!(error = %e, "retention cannot prune; will try again");
+                    }
+                    break;
+                }
+            }
+            if ctx.shutdown.is_cancelled() {
+                return;
+            }
+            // Let writers in between batches.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !total.is_empty() {
+            tracing::info!(
+                attempts = total.attempts,
+                deliveries = total.deliveries,
+                events = total.events,
+                "retention pruned old records"
+            );
+        }
+    }
 }
 
 /// Waits for the node, subscribes to ZMQ and follows the chain until shutdown. The follower

@@ -99,6 +99,15 @@ struct RawConfig {
     api: RawApi,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    attempts: Option<String>,
+    events: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,6 +292,10 @@ pub struct Config {
     pub api: ApiConfig,
     /// The HMAC key of the event log's chain (`[audit] key_file`; default data_dir/audit.key).
     pub audit_key_file: PathBuf,
+    /// `[retention] attempts`: attempt records and delivered delivery rows kept this long.
+    pub retain_attempts: Duration,
+    /// `[retention] events`: events kept this long (default: forever).
+    pub retain_events: Option<Duration>,
 }
 
 /// The audit key's file name in the data directory when `[audit] key_file` is not set.
@@ -529,6 +542,24 @@ impl RawConfig {
             watches.push(w.validate(i, network, self.default_confirmations)?);
         }
         let api = self.api.validate()?;
+        let retain_attempts = duration(
+            "retention.attempts",
+            self.retention.attempts.as_deref(),
+            "30d",
+        )?;
+        let retain_events = self
+            .retention
+            .events
+            .as_deref()
+            .map(|e| duration("retention.events", Some(e), ""))
+            .transpose()?;
+        if retain_events.is_some_and(|e| e < retain_attempts) {
+            return Err(invalid(
+                "retention.events",
+                self.retention.events.as_deref().unwrap_or(""),
+                "must be at least retention.attempts",
+            ));
+        }
         let data_dir = resolve(base, self.data_dir);
         let audit_key_file = match self.audit.key_file {
             Some(p) => resolve(base, p),
@@ -538,6 +569,8 @@ impl RawConfig {
             network,
             data_dir,
             audit_key_file,
+            retain_attempts,
+            retain_events,
             default_confirmations: self.default_confirmations,
             start_height,
             finality_depth: self.finality_depth,

@@ -322,12 +322,23 @@ impl Store {
             .conn
             .prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))?;
         let mut rows = stmt.query([])?;
-        let (mut expected_seq, mut prev, mut count) = (1i64, String::new(), 0i64);
         let fail = |count: i64, seq: i64, why: String| AuditReport {
             verified: count,
             problem: Some((seq, why)),
             head: None,
         };
+        // Retention may have pruned a prefix: the chain then starts at its keyed checkpoint.
+        let (checkpoint_seq, checkpoint_chain) = match self.meta("audit_checkpoint")? {
+            None => (0, String::new()),
+            Some(c) => match parse_checkpoint(key, &c) {
+                Some(p) => p,
+                None => {
+                    let why = "the retention checkpoint does not verify under the audit key: it was edited".to_string();
+                    return Ok(fail(0, 1, why));
+                }
+            },
+        };
+        let (mut expected_seq, mut prev, mut count) = (checkpoint_seq + 1, checkpoint_chain, 0i64);
         while let Some(r) = rows.next()? {
             let row = chained_row(r)?;
             let problem = if row.seq != expected_seq {
@@ -348,9 +359,10 @@ impl Store {
         }
         drop(rows);
         drop(stmt);
+        let last = expected_seq - 1;
         let legacy_break = legacy_break(&self.conn)?;
         let head = self.meta("event_head")?;
-        if count == 0 && head.is_none() {
+        if last == 0 && head.is_none() {
             return Ok(AuditReport {
                 verified: 0,
                 problem: None,
@@ -359,20 +371,20 @@ impl Store {
         }
         let Some(head) = head else {
             let why = "the stored head is missing while events exist: the newest rows or the head were removed".to_string();
-            return Ok(fail(count, count + 1, why));
+            return Ok(fail(count, last + 1, why));
         };
         let head_seq: i64 = head
             .split('|')
             .next()
             .and_then(|s| s.parse().ok())
             .unwrap_or(-1);
-        if head != key.head(count, &prev, legacy_break) {
-            let why = if head_seq > count {
-                format!("the log ends at sequence {count}, but {head_seq} events were recorded: the newest rows were removed")
+        if head != key.head(last, &prev, legacy_break) {
+            let why = if head_seq > last {
+                format!("the log ends at sequence {last}, but {head_seq} events were recorded: the newest rows were removed")
             } else {
                 "the stored head does not match the log's newest row under the audit key: the head or the newest rows were edited".to_string()
             };
-            return Ok(fail(count, count + 1, why));
+            return Ok(fail(count, last + 1, why));
         }
         if let Some(seq) = legacy_break {
             let why = "the log was edited before it was keyed: its old unkeyed chain broke here when the store was upgraded".to_string();
@@ -381,14 +393,23 @@ impl Store {
         Ok(AuditReport {
             verified: count,
             problem: None,
-            head: Some((count, prev)),
+            head: Some((last, prev)),
         })
     }
 }
 
 impl Store {
-    /// The chain value stored for `seq`, to compare with an anchor recorded elsewhere.
+    /// The chain value stored for `seq` (or kept by the retention checkpoint), to compare with
+    /// an anchor recorded elsewhere.
     pub fn chain_at(&self, seq: i64) -> Result<Option<String>> {
+        if let Some((s, chain)) = self
+            .meta("audit_checkpoint")?
+            .and_then(|c| parse_checkpoint(&self.audit_key, &c))
+        {
+            if s == seq {
+                return Ok(Some(chain));
+            }
+        }
         Ok(self
             .conn
             .query_row("SELECT row_hash FROM events WHERE seq = ?1", [seq], |r| {
@@ -396,6 +417,19 @@ impl Store {
             })
             .optional()?)
     }
+}
+
+/// The retention checkpoint: the last pruned sequence and its chain value, under a MAC.
+pub(super) fn checkpoint(key: &AuditKey, seq: i64, chain: &str) -> String {
+    let mac = key.mac(&[format!("checkpoint|{seq}|{chain}").as_bytes()]);
+    format!("{seq}|{chain}|{mac}")
+}
+
+fn parse_checkpoint(key: &AuditKey, text: &str) -> Option<(i64, String)> {
+    let mut parts = text.split('|');
+    let seq: i64 = parts.next()?.parse().ok()?;
+    let chain = parts.next()?.to_string();
+    (checkpoint(key, seq, &chain) == text).then_some((seq, chain))
 }
 
 /// Where an upgrade found the old chain broken, if it did (covered by the head's MAC).

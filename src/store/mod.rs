@@ -5,6 +5,7 @@ mod audit;
 mod migrations;
 mod outbox;
 mod records;
+mod retention;
 mod shared;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ pub use outbox::{
     EndpointState,
 };
 pub use records::EventRow;
+pub use retention::{Pruned, RetentionPolicy};
 pub use shared::SharedStore;
 
 use crate::event::{type_matches, webhook_body, BlockRef, NewEvent};

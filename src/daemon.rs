@@ -229,18 +229,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 /// How often retention looks for something to prune, and how much goes per transaction.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 const RETENTION_BATCH: usize = 500;
+const RETENTION_RETRY: Duration = Duration::from_secs(5);
 
 /// Prunes what the retention policy lets go, in small batches, until shutdown; store errors
 /// are reported and retried like any worker's.
 async fn retain(store: Store, policy: RetentionPolicy, ctx: dispatch::Context) {
     let store = SharedStore::new(store);
-    let mut tick = tokio::time::interval(RETENTION_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+        wait = RETENTION_EVERY;
         let mut total = crate::store::Pruned::default();
         loop {
             let now = (ctx.clock)();
@@ -256,6 +257,8 @@ async fn retain(store: Store, policy: RetentionPolicy, ctx: dispatch::Context) {
                     total.merge(p);
                 }
                 Err(e) => {
+                    // Soon again: /health reports the incident until a prune succeeds.
+                    wait = RETENTION_RETRY;
                     ctx.metrics.store_error("retention");
                     if ctx.health.store_failed("retention", &e.to_string())
                         == crate::health::Change::Started

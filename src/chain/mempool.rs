@@ -56,14 +56,27 @@ impl<S: ChainSource> Follower<S> {
         self.match_mempool_tx(&tx)
     }
 
-    /// Matches a mempool transaction the node has just vouched for.
+    /// Matches a mempool transaction the node has just vouched for. If its step cannot be
+    /// committed, the transaction is kept and matched again before anything later (its block
+    /// included), so a store outage does not turn its tx.pending into nothing.
     fn match_mempool_tx(&mut self, tx: &Transaction) -> Result<(), FollowError> {
         let txid = tx.compute_txid();
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
         let step = self.tracker.mempool_add(&self.index, tx, tip);
-        self.commit(step)?;
+        let matched = !step.events.is_empty();
+        if let Err(e) = self.commit(step) {
+            if matched
+                && !self
+                    .deferred_mempool
+                    .iter()
+                    .any(|t| t.compute_txid() == txid)
+            {
+                self.deferred_mempool.push(tx.clone());
+            }
+            return Err(e);
+        }
         // Only once handled: a failure above leaves it for the resync to pick up.
         self.seen_mempool.insert(txid);
         Ok(())
@@ -84,15 +97,13 @@ impl<S: ChainSource> Follower<S> {
             .into_iter()
             .partition(|(_, at)| at.elapsed() >= min_age);
         self.pending_removals = wait;
-        for (txid, _) in due {
-            if self.still_in_mempool(txid).await? {
-                continue;
+        for (i, &(txid, _)) in due.iter().enumerate() {
+            let classified = self.classify_one(txid, incoming, tip).await;
+            if classified.is_err() {
+                // Not lost: this removal and the ones after it wait for the next try.
+                self.pending_removals.extend_from_slice(&due[i..]);
             }
-            let spends = self.tracker.spends_of(txid);
-            let why = self.removal_cause(&spends, incoming).await?;
-            tracing::info!(%txid, ?why, "tracked transaction left the mempool");
-            let step = self.tracker.mempool_removed(&self.index, txid, why, tip);
-            self.commit(step)?;
+            classified?;
         }
         for txid in self.tracker.reorged_out() {
             if let Some(by) = self.recent_spends.conflict(&self.tracker.spends_of(txid)) {
@@ -103,6 +114,23 @@ impl<S: ChainSource> Follower<S> {
             }
         }
         Ok(())
+    }
+
+    /// Says why one tracked transaction left the mempool, unless the node still holds it.
+    async fn classify_one(
+        &mut self,
+        txid: Txid,
+        incoming: &[Transaction],
+        tip: crate::event::TipRef,
+    ) -> Result<(), FollowError> {
+        if self.still_in_mempool(txid).await? {
+            return Ok(());
+        }
+        let spends = self.tracker.spends_of(txid);
+        let why = self.removal_cause(&spends, incoming).await?;
+        tracing::info!(%txid, ?why, "tracked transaction left the mempool");
+        let step = self.tracker.mempool_removed(&self.index, txid, why, tip);
+        self.commit(step)
     }
 
     /// Whether the node still holds a transaction announced as removed: a forged `R` (or one
@@ -140,6 +168,49 @@ impl<S: ChainSource> Follower<S> {
         }
     }
 
+    /// A transaction announced while the store fails: kept for later if the node holds it
+    /// and it matches; anything that goes wrong here is left to the resync.
+    pub(super) async fn defer_announced(&mut self, txid: Txid) {
+        if let Ok(Some(tx)) = self.mempool_body(txid, false).await {
+            let _ = self.defer_if_matched(&tx);
+        }
+    }
+
+    /// Keeps a mempool transaction for `replay_deferred` if it pays or spends a watch.
+    fn defer_if_matched(&mut self, tx: &Transaction) -> Result<(), FollowError> {
+        let Some(tip) = self.tip_ref()? else {
+            return Ok(());
+        };
+        let txid = tx.compute_txid();
+        let matched = !self
+            .tracker
+            .mempool_add(&self.index, tx, tip)
+            .events
+            .is_empty();
+        if matched
+            && !self
+                .deferred_mempool
+                .iter()
+                .any(|t| t.compute_txid() == txid)
+        {
+            self.deferred_mempool.push(tx.clone());
+        }
+        Ok(())
+    }
+
+    /// Matches again, in their order, mempool transactions whose step could not be committed.
+    pub(super) fn replay_deferred(&mut self) -> Result<(), FollowError> {
+        while let Some(tx) = self.deferred_mempool.first().cloned() {
+            let Some(tip) = self.tip_ref()? else {
+                return Ok(());
+            };
+            let step = self.tracker.mempool_add(&self.index, &tx, tip);
+            self.commit(step)?;
+            self.deferred_mempool.remove(0);
+        }
+        Ok(())
+    }
+
     /// Reconciles with `getrawmempool`: classifies tracked transactions that left while we were
     /// not listening, then matches every transaction not seen yet, in the node's order.
     pub async fn sync_mempool(&mut self) -> Result<(), FollowError> {
@@ -175,9 +246,15 @@ impl<S: ChainSource> Follower<S> {
         }
         self.classify_pending(&fresh, Duration::ZERO).await?;
         // These came from a getrawmempool validated against the tip: the node vouched for them.
+        // Once a commit fails, the rest that match are kept for later without trying each.
+        let mut failed = None;
         for tx in &fresh {
-            self.match_mempool_tx(tx)?;
+            if failed.is_some() {
+                self.defer_if_matched(tx)?;
+            } else if let Err(e) = self.match_mempool_tx(tx) {
+                failed = Some(e);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }

@@ -78,6 +78,8 @@ pub struct Follower<S: ChainSource> {
     recent_spends: RecentSpends,
     /// Mempool txids already matched, so a resync fetches only new ones.
     seen_mempool: HashSet<Txid>,
+    /// Matched mempool transactions whose commit failed, to be matched again first.
+    deferred_mempool: Vec<bitcoin::Transaction>,
     /// Tracked transactions announced as removed (`R`), classified by what comes next.
     pending_removals: Vec<(Txid, std::time::Instant)>,
     counters: HashMap<String, u32>,
@@ -120,6 +122,7 @@ impl<S: ChainSource> Follower<S> {
             recent_spends: RecentSpends::default(),
             seen_mempool: HashSet::new(),
             pending_removals: Vec::new(),
+            deferred_mempool: Vec::new(),
             counters: HashMap::new(),
             needs_resync: true,
             mempool_stale: true,
@@ -210,11 +213,22 @@ impl<S: ChainSource> Follower<S> {
                     }
                     Err(e) => {
                         self.sync_failed(&e);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                        // Keep reading ZMQ while waiting: a payment announced now is owed its
+                        // tx.pending even if it is mined before the resync succeeds.
+                        let sleep = tokio::time::sleep(backoff);
+                        tokio::pin!(sleep);
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = &mut sleep => break,
+                                Some(m) = recv(&mut zmq) => {
+                                    let batch = drain(m, zmq.as_mut());
+                                    // Failures here are the one being retried.
+                                    let _ = self.on_zmq_batch(batch).await;
+                                }
+                            }
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
                         continue;
                     }
                 }
@@ -261,6 +275,7 @@ impl<S: ChainSource> Follower<S> {
     /// Brings chain and mempool up to date with the node.
     pub async fn resync(&mut self) -> Result<(), FollowError> {
         self.refresh_watches()?;
+        self.replay_deferred()?;
         self.sync_chain().await?;
         if self.opts.zmq_mempool && !self.mempool_stale {
             return Ok(());
@@ -291,10 +306,21 @@ impl<S: ChainSource> Follower<S> {
                 ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}
             }
         }
+        let mut failed = None;
         for ev in events {
-            self.on_sequence(ev).await?;
+            match (&failed, ev) {
+                (None, ev) => {
+                    if let Err(e) = self.on_sequence(ev).await {
+                        failed = Some(e);
+                    }
+                }
+                // The store failed: payments announced behind the failure are kept for later
+                // (their tx.pending is owed); blocks and removals are redone by the resync.
+                (Some(_), SequenceEvent::TxAdded(txid, _)) => self.defer_announced(txid).await,
+                (Some(_), _) => {}
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     fn check_counter(&mut self, m: &ZmqMessage) {

@@ -17,5 +17,6 @@ mod pipeline;
 mod real_node;
 mod rescan;
 mod secrets;
+mod store_faults;
 mod tls_kit;
 mod trust;

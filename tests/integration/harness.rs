@@ -57,7 +57,14 @@ pub struct TestReceiver {
 
 impl TestReceiver {
     pub async fn start() -> TestReceiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestReceiver::start_on(0).await
+    }
+
+    /// A receiver on a chosen loopback port (0: any).
+    pub async fn start_on(port: u16) -> TestReceiver {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let url = format!("http://{}/hooks", listener.local_addr().unwrap());
         let r = TestReceiver::new(url);
         let app = r.router();

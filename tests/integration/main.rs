@@ -7,6 +7,7 @@ mod chain_events;
 mod cli;
 mod crash;
 mod delivery;
+mod delivery_faults;
 mod descriptors;
 mod faults;
 mod fidelity;

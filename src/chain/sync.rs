@@ -94,6 +94,7 @@ impl<S: ChainSource> Follower<S> {
                     .store(t.height as i64, std::sync::atomic::Ordering::Relaxed);
             }
             if tip.map(|t| t.hash) == Some(best) {
+                self.health.set_following(crate::health::Following::AtTip);
                 if let Some(t) = tip {
                     self.metrics
                         .node_height

@@ -151,3 +151,39 @@ async fn a_closed_port_for_100000_queued_events_costs_one_attempt_per_step() {
     assert_eq!(seen, ids, "exactly the queued events");
     assert!(got.iter().all(|c| c.verified), "every signature verifies");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_past_failing_after_raises_one_alert() {
+    let failing = TestReceiver::start().await;
+    failing.set_status(500);
+    let opts = Options {
+        endpoint: format!(
+            "events = [\"alert.*\"]\n\n[[endpoints]]\nname = \"orders\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nfailing_after = \"2s\"\nretry_schedule = [\"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\"]\n",
+            failing.url
+        ),
+        ..Options::default()
+    };
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    let _daemon = KillOnDrop(h.spawn_binary());
+    h.wait_synced().await;
+    let txid = h.node.pay(P2WPKH, 16_000).to_string();
+    let alerts = h.receiver.wait_accepted(1, WAIT).await;
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].kind(), "alert.endpoint_failing");
+    let a = alerts[0].data();
+    assert_eq!(a["endpoint"], "orders", "{a}");
+    assert!(a["failing_seconds"].as_i64() >= Some(2), "{a}");
+    assert!(
+        a["last_error"].as_str().unwrap_or("").contains("HTTP 500"),
+        "{a}"
+    );
+    failing.set_status(204);
+    let got = failing.wait_accepted(1, WAIT).await;
+    assert_eq!(history(&got, &txid), expect_history(&[("tx.pending", 0)]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        h.receiver.accepted().len(),
+        1,
+        "one alert for the failing spell"
+    );
+}

@@ -217,8 +217,13 @@ impl Store {
         enabled: bool,
         reason: Option<&str>,
     ) -> Result<bool> {
+        // Enabling by hand is a fresh start: the next delivery goes out at once, not after
+        // the back-off step the endpoint was on.
         let n = self.conn.execute(
-            "UPDATE endpoints SET enabled = ?2, disabled_reason = ?3 WHERE name = ?1",
+            "UPDATE endpoints SET enabled = ?2, disabled_reason = ?3,
+               backoff_step = CASE WHEN ?2 THEN 0 ELSE backoff_step END,
+               backoff_until = CASE WHEN ?2 THEN NULL ELSE backoff_until END
+             WHERE name = ?1",
             params![name, enabled, reason],
         )?;
         Ok(n > 0)

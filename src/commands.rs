@@ -331,6 +331,9 @@ pub fn audit_verify(cfg: &Config, anchor: Option<&str>) -> anyhow::Result<()> {
                     "--anchor {anchor:?}: expected \"SEQUENCE CHAIN\" as `audit head` prints it"
                 )
             })?;
+        if let Some(c) = store.audit_checkpoint()?.filter(|c| seq < *c) {
+            bail!("the anchor at sequence {seq} predates the retention checkpoint at sequence {c}: it can no longer be checked (anchor newer heads more often than retention prunes)");
+        }
         match store.chain_at(seq)? {
             Some(c) if c == chain => {}
             Some(_) => bail!("event log differs from the anchor: sequence {seq} has another chain value (the log was rewritten)"),

@@ -331,11 +331,13 @@ async fn follow(
         (None, None)
     };
 
-    let tracker = Tracker::new(
-        network_name(cfg.network),
-        cfg.finality_depth,
-        store.load_tracked()?,
-    );
+    // Off the runtime's threads: the API and the deliveries are already running on them.
+    let (store, tracked) = tokio::task::spawn_blocking(move || {
+        let tracked = store.load_tracked();
+        (store, tracked)
+    })
+    .await?;
+    let tracker = Tracker::new(network_name(cfg.network), cfg.finality_depth, tracked?);
     tracing::info!(tracked = tracker.len(), "state loaded");
     let opts = FollowerOptions {
         start_height: cfg.start_height,
@@ -360,11 +362,10 @@ async fn follow(
             let _ = done_tx.send(());
         })
         .context("starting the follower thread")?;
-    if done_rx.await.is_err() {
-        tracing::error!("the follower thread panicked; stopping");
-    }
+    let finished = done_rx.await;
     if let Some(s) = subscriber {
         s.stop();
     }
-    Ok(())
+    // A panic must end the process with a failure, so a supervisor (systemd) restarts it.
+    finished.map_err(|_| anyhow::anyhow!("the follower thread panicked"))
 }

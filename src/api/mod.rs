@@ -249,7 +249,8 @@ async fn health_check(State(api): State<Api>) -> Response {
 }
 
 /// How long `/health` waits for the store's write lock before calling it refused.
-const HEALTH_WRITE_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+/// (A large commit holds the lock for well under this.)
+const HEALTH_WRITE_PROBE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn metrics_text(State(api): State<Api>) -> Response {
     let now = crate::event::now_ms();

@@ -251,7 +251,7 @@ impl<S: ChainSource> Follower<S> {
                 },
                 _ = std::future::ready(()), if self.rescanning() && !self.needs_resync => {
                     if let Err(e) = self.rescan_batch().await {
-                        tracing::warn!(error = %e, "rescan step failed; will retry");
+                        self.sync_failed(&e);
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
@@ -264,7 +264,7 @@ impl<S: ChainSource> Follower<S> {
                     }
                     if !self.pending_removals.is_empty() {
                         if let Err(e) = self.classify_pending(&[], self.opts.poll_interval).await {
-                            tracing::warn!(error = %e, "classifying mempool removals failed");
+                            self.sync_failed(&e);
                         }
                     }
                 }
@@ -289,7 +289,6 @@ impl<S: ChainSource> Follower<S> {
     }
 
     async fn on_zmq_batch(&mut self, batch: Vec<ZmqMessage>) -> Result<(), FollowError> {
-        self.refresh_watches()?;
         let mut events = Vec::new();
         for m in batch {
             self.check_counter(&m);
@@ -306,7 +305,12 @@ impl<S: ChainSource> Follower<S> {
                 ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}
             }
         }
-        let mut failed = None;
+        // Payments seen while the store failed come before anything announced since; if the
+        // store still fails, what this batch announces is kept for later too.
+        let mut failed = self
+            .refresh_watches()
+            .and_then(|()| self.replay_deferred())
+            .err();
         for ev in events {
             match (&failed, ev) {
                 (None, ev) => {

@@ -50,13 +50,11 @@ impl<S: ChainSource> Follower<S> {
             tracing::info!(after_s = after.as_secs(), "bitcoind answers again");
         }
         self.node_answered();
-        let due = self
+        // The alert is written before the incident is closed, so a failed write keeps both.
+        if let Some(i) = self
             .health
-            .store_alert_due(crate::dispatch::STORE_ALERT_AFTER);
-        if let Change::Ended(after) = self.health.store_ok(WHO) {
-            tracing::info!(after_s = after.as_secs(), "store accepts chain work again");
-        }
-        if let Some(i) = due {
+            .store_alert_due(crate::dispatch::STORE_ALERT_AFTER)
+        {
             let f = fields(json!({
                 "since": rfc3339_ms(i.since_unix_ms), "error": i.error,
                 "seconds": i.age().as_secs(), "component": WHO,
@@ -67,8 +65,14 @@ impl<S: ChainSource> Follower<S> {
                 f,
             ) {
                 Ok(()) => self.health.store_alert_recorded(),
-                Err(e) => tracing::warn!(error = %e, "recording alert.store_error failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording alert.store_error failed; will try again");
+                    return;
+                }
             }
+        }
+        if let Change::Ended(after) = self.health.store_ok(WHO) {
+            tracing::info!(after_s = after.as_secs(), "store accepts chain work again");
         }
     }
 

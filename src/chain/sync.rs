@@ -106,7 +106,8 @@ impl<S: ChainSource> Follower<S> {
             self.metrics
                 .node_height
                 .store(best_height as i64, std::sync::atomic::Ordering::Relaxed);
-            if let Some(t) = tip.filter(|t| t.height < best_height) {
+            // One block behind is the normal moment before a new block is connected.
+            if let Some(t) = tip.filter(|t| t.height + 1 < best_height) {
                 self.health.set_following(crate::health::Following::Behind {
                     tip: t.height as i64,
                     node: best_height as i64,

@@ -44,6 +44,9 @@ pub fn after_attempts(
     }
     let state = store.endpoint_state(&ep.name)?;
     let mut failing_alert = false;
+    // Identity of a disabling: the failing spell it ends, so a batch finishing after it (or a
+    // retried record) cannot raise it twice.
+    let mut disabled_identity = format!("{}|410|{now}", ep.name);
     if let Some(since) = state.failing_since {
         let failing_for = now - since;
         if disable.is_none() && failing_for >= ep.disable_after.as_millis() as i64 {
@@ -51,6 +54,7 @@ pub fn after_attempts(
                 "no successful delivery for {}s",
                 ep.disable_after.as_secs()
             ));
+            disabled_identity = format!("{}|failing|{since}", ep.name);
         }
         if !state.failing_alerted && failing_for >= ep.failing_after.as_millis() as i64 {
             tracing::warn!(endpoint = %ep.name, failing_s = failing_for / 1000, "every delivery has failed for longer than failing_after");
@@ -67,10 +71,13 @@ pub fn after_attempts(
             failing_alert = true;
         }
     }
+    if !state.enabled {
+        disable = None;
+    }
     if let Some(reason) = &disable {
         alerts.push(alert(
             event::ALERT_ENDPOINT_DISABLED,
-            &format!("{}|{now}", ep.name),
+            &disabled_identity,
             json!({ "endpoint": ep.name, "reason": reason }),
         ));
         tracing::error!(endpoint = %ep.name, %reason, "endpoint disabled; `chainwatch endpoints enable {}` resumes it", ep.name);
@@ -93,15 +100,19 @@ pub fn update_backoff(
     done: &[(DueDelivery, AttemptOutcome)],
     now: i64,
 ) -> Result<Option<u32>, StoreError> {
-    let answered = done.iter().any(|(_, o)| o.status_code.is_some());
-    let unreachable = done.iter().any(|(_, o)| o.status_code.is_none());
     let state = store.endpoint_state(&ep.name)?;
-    let step = if answered {
+    let step = if done.iter().any(|(_, o)| o.status_code.is_some()) {
         0
-    } else if unreachable {
-        state.backoff_step + 1
     } else {
-        return Ok(None);
+        // Only a probe (an attempt started once the current step was over) lengthens the
+        // back-off: the other requests of the burst that started it tell nothing new.
+        let counts = done.iter().any(|(_, o)| {
+            o.status_code.is_none() && state.backoff_until.is_none_or(|u| o.started_at_ms >= u)
+        });
+        if !counts {
+            return Ok(None);
+        }
+        state.backoff_step + 1
     };
     if step == state.backoff_step {
         return Ok(None);

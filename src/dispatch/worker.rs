@@ -255,30 +255,33 @@ impl Worker {
     /// After a successful step: ends a store incident, raising `alert.store_error` for a long one.
     async fn store_recovered(&mut self) {
         self.retry = RETRY_MIN;
-        let due = self.ctx.health.store_alert_due(STORE_ALERT_AFTER);
+        // The alert is written before the incident is closed: if writing it fails, the
+        // incident (and its alert) stay for the next step.
+        if let Some(incident) = self.ctx.health.store_alert_due(STORE_ALERT_AFTER) {
+            let (who, now) = (self.who.clone(), (self.ctx.clock)());
+            let a = alerts::store_error_alert(
+                incident.since_unix_ms,
+                &incident.error,
+                incident.age().as_secs(),
+                &who,
+            );
+            match self
+                .store
+                .run(move |s| alerts::record_alerts(s, vec![a], None, now))
+                .await
+            {
+                Ok(_) => {
+                    self.ctx.health.store_alert_recorded();
+                    self.ctx.wake.notify_waiters();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording alert.store_error failed; will try again");
+                    return;
+                }
+            }
+        }
         if let Change::Ended(after) = self.ctx.health.store_ok(&self.who) {
             tracing::info!(endpoint = %self.ep.name, after_s = after.as_secs(), "store accepts delivery work again");
-        }
-        let Some(incident) = due else {
-            return;
-        };
-        let (who, now) = (self.who.clone(), (self.ctx.clock)());
-        let a = alerts::store_error_alert(
-            incident.since_unix_ms,
-            &incident.error,
-            incident.age().as_secs(),
-            &who,
-        );
-        match self
-            .store
-            .run(move |s| alerts::record_alerts(s, vec![a], None, now))
-            .await
-        {
-            Ok(_) => {
-                self.ctx.health.store_alert_recorded();
-                self.ctx.wake.notify_waiters();
-            }
-            Err(e) => tracing::warn!(error = %e, "recording alert.store_error failed"),
         }
     }
 }

@@ -189,9 +189,9 @@ pub struct AuditReport {
     pub head: Option<(i64, String)>,
 }
 
-const ROW_COLUMNS: &str = "seq, id, type, body, payload_hash, prev_hash, row_hash";
+pub(super) const ROW_COLUMNS: &str = "seq, id, type, body, payload_hash, prev_hash, row_hash";
 
-fn chained_row(r: &rusqlite::Row) -> rusqlite::Result<ChainedRow> {
+pub(super) fn chained_row(r: &rusqlite::Row) -> rusqlite::Result<ChainedRow> {
     Ok(ChainedRow {
         seq: r.get(0)?,
         id: r.get(1)?,
@@ -318,6 +318,8 @@ impl Store {
     /// Walks the keyed chain and checks the head.
     pub fn audit(&self) -> Result<AuditReport> {
         let key = &self.audit_key;
+        // One snapshot for the checkpoint, the rows and the head, though the daemon writes on.
+        let _snapshot = self.conn.unchecked_transaction()?;
         let mut stmt = self
             .conn
             .prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))?;
@@ -399,6 +401,14 @@ impl Store {
 }
 
 impl Store {
+    /// The last sequence retention pruned, if it pruned any.
+    pub fn audit_checkpoint(&self) -> Result<Option<i64>> {
+        Ok(self
+            .meta("audit_checkpoint")?
+            .and_then(|c| parse_checkpoint(&self.audit_key, &c))
+            .map(|(seq, _)| seq))
+    }
+
     /// The chain value stored for `seq` (or kept by the retention checkpoint), to compare with
     /// an anchor recorded elsewhere.
     pub fn chain_at(&self, seq: i64) -> Result<Option<String>> {

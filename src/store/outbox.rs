@@ -222,7 +222,9 @@ impl Store {
         let n = self.conn.execute(
             "UPDATE endpoints SET enabled = ?2, disabled_reason = ?3,
                backoff_step = CASE WHEN ?2 THEN 0 ELSE backoff_step END,
-               backoff_until = CASE WHEN ?2 THEN NULL ELSE backoff_until END
+               backoff_until = CASE WHEN ?2 THEN NULL ELSE backoff_until END,
+               failing_since = CASE WHEN ?2 THEN NULL ELSE failing_since END,
+               failing_alerted = CASE WHEN ?2 THEN 0 ELSE failing_alerted END
              WHERE name = ?1",
             params![name, enabled, reason],
         )?;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use rusqlite::params;
 
-use super::audit::checkpoint;
+use rusqlite::OptionalExtension;
+
+use super::audit::{chained_row, checkpoint, ChainedRow, ROW_COLUMNS};
 use super::{Result, Store};
 
 /// How long records are kept.
@@ -75,25 +77,46 @@ impl Store {
             let cutoff = now_ms - keep.as_millis() as i64;
             let newest: i64 =
                 tx.query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| r.get(0))?;
-            let oldest: Vec<(i64, i64, String)> = {
-                let mut stmt = tx.prepare(
-                    "SELECT seq, created_at, row_hash FROM events ORDER BY seq LIMIT ?1",
-                )?;
-                let rows =
-                    stmt.query_map([batch as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let oldest: Vec<(ChainedRow, i64)> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT {ROW_COLUMNS}, created_at FROM events ORDER BY seq LIMIT ?1"
+                ))?;
+                let rows = stmt.query_map([batch as i64], |r| Ok((chained_row(r)?, r.get(7)?)))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
+            let mut prev = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'audit_checkpoint'",
+                    [],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .and_then(|c| c.split('|').nth(1).map(str::to_string))
+                .unwrap_or_default();
             let mut last = None;
-            for (seq, created_at, chain) in oldest {
+            for (row, created_at) in oldest {
+                // Anything not delivered may still be wanted: redelivered, inspected, held.
                 let open: i64 = tx.query_row(
-                    "SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status IN ('pending', 'failed')",
-                    [seq],
+                    "SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status != 'delivered'",
+                    [row.seq],
                     |r| r.get(0),
                 )?;
                 // Only a prefix goes, so the rest still chains from the checkpoint.
-                if seq >= newest || created_at >= cutoff || open > 0 {
+                if row.seq >= newest || created_at >= cutoff || open > 0 {
                     break;
                 }
+                // A row that fails its audit check is evidence: it is never pruned away.
+                let linked = if row.prev == prev {
+                    Ok(())
+                } else {
+                    Err("its previous chain value does not match the row before")
+                };
+                if let Err(why) = linked.and_then(|()| row.check(&key)) {
+                    tracing::error!(seq = row.seq, problem = why, "retention stops at a row that fails its audit check; run `chainwatch audit verify`");
+                    break;
+                }
+                let (seq, chain) = (row.seq, row.chain.clone());
+                prev = row.chain;
                 tx.execute(
                     "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_seq = ?1)",
                     [seq],
@@ -266,6 +289,52 @@ mod tests {
             )
             .unwrap();
         assert!(s.audit().unwrap().problem.is_some());
+    }
+
+    #[test]
+    fn rows_not_delivered_or_failing_their_check_are_never_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        let now = 1000 * DAY;
+        events_at(&mut s, now - 400 * DAY, 6, 0, "a");
+        events_at(&mut s, now - 399 * DAY, 2, 0, "b");
+        s.conn
+            .execute(
+                "UPDATE deliveries SET status = 'dead' WHERE event_seq = 5",
+                [],
+            )
+            .unwrap();
+        s.conn
+            .execute(
+                "UPDATE events SET body = replace(body, '\"i\":2', '\"i\":9') WHERE seq = 3",
+                [],
+            )
+            .unwrap();
+        let policy = RetentionPolicy {
+            attempts: Duration::from_secs(86_400),
+            events: Some(Duration::from_secs(86_400)),
+        };
+        while !s.prune_batch(&policy, now, 100).unwrap().is_empty() {}
+        assert_eq!(count(&s, "events"), 6, "pruning stops at the edited row 3");
+        let (seq, _) = s
+            .audit()
+            .unwrap()
+            .problem
+            .expect("the edit is still reported");
+        assert_eq!(seq, 3);
+        s.conn
+            .execute(
+                "UPDATE events SET body = replace(body, '\"i\":9', '\"i\":2') WHERE seq = 3",
+                [],
+            )
+            .unwrap();
+        while !s.prune_batch(&policy, now, 100).unwrap().is_empty() {}
+        assert_eq!(
+            count(&s, "events"),
+            4,
+            "and then at the dead delivery of row 5"
+        );
+        assert_eq!(s.audit().unwrap().problem, None);
     }
 
     #[test]

@@ -67,13 +67,8 @@ impl<S: ChainSource> Follower<S> {
         let step = self.tracker.mempool_add(&self.index, tx, tip);
         let matched = !step.events.is_empty();
         if let Err(e) = self.commit(step) {
-            if matched
-                && !self
-                    .deferred_mempool
-                    .iter()
-                    .any(|t| t.compute_txid() == txid)
-            {
-                self.deferred_mempool.push(tx.clone());
+            if matched {
+                self.defer(tx);
             }
             return Err(e);
         }
@@ -181,21 +176,27 @@ impl<S: ChainSource> Follower<S> {
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
-        let txid = tx.compute_txid();
-        let matched = !self
+        if !self
             .tracker
             .mempool_add(&self.index, tx, tip)
             .events
-            .is_empty();
-        if matched
-            && !self
-                .deferred_mempool
-                .iter()
-                .any(|t| t.compute_txid() == txid)
+            .is_empty()
+        {
+            self.defer(tx);
+        }
+        Ok(())
+    }
+
+    /// Keeps a matched transaction, once, for `replay_deferred`.
+    fn defer(&mut self, tx: &Transaction) {
+        let txid = tx.compute_txid();
+        if !self
+            .deferred_mempool
+            .iter()
+            .any(|t| t.compute_txid() == txid)
         {
             self.deferred_mempool.push(tx.clone());
         }
-        Ok(())
     }
 
     /// Matches again, in their order, mempool transactions whose step could not be committed.

@@ -457,21 +457,13 @@ pub(super) fn legacy_break(conn: &rusqlite::Connection) -> Result<Option<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::event::{other_event, ALERT_REORG};
     use crate::tracker::ChainStep;
 
     /// A store in a fresh directory with one endpoint taking every event, and `n` events.
     fn store_with_events(n: usize) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        let cfg = Config::parse(
-            "[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"*\"]\n",
-            "test",
-            None,
-        )
-        .unwrap();
-        store.sync_endpoints(&cfg.endpoints).unwrap();
+        let mut store = crate::store::test_store(dir.path());
         let events = (0..n)
             .map(|i| {
                 let fields = serde_json::json!({ "depth": i })

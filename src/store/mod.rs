@@ -500,3 +500,17 @@ fn append_events(
     }
     Ok(out)
 }
+
+/// A store in `dir` with one endpoint, `shop`, that takes every event (for unit tests).
+#[cfg(test)]
+pub(crate) fn test_store(dir: &Path) -> Store {
+    let mut store = Store::open(dir).unwrap();
+    let cfg = crate::config::Config::parse(
+        "[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"*\"]\n",
+        "test",
+        None,
+    )
+    .unwrap();
+    store.sync_endpoints(&cfg.endpoints).unwrap();
+    store
+}

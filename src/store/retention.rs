@@ -146,7 +146,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::event::{other_event, ALERT_REORG};
     use crate::store::{AttemptOutcome, DeliveryResult};
     use crate::tracker::ChainStep;
@@ -154,15 +153,7 @@ mod tests {
     const DAY: i64 = 86_400_000;
 
     fn store(dir: &std::path::Path) -> Store {
-        let mut store = Store::open(dir).unwrap();
-        let cfg = Config::parse(
-            "[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"*\"]\n",
-            "test",
-            None,
-        )
-        .unwrap();
-        store.sync_endpoints(&cfg.endpoints).unwrap();
-        store
+        crate::store::test_store(dir)
     }
 
     /// Records `n` events at `at` and delivers all but the last `open` of them.

@@ -1,5 +1,6 @@
 //! What follows from recorded attempts: alerts (exhausted, disabled, failing), disabling an
-//! endpoint, and the endpoint's back-off. Runs on a blocking thread with the worker's store.
+//! endpoint, and the endpoint's back-off. Runs on a blocking thread with the worker's store,
+//! in the same transaction as the attempts it follows from.
 
 use std::time::Duration;
 
@@ -86,7 +87,6 @@ pub fn after_attempts(
     // the other, and a crash loses neither.
     let recorded = record_alerts(store, alerts, disable.map(|r| (ep.name.clone(), r)), now)?;
     if failing_alert {
-        // Ids are derived from the spell's start, so a crash before this line repeats nothing.
         store.set_failing_alerted(&ep.name)?;
     }
     Ok(recorded)

@@ -33,8 +33,6 @@ pub struct Worker {
     who: String,
     /// Attempts made but not yet recorded (the store refused).
     unrecorded: Vec<Done>,
-    /// Recorded attempts whose alerts and back-off are not yet recorded.
-    unfollowed: Vec<Done>,
     in_flight_ids: HashSet<i64>,
     retry: Duration,
 }
@@ -54,7 +52,6 @@ impl Worker {
             store,
             ctx,
             unrecorded: Vec::new(),
-            unfollowed: Vec::new(),
             in_flight_ids: HashSet::new(),
             retry: RETRY_MIN,
         }
@@ -189,58 +186,44 @@ impl Worker {
             .await
     }
 
-    /// Records finished attempts, then what follows from them (alerts, back-off). Each part
-    /// leaves the queue only once stored, so a refused write repeats nothing when retried.
+    /// Records finished attempts and what follows from them (alerts, disabling, back-off) in
+    /// one transaction, so a crash or a refused write never keeps one without the other. They
+    /// leave the queue only once stored.
     async fn record(&mut self) -> Result<(), StoreError> {
-        if !self.unrecorded.is_empty() {
-            let done = std::mem::take(&mut self.unrecorded);
-            let ep = self.ep.clone();
-            let shared = Arc::new(done);
-            let batch = shared.clone();
-            let r = self
-                .store
-                .run(move |s| s.record_attempts(&ep.name, &batch))
-                .await;
-            let done = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
-            match r {
-                Ok(()) => self.unfollowed.extend(done),
-                Err(e) => {
-                    self.unrecorded = done;
-                    return Err(e);
-                }
-            }
+        if self.unrecorded.is_empty() {
+            return Ok(());
         }
-        if !self.unfollowed.is_empty() {
-            let done = Arc::new(std::mem::take(&mut self.unfollowed));
-            let (ep, batch, now) = (self.ep.clone(), done.clone(), (self.ctx.clock)());
-            let r = self
-                .store
-                .run(move |s| {
+        let done = Arc::new(std::mem::take(&mut self.unrecorded));
+        let (ep, batch, now) = (self.ep.clone(), done.clone(), (self.ctx.clock)());
+        let r = self
+            .store
+            .run(move |s| {
+                s.atomically(|s| {
+                    s.record_attempts(&ep.name, &batch)?;
                     let alerted = alerts::after_attempts(s, &ep, &batch, now)?;
                     let step = alerts::update_backoff(s, &ep, &batch, now)?;
                     Ok((alerted, step))
                 })
-                .await;
-            match r {
-                Ok((alerted, step)) => {
-                    if alerted {
-                        self.ctx.wake.notify_waiters();
-                    }
-                    match step {
-                        Some(0) => {
-                            tracing::info!(endpoint = %self.ep.name, "endpoint answers again; delivering at full rate")
-                        }
-                        Some(1) => {
-                            tracing::warn!(endpoint = %self.ep.name, "endpoint refuses connections or times out; its deliveries wait, one probe at a time on the retry schedule")
-                        }
-                        _ => {}
-                    }
-                }
-                Err(e) => {
-                    self.unfollowed = Arc::try_unwrap(done).unwrap_or_else(|a| (*a).clone());
-                    return Err(e);
-                }
+            })
+            .await;
+        let (alerted, step) = match r {
+            Ok(r) => r,
+            Err(e) => {
+                self.unrecorded = Arc::try_unwrap(done).unwrap_or_else(|a| (*a).clone());
+                return Err(e);
             }
+        };
+        if alerted {
+            self.ctx.wake.notify_waiters();
+        }
+        match step {
+            Some(0) => {
+                tracing::info!(endpoint = %self.ep.name, "endpoint answers again; delivering at full rate")
+            }
+            Some(1) => {
+                tracing::warn!(endpoint = %self.ep.name, "endpoint refuses connections or times out; its deliveries wait, one probe at a time on the retry schedule")
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bitcoin::hashes::{sha256, Hash};
 use bitcoin::BlockHash;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 
 pub use audit::{AuditKey, AuditReport, ChainedRow, AUDIT_KEY_FILE};
 pub use outbox::{
@@ -349,12 +349,29 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `f` in one transaction: everything it writes is committed together, or nothing is.
+    /// The store's own writes inside it become savepoints of that transaction.
+    pub fn atomically<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => {
+                if let Err(e) = self.conn.execute_batch("COMMIT") {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    return Err(e.into());
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     /// Commits a chain step: tip, tracked state, coins, events and their deliveries, atomically.
     pub fn apply(&mut self, step: &ChainStep, now_ms: i64) -> Result<Vec<CommittedEvent>> {
         let keep = self.keep_blocks;
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = begin(&mut self.conn)?;
         apply_tip(&tx, &step.tip, keep)?;
         records::write_tracked(&tx, step)?;
         if let Some((name, reason)) = &step.disable_endpoint {
@@ -369,7 +386,41 @@ impl Store {
     }
 }
 
-fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
+/// A write transaction of its own, or a savepoint inside `Store::atomically`'s.
+pub(crate) enum Tx<'a> {
+    Top(rusqlite::Transaction<'a>),
+    Nested(rusqlite::Savepoint<'a>),
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            Tx::Top(t) => t,
+            Tx::Nested(s) => s,
+        }
+    }
+}
+
+impl Tx<'_> {
+    pub(crate) fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Tx::Top(t) => t.commit(),
+            Tx::Nested(s) => s.commit(),
+        }
+    }
+}
+
+pub(crate) fn begin(conn: &mut Connection) -> rusqlite::Result<Tx<'_>> {
+    if conn.is_autocommit() {
+        conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map(Tx::Top)
+    } else {
+        conn.savepoint().map(Tx::Nested)
+    }
+}
+
+fn apply_tip(tx: &Connection, change: &TipChange, keep: u32) -> Result<()> {
     let tip: Option<(String, u32)> = tx
         .query_row(
             "SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1",
@@ -420,7 +471,7 @@ fn apply_tip(tx: &Transaction, change: &TipChange, keep: u32) -> Result<()> {
 }
 
 fn append_events(
-    tx: &Transaction,
+    tx: &Connection,
     filters: &[(String, Vec<String>)],
     key: &AuditKey,
     events: &[NewEvent],

@@ -373,9 +373,7 @@ impl Store {
         endpoint: &str,
         done: &[(DueDelivery, AttemptOutcome)],
     ) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = super::begin(&mut self.conn)?;
         for (d, o) in done {
             record_one(&tx, endpoint, d, o)?;
         }
@@ -477,7 +475,7 @@ impl Store {
 }
 
 fn record_one(
-    tx: &rusqlite::Transaction,
+    tx: &rusqlite::Connection,
     endpoint: &str,
     d: &DueDelivery,
     o: &AttemptOutcome,

@@ -1,7 +1,7 @@
 //! Watches, tracked transactions, coins and the event log.
 
 use bitcoin::{OutPoint, Txid};
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension};
 
 use super::{parse_hash, Result, Store, StoreError};
 use crate::event::BlockRef;
@@ -39,7 +39,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-pub(super) fn write_tracked(tx: &Transaction, step: &ChainStep) -> Result<()> {
+pub(super) fn write_tracked(tx: &rusqlite::Connection, step: &ChainStep) -> Result<()> {
     let mut upsert = tx.prepare_cached(
         "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
          reorg_count, fired, outputs, inputs, spends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",

@@ -329,6 +329,38 @@ mod tests {
     }
 
     #[test]
+    fn atomically_commits_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(dir.path());
+        events_at(&mut s, DAY, 1, 0, "a");
+        let step = |tag: &str| ChainStep {
+            events: vec![other_event(
+                ALERT_REORG,
+                tag,
+                "regtest",
+                serde_json::Map::new(),
+            )],
+            ..ChainStep::empty()
+        };
+        let failed: Result<()> = s.atomically(|s| {
+            s.apply(&step("inner"), DAY)?;
+            Err(crate::store::StoreError::Corrupt(
+                "a later write failed".into(),
+            ))
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            count(&s, "events"),
+            1,
+            "the inner write was rolled back with it"
+        );
+        s.atomically(|s| s.apply(&step("both"), DAY).map(|_| ()))
+            .unwrap();
+        assert_eq!(count(&s, "events"), 2);
+        assert_eq!(s.audit().unwrap().problem, None);
+    }
+
+    #[test]
     fn the_newest_event_is_never_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = store(dir.path());

@@ -16,7 +16,8 @@ use super::{Result, Store};
 pub struct RetentionPolicy {
     /// Attempts, and delivery rows that were delivered, older than this go.
     pub attempts: Duration,
-    /// Events older than this go, once all their deliveries are over (never the newest).
+    /// Events older than this go, once none of their deliveries is pending, failed or held
+    /// (never the newest).
     pub events: Option<Duration>,
 }
 
@@ -95,9 +96,11 @@ impl Store {
                 .unwrap_or_default();
             let mut last = None;
             for (row, created_at) in oldest {
-                // Anything not delivered may still be wanted: redelivered, inspected, held.
+                // A delivery still under way, or held as evidence, keeps its event. A dead one
+                // does not: past the retention period it is given up, or pruning would stall
+                // behind it for good.
                 let open: i64 = tx.query_row(
-                    "SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status != 'delivered'",
+                    "SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status IN ('pending', 'failed', 'held')",
                     [row.seq],
                     |r| r.get(0),
                 )?;
@@ -283,7 +286,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_not_delivered_or_failing_their_check_are_never_pruned() {
+    fn rows_under_way_held_or_failing_their_check_are_never_pruned() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = store(dir.path());
         let now = 1000 * DAY;
@@ -291,7 +294,13 @@ mod tests {
         events_at(&mut s, now - 399 * DAY, 2, 0, "b");
         s.conn
             .execute(
-                "UPDATE deliveries SET status = 'dead' WHERE event_seq = 5",
+                "UPDATE deliveries SET status = 'held' WHERE event_seq = 5",
+                [],
+            )
+            .unwrap();
+        s.conn
+            .execute(
+                "UPDATE deliveries SET status = 'dead' WHERE event_seq = 2",
                 [],
             )
             .unwrap();
@@ -323,7 +332,7 @@ mod tests {
         assert_eq!(
             count(&s, "events"),
             4,
-            "and then at the dead delivery of row 5"
+            "then at the held delivery of row 5 (the dead one of row 2 did not stop it)"
         );
         assert_eq!(s.audit().unwrap().problem, None);
     }

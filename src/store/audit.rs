@@ -753,6 +753,20 @@ mod tests {
     }
 
     #[test]
+    fn openers_racing_on_a_fresh_store_all_get_in() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let opened: Vec<bool> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| Store::open(dir.path()).is_ok()))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(opened.iter().all(|ok| *ok), "{opened:?}");
+        }
+    }
+
+    #[test]
     fn data_directory_and_database_are_private() {
         use std::os::unix::fs::PermissionsExt;
         let parent = tempfile::tempdir().unwrap();

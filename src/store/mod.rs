@@ -152,6 +152,30 @@ impl Store {
     /// Opens the store in `data_dir` with the event log's audit key at `key_file` (created on
     /// first use, refused if it is not the key the log was chained with).
     pub fn open_keyed(data_dir: &Path, key_file: &Path) -> Result<Store> {
+        // Switching a new database to WAL needs a lock for which SQLite does not wait: two
+        // processes opening a fresh store at once may be told "busy". That passes; try again.
+        let mut tries = 0;
+        loop {
+            match Store::open_once(data_dir, key_file) {
+                Err(StoreError::Sqlite(e))
+                    if tries < 50
+                        && matches!(
+                            e.sqlite_error_code(),
+                            Some(
+                                rusqlite::ErrorCode::DatabaseBusy
+                                    | rusqlite::ErrorCode::DatabaseLocked
+                            )
+                        ) =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(data_dir: &Path, key_file: &Path) -> Result<Store> {
         create_private_dir(data_dir)?;
         let path = db_path(data_dir);
         make_private_file(&path)?;

@@ -217,10 +217,17 @@ async fn main() {
             );
         }
     }
-    // Calm: receiver up, a few blocks so everything confirms, then wait for the queue to empty.
+    // Calm: receiver up, a few blocks so everything confirms. Deliveries that went dead during
+    // an outage longer than the (short) retry schedule are redelivered, as an operator would
+    // with `chainwatch redeliver --dead`; then wait for the queue to empty.
     rx.status.store(204, Ordering::SeqCst);
     node.mine(4);
     let store = || Store::open(&data).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let dead = store()
+        .redeliver(None, None, chainwatch::event::now_ms())
+        .unwrap();
+    *counts.entry("dead deliveries redelivered").or_default() += dead as u64;
     let settle = Instant::now() + Duration::from_secs(600);
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -403,19 +403,13 @@ impl Store {
 impl Store {
     /// The last sequence retention pruned, if it pruned any.
     pub fn audit_checkpoint(&self) -> Result<Option<i64>> {
-        Ok(self
-            .meta("audit_checkpoint")?
-            .and_then(|c| parse_checkpoint(&self.audit_key, &c))
-            .map(|(seq, _)| seq))
+        Ok(read_checkpoint(&self.conn, &self.audit_key)?.map(|(seq, _)| seq))
     }
 
     /// The chain value stored for `seq` (or kept by the retention checkpoint), to compare with
     /// an anchor recorded elsewhere.
     pub fn chain_at(&self, seq: i64) -> Result<Option<String>> {
-        if let Some((s, chain)) = self
-            .meta("audit_checkpoint")?
-            .and_then(|c| parse_checkpoint(&self.audit_key, &c))
-        {
+        if let Some((s, chain)) = read_checkpoint(&self.conn, &self.audit_key)? {
             if s == seq {
                 return Ok(Some(chain));
             }
@@ -433,6 +427,21 @@ impl Store {
 pub(super) fn checkpoint(key: &AuditKey, seq: i64, chain: &str) -> String {
     let mac = key.mac(&[format!("checkpoint|{seq}|{chain}").as_bytes()]);
     format!("{seq}|{chain}|{mac}")
+}
+
+/// The retention checkpoint, if there is one that verifies under the key.
+pub(super) fn read_checkpoint(
+    conn: &rusqlite::Connection,
+    key: &AuditKey,
+) -> Result<Option<(i64, String)>> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'audit_checkpoint'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(text.and_then(|t| parse_checkpoint(key, &t)))
 }
 
 fn parse_checkpoint(key: &AuditKey, text: &str) -> Option<(i64, String)> {

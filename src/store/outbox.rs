@@ -200,15 +200,7 @@ impl Store {
     }
 
     pub fn endpoint_enabled(&self, name: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT enabled FROM endpoints WHERE name = ?1",
-                [name],
-                |r| r.get::<_, bool>(0),
-            )
-            .optional()?
-            .unwrap_or(false))
+        Ok(self.endpoint_state(name)?.enabled)
     }
 
     pub fn set_endpoint_enabled(

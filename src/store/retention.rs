@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use rusqlite::params;
 
-use rusqlite::OptionalExtension;
-
-use super::audit::{chained_row, checkpoint, ChainedRow, ROW_COLUMNS};
+use super::audit::{chained_row, checkpoint, read_checkpoint, ChainedRow, ROW_COLUMNS};
 use super::{Result, Store};
 
 /// How long records are kept.
@@ -85,14 +83,9 @@ impl Store {
                 let rows = stmt.query_map([batch as i64], |r| Ok((chained_row(r)?, r.get(7)?)))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
-            let mut prev = tx
-                .query_row(
-                    "SELECT value FROM meta WHERE key = 'audit_checkpoint'",
-                    [],
-                    |r| r.get::<_, String>(0),
-                )
-                .optional()?
-                .and_then(|c| c.split('|').nth(1).map(str::to_string))
+            // A checkpoint that does not verify gives no link: pruning then stops at once.
+            let mut prev = read_checkpoint(&tx, &key)?
+                .map(|(_, chain)| chain)
                 .unwrap_or_default();
             let mut last = None;
             for (row, created_at) in oldest {

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::hashes::Hash;
 use bitcoin::{Address, Block, Network, ScriptBuf, Transaction, WPubkeyHash};
+use chainwatch::changeset::ChangeSet;
 use chainwatch::event::{BlockRef, TipRef};
 use chainwatch::store::Store;
-use chainwatch::tracker::{ChainStep, Tracker};
+use chainwatch::tracker::Tracker;
 use chainwatch::watch::{Overlay, Watch, WatchIndex};
 
 const BLOCK: &[u8] = include_bytes!(
@@ -95,7 +96,11 @@ fn compact_index(n: usize, network: Network, extra: &[ScriptBuf]) -> WatchIndex 
     let add = |index: &mut WatchIndex, script: &ScriptBuf| {
         let addr = Address::from_script(script, network).unwrap().to_string();
         let id = chainwatch::watch::watch_id(&format!("address:{addr}"));
-        index.insert_target(&id, &chainwatch::watch::Target::Address { address: addr });
+        index.insert_target(
+            &id,
+            &chainwatch::watch::Target::Address { address: addr },
+            1,
+        );
     };
     for script in random_scripts(n) {
         add(&mut index, &script);
@@ -246,11 +251,18 @@ fn bench_commit() {
             time: block.header.time,
         };
         let step = tracker.connect_block(&index, &block, at);
+        let mut changes = ChangeSet::labelled(step, &index).unwrap();
+        changes.tip = chainwatch::tip::TipChanges::connect(
+            at,
+            block.header.prev_blockhash,
+            block.txdata.len() as u32,
+        );
         let t = Instant::now();
-        let committed = store.apply(&step, 0).unwrap();
+        let committed = store.commit(&changes, 0).unwrap();
         times.push(t.elapsed().as_secs_f64() * 1e3);
         counts.push(committed.len());
-        tracker.apply(&step, &mut index);
+        tracker.apply(&changes.tracked);
+        index.apply(&changes.index);
         prev = at.hash;
         let _ = TipRef { hash: prev, height };
     }
@@ -327,11 +339,8 @@ async fn bench_delivery() {
         let n = if ordered { 3_000 } else { 20_000 };
         for chunk in events(n, "t").chunks(1000) {
             store
-                .apply(
-                    &ChainStep {
-                        events: chunk.to_vec(),
-                        ..ChainStep::empty()
-                    },
+                .commit(
+                    &ChangeSet::events(chunk.to_vec()),
                     chainwatch::daemon::now_ms(),
                 )
                 .unwrap();
@@ -376,13 +385,7 @@ async fn bench_delivery() {
         tick.tick().await;
         let id = e.id.clone();
         store
-            .apply(
-                &ChainStep {
-                    events: vec![e],
-                    ..ChainStep::empty()
-                },
-                chainwatch::daemon::now_ms(),
-            )
+            .commit(&ChangeSet::events(vec![e]), chainwatch::daemon::now_ms())
             .unwrap();
         committed_at.insert(id, Instant::now());
         wake.notify_waiters();

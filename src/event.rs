@@ -75,7 +75,6 @@ pub struct TxEventFacts<'a> {
     pub network: &'a str,
     pub required_confirmations: u32,
     pub block: Option<BlockRef>,
-    pub watch: &'a Watch,
     pub outputs: &'a [MatchedOutput],
     pub inputs: &'a [MatchedInput],
     pub amount_sat: i64,
@@ -103,9 +102,10 @@ impl TxEventFacts<'_> {
             "block".into(),
             self.block.as_ref().map(block_json).unwrap_or(Value::Null),
         );
+        // Its place in the body is kept; `label` fills in the label and metadata.
         data.insert(
             "watch".into(),
-            json!({ "id": self.watch.id, "label": self.watch.label, "metadata": self.watch.metadata }),
+            json!({ "id": self.identity.watch_id, "label": null, "metadata": null }),
         );
         data.insert("outputs".into(), json!(self.outputs));
         data.insert("inputs".into(), json!(self.inputs));
@@ -121,6 +121,14 @@ impl TxEventFacts<'_> {
             data,
         }
     }
+}
+
+/// Adds a watch's label and metadata to an event about it.
+pub fn label(event: &mut NewEvent, watch: &Watch) {
+    event.data.insert(
+        "watch".into(),
+        json!({ "id": watch.id, "label": watch.label, "metadata": watch.metadata }),
+    );
 }
 
 const KINDS: [&str; 15] = [

@@ -2,13 +2,16 @@
 
 pub mod api;
 pub mod chain;
+pub mod changeset;
 pub mod commands;
 pub mod config;
 pub mod daemon;
+pub mod delivery;
 pub mod demo;
 pub mod dispatch;
 pub mod event;
 pub mod health;
+pub mod merge;
 pub mod metrics;
 pub mod net;
 pub mod node;
@@ -17,5 +20,6 @@ pub mod receiver;
 pub mod sign;
 pub mod simnode;
 pub mod store;
+pub mod tip;
 pub mod tracker;
 pub mod watch;

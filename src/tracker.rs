@@ -1,6 +1,6 @@
-//! Confirmation tracking. Pure: each chain step turns the current state into a `ChainStep`
-//! (state changes plus events) that the store commits in one transaction; only after the
-//! commit succeeds is the step applied to the in-memory state.
+//! Confirmation tracking. Pure: given the watch index, each chain step turns the tracked
+//! transactions into a `TrackerStep` (its change sets, and events naming the watch) that the
+//! follower commits; only after the commit succeeds is it applied to memory.
 
 use std::collections::BTreeMap;
 
@@ -10,9 +10,8 @@ use bitcoin::{Block, OutPoint, Transaction, Txid};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{self, BlockRef, NewEvent, TipRef, TxEventFacts, TxEventIdentity};
-use crate::watch::{
-    net_amount, Derivation, MatchedInput, MatchedOutput, Overlay, WatchIndex, WatchedCoin,
-};
+use crate::merge::Merge;
+use crate::watch::{net_amount, IndexChanges, MatchedInput, MatchedOutput, Overlay, WatchIndex};
 
 /// Where a tracked transaction stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,52 +66,58 @@ impl Tracked {
 
 pub type TrackedKey = (Txid, String);
 
-/// What a chain step does to the tip.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TipChange {
-    Connect {
-        block: BlockRef,
-        prev: bitcoin::BlockHash,
-        tx_count: u32,
-    },
-    Disconnect {
-        block: BlockRef,
-    },
-    None,
-}
+/// The tracker's change set: rows to write (`Some`) or to stop tracking (`None`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrackedChanges(pub BTreeMap<TrackedKey, Option<Tracked>>);
 
-/// Everything one chain step changes; committed atomically by the store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChainStep {
-    pub tip: TipChange,
-    pub upserts: Vec<Tracked>,
-    pub removals: Vec<TrackedKey>,
-    pub coins_added: Vec<(OutPoint, WatchedCoin)>,
-    /// Descriptor indexes the step used: more addresses are watched after them.
-    pub derivations: Vec<Derivation>,
-    /// A rescan step: the watch and the next height to scan (`None`: done, follow it live).
-    pub rescan: Option<(String, Option<u32>)>,
-    /// Not a chain step but the dispatcher's: disable this endpoint (name, reason) with its alert.
-    pub disable_endpoint: Option<(String, String)>,
-    pub events: Vec<NewEvent>,
-}
-
-impl ChainStep {
-    pub fn empty() -> ChainStep {
-        ChainStep::new(TipChange::None)
+impl TrackedChanges {
+    pub fn upsert(&mut self, t: Tracked) {
+        self.0.insert((t.txid, t.watch_id.clone()), Some(t));
     }
 
-    fn new(tip: TipChange) -> ChainStep {
-        ChainStep {
-            tip,
-            upserts: vec![],
-            removals: vec![],
-            coins_added: vec![],
-            derivations: vec![],
-            rescan: None,
-            disable_endpoint: None,
-            events: vec![],
-        }
+    pub fn remove(&mut self, key: TrackedKey) {
+        self.0.insert(key, None);
+    }
+
+    pub fn upserts(&self) -> impl Iterator<Item = &Tracked> {
+        self.0.values().flatten()
+    }
+
+    pub fn removals(&self) -> impl Iterator<Item = &TrackedKey> {
+        self.0.iter().filter(|(_, t)| t.is_none()).map(|(k, _)| k)
+    }
+}
+
+impl Merge for TrackedChanges {
+    fn merge(&mut self, later: TrackedChanges) {
+        self.0.extend(later.0);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// An event about a (transaction, watch) before the watch's label and metadata are added
+/// (`event::label`): the tracker needs no more of a watch than its confirmation target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchEvent {
+    pub watch_id: String,
+    pub event: NewEvent,
+}
+
+/// What the tracker makes of one chain step: its changes, and the events they announce.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrackerStep {
+    pub tracked: TrackedChanges,
+    pub index: IndexChanges,
+    pub events: Vec<WatchEvent>,
+}
+
+impl TrackerStep {
+    /// Whether the step matched anything (a payment to or from a watch).
+    pub fn is_empty(&self) -> bool {
+        self.tracked.is_empty() && self.index.is_empty() && self.events.is_empty()
     }
 }
 
@@ -152,31 +157,25 @@ impl Tracker {
         self.entries.is_empty()
     }
 
-    /// Applies a committed step to memory (and the coins to the index).
-    pub fn apply(&mut self, step: &ChainStep, index: &mut WatchIndex) {
-        for t in &step.upserts {
-            self.entries.insert((t.txid, t.watch_id.clone()), t.clone());
-        }
-        for k in &step.removals {
-            self.entries.remove(k);
-        }
-        for (op, coin) in &step.coins_added {
-            index.coins.insert(*op, coin.clone());
-        }
-        for d in &step.derivations {
-            index.set_used(d);
+    /// Takes in a committed change set.
+    pub fn apply(&mut self, changes: &TrackedChanges) {
+        for (k, t) in &changes.0 {
+            match t {
+                Some(t) => self.entries.insert(k.clone(), t.clone()),
+                None => self.entries.remove(k),
+            };
         }
     }
 
     /// A transaction entered the mempool.
-    pub fn mempool_add(&self, index: &WatchIndex, tx: &Transaction, tip: TipRef) -> ChainStep {
-        let mut step = ChainStep::new(TipChange::None);
+    pub fn mempool_add(&self, index: &WatchIndex, tx: &Transaction, tip: TipRef) -> TrackerStep {
+        let mut step = TrackerStep::default();
         let txid = tx.compute_txid();
         let mut overlay = Overlay::default();
         let matches = index.match_tx_in(tx, &mut overlay);
-        step.derivations = overlay.derivations();
+        step.index.derivations = overlay.derivations();
         for m in matches {
-            step.coins_added.extend(WatchIndex::coins_of(txid, &m));
+            step.index.add_coins(WatchIndex::coins_of(txid, &m));
             match self.get(txid, &m.watch_id) {
                 None => {
                     let t = Tracked {
@@ -189,16 +188,17 @@ impl Tracker {
                         inputs: m.inputs,
                         spends: spends_of(tx),
                     };
-                    if let Some(e) =
-                        self.event(index, &t, Shape::new(event::TX_PENDING, 0, None, tip))
-                    {
-                        step.events.push(e);
-                    }
-                    step.upserts.push(t);
+                    self.event(
+                        index,
+                        &t,
+                        Shape::new(event::TX_PENDING, 0, None, tip),
+                        &mut step,
+                    );
+                    step.tracked.upsert(t);
                 }
                 // Back in the mempool after a reorg: tx.reorged already said so.
                 Some(t) if t.status == TxStatus::Unconfirmed => {
-                    step.upserts.push(Tracked {
+                    step.tracked.upsert(Tracked {
                         status: TxStatus::Mempool,
                         ..t.clone()
                     });
@@ -210,16 +210,12 @@ impl Tracker {
     }
 
     /// A block was connected on top of the tip.
-    pub fn connect_block(&self, index: &WatchIndex, block: &Block, at: BlockRef) -> ChainStep {
+    pub fn connect_block(&self, index: &WatchIndex, block: &Block, at: BlockRef) -> TrackerStep {
         let tip = TipRef {
             hash: at.hash,
             height: at.height,
         };
-        let mut step = ChainStep::new(TipChange::Connect {
-            block: at,
-            prev: block.header.prev_blockhash,
-            tx_count: block.txdata.len() as u32,
-        });
+        let mut step = TrackerStep::default();
         let mut changed: BTreeMap<TrackedKey, Tracked> = BTreeMap::new();
         let mut overlay = Overlay::default();
         for tx in &block.txdata {
@@ -227,7 +223,7 @@ impl Tracker {
             for m in index.match_tx_in(tx, &mut overlay) {
                 let coins = WatchIndex::coins_of(txid, &m);
                 overlay.coins.extend(coins.iter().cloned());
-                step.coins_added.extend(coins);
+                step.index.add_coins(coins);
                 let key = (txid, m.watch_id.clone());
                 let t = match self.entries.get(&key) {
                     Some(t) if t.status == TxStatus::Confirmed(at) => continue,
@@ -250,7 +246,7 @@ impl Tracker {
                 changed.insert(key, t);
             }
         }
-        step.derivations = overlay.derivations();
+        step.index.derivations = overlay.derivations();
         let confirmed = self
             .entries
             .iter()
@@ -271,17 +267,16 @@ impl Tracker {
         mut t: Tracked,
         key: TrackedKey,
         tip: TipRef,
-        step: &mut ChainStep,
+        step: &mut TrackerStep,
     ) {
         let TxStatus::Confirmed(block) = t.status else {
             return;
         };
-        let Some(watch) = index.get(&t.watch_id) else {
-            step.removals.push(key);
+        let Some(target) = index.confirmations(&t.watch_id) else {
+            step.tracked.remove(key);
             return;
         };
         let depth = tip.height.saturating_sub(block.height) + 1;
-        let target = watch.confirmations;
         let before = t.fired;
         while t.fired < depth.min(target) {
             t.fired += 1;
@@ -290,38 +285,36 @@ impl Tracker {
             } else {
                 event::TX_CONFIRMED
             };
-            if let Some(e) = self.event(index, &t, Shape::new(kind, t.fired, Some(block), tip)) {
-                step.events.push(e);
-            }
+            self.event(index, &t, Shape::new(kind, t.fired, Some(block), tip), step);
         }
         // Kept while a reorg of finality_depth blocks could still remove its block.
         if depth > self.finality_depth.max(target) {
-            step.removals.push(key);
+            step.tracked.remove(key);
         } else if t.fired != before || self.entries.get(&key) != Some(&t) {
-            step.upserts.push(t);
+            step.tracked.upsert(t);
         }
     }
 
     /// The tip block was disconnected.
-    pub fn disconnect_block(&self, index: &WatchIndex, at: BlockRef, new_tip: TipRef) -> ChainStep {
-        let mut step = ChainStep::new(TipChange::Disconnect { block: at });
+    pub fn disconnect_block(
+        &self,
+        index: &WatchIndex,
+        at: BlockRef,
+        new_tip: TipRef,
+    ) -> TrackerStep {
+        let mut step = TrackerStep::default();
         for t in self.entries.values() {
             if t.status != TxStatus::Confirmed(at) {
                 continue;
             }
             let shape = Shape::new(event::TX_REORGED, 0, None, new_tip)
                 .with("previous_block", event::block_json(&at));
-            if let Some(e) = self.event(
-                index,
-                t,
-                Shape {
-                    identity_block: Some(at.hash),
-                    ..shape
-                },
-            ) {
-                step.events.push(e);
-            }
-            step.upserts.push(Tracked {
+            let shape = Shape {
+                identity_block: Some(at.hash),
+                ..shape
+            };
+            self.event(index, t, shape, &mut step);
+            step.tracked.upsert(Tracked {
                 status: TxStatus::Unconfirmed,
                 reorg_count: t.reorg_count + 1,
                 fired: 0,
@@ -380,8 +373,8 @@ impl Tracker {
         txid: Txid,
         why: Removal,
         tip: TipRef,
-    ) -> ChainStep {
-        let mut step = ChainStep::new(TipChange::None);
+    ) -> TrackerStep {
+        let mut step = TrackerStep::default();
         for t in self.entries_of(txid) {
             if matches!(t.status, TxStatus::Confirmed(_)) {
                 continue;
@@ -397,16 +390,17 @@ impl Tracker {
                     Shape::new(event::TX_DROPPED, 0, None, tip).with("reason", json!("evicted"))
                 }
             };
-            if let Some(e) = self.event(index, t, shape) {
-                step.events.push(e);
-            }
-            step.removals.push(key);
+            self.event(index, t, shape, &mut step);
+            step.tracked.remove(key);
         }
         step
     }
 
-    fn event(&self, index: &WatchIndex, t: &Tracked, shape: Shape) -> Option<NewEvent> {
-        let watch = index.get(&t.watch_id)?;
+    /// Adds the event `shape` describes, if the index still holds the watch.
+    fn event(&self, index: &WatchIndex, t: &Tracked, shape: Shape, step: &mut TrackerStep) {
+        let Some(required_confirmations) = index.confirmations(&t.watch_id) else {
+            return;
+        };
         let identity = TxEventIdentity {
             kind: shape.kind,
             txid: t.txid,
@@ -415,21 +409,22 @@ impl Tracker {
             confirmations: shape.confirmations,
             reorg_count: t.reorg_count,
         };
-        Some(
-            TxEventFacts {
-                identity,
-                network: self.network,
-                required_confirmations: watch.confirmations,
-                block: shape.block,
-                watch: &watch,
-                outputs: &t.outputs,
-                inputs: &t.inputs,
-                amount_sat: t.amount_sat(),
-                tip: shape.tip,
-                extra: shape.extra,
-            }
-            .into_event(),
-        )
+        let event = TxEventFacts {
+            identity,
+            network: self.network,
+            required_confirmations,
+            block: shape.block,
+            outputs: &t.outputs,
+            inputs: &t.inputs,
+            amount_sat: t.amount_sat(),
+            tip: shape.tip,
+            extra: shape.extra,
+        }
+        .into_event();
+        step.events.push(WatchEvent {
+            watch_id: t.watch_id.clone(),
+            event,
+        });
     }
 }
 

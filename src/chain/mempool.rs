@@ -66,7 +66,7 @@ impl<S: ChainSource> Follower<S> {
         };
         let step = self.tracker.mempool_add(&self.index, tx, tip);
         let matched = !step.events.is_empty();
-        if let Err(e) = self.commit(step) {
+        if let Err(e) = self.commit_step(step) {
             if matched {
                 self.defer(tx);
             }
@@ -105,7 +105,7 @@ impl<S: ChainSource> Follower<S> {
                 let step =
                     self.tracker
                         .mempool_removed(&self.index, txid, Removal::Conflict(by), tip);
-                self.commit(step)?;
+                self.commit_step(step)?;
             }
         }
         Ok(())
@@ -125,7 +125,7 @@ impl<S: ChainSource> Follower<S> {
         let why = self.removal_cause(&spends, incoming).await?;
         tracing::info!(%txid, ?why, "tracked transaction left the mempool");
         let step = self.tracker.mempool_removed(&self.index, txid, why, tip);
-        self.commit(step)
+        self.commit_step(step)
     }
 
     /// Whether the node still holds a transaction announced as removed: a forged `R` (or one
@@ -206,7 +206,7 @@ impl<S: ChainSource> Follower<S> {
                 return Ok(());
             };
             let step = self.tracker.mempool_add(&self.index, &tx, tip);
-            self.commit(step)?;
+            self.commit_step(step)?;
             self.deferred_mempool.remove(0);
         }
         Ok(())

@@ -17,6 +17,7 @@ use serde_json::Map;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::changeset::{ChangeSet, Merge};
 use crate::config::StartHeight;
 use crate::event::{self, now_ms, NewEvent, TipRef};
 use crate::metrics::Metrics;
@@ -24,7 +25,7 @@ use crate::node::zmq_sub::ZmqReceiver;
 use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
 use crate::node::{ChainSource, NodeError};
 use crate::store::{Store, StoreError};
-use crate::tracker::{ChainStep, TipChange, Tracker};
+use crate::tracker::{Tracker, TrackerStep};
 use crate::watch::WatchIndex;
 use support::{BodyCache, RecentSpends};
 
@@ -382,39 +383,33 @@ impl<S: ChainSource> Follower<S> {
         }))
     }
 
-    fn commit(&mut self, step: ChainStep) -> Result<(), FollowError> {
-        if let Some(e) = self.index.take_lookup_error() {
-            return Err(FollowError::Lookup(e));
-        }
-        let empty = step.events.is_empty()
-            && step.upserts.is_empty()
-            && step.removals.is_empty()
-            && step.coins_added.is_empty()
-            && step.tip == TipChange::None;
-        if empty {
+    /// Commits a change set, then applies it to memory.
+    fn commit(&mut self, changes: ChangeSet) -> Result<(), FollowError> {
+        if changes.is_empty() {
             return Ok(());
         }
-        let committed = self.store.apply(&step, now_ms())?;
-        self.tracker.apply(&step, &mut self.index);
+        let committed = self.store.commit(&changes, now_ms())?;
+        self.tracker.apply(&changes.tracked);
+        self.index.apply(&changes.index);
         for e in &committed {
             tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded");
             self.metrics.event(&e.kind);
         }
-        match step.tip {
-            TipChange::Connect { block, .. } => self
-                .metrics
+        if let Some(h) = changes.tip.new_height() {
+            self.metrics
                 .tip_height
-                .store(block.height as i64, std::sync::atomic::Ordering::Relaxed),
-            TipChange::Disconnect { block } => self.metrics.tip_height.store(
-                block.height as i64 - 1,
-                std::sync::atomic::Ordering::Relaxed,
-            ),
-            TipChange::None => {}
+                .store(h as i64, std::sync::atomic::Ordering::Relaxed);
         }
         if !committed.is_empty() {
             self.wake_dispatch.notify_waiters();
         }
         Ok(())
+    }
+
+    /// Labels and commits a tracker step of the live index.
+    fn commit_step(&mut self, step: TrackerStep) -> Result<(), FollowError> {
+        let changes = labelled(&self.index, step)?;
+        self.commit(changes)
     }
 
     /// Records a chain event or alert on its own, if any endpoint asks for its type.
@@ -427,11 +422,8 @@ impl<S: ChainSource> Follower<S> {
         if !self.store.wants(kind) {
             return Ok(());
         }
-        let step = ChainStep {
-            events: vec![self.other_event(kind, identity, fields)],
-            ..ChainStep::empty()
-        };
-        self.commit(step)
+        let changes = ChangeSet::events(vec![self.other_event(kind, identity, fields)]);
+        self.commit(changes)
     }
 
     fn other_event(
@@ -442,6 +434,11 @@ impl<S: ChainSource> Follower<S> {
     ) -> NewEvent {
         event::other_event(kind, identity, self.tracker.network, fields)
     }
+}
+
+/// The tracker's step as a change set with labelled events (see `ChangeSet::labelled`).
+fn labelled(index: &WatchIndex, step: TrackerStep) -> Result<ChangeSet, FollowError> {
+    ChangeSet::labelled(step, index).map_err(FollowError::Lookup)
 }
 
 /// A loader of watch records over its own connection to the store.

@@ -6,11 +6,12 @@
 use std::time::Instant;
 
 use super::support::Progress;
-use super::{FollowError, Follower};
+use super::{labelled, FollowError, Follower};
+use crate::changeset::ChangeSet;
 use crate::event::BlockRef;
 use crate::node::ChainSource;
-use crate::tracker::{TipChange, Tracker};
-use crate::watch::WatchIndex;
+use crate::tracker::Tracker;
+use crate::watch::{RescanChanges, WatchIndex};
 
 /// Blocks scanned between two looks at live news.
 const BATCH: u32 = 25;
@@ -161,11 +162,12 @@ impl<S: ChainSource> Follower<S> {
                 height: h,
                 time: block.header.time,
             };
-            let mut step = job.tracker.connect_block(&job.index, &block, at);
-            step.tip = TipChange::None;
-            step.rescan = Some((job.watch_id.clone(), Some(h + 1)));
-            let committed = self.store.apply(&step, crate::event::now_ms())?;
-            job.tracker.apply(&step, &mut job.index);
+            let step = job.tracker.connect_block(&job.index, &block, at);
+            let mut changes = labelled(&job.index, step)?;
+            changes.rescan = RescanChanges::next(&job.watch_id, Some(h + 1));
+            let committed = self.store.commit(&changes, crate::event::now_ms())?;
+            job.tracker.apply(&changes.tracked);
+            job.index.apply(&changes.index);
             for e in &committed {
                 tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
                 self.metrics.event(&e.kind);
@@ -192,11 +194,12 @@ impl<S: ChainSource> Follower<S> {
         if job.next <= block.height {
             return Ok(());
         }
-        let mut step = job.tracker.disconnect_block(&job.index, block, new_tip);
-        step.tip = TipChange::None;
-        step.rescan = Some((job.watch_id.clone(), Some(block.height)));
-        let committed = self.store.apply(&step, crate::event::now_ms())?;
-        job.tracker.apply(&step, &mut job.index);
+        let step = job.tracker.disconnect_block(&job.index, block, new_tip);
+        let mut changes = labelled(&job.index, step)?;
+        changes.rescan = RescanChanges::next(&job.watch_id, Some(block.height));
+        let committed = self.store.commit(&changes, crate::event::now_ms())?;
+        job.tracker.apply(&changes.tracked);
+        job.index.apply(&changes.index);
         job.next = block.height;
         for e in &committed {
             tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
@@ -209,11 +212,11 @@ impl<S: ChainSource> Follower<S> {
 
     /// The watch joins live following: its tracked state moves to the main tracker.
     fn finish_rescan(&mut self, job: RescanJob) -> Result<(), FollowError> {
-        let step = crate::tracker::ChainStep {
-            rescan: Some((job.watch_id.clone(), None)),
-            ..crate::tracker::ChainStep::empty()
+        let changes = ChangeSet {
+            rescan: RescanChanges::next(&job.watch_id, None),
+            ..ChangeSet::default()
         };
-        self.store.apply(&step, crate::event::now_ms())?;
+        self.store.commit(&changes, crate::event::now_ms())?;
         tracing::info!(watch = %job.watch_id, secs = job.started.elapsed().as_secs_f64(), "rescan finished; following the watch live");
         self.tracker = Tracker::new(
             self.tracker.network,

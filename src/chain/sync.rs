@@ -5,11 +5,12 @@ use bitcoin::{Block, BlockHash};
 use serde_json::json;
 
 use super::support::Progress;
-use super::{fields, FollowError, Follower};
+use super::{fields, labelled, FollowError, Follower};
 use crate::config::StartHeight;
 use crate::event::{self, BlockRef, TipRef};
 use crate::node::ChainSource;
 use crate::store::StoredBlock;
+use crate::tip::TipChanges;
 
 /// Where the stored chain meets the node's.
 enum Fork {
@@ -211,7 +212,10 @@ impl<S: ChainSource> Follower<S> {
     }
 
     fn connect(&mut self, block: &Block, at: BlockRef) -> Result<(), FollowError> {
-        let mut step = self.tracker.connect_block(&self.index, block, at);
+        let step = self.tracker.connect_block(&self.index, block, at);
+        let mut changes = labelled(&self.index, step)?;
+        changes.tip =
+            TipChanges::connect(at, block.header.prev_blockhash, block.txdata.len() as u32);
         if self.store.wants(event::BLOCK_CONNECTED) {
             let e = self.block_event(
                 event::BLOCK_CONNECTED,
@@ -219,9 +223,9 @@ impl<S: ChainSource> Follower<S> {
                 block.header.prev_blockhash,
                 block.txdata.len(),
             )?;
-            step.events.insert(0, e);
+            changes.events.insert(0, e);
         }
-        self.commit(step)?;
+        self.commit(changes)?;
         self.recent_spends.add_block(at.hash, block);
         for tx in &block.txdata {
             self.seen_mempool.remove(&tx.compute_txid());
@@ -265,16 +269,18 @@ impl<S: ChainSource> Follower<S> {
                 },
             };
             tracing::info!(height = tip.height, hash = %tip.hash, "disconnecting block (reorg)");
-            let mut step = self
+            let step = self
                 .tracker
                 .disconnect_block(&self.index, tip.as_ref(), new_tip);
+            let mut changes = labelled(&self.index, step)?;
+            changes.tip = TipChanges::disconnect(tip.as_ref());
             if self.store.wants(event::BLOCK_DISCONNECTED) {
                 let tx_count = tip.tx_count.unwrap_or(0) as usize;
                 let e =
                     self.block_event(event::BLOCK_DISCONNECTED, tip.as_ref(), tip.prev, tx_count)?;
-                step.events.insert(0, e);
+                changes.events.insert(0, e);
             }
-            self.commit(step)?;
+            self.commit(changes)?;
             self.recent_spends.remove_block(tip.hash);
             self.rescan_disconnected(tip.as_ref(), new_tip)?;
         }

@@ -7,10 +7,11 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::http::jitter;
+use crate::changeset::ChangeSet;
 use crate::config::EndpointConfig;
+use crate::delivery::EndpointChanges;
 use crate::event::{self, NewEvent};
 use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, Store, StoreError};
-use crate::tracker::ChainStep;
 
 /// Alerts and endpoint disabling that follow from recorded attempts; true if anything was
 /// recorded (the workers are woken for it).
@@ -162,11 +163,13 @@ pub fn record_alerts(
     if events.is_empty() && disable_endpoint.is_none() {
         return Ok(false);
     }
-    store.apply(
-        &ChainStep {
-            events,
-            disable_endpoint,
-            ..ChainStep::empty()
+    let endpoints = disable_endpoint
+        .map(|(name, reason)| EndpointChanges::disable(&name, &reason))
+        .unwrap_or_default();
+    store.commit(
+        &ChangeSet {
+            endpoints,
+            ..ChangeSet::events(events)
         },
         now,
     )?;

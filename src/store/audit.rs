@@ -466,8 +466,8 @@ pub(super) fn legacy_break(conn: &rusqlite::Connection) -> Result<Option<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changeset::ChangeSet;
     use crate::event::{other_event, ALERT_REORG};
-    use crate::tracker::ChainStep;
 
     /// A store in a fresh directory with one endpoint taking every event, and `n` events.
     fn store_with_events(n: usize) -> (tempfile::TempDir, Store) {
@@ -482,11 +482,8 @@ mod tests {
                 other_event(ALERT_REORG, &format!("test-{i}"), "regtest", fields)
             })
             .collect();
-        let step = ChainStep {
-            events,
-            ..ChainStep::empty()
-        };
-        store.apply(&step, 1_764_000_000_000).unwrap();
+        let step = ChangeSet::events(events);
+        store.commit(&step, 1_764_000_000_000).unwrap();
         (dir, store)
     }
 

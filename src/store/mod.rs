@@ -24,8 +24,10 @@ pub use records::EventRow;
 pub use retention::{Pruned, RetentionPolicy};
 pub use shared::SharedStore;
 
-use crate::event::{type_matches, webhook_body, BlockRef, NewEvent};
-use crate::tracker::{ChainStep, TipChange};
+use crate::changeset::ChangeSet;
+use crate::event::{type_matches, webhook_body, NewEvent};
+pub use crate::tip::StoredBlock;
+use crate::tip::{TipChange, TipChanges};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,26 +48,6 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
-
-/// A stored block of the followed chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoredBlock {
-    pub hash: BlockHash,
-    pub height: u32,
-    pub prev: BlockHash,
-    pub time: u32,
-    pub tx_count: Option<u32>,
-}
-
-impl StoredBlock {
-    pub fn as_ref(&self) -> BlockRef {
-        BlockRef {
-            hash: self.hash,
-            height: self.height,
-            time: self.time,
-        }
-    }
-}
 
 /// An event as committed: its sequence number and id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -392,19 +374,18 @@ impl Store {
         }
     }
 
-    /// Commits a chain step: tip, tracked state, coins, events and their deliveries, atomically.
-    pub fn apply(&mut self, step: &ChainStep, now_ms: i64) -> Result<Vec<CommittedEvent>> {
+    /// Commits a change set in one transaction: each component's changes, then the events and
+    /// their deliveries. Nothing is written if any part fails.
+    pub fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
         let keep = self.keep_blocks;
         let tx = begin(&mut self.conn)?;
-        apply_tip(&tx, &step.tip, keep)?;
-        records::write_tracked(&tx, step)?;
-        if let Some((name, reason)) = &step.disable_endpoint {
-            tx.execute(
-                "UPDATE endpoints SET enabled = 0, disabled_reason = ?2 WHERE name = ?1",
-                params![name, reason],
-            )?;
-        }
-        let committed = append_events(&tx, &self.filters, &self.audit_key, &step.events, now_ms)?;
+        write_tip(&tx, &changes.tip, keep)?;
+        records::write_tracked(&tx, &changes.tracked)?;
+        records::write_index(&tx, &changes.index)?;
+        records::write_rescan(&tx, &changes.rescan)?;
+        outbox::write_endpoints(&tx, &changes.endpoints)?;
+        let committed =
+            append_events(&tx, &self.filters, &self.audit_key, &changes.events, now_ms)?;
         tx.commit()?;
         Ok(committed)
     }
@@ -444,7 +425,14 @@ pub(crate) fn begin(conn: &mut Connection) -> rusqlite::Result<Tx<'_>> {
     }
 }
 
-fn apply_tip(tx: &Connection, change: &TipChange, keep: u32) -> Result<()> {
+fn write_tip(tx: &Connection, changes: &TipChanges, keep: u32) -> Result<()> {
+    for change in &changes.0 {
+        move_tip(tx, change, keep)?;
+    }
+    Ok(())
+}
+
+fn move_tip(tx: &Connection, change: &TipChange, keep: u32) -> Result<()> {
     let tip: Option<(String, u32)> = tx
         .query_row(
             "SELECT hash, height FROM blocks ORDER BY height DESC LIMIT 1",
@@ -453,7 +441,6 @@ fn apply_tip(tx: &Connection, change: &TipChange, keep: u32) -> Result<()> {
         )
         .optional()?;
     match change {
-        TipChange::None => {}
         TipChange::Connect {
             block,
             prev,

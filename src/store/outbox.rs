@@ -4,6 +4,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::{ChainedRow, Result, Store};
 use crate::config::EndpointConfig;
+use crate::delivery::EndpointChanges;
 use crate::net::redact_url;
 
 /// A delivery ready to send, with the body it carries.
@@ -88,6 +89,17 @@ pub struct EndpointRow {
     pub disabled_reason: Option<String>,
     pub pending: i64,
     pub dead: i64,
+}
+
+/// Disables endpoints, with the reason shown in `endpoints list` and `/health`.
+pub(super) fn write_endpoints(tx: &rusqlite::Connection, changes: &EndpointChanges) -> Result<()> {
+    for (name, reason) in &changes.disabled {
+        tx.execute(
+            "UPDATE endpoints SET enabled = 0, disabled_reason = ?2 WHERE name = ?1",
+            params![name, reason],
+        )?;
+    }
+    Ok(())
 }
 
 impl Store {

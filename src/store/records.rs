@@ -5,8 +5,10 @@ use rusqlite::{params, OptionalExtension};
 
 use super::{parse_hash, Result, Store, StoreError};
 use crate::event::BlockRef;
-use crate::tracker::{ChainStep, Tracked, TxStatus};
-use crate::watch::{Derivation, Target, Watch, WatchIndex, WatchLoader, WatchedCoin};
+use crate::tracker::{Tracked, TrackedChanges, TxStatus};
+use crate::watch::{
+    Derivation, IndexChanges, RescanChanges, Target, Watch, WatchIndex, WatchLoader, WatchedCoin,
+};
 
 /// One row of the event log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,12 +41,12 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-pub(super) fn write_tracked(tx: &rusqlite::Connection, step: &ChainStep) -> Result<()> {
+pub(super) fn write_tracked(tx: &rusqlite::Connection, changes: &TrackedChanges) -> Result<()> {
     let mut upsert = tx.prepare_cached(
         "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
          reorg_count, fired, outputs, inputs, spends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
-    for t in &step.upserts {
+    for t in changes.upserts() {
         let (status, block) = match t.status {
             TxStatus::Mempool => ("mempool", None),
             TxStatus::Confirmed(b) => ("confirmed", Some(b)),
@@ -66,24 +68,32 @@ pub(super) fn write_tracked(tx: &rusqlite::Connection, step: &ChainStep) -> Resu
         ])?;
     }
     let mut remove = tx.prepare_cached("DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2")?;
-    for (txid, watch) in &step.removals {
+    for (txid, watch) in changes.removals() {
         remove.execute(params![txid.to_string(), watch])?;
     }
-    if let Some((watch, next)) = &step.rescan {
+    Ok(())
+}
+
+pub(super) fn write_rescan(tx: &rusqlite::Connection, changes: &RescanChanges) -> Result<()> {
+    for (watch, next) in &changes.0 {
         tx.execute(
             "UPDATE watches SET rescan_next = ?2 WHERE id = ?1",
             params![watch, next],
         )?;
     }
+    Ok(())
+}
+
+pub(super) fn write_index(tx: &rusqlite::Connection, changes: &IndexChanges) -> Result<()> {
     let mut derivation = tx.prepare_cached(
         "INSERT INTO derivations (watch_id, path, used) VALUES (?1, ?2, ?3)
          ON CONFLICT(watch_id, path) DO UPDATE SET used = max(used, excluded.used)",
     )?;
-    for d in &step.derivations {
+    for d in &changes.derivations {
         derivation.execute(params![d.watch_id, d.path, d.used])?;
     }
     let mut coin = tx.prepare_cached("INSERT OR IGNORE INTO coins (outpoint, watch_id, address, amount_sat) VALUES (?1, ?2, ?3, ?4)")?;
-    for (op, c) in &step.coins_added {
+    for (op, c) in &changes.coins {
         coin.execute(params![
             op.to_string(),
             c.watch_id,
@@ -263,13 +273,13 @@ impl Store {
             .conn
             .query_row("SELECT count(*) FROM watches", [], |r| r.get(0))?;
         let mut index = WatchIndex::with_loader(network, loader, count as usize);
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, address, gap_limit FROM watches ORDER BY created_at, id")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT id, address, gap_limit, confirmations FROM watches ORDER BY created_at, id",
+        )?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let (id, target, gap): (String, String, Option<u32>) =
-                (r.get(0)?, r.get(1)?, r.get(2)?);
+            let (id, target, gap, confirmations): (String, String, Option<u32>, u32) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
             if exclude.contains(&id) {
                 continue;
             }
@@ -280,7 +290,7 @@ impl Store {
                     gap_limit,
                 },
             };
-            index.insert_target(&id, &target);
+            index.insert_target(&id, &target, confirmations);
         }
         index.coins.extend(self.load_coins()?);
         for d in self.load_derivations()? {

@@ -142,9 +142,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changeset::ChangeSet;
     use crate::event::{other_event, ALERT_REORG};
     use crate::store::{AttemptOutcome, DeliveryResult};
-    use crate::tracker::ChainStep;
 
     const DAY: i64 = 86_400_000;
 
@@ -160,15 +160,7 @@ mod tests {
                 other_event(ALERT_REORG, &format!("{tag}-{i}"), "regtest", f)
             })
             .collect();
-        store
-            .apply(
-                &ChainStep {
-                    events,
-                    ..ChainStep::empty()
-                },
-                at,
-            )
-            .unwrap();
+        store.commit(&ChangeSet::events(events), at).unwrap();
         let before: i64 = store
             .conn
             .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
@@ -335,17 +327,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = store(dir.path());
         events_at(&mut s, DAY, 1, 0, "a");
-        let step = |tag: &str| ChainStep {
-            events: vec![other_event(
+        let step = |tag: &str| {
+            ChangeSet::events(vec![other_event(
                 ALERT_REORG,
                 tag,
                 "regtest",
                 serde_json::Map::new(),
-            )],
-            ..ChainStep::empty()
+            )])
         };
         let failed: Result<()> = s.atomically(|s| {
-            s.apply(&step("inner"), DAY)?;
+            s.commit(&step("inner"), DAY)?;
             Err(crate::store::StoreError::Corrupt(
                 "a later write failed".into(),
             ))
@@ -356,7 +347,7 @@ mod tests {
             1,
             "the inner write was rolled back with it"
         );
-        s.atomically(|s| s.apply(&step("both"), DAY).map(|_| ()))
+        s.atomically(|s| s.commit(&step("both"), DAY).map(|_| ()))
             .unwrap();
         assert_eq!(count(&s, "events"), 2);
         assert_eq!(s.audit().unwrap().problem, None);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use bitcoin::{Address, Network, OutPoint, Script, Transaction, Txid};
 
 use super::descriptor::WatchedDescriptor;
-use super::{MatchedInput, MatchedOutput, Target, TxMatch, Watch};
+use super::{IndexChanges, MatchedInput, MatchedOutput, Target, TxMatch, Watch};
 
 /// An output a watch received, kept to recognise its spends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,8 +136,8 @@ pub struct WatchIndex {
     /// Full records: all of them without a loader, a cache of recent ones with one.
     details: Mutex<HashMap<String, Arc<Watch>>>,
     loader: Option<WatchLoader>,
-    /// The first lookup that failed since the last `take_lookup_error`.
-    lookup_error: Mutex<Option<String>>,
+    /// Slot → the confirmations the watch asks for.
+    confirmations: Vec<u32>,
     pub coins: HashMap<OutPoint, WatchedCoin>,
 }
 
@@ -189,7 +189,7 @@ impl WatchIndex {
             slot_of: HashMap::new(),
             details: Mutex::new(HashMap::new()),
             loader,
-            lookup_error: Mutex::new(None),
+            confirmations: Vec::new(),
             coins: HashMap::new(),
         }
     }
@@ -208,6 +208,7 @@ impl WatchIndex {
         let mut idx = WatchIndex::empty(network, Some(loader));
         idx.by_key.reserve(expected);
         idx.ids.reserve(expected);
+        idx.confirmations.reserve(expected);
         idx.slot_of.reserve(expected);
         idx
     }
@@ -223,7 +224,7 @@ impl WatchIndex {
 
     /// Adds a watch with its record.
     pub fn insert(&mut self, w: Watch) {
-        self.insert_target(&w.id, &w.target);
+        self.insert_target(&w.id, &w.target, w.confirmations);
         let mut details = self.details.lock().expect("details lock");
         if self.loader.is_none() || details.len() < DETAILS_CACHE {
             details.insert(w.id.clone(), Arc::new(w));
@@ -231,15 +232,19 @@ impl WatchIndex {
     }
 
     /// Adds what matching needs of a watch; its record comes from the loader when needed.
-    pub fn insert_target(&mut self, id: &str, target: &Target) {
+    pub fn insert_target(&mut self, id: &str, target: &Target, confirmations: u32) {
         let Some(idb) = id_bytes(id) else {
             tracing::error!(watch = %id, "stored watch has a malformed id; skipped");
             return;
         };
         let slot = match self.slot_of.get(&idb) {
-            Some(s) => *s,
+            Some(s) => {
+                self.confirmations[*s as usize] = confirmations;
+                *s
+            }
             None => {
                 self.ids.push(idb);
+                self.confirmations.push(confirmations);
                 let s = (self.ids.len() - 1) as Slot;
                 self.slot_of.insert(idb, s);
                 s
@@ -322,46 +327,56 @@ impl WatchIndex {
 
     /// Records a committed derivation index and derives the addresses that follow it.
     pub fn set_used(&mut self, d: &Derivation) {
-        if let Some(slot) = id_bytes(&d.watch_id).and_then(|b| self.slot_of.get(&b).copied()) {
+        if let Some(slot) = self.slot(&d.watch_id) {
             self.extend(slot, d.path, Some(d.used));
         }
     }
 
-    /// The watch's full record.
-    pub fn get(&self, id: &str) -> Option<Arc<Watch>> {
+    /// The watch's full record, for an event's label and metadata: `Ok(None)` when the store
+    /// no longer has it, `Err` when it could not say (which must never pass for "removed").
+    pub fn record(&self, id: &str) -> Result<Option<Arc<Watch>>, String> {
         if let Some(w) = self.details.lock().expect("details lock").get(id) {
-            return Some(w.clone());
+            return Ok(Some(w.clone()));
         }
-        let loader = self.loader.as_ref()?;
+        let Some(loader) = self.loader.as_ref() else {
+            return Ok(None);
+        };
         // Only watches in the index count, even if the store still has others.
-        id_bytes(id).filter(|b| self.slot_of.contains_key(b))?;
-        let w = match loader(id) {
-            Ok(w) => Arc::new(w?),
-            Err(e) => {
-                // Whoever asked cannot tell this from a removed watch: the caller checks
-                // `take_lookup_error` before committing what it computed.
-                self.lookup_error
-                    .lock()
-                    .expect("lookup error lock")
-                    .get_or_insert(e);
-                return None;
-            }
+        if self.slot(id).is_none() {
+            return Ok(None);
+        }
+        let Some(w) = loader(id)?.map(Arc::new) else {
+            return Ok(None);
         };
         let mut details = self.details.lock().expect("details lock");
         if details.len() >= DETAILS_CACHE {
             details.clear();
         }
         details.insert(id.to_string(), w.clone());
-        Some(w)
+        Ok(Some(w))
+    }
+
+    fn slot(&self, id: &str) -> Option<Slot> {
+        id_bytes(id).and_then(|b| self.slot_of.get(&b).copied())
+    }
+
+    /// The confirmations a watch asks for; `None` if the index does not hold it.
+    pub fn confirmations(&self, id: &str) -> Option<u32> {
+        self.slot(id).map(|s| self.confirmations[s as usize])
+    }
+
+    /// Takes in what a committed step taught: its coins and used derivation indexes.
+    pub fn apply(&mut self, changes: &IndexChanges) {
+        for (op, coin) in &changes.coins {
+            self.coins.insert(*op, coin.clone());
+        }
+        for d in &changes.derivations {
+            self.set_used(d);
+        }
     }
 
     pub fn len(&self) -> usize {
         self.ids.len()
-    }
-
-    /// A lookup failed since the last call: whatever was computed since is unsound.
-    pub fn take_lookup_error(&self) -> Option<String> {
-        self.lookup_error.lock().expect("lookup error lock").take()
     }
 
     pub fn is_empty(&self) -> bool {

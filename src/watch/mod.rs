@@ -1,6 +1,7 @@
 //! Watches (an address, or a descriptor with a gap limit) and the index that matches
 //! transactions against them.
 
+mod changes;
 mod descriptor;
 mod index;
 
@@ -8,6 +9,7 @@ use bitcoin::hashes::{sha256, Hash};
 use bitcoin::{Address, Network};
 use serde::{Deserialize, Serialize};
 
+pub use changes::{IndexChanges, RescanChanges};
 pub use descriptor::{DescriptorError, WatchedDescriptor};
 pub use index::{Derivation, Overlay, WatchIndex, WatchLoader, WatchedCoin};
 

@@ -101,11 +101,8 @@ async fn a_closed_port_for_100000_queued_events_costs_one_attempt_per_step() {
             })
             .collect();
         let ids = events.iter().map(|e| e.id.clone()).collect();
-        let step = chainwatch::tracker::ChainStep {
-            events,
-            ..chainwatch::tracker::ChainStep::empty()
-        };
-        store.apply(&step, chainwatch::event::now_ms()).unwrap();
+        let changes = chainwatch::changeset::ChangeSet::events(events);
+        store.commit(&changes, chainwatch::event::now_ms()).unwrap();
         ids
     })
     .await

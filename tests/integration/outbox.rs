@@ -10,11 +10,11 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use chainwatch::changeset::ChangeSet;
 use chainwatch::config::{Config, EndpointConfig};
 use chainwatch::dispatch::{self, Clock};
 use chainwatch::event;
 use chainwatch::store::Store;
-use chainwatch::tracker::ChainStep;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -168,15 +168,7 @@ impl Outbox {
             })
             .collect();
         let ids = events.iter().map(|e| e.id.clone()).collect();
-        store
-            .apply(
-                &ChainStep {
-                    events,
-                    ..ChainStep::empty()
-                },
-                t0,
-            )
-            .unwrap();
+        store.commit(&ChangeSet::events(events), t0).unwrap();
         let clock = Arc::new(AtomicI64::new(t0));
         let mut o = Outbox {
             dir,

@@ -22,4 +22,6 @@ pub mod simnode;
 pub mod store;
 pub mod tip;
 pub mod tracker;
+#[cfg(test)]
+mod unit_kit;
 pub mod watch;

@@ -4,6 +4,7 @@
 //! `chainwatch demo` drive it with helpers: pay, mine, reorg, restart.
 
 pub mod chain;
+mod memory;
 pub mod mining;
 mod rpc;
 mod zmq_pub;
@@ -96,19 +97,28 @@ impl SimNode {
         SimNode::start_inner(dir, false, false).await
     }
 
-    async fn start_inner(dir: &Path, record: bool, with_zmq: bool) -> std::io::Result<SimNode> {
+    /// A node with no sockets at all: it is a `ChainSource` itself (see `memory.rs`), and what
+    /// it would publish over ZMQ is kept for `take_zmq`. For unit tests of the follower.
+    pub fn in_memory() -> SimNode {
+        let node = SimNode {
+            state: Arc::new(Mutex::new(SimNode::fresh_state(None, true))),
+            dir: PathBuf::new(),
+            rpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            zmq: vec![],
+            server: Arc::new(Mutex::new(None)),
+        };
+        // Genesis's messages are published before anyone subscribes.
+        node.lock().log = Some(vec![]);
+        node
+    }
+
+    fn fresh_state(publisher: Option<zmq_pub::Publisher>, record: bool) -> State {
         let miner = MINER_ADDRESS
             .parse::<Address<_>>()
             .expect("valid")
             .assume_checked()
             .script_pubkey();
-        let (publisher, zmq) = if with_zmq {
-            let (p, list) = zmq_pub::Publisher::bind().map_err(std::io::Error::other)?;
-            (Some(p), list)
-        } else {
-            (None, vec![])
-        };
-        let state = State {
+        let mut state = State {
             chain: SimChain::new(),
             clock: 1_764_000_000,
             cookie: new_cookie(),
@@ -123,6 +133,18 @@ impl SimNode {
             log: record.then(Vec::new),
             drop: None,
         };
+        state.flush();
+        state
+    }
+
+    async fn start_inner(dir: &Path, record: bool, with_zmq: bool) -> std::io::Result<SimNode> {
+        let (publisher, zmq) = if with_zmq {
+            let (p, list) = zmq_pub::Publisher::bind().map_err(std::io::Error::other)?;
+            (Some(p), list)
+        } else {
+            (None, vec![])
+        };
+        let state = SimNode::fresh_state(publisher, record);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let rpc_addr = listener.local_addr()?;
         let node = SimNode {
@@ -133,7 +155,6 @@ impl SimNode {
             server: Arc::new(Mutex::new(None)),
         };
         node.write_cookie()?;
-        node.lock().flush();
         node.serve(listener);
         Ok(node)
     }

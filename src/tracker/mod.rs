@@ -456,3 +456,6 @@ impl Shape {
         self
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+//! The simulated node as a `ChainSource` of its own, answering from its state with no RPC or
+//! ZMQ sockets in between: the follower's core runs against it in unit tests, with the same
+//! chain, mempool and reorg helpers the socket-served node has.
+
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
+
+use super::{SimError, SimNode, State};
+use crate::node::zmq_wire::{decode_body, ZmqMessage};
+use crate::node::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
+
+fn rpc_error(method: &str, e: SimError) -> NodeError {
+    let code = match e {
+        SimError::HeightOutOfRange => -8,
+        SimError::BlockNotFound | SimError::TxNotFound => -5,
+        SimError::Orphan(_) | SimError::Duplicate(_) => -25,
+    };
+    NodeError::Rpc {
+        method: method.into(),
+        code,
+        message: e.to_string(),
+    }
+}
+
+impl SimNode {
+    /// Answers one call from the state, as bitcoind would: refused while stopped, -28 while
+    /// warming up.
+    fn answer<T>(
+        &self,
+        method: &str,
+        f: impl FnOnce(&State) -> Result<T, SimError>,
+    ) -> NodeResult<T> {
+        let mut s = self.lock();
+        if s.down {
+            return Err(NodeError::Unreachable {
+                url: "memory".into(),
+                reason: "the simulated node is stopped".into(),
+            });
+        }
+        if s.warmup_calls > 0 {
+            s.warmup_calls -= 1;
+            return Err(NodeError::WarmingUp("Loading block index…".into()));
+        }
+        f(&s).map_err(|e| rpc_error(method, e))
+    }
+
+    /// Stops (`true`) or starts answering again, keeping the chain, counters and cookie.
+    pub fn set_down(&self, down: bool) {
+        self.lock().down = down;
+    }
+
+    /// The ZMQ messages published since the last call, decoded as the subscriber would.
+    pub fn take_zmq(&self) -> Vec<ZmqMessage> {
+        let published = std::mem::take(self.lock().log.get_or_insert_with(Vec::new));
+        published
+            .into_iter()
+            .map(|p| ZmqMessage {
+                topic: p.topic.to_string(),
+                body: decode_body(p.topic, &p.body)
+                    .expect("the simulated node publishes valid bodies"),
+                counter: p.counter,
+            })
+            .collect()
+    }
+}
+
+fn header(s: &State, hash: BlockHash) -> Result<HeaderInfo, SimError> {
+    let (block, height) = s.chain.block(&hash)?;
+    let confirmations = if s.chain.is_active(&hash) {
+        (s.chain.height() - height + 1) as i64
+    } else {
+        -1
+    };
+    Ok(HeaderInfo {
+        hash,
+        height,
+        prev: (height > 0).then_some(block.header.prev_blockhash),
+        time: block.header.time,
+        confirmations,
+    })
+}
+
+impl ChainSource for SimNode {
+    async fn chain_info(&self) -> NodeResult<ChainInfo> {
+        self.answer("getblockchaininfo", |s| {
+            Ok(ChainInfo {
+                chain: "regtest".into(),
+                blocks: s.chain.height(),
+                best_block_hash: s.chain.tip(),
+                initial_block_download: s.chain.height() == 0,
+            })
+        })
+    }
+
+    async fn best_block_hash(&self) -> NodeResult<BlockHash> {
+        self.answer("getbestblockhash", |s| Ok(s.chain.tip()))
+    }
+
+    async fn block_hash(&self, height: u32) -> NodeResult<BlockHash> {
+        self.answer("getblockhash", |s| s.chain.block_hash(height))
+    }
+
+    async fn block_header(&self, hash: BlockHash) -> NodeResult<HeaderInfo> {
+        self.answer("getblockheader", |s| header(s, hash))
+    }
+
+    async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
+        self.answer("getblock", |s| Ok(s.chain.block(&hash)?.0.clone()))
+    }
+
+    async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {
+        self.answer("getrawmempool", |s| {
+            let txids = s.chain.mempool().iter().map(|t| t.compute_txid()).collect();
+            Ok((txids, s.chain.mempool_sequence))
+        })
+    }
+
+    async fn mempool_transaction(&self, txid: Txid) -> NodeResult<Transaction> {
+        self.answer("getrawtransaction", |s| match s.chain.mempool_tx(&txid) {
+            Ok(tx) => Ok(tx.clone()),
+            Err(e) if !s.txindex => Err(e),
+            Err(e) => s.chain.confirmed_tx(&txid).ok_or(e),
+        })
+    }
+
+    async fn zmq_notifications(&self) -> NodeResult<Vec<ZmqNotification>> {
+        self.answer("getzmqnotifications", |_| Ok(vec![]))
+    }
+
+    async fn in_mempool(&self, txid: Txid) -> NodeResult<bool> {
+        self.answer("getmempoolentry", |s| Ok(s.chain.mempool_tx(&txid).is_ok()))
+    }
+
+    async fn mempool_spender(&self, outpoints: &[OutPoint]) -> NodeResult<Option<Txid>> {
+        self.answer("gettxspendingprevout", |s| {
+            Ok(s.chain
+                .mempool()
+                .iter()
+                .find(|t| {
+                    t.input
+                        .iter()
+                        .any(|i| outpoints.contains(&i.previous_output))
+                })
+                .map(|t| t.compute_txid()))
+        })
+    }
+}

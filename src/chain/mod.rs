@@ -480,3 +480,6 @@ async fn recv(rx: &mut Option<ZmqReceiver>) -> Option<ZmqMessage> {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -32,6 +32,7 @@ pub enum SimError {
     Duplicate(Txid),
 }
 
+#[derive(Clone)]
 struct Entry {
     block: Block,
     height: u32,
@@ -39,6 +40,7 @@ struct Entry {
     order: usize,
 }
 
+#[derive(Clone)]
 pub struct SimChain {
     blocks: HashMap<BlockHash, Entry>,
     /// The active chain; index = height.

@@ -43,6 +43,23 @@ impl SimNode {
         f(&s).map_err(|e| rpc_error(method, e))
     }
 
+    /// Another in-memory node starting from this one's chain, mempool and wallet (building
+    /// the 101 blocks a funded wallet needs once, not in every test).
+    pub fn snapshot(&self) -> SimNode {
+        let node = SimNode::in_memory();
+        {
+            let from = self.lock();
+            let mut to = node.lock();
+            to.chain = from.chain.clone();
+            to.chain.take_published();
+            to.clock = from.clock;
+            to.spent = from.spent.clone();
+            to.change = from.change.clone();
+            to.txindex = from.txindex;
+        }
+        node
+    }
+
     /// Stops (`true`) or starts answering again, keeping the chain, counters and cookie.
     pub fn set_down(&self, down: bool) {
         self.lock().down = down;

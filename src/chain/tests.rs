@@ -1,0 +1,551 @@
+//! The follower against the in-memory simulated node: no HTTP, no ZMQ sockets, no sleeping.
+//! Each test drives the node, lets the follower catch up, and asserts the exact event log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitcoin::{BlockHash, Txid};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::{FollowError, Follower, FollowerOptions};
+use crate::config::StartHeight;
+use crate::event::*;
+use crate::simnode::SimNode;
+use crate::store::Store;
+use crate::tracker::Tracker;
+use crate::unit_kit::*;
+use crate::watch::Watch;
+
+const FINALITY: u32 = 6;
+
+struct Rig {
+    node: SimNode,
+    follower: Follower<SimNode>,
+    _dir: tempfile::TempDir,
+}
+
+fn options() -> FollowerOptions {
+    FollowerOptions {
+        start_height: StartHeight::Tip,
+        poll_interval: Duration::from_secs(3600),
+        zmq_mempool: false,
+        alert_reorg_depth: 3,
+        node_unreachable_after: Duration::from_secs(60),
+    }
+}
+
+fn open_store(dir: &std::path::Path, watches: &[Watch]) -> Store {
+    let mut store = crate::store::test_store(dir);
+    // Commits need not survive power loss here; fsyncs would make the tests slow.
+    store.relax_durability().unwrap();
+    store.check_network("regtest").unwrap();
+    store.set_keep_blocks(FINALITY + 10);
+    store.upsert_watches(watches, "test", 0).unwrap();
+    store
+}
+
+/// A node with mature coins (101 blocks) and a follower of it watching `watches`, started at
+/// the node's tip.
+async fn rig(watches: &[Watch]) -> Rig {
+    static FUNDED: std::sync::OnceLock<SimNode> = std::sync::OnceLock::new();
+    let node = FUNDED
+        .get_or_init(|| {
+            let node = SimNode::in_memory();
+            node.mine(101);
+            node
+        })
+        .snapshot();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), watches);
+    let follower = follower_over(&node, store);
+    let mut rig = Rig {
+        node,
+        follower,
+        _dir: dir,
+    };
+    rig.sync().await;
+    assert_eq!(
+        rig.log(),
+        Vec::<Ev>::new(),
+        "starting at the tip tells nothing"
+    );
+    rig
+}
+
+fn follower_over(node: &SimNode, store: Store) -> Follower<SimNode> {
+    let tracker = Tracker::new("regtest", FINALITY, store.load_tracked().unwrap());
+    Follower::new(
+        Arc::new(node.clone()),
+        store,
+        tracker,
+        options(),
+        Arc::new(Notify::new()),
+    )
+}
+
+/// One logged event: type, txid (empty for others), confirmations.
+type Ev = (String, String, u64);
+
+fn ev(kind: &str, txid: Option<Txid>, confirmations: u64) -> Ev {
+    (
+        kind.to_string(),
+        txid.map(|t| t.to_string()).unwrap_or_default(),
+        confirmations,
+    )
+}
+
+impl Rig {
+    async fn sync(&mut self) {
+        self.follower.resync().await.expect("resync");
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.follower
+            .store
+            .events_after(0, 10_000)
+            .unwrap()
+            .iter()
+            .map(|e| serde_json::from_str(&e.body).unwrap())
+            .collect()
+    }
+
+    fn log(&self) -> Vec<Ev> {
+        self.bodies()
+            .iter()
+            .map(|b| {
+                let d = &b["data"];
+                (
+                    b["type"].as_str().unwrap().to_string(),
+                    d["txid"].as_str().unwrap_or_default().to_string(),
+                    d["confirmations"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Events after the first `n`.
+    fn log_after(&self, n: usize) -> Vec<Ev> {
+        self.log().split_off(n)
+    }
+
+    /// Feeds what the node published since last time to the follower, as the subscriber would.
+    async fn deliver_zmq(&mut self) {
+        let batch = self.node.take_zmq();
+        self.follower.on_zmq_batch(batch).await.expect("zmq batch");
+    }
+
+    fn tip(&self) -> BlockHash {
+        self.follower.store.tip().unwrap().unwrap().hash
+    }
+}
+
+fn blocks(kind: &str, n: usize) -> Vec<Ev> {
+    vec![ev(kind, None, 0); n]
+}
+
+#[tokio::test]
+async fn a_payment_is_pending_then_confirmed_block_by_block() {
+    let w = watch(1, 2);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.sync().await;
+    r.node.mine(2);
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(TX_PENDING, Some(txid), 0),
+            ev(BLOCK_CONNECTED, None, 0),
+            ev(TX_CONFIRMATION, Some(txid), 1),
+            ev(BLOCK_CONNECTED, None, 0),
+            ev(TX_CONFIRMED, Some(txid), 2),
+        ]
+    );
+    let bodies = r.bodies();
+    let b102 = r.node.block_hash(102);
+    assert_eq!(
+        bodies[2]["data"]["id"],
+        tx_event_id(TX_CONFIRMATION, txid, &w, Some(b102), 1, 0)
+    );
+    assert_eq!(
+        bodies[0]["data"]["watch"]["label"], "order-1",
+        "labelled before commit"
+    );
+    assert_eq!(r.tip(), r.node.tip());
+}
+
+#[tokio::test]
+async fn a_restarted_follower_repeats_nothing() {
+    let w = watch(1, 3);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    r.node.pay(&address(1).to_string(), 50_000);
+    r.node.mine(1);
+    r.sync().await;
+    let before = r.log();
+    let store = r.follower.store.reopen().unwrap();
+    r.follower = follower_over(&r.node, store);
+    r.sync().await;
+    assert_eq!(r.log(), before, "state came back from the store");
+    r.node.mine(1);
+    r.sync().await;
+    assert_eq!(r.log_after(before.len())[1].0, TX_CONFIRMATION);
+}
+
+/// A payment confirmed `depth` blocks deep, then a reorg of that depth that mines it again.
+async fn reorg_of_depth(depth: u32) {
+    let w = watch(1, 100);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.node.mine(depth);
+    r.sync().await;
+    let old_block = r.node.block_hash(102);
+    let seen = r.log().len();
+    r.node.reorg(depth, true);
+    r.sync().await;
+    let mut want = vec![];
+    if depth >= options().alert_reorg_depth {
+        want.push(ev(ALERT_REORG, None, 0));
+    }
+    // From the top down; the payment's block (the lowest) is disconnected last.
+    want.extend(blocks(BLOCK_DISCONNECTED, depth as usize));
+    want.push(ev(TX_REORGED, Some(txid), 0));
+    want.push(ev(BLOCK_CONNECTED, None, 0));
+    want.push(ev(TX_CONFIRMATION, Some(txid), 1));
+    for n in 2..=depth + 1 {
+        want.push(ev(BLOCK_CONNECTED, None, 0));
+        want.push(ev(TX_CONFIRMATION, Some(txid), n as u64));
+    }
+    assert_eq!(r.log_after(seen), want, "reorg of depth {depth}");
+    let bodies = r.bodies();
+    let reorged = bodies
+        .iter()
+        .find(|b| b["type"] == TX_REORGED)
+        .expect("tx.reorged");
+    assert_eq!(
+        reorged["data"]["id"],
+        tx_event_id(TX_REORGED, txid, &w, Some(old_block), 0, 0)
+    );
+    let new_block = r.node.block_hash(102);
+    let again = bodies.last().unwrap();
+    assert_eq!(
+        again["data"]["id"],
+        tx_event_id(TX_CONFIRMATION, txid, &w, Some(new_block), depth + 1, 1),
+        "counted again in the new block, with the reorg in its id"
+    );
+    assert_eq!(r.tip(), r.node.tip());
+}
+
+// Every depth up to finality (6), each a test of its own so they run side by side.
+#[tokio::test]
+async fn a_reorg_of_depth_1_is_undone_and_redone() {
+    reorg_of_depth(1).await;
+}
+
+#[tokio::test]
+async fn a_reorg_of_depth_2_is_undone_and_redone() {
+    reorg_of_depth(2).await;
+}
+
+#[tokio::test]
+async fn a_reorg_of_depth_3_is_undone_and_redone() {
+    reorg_of_depth(3).await;
+}
+
+#[tokio::test]
+async fn a_reorg_of_depth_4_is_undone_and_redone() {
+    reorg_of_depth(4).await;
+}
+
+#[tokio::test]
+async fn a_reorg_of_depth_5_is_undone_and_redone() {
+    reorg_of_depth(5).await;
+}
+
+#[tokio::test]
+async fn a_reorg_of_depth_6_is_undone_and_redone() {
+    assert_eq!(FINALITY, 6);
+    reorg_of_depth(6).await;
+}
+
+#[tokio::test]
+async fn a_reorg_alert_names_depth_fork_and_both_tips() {
+    let mut r = rig(&[]).await;
+    r.node.mine(4);
+    r.sync().await;
+    let old_tip = r.node.tip();
+    r.node.reorg(3, false);
+    r.sync().await;
+    let alert = r
+        .bodies()
+        .into_iter()
+        .find(|b| b["type"] == ALERT_REORG)
+        .expect("alert.reorg");
+    let d = &alert["data"];
+    assert_eq!(d["depth"], 3);
+    assert_eq!(d["fork_height"], 102);
+    assert_eq!(d["old_tip"]["hash"], old_tip.to_string());
+    assert_eq!(d["old_tip"]["height"], 105);
+    assert_eq!(d["new_tip"]["hash"], r.node.tip().to_string());
+    assert_eq!(d["new_tip"]["height"], 106);
+}
+
+#[tokio::test]
+async fn a_fork_below_the_kept_blocks_is_alerted_and_followed() {
+    let w = watch(1, 100);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    r.node.mine(13);
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.node.mine(12);
+    r.sync().await;
+    let lowest = r.follower.store.lowest_block().unwrap().unwrap().height;
+    assert_eq!(lowest, 126 - (FINALITY + 10), "the kept window");
+    let seen = r.log().len();
+    // A 20-block reorg forks at 106, below the lowest kept block.
+    r.node.reorg(20, false);
+    r.sync().await;
+    let after = r.log_after(seen);
+    assert_eq!(after[0].0, ALERT_REORG);
+    let alert = &r.bodies()[seen]["data"];
+    assert!(
+        alert["error"]
+            .as_str()
+            .unwrap()
+            .contains("reorg deeper than the 17 blocks kept"),
+        "{alert}"
+    );
+    assert_eq!(alert["depth"], Value::Null);
+    // Every kept block goes, from the top; the payment's block (115) reorgs it.
+    let mut want = blocks(BLOCK_DISCONNECTED, 12);
+    want.push(ev(TX_REORGED, Some(txid), 0));
+    want.extend(blocks(BLOCK_DISCONNECTED, 5));
+    // Then the node's chain from the lowest kept height to its new tip (127).
+    want.extend(blocks(BLOCK_CONNECTED, 127 - lowest as usize + 1));
+    assert_eq!(after[1..], want[..]);
+    assert_eq!(r.tip(), r.node.tip(), "following the node's chain again");
+    let row = r.follower.tracker.get(txid, &w.id).expect("still tracked");
+    assert_eq!(
+        row.status,
+        crate::tracker::TxStatus::Mempool,
+        "back in the mempool after the reorg"
+    );
+}
+
+#[tokio::test]
+async fn a_replacement_announced_over_zmq_is_told_with_its_successor() {
+    let w = watch(1, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    r.node.take_zmq();
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.deliver_zmq().await;
+    let other = address(2).script_pubkey();
+    let by = r.node.replace(txid, &[(other, 40_000)]);
+    r.deliver_zmq().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(TX_PENDING, Some(txid), 0),
+            ev(TX_REPLACED, Some(txid), 0)
+        ]
+    );
+    let replaced = r.bodies().pop().unwrap();
+    assert_eq!(replaced["data"]["replaced_by"], by.to_string());
+    assert_eq!(
+        replaced["data"]["id"],
+        tx_event_id(TX_REPLACED, txid, &w, None, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_double_spend_mined_drops_the_payment_as_a_conflict() {
+    let w = watch(1, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.sync().await;
+    let ds = r
+        .node
+        .double_spend(txid, &[(address(2).script_pubkey(), 40_000)]);
+    r.node.mine_block_with(vec![ds.clone()]);
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(TX_PENDING, Some(txid), 0),
+            ev(BLOCK_CONNECTED, None, 0),
+            ev(TX_DROPPED, Some(txid), 0),
+        ]
+    );
+    let dropped = &r.bodies()[2]["data"];
+    assert_eq!(dropped["reason"], "conflict");
+    assert_eq!(dropped["conflicting_txid"], ds.compute_txid().to_string());
+}
+
+#[tokio::test]
+async fn an_eviction_is_a_drop() {
+    let mut r = rig(&[watch(1, 1)]).await;
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.sync().await;
+    r.node.evict(txid);
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [ev(TX_PENDING, Some(txid), 0), ev(TX_DROPPED, Some(txid), 0)]
+    );
+    assert_eq!(r.bodies()[1]["data"]["reason"], "evicted");
+}
+
+#[tokio::test]
+async fn a_zmq_announcement_of_a_transaction_the_node_lacks_is_ignored() {
+    let mut r = rig(&[watch(1, 1)]).await;
+    r.node.take_zmq();
+    let forged = r.node.payment_tx(&address(1).to_string(), 50_000);
+    let txid = forged.compute_txid();
+    r.node
+        .publish_raw("rawtx", bitcoin::consensus::serialize(&forged));
+    r.node.publish_raw(
+        "sequence",
+        crate::node::zmq_wire::sequence_body(&crate::node::zmq_wire::SequenceEvent::TxAdded(
+            txid, 99,
+        )),
+    );
+    r.deliver_zmq().await;
+    r.sync().await;
+    assert_eq!(r.log(), Vec::<Ev>::new(), "nothing the node does not hold");
+}
+
+#[tokio::test]
+async fn descriptor_payments_extend_the_watched_range_across_blocks() {
+    let w = descriptor_watch(2, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    let a = r.node.pay_script(&[(derived_script(1), 1_000)]);
+    r.node.mine(1);
+    r.sync().await;
+    let b = r.node.pay_script(&[(derived_script(3), 3_000)]);
+    let c = r.node.pay_script(&[(derived_script(6), 6_000)]);
+    r.node.mine(1);
+    r.sync().await;
+    let confirmed: Vec<String> = r
+        .log()
+        .into_iter()
+        .filter(|e| e.0 == TX_CONFIRMED)
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(
+        confirmed,
+        [a.to_string(), b.to_string()],
+        "6 is past 3 + gap 2"
+    );
+    assert!(!r.log().iter().any(|e| e.1 == c.to_string()));
+    let used = r.follower.store.load_derivations().unwrap();
+    assert_eq!(used.len(), 1);
+    assert_eq!((used[0].path, used[0].used), (0, 3));
+}
+
+#[tokio::test]
+async fn a_failed_watch_lookup_fails_the_step_and_loses_nothing() {
+    let w = watch(1, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let store = r.follower.store.reopen().unwrap();
+    let conn = std::sync::Mutex::new(store.reopen().unwrap());
+    let flag = fail.clone();
+    let loader: crate::watch::WatchLoader = Arc::new(move |id: &str| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("database is locked".into());
+        }
+        conn.lock()
+            .unwrap()
+            .load_watch(id)
+            .map_err(|e| e.to_string())
+    });
+    r.follower = follower_over(&r.node, store).with_watch_loader(loader);
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.node.mine(1);
+    let err = r.follower.resync().await.expect_err("the lookup fails");
+    assert!(matches!(err, FollowError::Lookup(_)), "{err}");
+    assert_eq!(r.log(), Vec::<Ev>::new(), "nothing committed");
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(BLOCK_CONNECTED, None, 0),
+            ev(TX_CONFIRMED, Some(txid), 1)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_node_is_a_transient_failure_and_following_resumes() {
+    let mut r = rig(&[watch(1, 1)]).await;
+    r.node.set_down(true);
+    let err = r.follower.resync().await.expect_err("node is down");
+    assert!(err.is_transient(), "{err}");
+    r.node.set_down(false);
+    r.node.mine(1);
+    r.sync().await;
+    assert_eq!(r.log(), [ev(BLOCK_CONNECTED, None, 0)]);
+}
+
+#[tokio::test]
+async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    // Kept wide enough that the rescanned range is within it: a fork there is found.
+    r.follower.store.set_keep_blocks(60);
+    // Paid at 120, long before the watch exists.
+    r.node.mine(18);
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    r.node.mine(22);
+    r.sync().await;
+    let seen = r.log().len();
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    // One batch scans 25 blocks (101..=125): the payment is found and confirmed, and still
+    // tracked (6 deep at 125, within finality).
+    r.follower.rescan_batch().await.unwrap();
+    assert!(r.follower.rescanning(), "15 blocks are still to scan");
+    let found = r.log_after(seen);
+    assert_eq!(
+        found,
+        [
+            ev(TX_CONFIRMATION, Some(txid), 1),
+            ev(TX_CONFIRMED, Some(txid), 2)
+        ]
+    );
+    // A reorg from 120 takes the payment's block; it is mined again in the new 120.
+    let old_block = r.node.block_hash(120);
+    r.node.reorg(22, true);
+    r.sync().await;
+    while r.follower.rescanning() {
+        r.follower.rescan_batch().await.unwrap();
+    }
+    let late_events: Vec<Ev> = r
+        .log_after(seen)
+        .into_iter()
+        .filter(|e| e.1 == txid.to_string())
+        .collect();
+    assert_eq!(
+        late_events,
+        [
+            ev(TX_CONFIRMATION, Some(txid), 1),
+            ev(TX_CONFIRMED, Some(txid), 2),
+            ev(TX_REORGED, Some(txid), 0),
+            ev(TX_CONFIRMATION, Some(txid), 1),
+            ev(TX_CONFIRMED, Some(txid), 2),
+        ]
+    );
+    let bodies = r.bodies();
+    let reorged = bodies.iter().find(|b| b["type"] == TX_REORGED).unwrap();
+    assert_eq!(
+        reorged["data"]["id"],
+        tx_event_id(TX_REORGED, txid, &late, Some(old_block), 0, 0)
+    );
+    assert_eq!(
+        r.follower.store.rescans().unwrap(),
+        vec![],
+        "the rescan finished"
+    );
+}

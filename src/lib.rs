@@ -17,5 +17,7 @@ pub mod receiver;
 pub mod sign;
 pub mod simnode;
 pub mod store;
+/// Support for tests, benches and the demo (config builder, capturing receiver, waits).
+pub mod testkit;
 pub mod tracker;
 pub mod watch;

@@ -13,7 +13,6 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod proof;
-pub mod receiver;
 pub mod sign;
 pub mod simnode;
 pub mod store;

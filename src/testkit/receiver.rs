@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::Value;
@@ -25,7 +25,6 @@ use crate::sign::{self, Secret};
 /// One request as the receiver saw it.
 #[derive(Debug, Clone)]
 pub struct Captured {
-    pub method: String,
     pub path: String,
     pub headers: HeaderMap,
     /// `webhook-id` and `webhook-timestamp` ("" when absent).
@@ -314,12 +313,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let me = shared.clone();
-    let app = Router::new().fallback(
-        move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+    // Webhooks are POSTs; anything else gets 405 and is not kept, as from any receiver.
+    let app = Router::new().fallback(axum::routing::post(
+        move |uri: Uri, headers: HeaderMap, body: Bytes| {
             let me = me.clone();
-            async move { answer(&me, method, uri, headers, body).await }
+            async move { answer(&me, uri, headers, body).await }
         },
-    );
+    ));
     loop {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
@@ -369,15 +369,8 @@ fn verdict(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<(), Stri
     }
 }
 
-async fn answer(
-    shared: &Shared,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn answer(shared: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let mut c = Captured {
-        method: method.to_string(),
         path: uri.path().to_string(),
         id: header(&headers, "webhook-id").to_string(),
         timestamp: header(&headers, "webhook-timestamp").to_string(),

@@ -1,16 +1,24 @@
 //! Test harness: the testkit's receiver verifying every request with an independent Standard
 //! Webhooks implementation too, a simulated node, and chainwatch run in-process or as the
-//! binary.
+//! binary; and the delivery engine alone on a fake clock (`Outbox`).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chainwatch::config::EndpointConfig;
+use chainwatch::dispatch::{self, Clock};
+use chainwatch::event;
 use chainwatch::simnode::SimNode;
+use chainwatch::store::Store;
+use chainwatch::tracker::ChainStep;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use chainwatch::testkit::{
     free_port, poll, wait_for, wait_until, Api, Bitcoind, Captured, ConfigBuilder, Endpoint,
-    KillOnDrop, Receiver, ReceiverBuilder, WatchEntry,
+    KillOnDrop, Receiver, ReceiverBuilder, Reply, WatchEntry,
 };
 
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -271,6 +279,130 @@ impl Daemon {
             .await
             .expect("daemon task")
             .expect("daemon stops cleanly");
+    }
+}
+
+/// A store with `n` events waiting for one endpoint, and the worker delivering them on a fake clock.
+pub struct Outbox {
+    pub dir: tempfile::TempDir,
+    pub clock: Arc<AtomicI64>,
+    pub wake: Arc<Notify>,
+    pub token: CancellationToken,
+    pub endpoints: Vec<EndpointConfig>,
+    pub ids: Vec<String>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub const T0: i64 = 1_800_000_000_000;
+
+impl Outbox {
+    pub async fn new(endpoints: &[Endpoint], n: usize) -> Outbox {
+        Outbox::new_at(endpoints, n, T0).await
+    }
+
+    /// As `new`, with the fake clock starting at `t0` (ms).
+    pub async fn new_at(endpoints: &[Endpoint], n: usize, t0: i64) -> Outbox {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ConfigBuilder::default().data_dir(dir.path());
+        config.endpoints = endpoints.to_vec();
+        let cfg = config.parse().unwrap();
+        let mut store = Store::open(&cfg.data_dir).unwrap();
+        store.check_network("regtest").unwrap();
+        store.sync_endpoints(&cfg.endpoints).unwrap();
+        let events: Vec<event::NewEvent> = (0..n)
+            .map(|i| {
+                event::other_event(
+                    event::TX_PENDING,
+                    &format!("test-{i}"),
+                    "regtest",
+                    Default::default(),
+                )
+            })
+            .collect();
+        let ids = events.iter().map(|e| e.id.clone()).collect();
+        store
+            .apply(
+                &ChainStep {
+                    events,
+                    ..ChainStep::empty()
+                },
+                t0,
+            )
+            .unwrap();
+        let clock = Arc::new(AtomicI64::new(t0));
+        let mut o = Outbox {
+            dir,
+            clock,
+            wake: Arc::new(Notify::new()),
+            token: CancellationToken::new(),
+            endpoints: cfg.endpoints,
+            ids,
+            workers: vec![],
+        };
+        for ep in o.endpoints.clone() {
+            let c = o.clock.clone();
+            let clock: Clock = Arc::new(move || c.load(Ordering::SeqCst));
+            let store = Store::open(o.dir.path()).unwrap();
+            let ctx = dispatch::Context {
+                clock,
+                ..dispatch::Context::new(o.wake.clone(), o.token.clone())
+            };
+            o.workers
+                .push(tokio::spawn(dispatch::run_endpoint(ep, store, ctx)));
+        }
+        o
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(self.dir.path()).unwrap()
+    }
+
+    pub fn set_clock(&self, ms: i64) {
+        self.clock.store(ms, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    /// Waits until event `event` has `n` recorded attempts; returns them.
+    pub async fn attempts(&self, event: usize, n: usize) -> Vec<chainwatch::store::AttemptRow> {
+        wait_for(&format!("{n} attempts"), WAIT, || {
+            let a = self.store().attempts_for(&self.ids[event]).unwrap();
+            if a.len() >= n {
+                return Ok(a);
+            }
+            Err(format!("have {}: {a:?}", a.len()))
+        })
+        .await
+    }
+
+    pub fn delivery(&self, event: usize) -> chainwatch::store::DeliveryRow {
+        let id = &self.ids[event];
+        self.store()
+            .list_deliveries(None, None, 10_000)
+            .unwrap()
+            .into_iter()
+            .find(|d| &d.event_id == id)
+            .unwrap()
+    }
+
+    pub fn next_attempt(&self, event: usize) -> i64 {
+        self.delivery(event).next_attempt_at
+    }
+
+    pub fn alerts(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.store()
+            .events_after(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| serde_json::from_str(&e.body).unwrap())
+            .collect()
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        for w in self.workers {
+            w.await.expect("worker ends cleanly");
+        }
     }
 }
 

@@ -375,11 +375,12 @@ fn parse_secrets(texts: &[String]) -> anyhow::Result<Vec<Secret>> {
 }
 
 pub async fn receive(listen: &str, secrets: &[String]) -> anyhow::Result<()> {
+    use crate::testkit::receiver::{describe, Receiver, Reply};
     let secrets = parse_secrets(secrets)?;
-    let addr = listen
+    let addr: std::net::SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen {listen:?}: expected IP:PORT"))?;
-    let listener = crate::receiver::bind(addr)
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {listen}"))?;
     eprintln!(
@@ -387,9 +388,15 @@ pub async fn receive(listen: &str, secrets: &[String]) -> anyhow::Result<()> {
         secrets.len()
     );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(crate::receiver::serve(listener, secrets, tx));
+    // Printed, not kept: this receiver may run for hours.
+    let _receiver = Receiver::builder()
+        .secrets(secrets)
+        .reply(Reply::Verdict)
+        .forward_to(tx)
+        .keep_nothing()
+        .serve(listener);
     while let Some(r) = rx.recv().await {
-        println!("{}", crate::receiver::describe(&r));
+        println!("{}", describe(&r));
         println!("{}", r.body);
     }
     Ok(())

@@ -8,8 +8,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::receiver::{self, Received};
 use crate::simnode::SimNode;
+use crate::testkit::config::{Api, Bitcoind, ConfigBuilder, Endpoint, WatchEntry};
+use crate::testkit::receiver::{describe, Captured, Receiver, Reply};
 
 /// The four shop addresses of the captured session, one per standard output type.
 pub const DEMO_WATCHES: [(&str, &str); 4] = [
@@ -31,20 +32,28 @@ fn demo_config(
     data_dir: &std::path::Path,
     receiver: &str,
 ) -> anyhow::Result<Config> {
-    let mut text = format!(
-        "network = \"regtest\"\ndata_dir = {:?}\ndefault_confirmations = 3\n\n[bitcoind]\nrpc_url = {:?}\ncookie_file = {:?}\npoll_interval = \"500ms\"\n\n[[endpoints]]\nname = \"demo\"\nurl = \"http://{receiver}/hooks\"\nsecret = \"{DEMO_SECRET}\"\nevents = [\"tx.*\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\n",
-        data_dir.display().to_string(),
-        node.rpc_url(),
-        node.cookie_path().display().to_string()
-    );
+    let mut cfg = ConfigBuilder::regtest()
+        .data_dir(data_dir)
+        .default_confirmations(3)
+        .bitcoind(Bitcoind::simnode(node).poll_interval("500ms"))
+        .endpoint(
+            Endpoint::new("demo", receiver)
+                .secret(DEMO_SECRET)
+                .events(["tx.*"]),
+        )
+        .api(Api::listen("127.0.0.1:0"));
     for (i, (label, addr)) in DEMO_WATCHES.iter().enumerate() {
-        text.push_str(&format!("\n[[watches]]\naddress = \"{addr}\"\nlabel = \"{label}\"\nmetadata = {{ order_id = {} }}\n", 1001 + i));
+        cfg = cfg.watch(
+            WatchEntry::address(addr)
+                .label(label)
+                .meta("order_id", 1001 + i as i64),
+        );
     }
-    Ok(Config::parse(&text, "demo config", None)?)
+    Ok(Config::parse(&cfg.to_toml(), "demo config", None)?)
 }
 
 struct Printer {
-    rx: mpsc::UnboundedReceiver<Received>,
+    rx: mpsc::UnboundedReceiver<Captured>,
     daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
     seen: usize,
     rejected: usize,
@@ -68,7 +77,7 @@ impl Printer {
                 self.rejected += 1;
             }
             self.seen += 1;
-            println!("  {}", receiver::describe(&r));
+            println!("  {}", describe(&r));
         }
         Ok(())
     }
@@ -83,12 +92,16 @@ pub async fn run() -> anyhow::Result<()> {
     let node = SimNode::start(&dir.path().join("node"))
         .await
         .context("starting the simulated node")?;
-    let listener = receiver::bind("127.0.0.1:0".parse().expect("addr")).await?;
-    let recv_addr = listener.local_addr()?;
     let (tx, rx) = mpsc::unbounded_channel();
     let secret = crate::sign::Secret::parse(DEMO_SECRET).expect("valid secret");
-    let recv_task = tokio::spawn(receiver::serve(listener, vec![secret], tx));
-    let cfg = demo_config(&node, &dir.path().join("data"), &recv_addr.to_string())?;
+    let receiver = Receiver::builder()
+        .secrets(vec![secret])
+        .reply(Reply::Verdict)
+        .forward_to(tx)
+        .bind_loopback(0)
+        .await?;
+    let recv_addr = receiver.addr;
+    let cfg = demo_config(&node, &dir.path().join("data"), &receiver.url)?;
     println!(
         "chainwatch demo: simulated regtest node at {}, receiver at http://{recv_addr}/hooks",
         node.rpc_url()
@@ -132,7 +145,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     shutdown.cancel();
     (&mut p.daemon).await.context("daemon task")??;
-    recv_task.abort();
+    receiver.stop();
     if p.rejected > 0 {
         bail!(
             "{} of {} webhooks failed signature verification",

@@ -16,10 +16,11 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod proof;
-pub mod receiver;
 pub mod sign;
 pub mod simnode;
 pub mod store;
+/// Support for tests, benches and the demo (config builder, capturing receiver, waits).
+pub mod testkit;
 pub mod tip;
 pub mod tracker;
 #[cfg(test)]

@@ -15,13 +15,14 @@ struct Api {
 }
 
 impl Api {
-    async fn start(watches: &[WatchSpec], allow: &str) -> (Harness, Daemon, Api) {
+    /// With `allow_ips` unless it is empty (then the default).
+    async fn start(watches: &[WatchEntry], allow_ips: &[&str]) -> (Harness, Daemon, Api) {
         let port = free_port();
-        let opts = Options {
-            api: format!("listen = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n{allow}"),
-            ..Options::default()
-        };
-        let h = Harness::with(watches, opts).await;
+        let mut api = chainwatch::testkit::Api::listen(&format!("127.0.0.1:{port}")).token(TOKEN);
+        if !allow_ips.is_empty() {
+            api = api.allow_ips(allow_ips.iter().copied());
+        }
+        let h = Harness::with(watches, |c| c.api(api)).await;
         let daemon = h.start_daemon();
         h.wait_synced().await;
         (
@@ -65,7 +66,7 @@ impl Api {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_required_and_checked() {
-    let (h, daemon, api) = Api::start(&[], "").await;
+    let (h, daemon, api) = Api::start(&[], &[]).await;
     let (s, body) = api.get("/health", None).await;
     assert_eq!(s, StatusCode::OK, "health needs no token");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -90,7 +91,7 @@ async fn tokens_are_required_and_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_outside_allow_ips_are_refused_before_anything_else() {
-    let (h, daemon, api) = Api::start(&[], "allow_ips = [\"10.0.0.0/8\"]").await;
+    let (h, daemon, api) = Api::start(&[], &["10.0.0.0/8"]).await;
     assert_eq!(
         api.get("/health", None).await.0,
         StatusCode::FORBIDDEN,
@@ -115,7 +116,7 @@ async fn sources_outside_allow_ips_are_refused_before_anything_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_get_clear_4xx_and_change_nothing() {
-    let (h, daemon, api) = Api::start(&[], "").await;
+    let (h, daemon, api) = Api::start(&[], &[]).await;
     let big = json!({ "address": P2TR, "label": "x".repeat(100_000) }).to_string();
     let cases: Vec<(String, StatusCode, &str)> = vec![
         (big, StatusCode::PAYLOAD_TOO_LARGE, ""),
@@ -188,7 +189,7 @@ async fn bad_bodies_get_clear_4xx_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_added_while_running_catches_the_next_payment() {
-    let (h, daemon, api) = Api::start(&[], "").await;
+    let (h, daemon, api) = Api::start(&[], &[]).await;
     let (s, w) = api.post("/v1/watches", json!({ "address": P2TR, "confirmations": 1, "label": "live", "metadata": { "order": 7 } }).to_string()).await;
     assert_eq!(s, StatusCode::CREATED, "{w}");
     let id = w["id"].as_str().unwrap().to_string();
@@ -266,7 +267,7 @@ fn sample(m: &[(String, f64)], name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_as_events_happen() {
-    let (h, daemon, api) = Api::start(&[watch(P2WPKH, 1, "m")], "").await;
+    let (h, daemon, api) = Api::start(&[watch(P2WPKH, 1, "m")], &[]).await;
     let before = parse_prometheus(&api.get("/metrics", Some(TOKEN)).await.1);
     assert_eq!(
         sample(&before, "chainwatch_tip_height"),
@@ -317,7 +318,7 @@ async fn metrics_parse_and_move_as_events_happen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_returns_exactly_what_was_sent_and_redelivery_resends_it() {
-    let (h, daemon, api) = Api::start(&[watch(P2WPKH, 2, "r"), watch(P2SH, 2, "s")], "").await;
+    let (h, daemon, api) = Api::start(&[watch(P2WPKH, 2, "r"), watch(P2SH, 2, "s")], &[]).await;
     h.node.pay(P2WPKH, 1_000);
     h.node.pay(P2SH, 2_000);
     h.receiver.wait_accepted(2, WAIT).await;
@@ -355,21 +356,15 @@ async fn reconciliation_returns_exactly_what_was_sent_and_redelivery_resends_it(
         .post(&format!("/v1/events/{first}/redeliver"), String::new())
         .await;
     assert_eq!((s, v["queued"].clone()), (StatusCode::ACCEPTED, json!(1)));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while h
-        .receiver
-        .accepted()
-        .iter()
-        .filter(|c| c.id == first)
-        .count()
-        < 2
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "redelivery did not arrive"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the redelivery", WAIT, || {
+        h.receiver
+            .accepted()
+            .iter()
+            .filter(|c| c.id == first)
+            .count()
+            >= 2
+    })
+    .await;
     daemon.stop().await;
     let copies: Vec<String> = h
         .receiver
@@ -414,7 +409,7 @@ fn sql(h: &Harness, statement: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_names_the_first_edited_removed_or_swapped_row() {
-    let h = Harness::new(&[watch(P2WPKH, 3, "a")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 3, "a")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.pay(P2WPKH, 5_000);

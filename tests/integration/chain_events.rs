@@ -5,11 +5,10 @@ use std::time::Duration;
 use crate::harness::*;
 
 async fn deep_reorg(depth: u32) {
-    let opts = Options {
-        endpoint: "events = [\"tx.*\", \"alert.*\"]".into(),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 3, "deep")], opts).await;
+    let h = Harness::with(&[watch(P2WPKH, 3, "deep")], |c| {
+        c.map_endpoint(SHOP, |e| e.events(["tx.*", "alert.*"]))
+    })
+    .await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 77_000).to_string();
@@ -103,12 +102,11 @@ async fn reorg_of_depth_100_the_finality_depth_still_reorgs_the_payment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reorg_deeper_than_kept_is_an_error_alert_and_the_watcher_goes_on() {
-    let opts = Options {
-        top: "finality_depth = 5",
-        endpoint: "events = [\"tx.*\", \"alert.*\"]".into(),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2TR, 1, "x")], opts).await;
+    let h = Harness::with(&[watch(P2TR, 1, "x")], |c| {
+        c.finality_depth(5)
+            .map_endpoint(SHOP, |e| e.events(["tx.*", "alert.*"]))
+    })
+    .await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.mine(2);
@@ -142,11 +140,7 @@ async fn a_reorg_deeper_than_kept_is_an_error_alert_and_the_watcher_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_events_for_endpoints_that_ask() {
-    let opts = Options {
-        endpoint: "events = [\"block.*\"]".into(),
-        ..Options::default()
-    };
-    let h = Harness::with(&[], opts).await;
+    let h = Harness::with(&[], |c| c.map_endpoint(SHOP, |e| e.events(["block.*"]))).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let start = h.node.height();
@@ -190,12 +184,11 @@ async fn block_events_for_endpoints_that_ask() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_unreachable_and_recovered_alerts() {
-    let opts = Options {
-        top: "node_unreachable_after = \"1s\"",
-        endpoint: "events = [\"alert.*\"]".into(),
-        ..Options::default()
-    };
-    let h = Harness::with(&[], opts).await;
+    let h = Harness::with(&[], |c| {
+        c.node_unreachable_after("1s")
+            .map_endpoint(SHOP, |e| e.events(["alert.*"]))
+    })
+    .await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.stop();
@@ -220,7 +213,7 @@ async fn node_unreachable_and_recovered_alerts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_zmq_frames_and_rpc_answers_are_skipped_and_nothing_is_corrupted() {
-    let h = Harness::new(&[watch(P2WPKH, 2, "m")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 2, "m")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.publish_raw("sequence", b"short".to_vec());

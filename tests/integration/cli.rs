@@ -56,11 +56,8 @@ fn bad_config_values_each_get_one_line_naming_key_and_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_that_disagrees_with_the_node_is_refused_at_start() {
-    let h = Harness::new(&[], "").await;
-    let text = std::fs::read_to_string(&h.config_path)
-        .unwrap()
-        .replace("network = \"regtest\"", "network = \"signet\"");
-    std::fs::write(&h.config_path, text).unwrap();
+    let mut h = Harness::new(&[]).await;
+    h.rewrite_config(h.config.clone().network("signet"));
     let cfg = h.config_path.to_str().unwrap().to_string();
     let dir = h.dir.path().to_path_buf();
     let (code, _, err) =
@@ -77,7 +74,7 @@ async fn a_network_that_disagrees_with_the_node_is_refused_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_the_node_and_its_zmq_topics() {
-    let h = Harness::new(&[], "").await;
+    let h = Harness::new(&[]).await;
     let cfg = h.config_path.to_str().unwrap().to_string();
     let dir = h.dir.path().to_path_buf();
     let (code, out, err) =
@@ -157,23 +154,12 @@ fn verify_names_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_cookie_is_refused_at_start_naming_the_key() {
-    let h = Harness::new(&[], "").await;
+    let mut h = Harness::new(&[]).await;
     let bad = h.dir.path().join("bad.cookie");
     std::fs::write(&bad, "no colon here").unwrap();
-    let text = std::fs::read_to_string(&h.config_path).unwrap();
-    let cookie_line = text
-        .lines()
-        .find(|l| l.starts_with("cookie_file"))
-        .unwrap()
-        .to_string();
-    std::fs::write(
-        &h.config_path,
-        text.replace(
-            &cookie_line,
-            &format!("cookie_file = {:?}", bad.display().to_string()),
-        ),
-    )
-    .unwrap();
+    let mut config = h.config.clone();
+    config.bitcoind.as_mut().unwrap().cookie_file = Some(bad);
+    h.rewrite_config(config);
     let cfg = h.config_path.to_str().unwrap().to_string();
     let dir = h.dir.path().to_path_buf();
     for cmd in ["run", "check"] {

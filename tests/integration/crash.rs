@@ -31,7 +31,7 @@ fn assert_consistent(h: &Harness, expected_events: usize) {
         .map(|r| (r.id.as_str(), r.body.as_str()))
         .collect();
     for c in h.receiver.all() {
-        assert!(c.verified, "signature of {} verifies", c.id);
+        assert!(c.verified(), "signature of {} verifies", c.id);
         assert_eq!(
             Some(&c.body.as_str()),
             stored.get(c.id.as_str()),
@@ -48,11 +48,7 @@ fn assert_consistent(h: &Harness, expected_events: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_between_commit_and_delivery_loses_and_repeats_nothing() {
-    let h = Harness::new(
-        &[watch(P2WPKH, 3, "order-1017"), watch(P2TR, 2, "order-1018")],
-        "",
-    )
-    .await;
+    let h = Harness::new(&[watch(P2WPKH, 3, "order-1017"), watch(P2TR, 2, "order-1018")]).await;
     let mut child = h.spawn_binary();
     h.wait_synced().await;
     // The receiver holds every request: events get committed, deliveries stay in flight.
@@ -105,7 +101,7 @@ async fn sigkill_between_commit_and_delivery_loses_and_repeats_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_sigkills_while_blocks_arrive_give_the_same_log_as_a_clean_run() {
-    let h = Harness::new(&[watch(P2PKH, 6, "slow")], "").await;
+    let h = Harness::new(&[watch(P2PKH, 6, "slow")]).await;
     let mut child = h.spawn_binary();
     h.wait_synced().await;
     let txid = h.node.pay(P2PKH, 123_456).to_string();

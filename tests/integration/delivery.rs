@@ -6,11 +6,10 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_endpoint_that_fails_then_recovers_gets_everything_once_in_order() {
-    let h = Harness::new(&[watch(P2WPKH, 2, "a"), watch(P2TR, 2, "b")], "").await;
-    let text = std::fs::read_to_string(&h.config_path)
-        .unwrap()
-        .replace("timeout = \"60s\"\n", "timeout = \"60s\"\nretry_schedule = [\"200ms\", \"200ms\", \"200ms\", \"200ms\", \"200ms\", \"200ms\", \"200ms\", \"200ms\"]\n");
-    std::fs::write(&h.config_path, text).unwrap();
+    let h = Harness::with(&[watch(P2WPKH, 2, "a"), watch(P2TR, 2, "b")], |c| {
+        c.map_endpoint(SHOP, |e| e.retry_schedule(["200ms"; 8]))
+    })
+    .await;
     h.receiver.set_status(500);
     let daemon = h.start_daemon();
     h.wait_synced().await;

@@ -2,7 +2,7 @@
 //! queued, and a receiver whose port is closed while 100,000 events wait.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::harness::*;
 
@@ -20,12 +20,11 @@ fn rss_kb(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_node_down_at_start_the_api_answers_and_queued_deliveries_go_out() {
     let port = free_port();
-    let opts = Options {
-        api: format!("listen = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\""),
-        endpoint: "retry_schedule = [\"500ms\", \"500ms\", \"500ms\", \"500ms\", \"500ms\"]".into(),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], |c| {
+        c.api(Api::listen(&format!("127.0.0.1:{port}")).token(TOKEN))
+            .map_endpoint(SHOP, |e| e.retry_schedule(["500ms"; 5]))
+    })
+    .await;
     h.receiver.set_status(503);
     let first = KillOnDrop(h.spawn_binary());
     h.wait_synced().await;
@@ -59,15 +58,22 @@ async fn with_the_node_down_at_start_the_api_answers_and_queued_deliveries_go_ou
     assert_eq!(events.status(), 200, "the API answers with the node down");
 
     h.node.restart(0).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let resp = http.get(format!("{base}/health")).send().await.unwrap();
-        if resp.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "healthy once the node is back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let health = format!("{base}/health");
+    poll(
+        "healthy once the node is back",
+        WAIT,
+        Duration::from_millis(200),
+        || {
+            let request = http.get(&health).send();
+            async move {
+                match request.await.unwrap().status() {
+                    reqwest::StatusCode::OK => Ok(()),
+                    other => Err(format!("last {other}")),
+                }
+            }
+        },
+    )
+    .await;
     h.node.mine(1);
     let got = h.receiver.wait_accepted(2, WAIT).await;
     assert_eq!(
@@ -80,12 +86,15 @@ async fn with_the_node_down_at_start_the_api_answers_and_queued_deliveries_go_ou
 async fn a_closed_port_for_100000_queued_events_costs_one_attempt_per_step() {
     const EVENTS: usize = 100_000;
     let closed = free_port();
-    let opts = Options {
-        endpoint_url: Some(format!("http://127.0.0.1:{closed}/hooks")),
-        endpoint: "events = [\"*\"]\nordered = false\nretry_schedule = [\"1s\", \"2s\", \"3s\", \"3s\", \"3s\", \"3s\", \"3s\", \"3s\", \"3s\", \"3s\"]".into(),
-        ..Options::default()
-    };
-    let h = Harness::with(&[], opts).await;
+    let h = Harness::with(&[], |c| {
+        c.map_endpoint(SHOP, |e| {
+            e.url(&format!("http://127.0.0.1:{closed}/hooks"))
+                .events(["*"])
+                .ordered(false)
+                .retry_schedule(["1s", "2s", "3s", "3s", "3s", "3s", "3s", "3s", "3s", "3s"])
+        })
+    })
+    .await;
     let cfg = chainwatch::config::Config::load(&h.config_path).unwrap();
     let ids: HashSet<String> = tokio::task::spawn_blocking(move || {
         let mut store = chainwatch::daemon::open_store(&cfg).unwrap();
@@ -129,38 +138,42 @@ async fn a_closed_port_for_100000_queued_events_costs_one_attempt_per_step() {
         "memory flat while waiting: {rss_early} kB then {rss_late} kB"
     );
 
-    let receiver = TestReceiver::start_on(closed).await;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let n = receiver.accepted().len();
-        if n >= EVENTS {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} of {EVENTS} delivered once the port opened"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let receiver = receiver_on(closed).await;
+    // Every half second: counting 100,000 requests is not free.
+    poll(
+        &format!("{EVENTS} deliveries once the port opened"),
+        Duration::from_secs(240),
+        Duration::from_millis(500),
+        || {
+            let n = receiver.accepted_count();
+            std::future::ready(if n >= EVENTS {
+                Ok(())
+            } else {
+                Err(format!("{n} of {EVENTS} delivered once the port opened"))
+            })
+        },
+    )
+    .await;
     let got = receiver.accepted();
     let seen: HashSet<String> = got.iter().map(|c| c.id.clone()).collect();
     assert_eq!(got.len(), EVENTS, "each event once");
     assert_eq!(seen, ids, "exactly the queued events");
-    assert!(got.iter().all(|c| c.verified), "every signature verifies");
+    assert!(got.iter().all(|c| c.verified()), "every signature verifies");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_past_failing_after_raises_one_alert() {
-    let failing = TestReceiver::start().await;
+    let failing = receiver().await;
     failing.set_status(500);
-    let opts = Options {
-        endpoint: format!(
-            "events = [\"alert.*\"]\n\n[[endpoints]]\nname = \"orders\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nfailing_after = \"2s\"\nretry_schedule = [\"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\"]\n",
-            failing.url
-        ),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], |c| {
+        c.map_endpoint(SHOP, |e| e.events(["alert.*"])).endpoint(
+            Endpoint::new("orders", &failing.url)
+                .secret(SECRET)
+                .failing_after("2s")
+                .retry_schedule(["300ms"; 10]),
+        )
+    })
+    .await;
     let _daemon = KillOnDrop(h.spawn_binary());
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 16_000).to_string();

@@ -19,7 +19,7 @@ fn addresses(descriptor: &str, path: usize, n: u32) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_five_consecutive_fresh_addresses_with_gap_limit_20_are_all_seen() {
-    let h = Harness::new(&[descriptor_watch(SHOP_WPKH, 1, "shop", 20)], "").await;
+    let h = Harness::new(&[descriptor_watch(SHOP_WPKH, 1, "shop", 20)]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let addrs = addresses(SHOP_WPKH, 0, 25);
@@ -55,7 +55,7 @@ async fn twenty_five_consecutive_fresh_addresses_with_gap_limit_20_are_all_seen(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_five_fresh_addresses_paid_in_one_block_are_all_seen() {
-    let h = Harness::new(&[descriptor_watch(SHOP_WPKH, 1, "shop", 20)], "").await;
+    let h = Harness::new(&[descriptor_watch(SHOP_WPKH, 1, "shop", 20)]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let addrs = addresses(SHOP_WPKH, 0, 25);
@@ -89,7 +89,7 @@ async fn twenty_five_fresh_addresses_paid_in_one_block_are_all_seen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_past_the_gap_limit_is_not_seen() {
-    let h = Harness::new(&[descriptor_watch(SHOP_WPKH, 1, "shop", 5)], "").await;
+    let h = Harness::new(&[descriptor_watch(SHOP_WPKH, 1, "shop", 5)]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let addrs = addresses(SHOP_WPKH, 0, 7);
@@ -114,7 +114,7 @@ async fn multipath_multisig_descriptors_name_the_path_and_index() {
     let desc: &'static str = Box::leak(
         format!("wsh(sortedmulti(2,{TPUB_A}/<0;1>/*,{TPUB_B}/<0;1>/*))").into_boxed_str(),
     );
-    let h = Harness::new(&[descriptor_watch(desc, 1, "vault", 10)], "").await;
+    let h = Harness::new(&[descriptor_watch(desc, 1, "vault", 10)]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let change = addresses(desc, 1, 4)[3].clone();
@@ -147,7 +147,7 @@ async fn multipath_multisig_descriptors_name_the_path_and_index() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spending_from_a_watched_address_goes_through_its_own_life_with_a_negative_amount() {
-    let h = Harness::new(&[watch(P2WPKH, 2, "hot")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 2, "hot")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let paid = h.node.pay(P2WPKH, 50_000);
@@ -191,7 +191,7 @@ async fn spending_from_a_watched_address_goes_through_its_own_life_with_a_negati
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_descriptor_added_with_the_cli_while_running_catches_the_next_payment() {
-    let h = Harness::new(&[], "").await;
+    let h = Harness::new(&[]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let cfg = h.config_path.to_str().unwrap().to_string();

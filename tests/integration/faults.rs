@@ -6,7 +6,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warming_up_node_is_waited_for() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "w")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 1, "w")]).await;
     h.node.set_warmup_calls(5);
     let daemon = h.start_daemon();
     h.wait_synced().await;
@@ -23,7 +23,7 @@ async fn a_warming_up_node_is_waited_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bitcoind_down_then_back_with_a_new_cookie_loses_nothing() {
-    let h = Harness::new(&[watch(P2WPKH, 3, "r")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 3, "r")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 9_000).to_string();
@@ -59,7 +59,7 @@ async fn bitcoind_down_then_back_with_a_new_cookie_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_delivery_in_flight_and_exits_zero() {
-    let h = Harness::new(&[watch(P2TR, 1, "t")], "").await;
+    let h = Harness::new(&[watch(P2TR, 1, "t")]).await;
     let mut child = h.spawn_binary();
     h.wait_synced().await;
     h.receiver.set_hang(Duration::from_millis(1500));

@@ -1,17 +1,25 @@
-//! Test harness: a capturing receiver that verifies every request with an independent Standard
-//! Webhooks implementation, a simulated node, and chainwatch run in-process or as the binary.
+//! Test harness: the testkit's receiver verifying every request with an independent Standard
+//! Webhooks implementation too, a simulated node, and chainwatch run in-process or as the
+//! binary; and the delivery engine alone on a fake clock (`Outbox`).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode};
-use axum::Router;
+use chainwatch::changeset::ChangeSet;
+use chainwatch::config::EndpointConfig;
+use chainwatch::dispatch::{self, Clock};
+use chainwatch::event;
 use chainwatch::simnode::SimNode;
-use serde_json::Value;
+use chainwatch::store::Store;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+pub use chainwatch::testkit::{
+    free_port, poll, wait_for, wait_until, Api, Bitcoind, Captured, ConfigBuilder, Endpoint,
+    KillOnDrop, Receiver, ReceiverBuilder, Reply, WatchEntry,
+};
 
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -23,343 +31,130 @@ pub const P2TR: &str = "bcrt1pgf9g8v63sselca7rgx5uyl0xwjjp4vpfn89vt3gdutvpjc8xq8
 /// A p2wsh address (BIP173's test vector script, on regtest).
 pub const P2WSH: &str = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry";
 
-/// One request as the receiver saw it.
-#[derive(Debug, Clone)]
-pub struct Captured {
-    pub id: String,
-    pub body: String,
-    pub json: Value,
-    /// What the independent verifier said.
-    pub verified: bool,
-    /// The status the receiver answered.
-    pub answered: u16,
+/// A receiver verifying with `SECRET`, through our verifier and an independent Standard
+/// Webhooks implementation.
+pub fn verifying() -> ReceiverBuilder {
+    Receiver::builder()
+        .secrets(vec![chainwatch::sign::Secret::parse(SECRET).unwrap()])
+        // Two checks: the standardwebhooks crate accepts a truncated signature, so the
+        // full-length check of our own verifier must agree.
+        .check(|headers, body| {
+            standardwebhooks::Webhook::new(SECRET)
+                .unwrap()
+                .verify(body, headers)
+                .map_err(|e| format!("standardwebhooks: {e:?}"))
+        })
 }
 
-impl Captured {
-    pub fn kind(&self) -> &str {
-        self.json["type"].as_str().unwrap_or("")
-    }
-    pub fn data(&self) -> &Value {
-        &self.json["data"]
-    }
+/// A verifying receiver on a free loopback port, answering 204.
+pub async fn receiver() -> Receiver {
+    receiver_on(0).await
 }
 
-#[derive(Clone)]
-pub struct TestReceiver {
-    pub url: String,
-    captured: Arc<Mutex<Vec<Captured>>>,
-    status: Arc<AtomicU16>,
-    hang_ms: Arc<AtomicU64>,
-    /// TLS handshakes completed and failed (an https receiver only).
-    pub handshakes: Arc<AtomicU64>,
-    pub failed_handshakes: Arc<AtomicU64>,
+/// A verifying receiver on a chosen loopback port (0: any).
+pub async fn receiver_on(port: u16) -> Receiver {
+    verifying().bind_loopback(port).await.unwrap()
 }
 
-impl TestReceiver {
-    pub async fn start() -> TestReceiver {
-        TestReceiver::start_on(0).await
-    }
-
-    /// A receiver on a chosen loopback port (0: any).
-    pub async fn start_on(port: u16) -> TestReceiver {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-        let r = TestReceiver::new(url);
-        let app = r.router();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        r
-    }
-
-    /// An https receiver at `https://localhost:PORT/hooks` serving `tls`.
-    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> TestReceiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let r = TestReceiver::new(format!("https://localhost:{port}/hooks"));
-        let (app, ok, failed) = (
-            r.router(),
-            r.handshakes.clone(),
-            r.failed_handshakes.clone(),
-        );
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (acceptor, app, ok, failed) =
-                    (acceptor.clone(), app.clone(), ok.clone(), failed.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    };
-                    ok.fetch_add(1, Ordering::SeqCst);
-                    let service = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let mut app = app.clone();
-                            async move {
-                                tower_service::Service::call(
-                                    &mut app,
-                                    req.map(axum::body::Body::new),
-                                )
-                                .await
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        r
-    }
-
-    fn new(url: String) -> TestReceiver {
-        TestReceiver {
-            url,
-            captured: Default::default(),
-            status: Arc::new(AtomicU16::new(204)),
-            hang_ms: Arc::new(AtomicU64::new(0)),
-            handshakes: Default::default(),
-            failed_handshakes: Default::default(),
-        }
-    }
-
-    /// Captures every request, verifying its signature with the independent implementation.
-    fn router(&self) -> Router {
-        let me = self.clone();
-        let handler = move |headers: HeaderMap, body: Bytes| {
-            let me = me.clone();
-            async move {
-                let hang = me.hang_ms.load(Ordering::SeqCst);
-                // Two checks: the standardwebhooks crate accepts a truncated signature, so the
-                // full-length check of our own verifier must agree.
-                let header = |k: &str| {
-                    headers
-                        .get(k)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string()
-                };
-                let ours = chainwatch::sign::verify(
-                    &[chainwatch::sign::Secret::parse(SECRET).unwrap()],
-                    &header("webhook-id"),
-                    &header("webhook-timestamp"),
-                    &header("webhook-signature"),
-                    &body,
-                    chainwatch::event::now_ms() / 1000,
-                    chainwatch::sign::DEFAULT_TOLERANCE_SECS,
-                )
-                .is_ok();
-                let verified = ours
-                    && standardwebhooks::Webhook::new(SECRET)
-                        .unwrap()
-                        .verify(&body, &headers)
-                        .is_ok();
-                let text = String::from_utf8_lossy(&body).into_owned();
-                let answered = if hang > 0 {
-                    0
-                } else {
-                    me.status.load(Ordering::SeqCst)
-                };
-                me.captured.lock().unwrap().push(Captured {
-                    id: headers
-                        .get("webhook-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string(),
-                    json: serde_json::from_str(&text).unwrap_or(Value::Null),
-                    body: text,
-                    verified,
-                    answered,
-                });
-                if hang > 0 {
-                    tokio::time::sleep(Duration::from_millis(hang)).await;
-                }
-                StatusCode::from_u16(me.status.load(Ordering::SeqCst)).unwrap()
-            }
-        };
-        Router::new().fallback(axum::routing::post(handler))
-    }
-
-    pub fn set_status(&self, s: u16) {
-        self.status.store(s, Ordering::SeqCst);
-    }
-
-    /// Holds every request this long before answering (0: answer at once).
-    pub fn set_hang(&self, d: Duration) {
-        self.hang_ms.store(d.as_millis() as u64, Ordering::SeqCst);
-    }
-
-    pub fn all(&self) -> Vec<Captured> {
-        self.captured.lock().unwrap().clone()
-    }
-
-    /// Requests answered with 2xx: what the receiver accepted, in arrival order.
-    pub fn accepted(&self) -> Vec<Captured> {
-        self.all()
-            .into_iter()
-            .filter(|c| (200..300).contains(&c.answered))
-            .collect()
-    }
-
-    /// Waits until `n` distinct event ids were accepted.
-    pub async fn wait_accepted(&self, n: usize, limit: Duration) -> Vec<Captured> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let got = self.accepted();
-            let mut ids: Vec<&str> = got.iter().map(|c| c.id.as_str()).collect();
-            ids.sort();
-            ids.dedup();
-            if ids.len() >= n {
-                return got;
-            }
-            if tokio::time::Instant::now() > deadline {
-                let kinds: Vec<String> = got
-                    .iter()
-                    .map(|c| format!("{} {}", c.kind(), c.data()["confirmations"]))
-                    .collect();
-                panic!(
-                    "waited {limit:?} for {n} accepted events, got {}: {kinds:?}",
-                    ids.len()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until at least `n` requests arrived, whatever was answered.
-    pub async fn wait_requests(&self, n: usize, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        while self.all().len() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "waited {limit:?} for {n} requests"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-pub struct WatchSpec {
-    /// An address, or a descriptor (with `gap_limit`).
-    pub address: &'static str,
-    pub confirmations: u32,
-    pub label: &'static str,
-    pub gap_limit: Option<u32>,
-}
-
-pub fn watch(address: &'static str, confirmations: u32, label: &'static str) -> WatchSpec {
-    WatchSpec {
-        address,
-        confirmations,
-        label,
-        gap_limit: None,
-    }
+/// A watch of `address` with its confirmations and label.
+pub fn watch(address: &str, confirmations: u32, label: &str) -> WatchEntry {
+    WatchEntry::address(address)
+        .confirmations(confirmations)
+        .label(label)
 }
 
 pub fn descriptor_watch(
-    descriptor: &'static str,
+    descriptor: &str,
     confirmations: u32,
-    label: &'static str,
+    label: &str,
     gap_limit: u32,
-) -> WatchSpec {
-    WatchSpec {
-        address: descriptor,
-        confirmations,
-        label,
-        gap_limit: Some(gap_limit),
-    }
+) -> WatchEntry {
+    WatchEntry::descriptor(descriptor, gap_limit)
+        .confirmations(confirmations)
+        .label(label)
 }
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub node: SimNode,
-    pub receiver: TestReceiver,
+    pub receiver: Receiver,
     pub config_path: PathBuf,
+    /// What `config_path` holds; a test changes a copy and writes it back.
+    pub config: ConfigBuilder,
 }
 
-/// What a harness varies: top-level config keys, endpoint keys, a node without ZMQ.
-#[derive(Default)]
-pub struct Options {
-    pub top: &'static str,
-    /// Extra keys of the `shop` endpoint.
-    pub endpoint: String,
-    /// The `shop` endpoint's URL instead of the harness's plain-http receiver.
-    pub endpoint_url: Option<String>,
-    pub no_zmq: bool,
-    /// The [api] table's body; empty means an ephemeral port.
-    pub api: String,
-}
+/// The endpoint every harness config has, delivering to `Harness::receiver`.
+pub const SHOP: &str = "shop";
 
 impl Harness {
     /// A simulated node with 130 blocks (spendable coins), a receiver, and a config watching `watches`.
-    pub async fn new(watches: &[WatchSpec], extra: &'static str) -> Harness {
-        Harness::with(
-            watches,
-            Options {
-                top: extra,
-                ..Options::default()
-            },
-        )
-        .await
+    pub async fn new(watches: &[WatchEntry]) -> Harness {
+        Harness::with(watches, |c| c).await
     }
 
-    pub async fn with(watches: &[WatchSpec], opts: Options) -> Harness {
+    /// As `new`, with the config changed by `configure` before it is written.
+    pub async fn with(
+        watches: &[WatchEntry],
+        configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Harness {
+        Harness::start(watches, true, configure).await
+    }
+
+    /// A node without ZMQ: the watcher can only poll.
+    pub async fn without_zmq(watches: &[WatchEntry]) -> Harness {
+        Harness::start(watches, false, |c| c).await
+    }
+
+    async fn start(
+        watches: &[WatchEntry],
+        zmq: bool,
+        configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let node_dir = dir.path().join("node");
-        let node = if opts.no_zmq {
-            SimNode::start_without_zmq(&node_dir).await
-        } else {
+        let node = if zmq {
             SimNode::start(&node_dir).await
+        } else {
+            SimNode::start_without_zmq(&node_dir).await
         };
         let node = node.unwrap();
         // 30 mature coinbases: payments need not chain on each other's change.
         node.mine(130);
-        let receiver = TestReceiver::start().await;
+        let receiver = receiver().await;
         let config_path = dir.path().join("watcher.toml");
-        let h = Harness {
+        let config = configure(Harness::base_config(&node, &receiver, watches));
+        config.write_to(&config_path).unwrap();
+        Harness {
             dir,
             node,
             receiver,
             config_path,
-        };
-        std::fs::write(&h.config_path, h.config_text(watches, &opts)).unwrap();
-        h
+            config,
+        }
     }
 
-    pub fn config_text(&self, watches: &[WatchSpec], opts: &Options) -> String {
-        let mut t = format!(
-            "network = \"regtest\"\ndata_dir = \"data\"\n{}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"300ms\"\n\n[[endpoints]]\nname = \"shop\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\ntimeout = \"60s\"\n{}\n",
-            opts.top,
-            self.node.rpc_url(),
-            self.node.cookie_path().display().to_string(),
-            opts.endpoint_url.as_deref().unwrap_or(&self.receiver.url),
-            opts.endpoint,
-        );
-        let api = if opts.api.is_empty() {
-            "listen = \"127.0.0.1:0\""
-        } else {
-            opts.api.as_str()
-        };
-        t.push_str(&format!("\n[api]\n{api}\n"));
+    /// Regtest, data in `data` beside the config, the node polled every 300 ms, the `shop`
+    /// endpoint at `receiver`, the API on an ephemeral port, and each watch with an order id.
+    fn base_config(node: &SimNode, receiver: &Receiver, watches: &[WatchEntry]) -> ConfigBuilder {
+        let mut c = ConfigBuilder::regtest()
+            .data_dir("data")
+            .bitcoind(Bitcoind::simnode(node).poll_interval("300ms"))
+            .endpoint(
+                Endpoint::new(SHOP, &receiver.url)
+                    .secret(SECRET)
+                    .timeout("60s"),
+            )
+            .api(Api::listen("127.0.0.1:0"));
         for (i, w) in watches.iter().enumerate() {
-            let target = match w.gap_limit {
-                Some(g) => format!("descriptor = \"{}\"\ngap_limit = {g}", w.address),
-                None => format!("address = \"{}\"", w.address),
-            };
-            t.push_str(&format!(
-                "\n[[watches]]\n{}\nconfirmations = {}\nlabel = \"{}\"\nmetadata = {{ order_id = {} }}\n",
-                target,
-                w.confirmations,
-                w.label,
-                1000 + i
-            ));
+            c = c.watch(w.clone().meta("order_id", 1000 + i as i64));
         }
-        t
+        c
+    }
+
+    /// Writes `config` as this harness's config file (for a daemon started after).
+    pub fn rewrite_config(&mut self, config: ConfigBuilder) {
+        config.write_to(&self.config_path).unwrap();
+        self.config = config;
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -439,42 +234,32 @@ impl Harness {
 
     /// As `wait_synced`, for the watcher whose data directory is `dir`.
     pub async fn wait_synced_dir(&self, dir: &std::path::Path) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let db = chainwatch::store::db_path(dir);
-            let tip = if db.exists() {
+        wait_for("chainwatch to reach the node's tip", WAIT, || {
+            let tip = if chainwatch::store::db_path(dir).exists() {
                 chainwatch::store::Store::open(dir).map(|s| s.tip())
             } else {
                 Ok(Ok(None))
             };
             if matches!(&tip, Ok(Ok(Some(t))) if t.hash == self.node.tip()) {
-                break;
+                return Ok(());
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
+            Err(format!(
                 "chainwatch did not reach the node's tip {} at {}: store says {tip:?}",
                 self.node.tip(),
                 self.node.height()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            ))
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
     /// Waits until chainwatch's store holds at least `n` events (whatever was delivered).
     pub async fn wait_events(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let db = chainwatch::store::db_path(&self.data_dir());
-            if db.exists() && self.store().events_after(0, 10_000).unwrap().len() >= n {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "waited for {n} events in the store"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let db = chainwatch::store::db_path(&self.data_dir());
+        wait_until(&format!("{n} events in the store"), WAIT, || {
+            db.exists() && self.store().events_after(0, 10_000).unwrap().len() >= n
+        })
+        .await
     }
 
     pub fn store(&self) -> chainwatch::store::Store {
@@ -494,6 +279,122 @@ impl Daemon {
             .await
             .expect("daemon task")
             .expect("daemon stops cleanly");
+    }
+}
+
+/// A store with `n` events waiting for one endpoint, and the worker delivering them on a fake clock.
+pub struct Outbox {
+    pub dir: tempfile::TempDir,
+    pub clock: Arc<AtomicI64>,
+    pub wake: Arc<Notify>,
+    pub token: CancellationToken,
+    pub endpoints: Vec<EndpointConfig>,
+    pub ids: Vec<String>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub const T0: i64 = 1_800_000_000_000;
+
+impl Outbox {
+    pub async fn new(endpoints: &[Endpoint], n: usize) -> Outbox {
+        Outbox::new_at(endpoints, n, T0).await
+    }
+
+    /// As `new`, with the fake clock starting at `t0` (ms).
+    pub async fn new_at(endpoints: &[Endpoint], n: usize, t0: i64) -> Outbox {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ConfigBuilder::default().data_dir(dir.path());
+        config.endpoints = endpoints.to_vec();
+        let cfg = config.parse().unwrap();
+        let mut store = Store::open(&cfg.data_dir).unwrap();
+        store.check_network("regtest").unwrap();
+        store.sync_endpoints(&cfg.endpoints).unwrap();
+        let events: Vec<event::NewEvent> = (0..n)
+            .map(|i| {
+                event::other_event(
+                    event::TX_PENDING,
+                    &format!("test-{i}"),
+                    "regtest",
+                    Default::default(),
+                )
+            })
+            .collect();
+        let ids = events.iter().map(|e| e.id.clone()).collect();
+        store.commit(&ChangeSet::events(events), t0).unwrap();
+        let clock = Arc::new(AtomicI64::new(t0));
+        let mut o = Outbox {
+            dir,
+            clock,
+            wake: Arc::new(Notify::new()),
+            token: CancellationToken::new(),
+            endpoints: cfg.endpoints,
+            ids,
+            workers: vec![],
+        };
+        for ep in o.endpoints.clone() {
+            let c = o.clock.clone();
+            let clock: Clock = Arc::new(move || c.load(Ordering::SeqCst));
+            let store = Store::open(o.dir.path()).unwrap();
+            let ctx = dispatch::Context {
+                clock,
+                ..dispatch::Context::new(o.wake.clone(), o.token.clone())
+            };
+            o.workers
+                .push(tokio::spawn(dispatch::run_endpoint(ep, store, ctx)));
+        }
+        o
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(self.dir.path()).unwrap()
+    }
+
+    pub fn set_clock(&self, ms: i64) {
+        self.clock.store(ms, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    /// Waits until event `event` has `n` recorded attempts; returns them.
+    pub async fn attempts(&self, event: usize, n: usize) -> Vec<chainwatch::store::AttemptRow> {
+        wait_for(&format!("{n} attempts"), WAIT, || {
+            let a = self.store().attempts_for(&self.ids[event]).unwrap();
+            if a.len() >= n {
+                return Ok(a);
+            }
+            Err(format!("have {}: {a:?}", a.len()))
+        })
+        .await
+    }
+
+    pub fn delivery(&self, event: usize) -> chainwatch::store::DeliveryRow {
+        let id = &self.ids[event];
+        self.store()
+            .list_deliveries(None, None, 10_000)
+            .unwrap()
+            .into_iter()
+            .find(|d| &d.event_id == id)
+            .unwrap()
+    }
+
+    pub fn next_attempt(&self, event: usize) -> i64 {
+        self.delivery(event).next_attempt_at
+    }
+
+    pub fn alerts(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.store()
+            .events_after(0, 10_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| serde_json::from_str(&e.body).unwrap())
+            .collect()
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        for w in self.workers {
+            w.await.expect("worker ends cleanly");
+        }
     }
 }
 
@@ -536,37 +437,6 @@ pub fn log_of(events: &[Captured]) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-/// A loopback port free at the moment of asking.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed when the test ends, even by a panic.
-pub struct KillOnDrop(pub std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `cond` every 20 ms until it holds, or panics with `what` after `limit`.
-pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited {limit:?} for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// An HTTP client for tests: no proxy from the environment, and the process's TLS provider

@@ -6,7 +6,7 @@ use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbf_replacement_paying_the_same_watch_is_replaced_then_pending() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "order")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 1, "order")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let original = h.node.pay(P2WPKH, 25_000_000);
@@ -40,7 +40,7 @@ async fn rbf_replacement_paying_the_same_watch_is_replaced_then_pending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbf_replacement_paying_elsewhere_is_only_replaced() {
-    let h = Harness::new(&[watch(P2TR, 2, "order")], "").await;
+    let h = Harness::new(&[watch(P2TR, 2, "order")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let original = h.node.pay(P2TR, 100_000);
@@ -64,7 +64,7 @@ async fn rbf_replacement_paying_elsewhere_is_only_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mined_double_spend_drops_the_payment_as_a_conflict() {
-    let h = Harness::new(&[watch(P2SH, 3, "order")], "").await;
+    let h = Harness::new(&[watch(P2SH, 3, "order")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let paid = h.node.pay(P2SH, 40_000);
@@ -88,7 +88,7 @@ async fn a_mined_double_spend_drops_the_payment_as_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_payment_is_dropped_as_evicted() {
-    let h = Harness::new(&[watch(P2PKH, 1, "order")], "").await;
+    let h = Harness::new(&[watch(P2PKH, 1, "order")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let paid = h.node.pay(P2PKH, 40_000);
@@ -106,11 +106,7 @@ async fn an_evicted_payment_is_dropped_as_evicted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_zmq_the_watcher_polls_and_sees_everything() {
-    let opts = Options {
-        no_zmq: true,
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 2, "poll")], opts).await;
+    let h = Harness::without_zmq(&[watch(P2WPKH, 2, "poll")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let paid = h.node.pay(P2WPKH, 11_000);
@@ -134,7 +130,7 @@ async fn without_zmq_the_watcher_polls_and_sees_everything() {
 /// events, so a run that loses ZMQ messages must recover exactly what a clean run saw.
 /// Returns each payment's history (txids differ between runs, roles do not).
 async fn scripted_session(drop_rate: f64, seed: u64) -> Vec<(&'static str, Vec<(String, u64)>)> {
-    let h = Harness::new(&[watch(P2WPKH, 2, "a"), watch(P2TR, 3, "b")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 2, "a"), watch(P2TR, 3, "b")]).await;
     if drop_rate > 0.0 {
         h.node.drop_zmq(drop_rate, seed);
     }

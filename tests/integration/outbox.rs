@@ -1,266 +1,44 @@
 //! The delivery engine against a receiver scripted to fail in every way, with the clock injected:
 //! attempts, delays, statuses and alerts exactly as specified, and nothing slept through.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
-use chainwatch::changeset::ChangeSet;
-use chainwatch::config::{Config, EndpointConfig};
-use chainwatch::dispatch::{self, Clock};
-use chainwatch::event;
-use chainwatch::store::Store;
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use crate::harness::*;
 
-use crate::harness::SECRET;
-
-#[derive(Clone, Debug)]
-pub enum Behave {
-    Status(u16),
-    RetryAfter(u16, u64),
-    Redirect,
-    Hang(Duration),
-    Big(u16, usize),
-    Trickle(u16, Duration),
+/// A receiver answering `reply` unless scripted otherwise.
+async fn receiver_replying(reply: Reply) -> Receiver {
+    Receiver::builder()
+        .reply(reply)
+        .bind_loopback(0)
+        .await
+        .unwrap()
 }
 
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub path: String,
-    pub headers: HeaderMap,
-    pub body: String,
+/// A status with a body, so the stored response excerpt has something to show.
+fn answer(status: u16) -> Reply {
+    Reply::Text(status, "answer".into())
 }
 
-/// A receiver that answers each request with the next scripted behaviour (then the default).
-#[derive(Clone)]
-pub struct Scripted {
-    pub url: String,
-    pub requests: Arc<Mutex<Vec<Request>>>,
-    script: Arc<Mutex<VecDeque<Behave>>>,
-    default: Arc<Mutex<Behave>>,
-    pub concurrent: Arc<AtomicUsize>,
-    pub max_concurrent: Arc<AtomicUsize>,
+/// A receiver holding every request for `d`, then answering 200.
+async fn receiver_holding(d: Duration) -> Receiver {
+    let r = receiver_replying(Reply::Text(200, "late".into())).await;
+    r.set_hang(d);
+    r
 }
 
-impl Scripted {
-    pub async fn start(default: Behave) -> Scripted {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-        let s = Scripted {
-            url,
-            requests: Default::default(),
-            script: Default::default(),
-            default: Arc::new(Mutex::new(default)),
-            concurrent: Default::default(),
-            max_concurrent: Default::default(),
-        };
-        let me = s.clone();
-        let handler = move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
-            let me = me.clone();
-            async move { me.answer(uri.path().to_string(), headers, body).await }
-        };
-        let app = Router::new().fallback(axum::routing::post(handler));
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        s
-    }
-
-    pub fn push(&self, b: Behave) {
-        self.script.lock().unwrap().push_back(b);
-    }
-
-    pub fn count(&self) -> usize {
-        self.requests.lock().unwrap().len()
-    }
-
-    async fn answer(&self, path: String, headers: HeaderMap, body: Bytes) -> Response {
-        self.requests.lock().unwrap().push(Request {
-            path,
-            headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        });
-        let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
-        self.max_concurrent.fetch_max(now, Ordering::SeqCst);
-        let b = self
-            .script
-            .lock()
-            .unwrap()
-            .pop_front()
-            .unwrap_or_else(|| self.default.lock().unwrap().clone());
-        let code = |c: u16| StatusCode::from_u16(c).unwrap();
-        let r = match b {
-            Behave::Status(c) => (code(c), "answer").into_response(),
-            Behave::RetryAfter(c, secs) => {
-                (code(c), [("retry-after", secs.to_string())], "slow down").into_response()
-            }
-            Behave::Redirect => (
-                StatusCode::MOVED_PERMANENTLY,
-                [("location", "/elsewhere")],
-                "",
-            )
-                .into_response(),
-            Behave::Hang(d) => {
-                tokio::time::sleep(d).await;
-                (StatusCode::OK, "late").into_response()
-            }
-            Behave::Big(c, n) => (code(c), vec![b'x'; n]).into_response(),
-            Behave::Trickle(c, every) => {
-                let stream = futures_util::stream::unfold(0u32, move |i| async move {
-                    if i >= 200 {
-                        return None;
-                    }
-                    tokio::time::sleep(every).await;
-                    Some((Ok::<_, std::io::Error>(Bytes::from_static(b"drip ")), i + 1))
-                });
-                (code(c), Body::from_stream(stream)).into_response()
-            }
-        };
-        self.concurrent.fetch_sub(1, Ordering::SeqCst);
-        r
-    }
-}
-
-/// A store with `n` events waiting for one endpoint, and the worker delivering them on a fake clock.
-pub struct Outbox {
-    pub dir: tempfile::TempDir,
-    pub clock: Arc<AtomicI64>,
-    pub wake: Arc<Notify>,
-    pub token: CancellationToken,
-    pub endpoints: Vec<EndpointConfig>,
-    pub ids: Vec<String>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-pub const T0: i64 = 1_800_000_000_000;
-
-impl Outbox {
-    pub async fn new(endpoints_toml: &str, n: usize) -> Outbox {
-        Outbox::new_at(endpoints_toml, n, T0).await
-    }
-
-    pub async fn new_at(endpoints_toml: &str, n: usize, t0: i64) -> Outbox {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::parse(
-            &format!(
-                "data_dir = {:?}\n{endpoints_toml}",
-                dir.path().display().to_string()
-            ),
-            "test",
-            None,
-        )
-        .unwrap();
-        let mut store = Store::open(&cfg.data_dir).unwrap();
-        store.check_network("regtest").unwrap();
-        store.sync_endpoints(&cfg.endpoints).unwrap();
-        let events: Vec<event::NewEvent> = (0..n)
-            .map(|i| {
-                event::other_event(
-                    event::TX_PENDING,
-                    &format!("test-{i}"),
-                    "regtest",
-                    Default::default(),
-                )
-            })
-            .collect();
-        let ids = events.iter().map(|e| e.id.clone()).collect();
-        store.commit(&ChangeSet::events(events), t0).unwrap();
-        let clock = Arc::new(AtomicI64::new(t0));
-        let mut o = Outbox {
-            dir,
-            clock,
-            wake: Arc::new(Notify::new()),
-            token: CancellationToken::new(),
-            endpoints: cfg.endpoints,
-            ids,
-            workers: vec![],
-        };
-        for ep in o.endpoints.clone() {
-            let c = o.clock.clone();
-            let clock: Clock = Arc::new(move || c.load(Ordering::SeqCst));
-            let store = Store::open(o.dir.path()).unwrap();
-            let ctx = dispatch::Context {
-                clock,
-                ..dispatch::Context::new(o.wake.clone(), o.token.clone())
-            };
-            o.workers
-                .push(tokio::spawn(dispatch::run_endpoint(ep, store, ctx)));
-        }
-        o
-    }
-
-    pub fn store(&self) -> Store {
-        Store::open(self.dir.path()).unwrap()
-    }
-
-    pub fn set_clock(&self, ms: i64) {
-        self.clock.store(ms, Ordering::SeqCst);
-        self.wake.notify_waiters();
-    }
-
-    /// Waits until the first event has `n` recorded attempts; returns them.
-    pub async fn attempts(&self, event: usize, n: usize) -> Vec<chainwatch::store::AttemptRow> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let a = self.store().attempts_for(&self.ids[event]).unwrap();
-            if a.len() >= n {
-                return a;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "waited for {n} attempts, have {}: {a:?}",
-                a.len()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    pub fn delivery(&self, event: usize) -> chainwatch::store::DeliveryRow {
-        let id = &self.ids[event];
-        self.store()
-            .list_deliveries(None, None, 10_000)
-            .unwrap()
-            .into_iter()
-            .find(|d| &d.event_id == id)
-            .unwrap()
-    }
-
-    pub fn next_attempt(&self, event: usize) -> i64 {
-        self.delivery(event).next_attempt_at
-    }
-
-    pub fn alerts(&self, kind: &str) -> Vec<serde_json::Value> {
-        self.store()
-            .events_after(0, 10_000)
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| serde_json::from_str(&e.body).unwrap())
-            .collect()
-    }
-
-    pub async fn stop(self) {
-        self.token.cancel();
-        for w in self.workers {
-            w.await.expect("worker ends cleanly");
-        }
-    }
-}
-
-fn endpoint(name: &str, url: &str, extra: &str) -> String {
-    format!("[[endpoints]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nevents = [\"tx.*\", \"alert.*\"]\n{extra}\n")
+/// An endpoint at `url` taking transaction events and alerts.
+fn endpoint(name: &str, url: &str) -> Endpoint {
+    Endpoint::new(name, url)
+        .secret(SECRET)
+        .events(["tx.*", "alert.*"])
 }
 
 const SCHEDULE_S: [i64; 9] = [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_is_retried_on_the_default_schedule_then_dead_with_an_alert() {
-    let rx = Scripted::start(Behave::Status(500)).await;
-    let o = Outbox::new(&endpoint("shop", &rx.url, ""), 1).await;
+    let rx = receiver_replying(answer(500)).await;
+    let o = Outbox::new(&[endpoint("shop", &rx.url)], 1).await;
     for (i, base) in SCHEDULE_S.iter().enumerate() {
         let a = o.attempts(0, i + 1).await;
         let last = a.last().unwrap();
@@ -296,8 +74,8 @@ async fn a_failing_endpoint_is_retried_on_the_default_schedule_then_dead_with_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_the_endpoint_at_once() {
-    let rx = Scripted::start(Behave::Status(410)).await;
-    let o = Outbox::new(&endpoint("shop", &rx.url, ""), 2).await;
+    let rx = receiver_replying(answer(410)).await;
+    let o = Outbox::new(&[endpoint("shop", &rx.url)], 2).await;
     let a = o.attempts(0, 1).await;
     assert_eq!(a[0].status_code, Some(410));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -322,11 +100,11 @@ async fn gone_disables_the_endpoint_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_waits_as_told_and_at_least_a_minute() {
-    let rx = Scripted::start(Behave::Status(200)).await;
-    rx.push(Behave::RetryAfter(429, 120));
-    rx.push(Behave::Status(429));
-    rx.push(Behave::RetryAfter(503, 48 * 3600));
-    let o = Outbox::new(&endpoint("shop", &rx.url, ""), 1).await;
+    let rx = receiver_replying(answer(200)).await;
+    rx.push(Reply::RetryAfter(429, 120));
+    rx.push(answer(429));
+    rx.push(Reply::RetryAfter(503, 48 * 3600));
+    let o = Outbox::new(&[endpoint("shop", &rx.url)], 1).await;
     let a = o.attempts(0, 1).await;
     assert_eq!(
         o.next_attempt(0) - a[0].started_at,
@@ -356,9 +134,9 @@ async fn throttling_waits_as_told_and_at_least_a_minute() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_429_without_retry_after_waits_a_minute_not_five_seconds() {
-    let rx = Scripted::start(Behave::Status(204)).await;
-    rx.push(Behave::Status(429));
-    let o = Outbox::new(&endpoint("shop", &rx.url, ""), 1).await;
+    let rx = receiver_replying(answer(204)).await;
+    rx.push(answer(429));
+    let o = Outbox::new(&[endpoint("shop", &rx.url)], 1).await;
     let a = o.attempts(0, 1).await;
     let d = o.next_attempt(0) - a[0].started_at;
     assert_eq!(d, 60_000, "max(5s ±20%, 60s)");
@@ -367,31 +145,26 @@ async fn a_first_429_without_retry_after_waits_a_minute_not_five_seconds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_fail_and_are_never_followed() {
-    let rx = Scripted::start(Behave::Redirect).await;
-    let o = Outbox::new(&endpoint("shop", &rx.url, ""), 1).await;
+    let rx = receiver_replying(Reply::Redirect("/elsewhere".into())).await;
+    let o = Outbox::new(&[endpoint("shop", &rx.url)], 1).await;
     let a = o.attempts(0, 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(a[0].status_code, Some(301));
     assert_eq!(o.delivery(0).status, "failed");
-    let paths: Vec<String> = rx
-        .requests
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.path.clone())
-        .collect();
+    let paths: Vec<String> = rx.all().iter().map(|r| r.path.clone()).collect();
     assert_eq!(paths, vec!["/hooks"], "the Location was not requested");
     o.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_refused_connections_are_failed_attempts() {
-    let rx = Scripted::start(Behave::Hang(Duration::from_secs(5))).await;
-    let toml = endpoint("slow", &rx.url, "timeout = \"1s\"")
-        + &endpoint("closed", "http://127.0.0.1:1/hooks", "");
-    let o = Outbox::new(&toml, 1).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let (slow, closed) = loop {
+    let rx = receiver_holding(Duration::from_secs(5)).await;
+    let endpoints = [
+        endpoint("slow", &rx.url).timeout("1s"),
+        endpoint("closed", "http://127.0.0.1:1/hooks"),
+    ];
+    let o = Outbox::new(&endpoints, 1).await;
+    let (slow, closed) = wait_for("an attempt to each endpoint", WAIT, || {
         let a = o.store().attempts_for(&o.ids[0]).unwrap();
         let slow: Vec<_> = a.iter().filter(|x| x.endpoint == "slow").cloned().collect();
         let closed: Vec<_> = a
@@ -400,11 +173,11 @@ async fn timeouts_and_refused_connections_are_failed_attempts() {
             .cloned()
             .collect();
         if !slow.is_empty() && !closed.is_empty() {
-            break (slow[0].clone(), closed[0].clone());
+            return Ok((slow[0].clone(), closed[0].clone()));
         }
-        assert!(tokio::time::Instant::now() < deadline, "{a:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        Err(format!("{a:?}"))
+    })
+    .await;
     assert_eq!(slow.status_code, None);
     assert!(
         slow.error.as_deref().unwrap().contains("timed out"),
@@ -447,11 +220,11 @@ async fn timeouts_and_refused_connections_are_failed_attempts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_and_trickling_responses_are_cut_short() {
-    let rx = Scripted::start(Behave::Status(200)).await;
-    rx.push(Behave::Big(500, 10 * 1024 * 1024));
-    rx.push(Behave::Trickle(503, Duration::from_millis(50)));
-    rx.push(Behave::Trickle(200, Duration::from_millis(50)));
-    let o = Outbox::new(&endpoint("shop", &rx.url, "timeout = \"1s\""), 1).await;
+    let rx = receiver_replying(answer(200)).await;
+    rx.push(Reply::Big(500, 10 * 1024 * 1024));
+    rx.push(Reply::Trickle(503, Duration::from_millis(50)));
+    rx.push(Reply::Trickle(200, Duration::from_millis(50)));
+    let o = Outbox::new(&[endpoint("shop", &rx.url).timeout("1s")], 1).await;
     let a = o.attempts(0, 1).await;
     assert_eq!(a[0].status_code, Some(500));
     assert_eq!(
@@ -486,19 +259,21 @@ async fn huge_and_trickling_responses_are_cut_short() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_failing_for_disable_after_is_disabled_with_an_alert() {
-    let rx = Scripted::start(Behave::Status(500)).await;
-    let o = Outbox::new(&endpoint("shop", &rx.url, "disable_after = \"1h\""), 1).await;
+    let rx = receiver_replying(answer(500)).await;
+    let o = Outbox::new(&[endpoint("shop", &rx.url).disable_after("1h")], 1).await;
     for i in 0..4 {
         o.attempts(0, i + 1).await;
         o.set_clock(o.next_attempt(0));
     }
     // Attempts at 0, ~5s, ~5m and ~35m fail; the one after the ~30m wait is past the hour... or not yet.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while o.store().endpoint_enabled("shop").unwrap() {
-        assert!(tokio::time::Instant::now() < deadline, "never disabled");
+    wait_until("the endpoint to be disabled", WAIT, || {
+        if !o.store().endpoint_enabled("shop").unwrap() {
+            return true;
+        }
         o.set_clock(o.next_attempt(0));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        false
+    })
+    .await;
     let a = o.store().attempts_for(&o.ids[0]).unwrap();
     let failing_for = a.last().unwrap().started_at - a[0].started_at;
     assert!(
@@ -520,20 +295,16 @@ async fn an_endpoint_failing_for_disable_after_is_disabled_with_an_alert() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unordered_endpoints_keep_concurrency_requests_in_flight() {
-    let rx = Scripted::start(Behave::Hang(Duration::from_millis(400))).await;
+    let rx = receiver_holding(Duration::from_millis(400)).await;
     let o = Outbox::new(
-        &endpoint("bulk", &rx.url, "ordered = false\nconcurrency = 4"),
+        &[endpoint("bulk", &rx.url).ordered(false).concurrency(4)],
         12,
     )
     .await;
     for i in 0..12 {
         o.attempts(i, 1).await;
     }
-    assert_eq!(
-        rx.max_concurrent.load(Ordering::SeqCst),
-        4,
-        "exactly `concurrency` at once"
-    );
+    assert_eq!(rx.max_in_flight(), 4, "exactly `concurrency` at once");
     let rows = o.store().list_deliveries(None, None, 100).unwrap();
     assert!(rows
         .iter()
@@ -543,36 +314,38 @@ async fn unordered_endpoints_keep_concurrency_requests_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_does_not_slow_a_healthy_one() {
-    let stuck = Scripted::start(Behave::Hang(Duration::from_secs(30))).await;
-    let healthy = Scripted::start(Behave::Status(204)).await;
-    let toml =
-        endpoint("stuck", &stuck.url, "timeout = \"30s\"") + &endpoint("healthy", &healthy.url, "");
+    let stuck = receiver_holding(Duration::from_secs(30)).await;
+    let healthy = receiver_replying(answer(204)).await;
+    let endpoints = [
+        endpoint("stuck", &stuck.url).timeout("30s"),
+        endpoint("healthy", &healthy.url),
+    ];
     let began = std::time::Instant::now();
-    let o = Outbox::new(&toml, 20).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while healthy.count() < 20 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "healthy endpoint got {}",
-            healthy.count()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let o = Outbox::new(&endpoints, 20).await;
+    wait_for(
+        "20 requests at the healthy endpoint",
+        Duration::from_secs(10),
+        || match healthy.count() {
+            20.. => Ok(()),
+            n => Err(format!("healthy endpoint got {n}")),
+        },
+    )
+    .await;
     assert!(
         began.elapsed() < Duration::from_secs(5),
         "healthy endpoint served in {:?}",
         began.elapsed()
     );
     // Its worker may reach the first request a moment after the healthy one finished.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while stuck.count() == 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "the stuck endpoint's first request",
+        Duration::from_secs(5),
+        || stuck.count() > 0,
+    )
+    .await;
     assert_eq!(stuck.count(), 1, "the stuck one holds its ordered head");
     let seqs: Vec<i64> = healthy
-        .requests
-        .lock()
-        .unwrap()
+        .all()
         .iter()
         .map(|r| {
             serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["data"]["sequence"]
@@ -585,7 +358,7 @@ async fn a_dead_endpoint_does_not_slow_a_healthy_one() {
 }
 
 /// Verifies with the Python `standardwebhooks` package, a second independent implementation.
-fn python_verifies(secret: &str, r: &Request) -> Option<bool> {
+fn python_verifies(secret: &str, r: &Captured) -> Option<bool> {
     let script = "import sys, json\nfrom standardwebhooks.webhooks import Webhook\nd = json.load(sys.stdin)\ntry:\n    Webhook(d['secret']).verify(d['body'], d['headers'])\n    print('ok')\nexcept Exception as e:\n    print('fail', e)\n";
     let h = |n: &str| r.headers.get(n).unwrap().to_str().unwrap().to_string();
     let input = serde_json::json!({
@@ -617,16 +390,13 @@ fn python_verifies(secret: &str, r: &Request) -> Option<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signatures_verify_with_two_independent_implementations_during_a_rotation() {
     const NEW: &str = "whsec_bmV3IHNlY3JldCBmb3Igcm90YXRpb24gdGVzdHMh";
-    let rx = Scripted::start(Behave::Status(204)).await;
-    let toml = format!(
-        "[[endpoints]]\nname = \"rot\"\nurl = \"{}\"\nsecret = [\"{NEW}\", \"{SECRET}\"]\n",
-        rx.url
-    );
+    let rx = receiver_replying(answer(204)).await;
+    let rotating = Endpoint::new("rot", &rx.url).secrets([NEW, SECRET]);
     // Real time: verifiers reject timestamps more than five minutes off.
-    let o = Outbox::new_at(&toml, 3, chainwatch::daemon::now_ms()).await;
+    let o = Outbox::new_at(&[rotating], 3, chainwatch::daemon::now_ms()).await;
     o.attempts(2, 1).await;
     o.stop().await;
-    let requests = rx.requests.lock().unwrap().clone();
+    let requests = rx.all();
     assert_eq!(requests.len(), 3);
     let must_have_python = std::env::var("CI").is_ok();
     for r in &requests {

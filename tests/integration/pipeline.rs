@@ -14,8 +14,8 @@ const ALL_TYPES: [(&str, &str); 5] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_address_type_gets_pending_then_each_confirmation_then_confirmed() {
-    let watches: Vec<WatchSpec> = ALL_TYPES.iter().map(|(a, l)| watch(a, 3, l)).collect();
-    let h = Harness::new(&watches, "").await;
+    let watches: Vec<WatchEntry> = ALL_TYPES.iter().map(|(a, l)| watch(a, 3, l)).collect();
+    let h = Harness::new(&watches).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let mut paid = HashMap::new();
@@ -35,7 +35,7 @@ async fn every_address_type_gets_pending_then_each_confirmation_then_confirmed()
     daemon.stop().await;
 
     assert!(
-        got.iter().all(|c| c.verified),
+        got.iter().all(|c| c.verified()),
         "every signature verifies with the standardwebhooks crate"
     );
     let expected = expect_history(&[
@@ -101,7 +101,7 @@ async fn every_address_type_gets_pending_then_each_confirmation_then_confirmed()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_confirmation_target_fires_confirmed_on_the_including_block() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "fast")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 1, "fast")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 42_000).to_string();
@@ -123,7 +123,7 @@ async fn one_confirmation_target_fires_confirmed_on_the_including_block() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_first_seen_in_a_block_fires_no_pending() {
-    let h = Harness::new(&[watch(P2TR, 2, "late")], "").await;
+    let h = Harness::new(&[watch(P2TR, 2, "late")]).await;
     let txid = h.node.pay(P2TR, 10_000).to_string();
     h.node.mine(1);
     // Started after the payment was mined: the watcher starts at the tip, so it never saw it.
@@ -156,7 +156,7 @@ async fn a_transaction_first_seen_in_a_block_fires_no_pending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reorg_removing_the_block_fires_reorged_and_confirmations_again_with_new_ids() {
-    let h = Harness::new(&[watch(P2WPKH, 3, "order-1017")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 3, "order-1017")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 50_000_000).to_string();
@@ -200,7 +200,7 @@ async fn reorg_removing_the_block_fires_reorged_and_confirmations_again_with_new
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reorg_above_the_block_fires_nothing_for_the_transaction() {
-    let h = Harness::new(&[watch(P2PKH, 4, "steady")], "").await;
+    let h = Harness::new(&[watch(P2PKH, 4, "steady")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2PKH, 70_000).to_string();
@@ -230,7 +230,7 @@ async fn reorg_above_the_block_fires_nothing_for_the_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_block_reconnected_after_a_reorg_gives_new_ids() {
-    let h = Harness::new(&[watch(P2SH, 2, "again")], "").await;
+    let h = Harness::new(&[watch(P2SH, 2, "again")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2SH, 30_000).to_string();
@@ -266,14 +266,14 @@ async fn the_same_block_reconnected_after_a_reorg_gives_new_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_body_fails_independent_verification() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "t")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 1, "t")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.pay(P2WPKH, 1_000);
     let got = h.receiver.wait_accepted(1, WAIT).await;
     daemon.stop().await;
     let c = &got[0];
-    assert!(c.verified);
+    assert!(c.verified());
     let wh = standardwebhooks::Webhook::new(SECRET).unwrap();
     let mut headers = axum::http::HeaderMap::new();
     let ts = chainwatch::daemon::now_ms() / 1000;

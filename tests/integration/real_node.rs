@@ -186,13 +186,18 @@ fn spawn_bitcoind(exe: &str, args: &[String]) -> Child {
 }
 
 async fn wait_ready(node: &RpcClient) {
-    for _ in 0..300 {
-        if node.call("getblockchaininfo", json!([])).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("bitcoind did not answer");
+    poll(
+        "bitcoind to answer",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            match node.call("getblockchaininfo", json!([])).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("bitcoind did not answer: {e}")),
+            }
+        },
+    )
+    .await
 }
 
 impl Drop for RealNode {
@@ -204,23 +209,19 @@ impl Drop for RealNode {
 
 fn config(
     node: &RealNode,
-    receiver: &TestReceiver,
+    receiver: &Receiver,
     data: &std::path::Path,
     watches: &[(String, u32)],
 ) -> chainwatch::config::Config {
-    let mut t = format!(
-        "network = \"regtest\"\ndata_dir = {:?}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"500ms\"\n[[endpoints]]\nname = \"shop\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\n[api]\nlisten = \"127.0.0.1:0\"\n",
-        data.display().to_string(),
-        node.rpc_url,
-        node.cookie().display().to_string(),
-        receiver.url
-    );
-    for (a, c) in watches {
-        t.push_str(&format!(
-            "[[watches]]\naddress = \"{a}\"\nconfirmations = {c}\n"
-        ));
+    let mut c = ConfigBuilder::regtest()
+        .data_dir(data)
+        .bitcoind(Bitcoind::cookie(&node.rpc_url, node.cookie()).poll_interval("500ms"))
+        .endpoint(Endpoint::new(SHOP, &receiver.url).secret(SECRET))
+        .api(Api::listen("127.0.0.1:0"));
+    for (a, n) in watches {
+        c = c.watch(WatchEntry::address(a).confirmations(*n));
     }
-    chainwatch::config::Config::parse(&t, "real-node test", None).unwrap()
+    chainwatch::config::Config::parse(&c.to_toml(), "real-node test", None).unwrap()
 }
 
 async fn wait_tip(data: &std::path::Path, node: &RealNode) {
@@ -248,7 +249,7 @@ async fn wait_tip(data: &std::path::Path, node: &RealNode) {
 #[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
 async fn real_node_every_address_type_pending_confirmations_confirmed() {
     let node = RealNode::start().await;
-    let receiver = TestReceiver::start().await;
+    let receiver = receiver().await;
     let mut addrs = vec![];
     for kind in ["legacy", "p2sh-segwit", "bech32", "bech32m"] {
         addrs.push(node.shop_address(kind).await);
@@ -274,7 +275,7 @@ async fn real_node_every_address_type_pending_confirmations_confirmed() {
     let got = receiver.wait_accepted(16, WAIT).await;
     token.cancel();
     daemon.await.unwrap().unwrap();
-    assert!(got.iter().all(|c| c.verified));
+    assert!(got.iter().all(|c| c.verified()));
     let expected = expect_history(&[
         ("tx.pending", 0),
         ("tx.confirmation", 1),
@@ -296,7 +297,7 @@ async fn real_node_every_address_type_pending_confirmations_confirmed() {
 #[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
 async fn real_node_reorg_fires_reorged_then_confirmations_with_new_ids() {
     let node = RealNode::start().await;
-    let receiver = TestReceiver::start().await;
+    let receiver = receiver().await;
     let addr = node.shop_address("bech32").await;
     let data = node.dir.path().join("chainwatch");
     let cfg = config(&node, &receiver, &data, &[(addr.clone(), 3)]);
@@ -349,7 +350,7 @@ async fn real_node_answers_decode_like_the_captures() {
 
 async fn start_watching(
     node: &RealNode,
-    receiver: &TestReceiver,
+    receiver: &Receiver,
     watches: &[(String, u32)],
 ) -> (
     CancellationToken,
@@ -367,7 +368,7 @@ async fn start_watching(
 #[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
 async fn real_node_bumpfee_is_replaced_and_a_mined_double_spend_is_dropped() {
     let node = RealNode::start().await;
-    let receiver = TestReceiver::start().await;
+    let receiver = receiver().await;
     let a = node.shop_address("bech32").await;
     let b = node.shop_address("bech32m").await;
     let (token, daemon) = start_watching(&node, &receiver, &[(a.clone(), 1), (b.clone(), 1)]).await;
@@ -409,7 +410,7 @@ async fn real_node_bumpfee_is_replaced_and_a_mined_double_spend_is_dropped() {
 #[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
 async fn real_node_restart_with_a_new_cookie_loses_nothing() {
     let mut node = RealNode::start().await;
-    let receiver = TestReceiver::start().await;
+    let receiver = receiver().await;
     let a = node.shop_address("bech32").await;
     let (token, daemon) = start_watching(&node, &receiver, &[(a.clone(), 2)]).await;
     let txid = node.pay(&a, 0.3).await;
@@ -439,7 +440,7 @@ async fn real_node_restart_with_a_new_cookie_loses_nothing() {
 #[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
 async fn real_node_descriptor_from_listdescriptors_sees_fresh_addresses_and_spends() {
     let node = RealNode::start().await;
-    let receiver = TestReceiver::start().await;
+    let receiver = receiver().await;
     let listed = node.shop.call("listdescriptors", json!([])).await.unwrap();
     let desc = listed["descriptors"]
         .as_array()

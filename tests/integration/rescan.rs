@@ -2,23 +2,9 @@
 
 use std::time::Duration;
 
+use chainwatch::testkit::config::StartHeight;
+
 use crate::harness::*;
-
-/// A watcher process that is killed however the test ends.
-struct KillOnDrop(std::process::Child);
-
-impl KillOnDrop {
-    fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// (type, id) of every stored event of `data_dir`, in sequence order.
 fn log(data_dir: &std::path::Path) -> Vec<(String, String)> {
@@ -37,25 +23,21 @@ fn without_pending(v: &[(String, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A second watcher on the same node: its own data directory (and the first one's watches, or none).
+/// A second watcher on the same node: its own data directory, a first run from
+/// `start_height` if given, and the first one's watches, or none.
 fn second_config(
     h: &Harness,
     name: &str,
-    extra_top: &str,
+    start_height: Option<u32>,
     keep_watches: bool,
 ) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(&h.config_path).unwrap();
-    let cut = if keep_watches {
-        text.len()
-    } else {
-        text.find("\n[[watches]]").unwrap_or(text.len())
-    };
-    let text = text[..cut].replace(
-        "data_dir = \"data\"",
-        &format!("data_dir = \"{name}\"\n{extra_top}"),
-    );
+    let mut config = h.config.clone().data_dir(name);
+    config.start_height = start_height.map(StartHeight::Height);
+    if !keep_watches {
+        config.watches.clear();
+    }
     let path = h.dir.path().join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
+    config.write_to(&path).unwrap();
     path
 }
 
@@ -74,26 +56,22 @@ async fn live_history(h: &Harness) -> u32 {
 }
 
 async fn wait_log_len(dir: &std::path::Path, n: usize) -> Vec<(String, String)> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    loop {
+    let what = format!("{n} events in {}", dir.display());
+    wait_for(&what, Duration::from_secs(40), || {
         if chainwatch::store::db_path(dir).exists() {
             let l = log(dir);
             if l.len() >= n {
-                return l;
+                return Ok(l);
             }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited for {n} events in {}",
-            dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err(String::new())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_run_from_start_height_over_200_blocks_has_the_live_runs_ids() {
-    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")]).await;
     let live = h.start_daemon();
     h.wait_synced().await;
     let first = live_history(&h).await;
@@ -107,7 +85,7 @@ async fn a_first_run_from_start_height_over_200_blocks_has_the_live_runs_ids() {
     );
     let expected = without_pending(&live_log);
 
-    let path = second_config(&h, "data2", &format!("start_height = {first}"), true);
+    let path = second_config(&h, "data2", Some(first), true);
     let cfg = chainwatch::config::Config::load(&path).unwrap();
     let token = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
@@ -121,11 +99,11 @@ async fn a_first_run_from_start_height_over_200_blocks_has_the_live_runs_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_after_a_kill() {
-    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")]).await;
     let live = h.start_daemon();
     h.wait_synced().await;
     // A second watcher runs beside the first, watching nothing yet.
-    let path = second_config(&h, "late", "", false);
+    let path = second_config(&h, "late", None, false);
     let spawn = || h.spawn_binary_with(&path);
     let mut late = spawn();
     let first = live_history(&h).await;
@@ -178,18 +156,21 @@ async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_aft
         .spawn()
         .unwrap();
     let store = chainwatch::store::Store::open(&late_dir).unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let next = store.rescans().unwrap().first().map(|r| r.1);
-        if next.is_some_and(|n| n > first + 60) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rescan did not start: {next:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Looking often: the kill must land half way.
+    poll(
+        "the rescan to start",
+        WAIT,
+        Duration::from_millis(5),
+        || {
+            let next = store.rescans().unwrap().first().map(|r| r.1);
+            std::future::ready(if next.is_some_and(|n| n > first + 60) {
+                Ok(())
+            } else {
+                Err(format!("rescan did not start: {next:?}"))
+            })
+        },
+    )
+    .await;
     late.kill().unwrap();
     late.wait().unwrap();
     let half = store.rescans().unwrap();
@@ -210,14 +191,12 @@ async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_aft
     // And the first watch, added without a rescan, gets its own rescan now.
     let a_id = String::from_utf8(a.stdout).unwrap().trim().to_string();
     assert!(store.request_rescan(&a_id, first).unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while !store.rescans().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rescan of the first watch did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "the rescan of the first watch to finish",
+        Duration::from_secs(40),
+        || store.rescans().unwrap().is_empty(),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     late.kill().unwrap();
     late.wait().unwrap();
@@ -238,10 +217,10 @@ async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_aft
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
-    let h = Harness::new(&[watch(P2WPKH, 2, "a")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 2, "a")]).await;
     let live = h.start_daemon();
     h.wait_synced().await;
-    let path = second_config(&h, "late", "", false);
+    let path = second_config(&h, "late", None, false);
     let spawn = || h.spawn_binary_with(&path);
     let mut late = KillOnDrop(spawn());
     let first = h.node.height() + 1;
@@ -276,18 +255,20 @@ async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
         .spawn()
         .unwrap();
     // Kill it once the rescan has passed the payment's confirmations, well before the tip.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let next = store.rescans().unwrap().first().map(|r| r.1);
-        if next.is_some_and(|n| n > paid_height + 3) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rescan did not progress: {next:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    poll(
+        "the rescan to progress",
+        WAIT,
+        Duration::from_millis(2),
+        || {
+            let next = store.rescans().unwrap().first().map(|r| r.1);
+            std::future::ready(if next.is_some_and(|n| n > paid_height + 3) {
+                Ok(())
+            } else {
+                Err(format!("rescan did not progress: {next:?}"))
+            })
+        },
+    )
+    .await;
     late.stop();
     let _ = cli.kill();
     let _ = cli.wait();
@@ -305,14 +286,10 @@ async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
     h.wait_synced().await;
     live.stop().await;
     let mut late = KillOnDrop(spawn());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while !store.rescans().unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rescan did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the rescan to finish", Duration::from_secs(40), || {
+        store.rescans().unwrap().is_empty()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     late.stop();
     let mut want = without_pending(&log(&h.data_dir()));

@@ -1,9 +1,6 @@
 //! Secrets never show, environment proxies are never used, and hostile clients cannot starve
 //! the admin API.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -16,20 +13,6 @@ const API_TOKEN: &str = "api-token-s3cr3t-0123456789abcdef-xyz";
 const PROXY_PASSWORD: &str = "proxypass-s3cr3t";
 /// base64 of "leaky endpoint secret 32 bytes!!"
 const LEAKY_SECRET_B64: &str = "bGVha3kgZW5kcG9pbnQgc2VjcmV0IDMyIGJ5dGVzISE=";
-
-/// A TCP listener that only counts who connects: a proxy that must stay unused.
-async fn counting_listener() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    tokio::spawn(async move {
-        while let Ok((_s, _)) = listener.accept().await {
-            c.fetch_add(1, Ordering::SeqCst);
-        }
-    });
-    (addr, count)
-}
 
 fn haystack_of_files(paths: &[std::path::PathBuf]) -> String {
     paths
@@ -44,18 +27,25 @@ fn haystack_of_files(paths: &[std::path::PathBuf]) -> String {
 async fn no_listing_log_line_stored_error_or_api_answer_shows_a_secret() {
     let closed = free_port();
     let port = free_port();
-    let opts = Options {
-        endpoint: format!(
-            "events = [\"*\"]\n\n[[endpoints]]\nname = \"leaky\"\nurl = \"https://{URL_USER}:{URL_PASSWORD}@localhost:{closed}/hooks?token={QUERY_TOKEN}\"\nsecret = \"whsec_{LEAKY_SECRET_B64}\"\nevents = [\"*\"]\nretry_schedule = [\"200ms\", \"200ms\", \"200ms\", \"200ms\"]\n"
-        ),
-        api: format!("listen = \"127.0.0.1:{port}\"\ntoken = \"{API_TOKEN}\""),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], |c| {
+        c.map_endpoint(SHOP, |e| e.events(["*"]))
+            .endpoint(
+                Endpoint::new(
+                    "leaky",
+                    &format!("https://{URL_USER}:{URL_PASSWORD}@localhost:{closed}/hooks?token={QUERY_TOKEN}"),
+                )
+                .secret(&format!("whsec_{LEAKY_SECRET_B64}"))
+                .events(["*"])
+                .retry_schedule(["200ms"; 4]),
+            )
+            .api(Api::listen(&format!("127.0.0.1:{port}")).token(API_TOKEN))
+    })
+    .await;
     let cookie = std::fs::read_to_string(h.node.cookie_path()).unwrap();
     let cookie_password = cookie.trim().split_once(':').unwrap().1.to_string();
-    let (proxy, proxied) = counting_listener().await;
-    let proxy_url = format!("http://proxyuser:{PROXY_PASSWORD}@{proxy}");
+    // A proxy that must stay unused: a receiver, counting who connects.
+    let proxy = Receiver::start().await;
+    let proxy_url = format!("http://proxyuser:{PROXY_PASSWORD}@{}", proxy.addr);
     let log = h.dir.path().join("chainwatch.log");
     let _daemon = KillOnDrop(h.spawn_binary_logged(
         &log,
@@ -157,7 +147,7 @@ async fn no_listing_log_line_stored_error_or_api_answer_shows_a_secret() {
         "the stored error still says what happened: {stored}"
     );
     assert_eq!(
-        proxied.load(Ordering::SeqCst),
+        proxy.connections(),
         0,
         "the environment's proxy was never contacted"
     );
@@ -252,13 +242,14 @@ fn config_refusals_never_echo_a_secret() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_from_a_refused_address_delay_neither_health_nor_deliveries() {
     let port = free_port();
-    let opts = Options {
-        api: format!(
-            "listen = \"127.0.0.1:{port}\"\ntoken = \"{API_TOKEN}\"\nallow_ips = [\"127.0.0.1/32\"]"
-        ),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], |c| {
+        c.api(
+            Api::listen(&format!("127.0.0.1:{port}"))
+                .token(API_TOKEN)
+                .allow_ips(["127.0.0.1/32"]),
+        )
+    })
+    .await;
     // 320 descriptors: the 300 connections below would leave none for deliveries if they
     // were kept open.
     let daemon = KillOnDrop(h.spawn_binary_fd_limited(320));

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -24,25 +24,25 @@ async fn health(port: u16) -> (u16, Value) {
 }
 
 async fn wait_health(port: u16, code: u16, what: &str, limit: Duration) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let (c, body) = health(port).await;
-        if c == code {
-            return body;
+    let what = format!("/health {code} ({what})");
+    poll(&what, limit, Duration::from_millis(200), || async move {
+        match health(port).await {
+            (c, body) if c == code => Ok(body),
+            (c, body) => Err(format!("last {c} {body}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "waited {limit:?} for /health {code} ({what}); last {c} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
-fn api_options(port: u16, endpoint: &str) -> Options {
-    Options {
-        api: format!("listen = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\""),
-        endpoint: endpoint.to_string(),
-        ..Options::default()
+/// The API on `port` with a token, and the shop endpoint taking `events` (or its default).
+fn api_config(port: u16, events: Option<&[&str]>) -> impl FnOnce(ConfigBuilder) -> ConfigBuilder {
+    let events: Option<Vec<String>> = events.map(|v| v.iter().map(|e| e.to_string()).collect());
+    move |c| {
+        let c = c.api(Api::listen(&format!("127.0.0.1:{port}")).token(TOKEN));
+        match events {
+            Some(events) => c.map_endpoint(SHOP, |e| e.events(events)),
+            None => c,
+        }
     }
 }
 
@@ -51,7 +51,7 @@ async fn a_write_lock_held_over_a_minute_stops_nothing_for_good_and_is_alerted()
     let port = free_port();
     let h = Harness::with(
         &[watch(P2WPKH, 2, "shop")],
-        api_options(port, "events = [\"tx.*\", \"alert.*\"]"),
+        api_config(port, Some(&["tx.*", "alert.*"])),
     )
     .await;
     let _daemon = KillOnDrop(h.spawn_binary());
@@ -143,7 +143,7 @@ impl Drop for Tmpfs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_said_and_survived() {
     let port = free_port();
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], api_options(port, "")).await;
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], api_config(port, None)).await;
     let Some(_fs) = Tmpfs::mount(&h.data_dir(), "16m") else {
         eprintln!("skipped: this machine cannot mount a tmpfs (not root?)");
         return;
@@ -206,7 +206,7 @@ async fn a_failing_watch_lookup_never_loses_a_tracked_transactions_later_events(
     use chainwatch::store::Store;
     use chainwatch::tracker::Tracker;
 
-    let h = Harness::new(&[watch(P2WPKH, 2, "lookup")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 2, "lookup")]).await;
     let cfg = chainwatch::config::Config::load(&h.config_path).unwrap();
     let store = chainwatch::daemon::open_store(&cfg).unwrap();
     let tracker = Tracker::new("regtest", 100, store.load_tracked().unwrap());

@@ -1,9 +1,13 @@
 //! A private PKI as production has one: a root CA, an intermediate that signs the receiver's
 //! certificate (served with its chain), and a client certificate for mutual TLS. Generated
-//! fresh per test with rcgen; nothing is checked in.
+//! fresh per test with rcgen; nothing is checked in. And the TLS glue of the testkit's
+//! receiver (the library has no TLS server of its own).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use chainwatch::testkit::Receiver;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -106,5 +110,56 @@ impl TestPki {
                 .with_single_cert(self.server_chain.clone(), key)
                 .unwrap(),
         )
+    }
+}
+
+/// The harness's verifying receiver behind TLS, counting handshakes.
+pub struct TlsReceiver {
+    pub receiver: Receiver,
+    /// TLS handshakes completed and failed.
+    pub handshakes: Arc<AtomicU64>,
+    pub failed_handshakes: Arc<AtomicU64>,
+}
+
+impl std::ops::Deref for TlsReceiver {
+    type Target = Receiver;
+    fn deref(&self) -> &Receiver {
+        &self.receiver
+    }
+}
+
+impl TlsReceiver {
+    /// An https receiver at `https://localhost:PORT/hooks` serving `tls`.
+    pub async fn start(tls: Arc<rustls::ServerConfig>) -> TlsReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (handshakes, failed_handshakes) =
+            (Arc::<AtomicU64>::default(), Arc::<AtomicU64>::default());
+        let (ok, failed) = (handshakes.clone(), failed_handshakes.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let receiver = crate::harness::verifying().serve_with(
+            listener,
+            format!("https://localhost:{port}/hooks"),
+            move |tcp| {
+                let (acceptor, ok, failed) = (acceptor.clone(), ok.clone(), failed.clone());
+                async move {
+                    match acceptor.accept(tcp).await {
+                        Ok(stream) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                            Some(stream)
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            None
+                        }
+                    }
+                }
+            },
+        );
+        TlsReceiver {
+            receiver,
+            handshakes,
+            failed_handshakes,
+        }
     }
 }

@@ -10,31 +10,36 @@ use bitcoin::{Amount, OutPoint, Transaction, TxIn, TxOut};
 use chainwatch::node::zmq_wire::{sequence_body, SequenceEvent};
 
 use crate::harness::*;
-use crate::tls_kit::TestPki;
+use crate::tls_kit::{TestPki, TlsReceiver};
+
+/// What the shop endpoint is given of the test PKI.
+struct Trust {
+    /// `ca_file`: the private root.
+    ca: bool,
+    /// `client_cert` and `client_key`, for mutual TLS.
+    identity: bool,
+}
 
 async fn tls_harness(
-    pki_keys: &str,
+    trust: Trust,
     require_client_cert: bool,
-) -> (Harness, TestReceiver, tempfile::TempDir) {
+) -> (Harness, TlsReceiver, tempfile::TempDir) {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(pki_dir.path());
-    let receiver = TestReceiver::start_tls(pki.server_config(require_client_cert)).await;
-    let endpoint = pki_keys
-        .replace("{ca}", &format!("{:?}", pki.ca_file.display().to_string()))
-        .replace(
-            "{cert}",
-            &format!("{:?}", pki.client_cert.display().to_string()),
-        )
-        .replace(
-            "{key}",
-            &format!("{:?}", pki.client_key.display().to_string()),
-        );
-    let opts = Options {
-        endpoint: format!("{endpoint}\nretry_schedule = [\"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\"]"),
-        endpoint_url: Some(receiver.url.clone()),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 1, "tls-order")], opts).await;
+    let receiver = TlsReceiver::start(pki.server_config(require_client_cert)).await;
+    let url = receiver.url.clone();
+    let h = Harness::with(&[watch(P2WPKH, 1, "tls-order")], |c| {
+        c.map_endpoint(SHOP, |mut e| {
+            if trust.ca {
+                e = e.ca_file(&pki.ca_file);
+            }
+            if trust.identity {
+                e = e.client_identity(&pki.client_cert, &pki.client_key);
+            }
+            e.retry_schedule(["300ms"; 6]).url(&url)
+        })
+    })
+    .await;
     (h, receiver, pki_dir)
 }
 
@@ -55,7 +60,14 @@ async fn first_failure(h: &Harness) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_delivery_trusts_the_receivers_chain_through_ca_file_and_reuses_the_connection() {
-    let (h, receiver, _pki) = tls_harness("ca_file = {ca}", false).await;
+    let (h, receiver, _pki) = tls_harness(
+        Trust {
+            ca: true,
+            identity: false,
+        },
+        false,
+    )
+    .await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 70_000).to_string();
@@ -67,7 +79,7 @@ async fn https_delivery_trusts_the_receivers_chain_through_ca_file_and_reuses_th
         expect_history(&[("tx.pending", 0), ("tx.confirmed", 1)]),
         "both events over https"
     );
-    assert!(got.iter().all(|c| c.verified), "every signature verifies");
+    assert!(got.iter().all(|c| c.verified()), "every signature verifies");
     assert_eq!(got[0].data()["amount_sat"], 70_000);
     assert_eq!(
         receiver.handshakes.load(Ordering::SeqCst),
@@ -80,7 +92,14 @@ async fn https_delivery_trusts_the_receivers_chain_through_ca_file_and_reuses_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_does_not_verify_is_a_failed_attempt_naming_why() {
     // No ca_file: the private root is not among the system's, so nothing may be sent.
-    let (h, receiver, _pki) = tls_harness("", false).await;
+    let (h, receiver, _pki) = tls_harness(
+        Trust {
+            ca: false,
+            identity: false,
+        },
+        false,
+    )
+    .await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.pay(P2WPKH, 70_000);
@@ -101,7 +120,10 @@ async fn a_certificate_that_does_not_verify_is_a_failed_attempt_naming_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_delivers_only_with_the_client_certificate() {
     let (h, receiver, _pki) = tls_harness(
-        "ca_file = {ca}\nclient_cert = {cert}\nclient_key = {key}",
+        Trust {
+            ca: true,
+            identity: true,
+        },
         true,
     )
     .await;
@@ -110,11 +132,18 @@ async fn mutual_tls_delivers_only_with_the_client_certificate() {
     let txid = h.node.pay(P2WPKH, 71_000).to_string();
     let got = receiver.wait_accepted(1, WAIT).await;
     assert_eq!(history(&got, &txid), expect_history(&[("tx.pending", 0)]));
-    assert!(got[0].verified);
+    assert!(got[0].verified());
     daemon.stop().await;
 
     // The same receiver, a client without its certificate: the handshake is refused.
-    let (h, receiver, _pki) = tls_harness("ca_file = {ca}", true).await;
+    let (h, receiver, _pki) = tls_harness(
+        Trust {
+            ca: true,
+            identity: false,
+        },
+        true,
+    )
+    .await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.pay(P2WPKH, 71_000);
@@ -151,7 +180,7 @@ fn log_text(path: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_blocks_confirm_nothing_and_real_payments_still_arrive() {
-    let h = Harness::new(&[watch(P2WPKH, 2, "shop"), watch(P2TR, 2, "other")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 2, "shop"), watch(P2TR, 2, "other")]).await;
     let log = h.dir.path().join("chainwatch.log");
     let _daemon = KillOnDrop(h.spawn_binary_logged(&log, &[]));
     h.wait_synced().await;
@@ -237,7 +266,7 @@ async fn receiver_has(h: &Harness, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_mempool_news_is_checked_with_the_node() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "shop")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 1, "shop")]).await;
     let log = h.dir.path().join("chainwatch.log");
     let _daemon = KillOnDrop(h.spawn_binary_logged(&log, &[]));
     h.wait_synced().await;
@@ -300,11 +329,10 @@ pub fn cli(h: &Harness, args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edited_event_body_is_never_signed_and_audit_verify_names_it() {
-    let opts = Options {
-        endpoint: "retry_schedule = [\"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\", \"300ms\"]".into(),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], |c| {
+        c.map_endpoint(SHOP, |e| e.retry_schedule(["300ms"; 8]))
+    })
+    .await;
     h.receiver.set_status(503);
     let _daemon = KillOnDrop(h.spawn_binary());
     h.wait_synced().await;
@@ -370,7 +398,7 @@ async fn an_edited_event_body_is_never_signed_and_audit_verify_names_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_zmq_message_is_refused_and_following_goes_on() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "shop")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 1, "shop")]).await;
     let _daemon = KillOnDrop(h.spawn_binary());
     h.wait_synced().await;
     // 5 MiB on the rawblock topic: more than any block. libzmq drops the publisher, the
@@ -388,26 +416,18 @@ async fn an_oversized_zmq_message_is_refused_and_following_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_explicit_proxy_is_the_one_used() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = listener.local_addr().unwrap();
-    let used = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let u = used.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            u.fetch_add(1, Ordering::SeqCst);
-            drop(s);
-        }
-    });
-    let opts = Options {
-        endpoint: format!("proxy = \"http://{proxy}\""),
-        ..Options::default()
-    };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], opts).await;
+    // The proxy is a receiver too: it counts who connects.
+    let proxy = Receiver::start().await;
+    let proxy_url = format!("http://{}", proxy.addr);
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], |c| {
+        c.map_endpoint(SHOP, |e| e.proxy(&proxy_url))
+    })
+    .await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.pay(P2WPKH, 25_000);
     wait_until("a request through the proxy", WAIT, || {
-        used.load(Ordering::SeqCst) >= 1
+        proxy.connections() >= 1
     })
     .await;
     assert!(
@@ -419,7 +439,7 @@ async fn an_endpoints_explicit_proxy_is_the_one_used() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_announcement_of_an_old_transaction_on_a_txindex_node_fires_nothing() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "shop")], "finality_depth = 2").await;
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop")], |c| c.finality_depth(2)).await;
     h.node.set_txindex(true);
     let _daemon = KillOnDrop(h.spawn_binary());
     h.wait_synced().await;
@@ -444,7 +464,7 @@ async fn a_forged_announcement_of_an_old_transaction_on_a_txindex_node_fires_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_with_an_anchor_finds_a_log_cut_back_below_it() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "shop")], "").await;
+    let h = Harness::new(&[watch(P2WPKH, 1, "shop")]).await;
     let daemon = KillOnDrop(h.spawn_binary());
     h.wait_synced().await;
     h.node.pay(P2WPKH, 35_000);

@@ -1,0 +1,13 @@
+//! Support for tests, benches and the demo: a typed `watcher.toml` builder, the one capturing
+//! webhook receiver (also behind `chainwatch receive`), deadline waits and a child-process
+//! guard. Not used by the daemon itself.
+
+pub mod config;
+pub mod process;
+pub mod receiver;
+pub mod wait;
+
+pub use config::{Api, Bitcoind, ConfigBuilder, Endpoint, WatchEntry};
+pub use process::{free_port, KillOnDrop};
+pub use receiver::{Captured, Receiver, ReceiverBuilder, Reply};
+pub use wait::{poll, wait_for, wait_until};

@@ -6,6 +6,7 @@
 //!
 //! `scripts/soak [MINUTES]` builds and runs it (default 60).
 
+use chainwatch::delivery::DeliveryStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -231,8 +232,8 @@ async fn main() {
     let settle = Instant::now() + Duration::from_secs(600);
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let open = ["pending", "failed"]
-            .iter()
+        let open = [DeliveryStatus::Pending, DeliveryStatus::Failed]
+            .into_iter()
             .map(|s| store().list_deliveries(Some(s), None, 1).unwrap().len())
             .sum::<usize>();
         if open == 0 || Instant::now() > settle {

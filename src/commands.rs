@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::daemon::{self, now_ms, open_store};
+use crate::delivery::DeliveryStatus;
 use crate::event::type_matches;
 use crate::node::{ChainSource, RpcClient};
 use crate::sign::{self, Secret};
@@ -251,11 +252,12 @@ pub fn deliveries_list(
     status: Option<&str>,
     endpoint: Option<&str>,
 ) -> anyhow::Result<()> {
-    if let Some(s) = status {
-        if !["pending", "failed", "dead", "delivered", "held"].contains(&s) {
-            bail!("--status {s:?}: expected pending, failed, dead, delivered or held");
-        }
-    }
+    let status = match status {
+        None => None,
+        Some(s) => Some(DeliveryStatus::parse(s).with_context(|| {
+            format!("--status {s:?}: expected pending, failed, dead, delivered or held")
+        })?),
+    };
     let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
     for d in store.list_deliveries(status, endpoint, i64::MAX)? {
         println!(
@@ -264,7 +266,7 @@ pub fn deliveries_list(
             d.event_type,
             d.event_id,
             d.endpoint,
-            d.status,
+            d.status.as_str(),
             d.attempts,
             d.last_error.unwrap_or_default()
         );

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// How long a store incident lasts before `alert.store_error`.
+pub const STORE_ALERT_AFTER: Duration = Duration::from_secs(60);
+
 /// An ongoing fault: since when, and the latest error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incident {

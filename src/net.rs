@@ -1,6 +1,8 @@
-//! What every outgoing HTTP client shares: one TLS crypto provider for the process, and URLs
-//! shown without their credentials. A leaf: it imports nothing of the crate.
+//! What every network client and listener shares: one TLS crypto provider for the process,
+//! URLs shown without their credentials, and address blocks (`IpNet`) for allow-lists. A leaf:
+//! it imports nothing of the crate.
 
+use std::net::IpAddr;
 use std::sync::Once;
 
 /// Installs ring as the process's rustls crypto provider, once. reqwest is built without a
@@ -102,5 +104,61 @@ mod tests {
             redact_url("not a url with pass"),
             "<unparsable URL of 19 characters>"
         );
+    }
+}
+
+/// An address block, `10.0.0.0/8` or `::1/128`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IpNet, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse()
+                .map_err(|_| format!("{p:?} is not a prefix length"))?
+        };
+        if prefix > max {
+            return Err(format!("prefix /{prefix} is longer than {max}"));
+        }
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
     }
 }

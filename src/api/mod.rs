@@ -1,7 +1,7 @@
 //! The admin HTTP API (`api.listen`). Requests from outside `api.allow_ips` get 403 before
 //! anything else is read; every route but `/health` needs `Authorization: Bearer <token>`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
@@ -20,69 +20,15 @@ mod listen;
 pub use listen::{HEADER_TIMEOUT, MAX_CONNECTIONS};
 
 use crate::config::ApiConfig;
+use crate::delivery::DeliveryStatus;
 use crate::health::Health;
 use crate::metrics::Metrics;
+pub use crate::net::IpNet;
 use crate::store::{SharedStore, Store};
 use crate::watch::check_metadata;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
-
-/// An address block, `10.0.0.0/8` or `::1/128`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<IpNet, String> {
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() {
-            max
-        } else {
-            p.parse()
-                .map_err(|_| format!("{p:?} is not a prefix length"))?
-        };
-        if prefix > max {
-            return Err(format!("prefix /{prefix} is longer than {max}"));
-        }
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl IpNet {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - self.prefix)
-                };
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - self.prefix)
-                };
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
 
 #[derive(Clone)]
 struct Api {
@@ -397,18 +343,20 @@ async fn list_deliveries(
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    if let Some(s) = q.status.as_deref() {
-        if !["pending", "failed", "dead", "delivered", "held"].contains(&s) {
+    let status = match q.status.as_deref().map(|s| (s, DeliveryStatus::parse(s))) {
+        None => None,
+        Some((_, Some(status))) => Some(status),
+        Some((s, None)) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("status {s:?}: expected pending, failed, dead, delivered or held"),
-            );
+            )
         }
-    }
-    let (status, endpoint) = (q.status.clone(), q.endpoint.clone());
+    };
+    let endpoint = q.endpoint.clone();
     let rows = api
         .store
-        .run(move |s| s.list_deliveries(status.as_deref(), endpoint.as_deref(), 10_000))
+        .run(move |s| s.list_deliveries(status, endpoint.as_deref(), 10_000))
         .await;
     match rows {
         Ok(rows) => Json(json!({ "deliveries": rows })).into_response(),

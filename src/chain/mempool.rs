@@ -8,47 +8,52 @@ use std::time::{Duration, Instant};
 use bitcoin::{OutPoint, Transaction, Txid};
 
 use super::{FollowError, Follower};
-use crate::node::{ChainSource, NodeError};
+use crate::node::ChainSource;
 use crate::tracker::Removal;
 
 /// A tracked transaction announced as removed, and when.
 type Removed = (Txid, Instant);
 
-impl<S: ChainSource> Follower<S> {
-    /// The body of a mempool transaction the node holds; `None` if it is not (or no longer)
-    /// in the node's mempool. A txid the node listed itself (`vouched`) needs no proof; one
-    /// that only ZMQ announced is proven with `getmempoolentry` (which, unlike
-    /// `getrawtransaction` on a node with `-txindex`, never answers for a confirmed
-    /// transaction). A relayed body is used only under the txid it hashes to, which commits to
-    /// its outputs.
-    async fn mempool_body(
-        &mut self,
-        txid: Txid,
-        vouched: bool,
-    ) -> Result<Option<Transaction>, FollowError> {
-        if !vouched && !self.source.in_mempool(txid).await? {
-            if self.cache.txs.contains_key(&txid) && !self.cache.in_recent_block(txid) {
-                tracing::warn!(%txid, "ZMQ announced a transaction the node does not hold; ignored");
-            }
-            return Ok(None);
-        }
-        if let Some(tx) = self.cache.txs.get(&txid) {
-            return Ok(Some(tx.clone()));
-        }
-        match self.source.mempool_transaction(txid).await {
-            Ok(tx) => Ok(Some(tx)),
-            // Mined or replaced meanwhile: the chain sync or a removal accounts for it.
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e.into()),
+/// What the follower knows of the node's mempool beyond the tracked transactions.
+#[derive(Default)]
+pub(super) struct MempoolState {
+    /// Mempool txids already matched, so a resync fetches only new ones.
+    seen: HashSet<Txid>,
+    /// Matched mempool transactions whose commit failed, to be matched again first.
+    deferred: Vec<Transaction>,
+    /// Tracked transactions announced as removed, classified by what comes next.
+    removals: Vec<Removed>,
+}
+
+impl MempoolState {
+    pub(super) fn removals_pending(&self) -> bool {
+        !self.removals.is_empty()
+    }
+
+    fn note_removal(&mut self, txid: Txid) {
+        if !self.removals.iter().any(|(t, _)| *t == txid) {
+            self.removals.push((txid, Instant::now()));
         }
     }
 
+    /// Mined: no longer in the mempool, and to be matched anew if it comes back after a reorg.
+    pub(super) fn forget(&mut self, txid: &Txid) {
+        self.seen.remove(txid);
+    }
+
+    /// Everything is matched anew (a watch joined live following).
+    pub(super) fn forget_all(&mut self) {
+        self.seen.clear();
+    }
+}
+
+impl<S: ChainSource> Follower<S> {
     /// ZMQ `A`: a transaction entered the mempool.
     pub(super) async fn mempool_added(&mut self, txid: Txid) -> Result<(), FollowError> {
-        if self.seen_mempool.contains(&txid) {
+        if self.mempool.seen.contains(&txid) {
             return Ok(());
         }
-        let Some(tx) = self.mempool_body(txid, false).await? else {
+        let Some(tx) = self.source.mempool_body(txid, false).await? else {
             return Ok(());
         };
         self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)
@@ -73,7 +78,7 @@ impl<S: ChainSource> Follower<S> {
             return Err(e);
         }
         // Only once handled: a failure above leaves it for the resync to pick up.
-        self.seen_mempool.insert(txid);
+        self.mempool.seen.insert(txid);
         Ok(())
     }
 
@@ -88,15 +93,15 @@ impl<S: ChainSource> Follower<S> {
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
-        let (due, wait): (Vec<Removed>, Vec<Removed>) = std::mem::take(&mut self.pending_removals)
+        let (due, wait): (Vec<Removed>, Vec<Removed>) = std::mem::take(&mut self.mempool.removals)
             .into_iter()
             .partition(|(_, at)| at.elapsed() >= min_age);
-        self.pending_removals = wait;
+        self.mempool.removals = wait;
         for (i, &(txid, _)) in due.iter().enumerate() {
             let classified = self.classify_one(txid, incoming, tip).await;
             if classified.is_err() {
                 // Not lost: this removal and the ones after it wait for the next try.
-                self.pending_removals.extend_from_slice(&due[i..]);
+                self.mempool.removals.extend_from_slice(&due[i..]);
             }
             classified?;
         }
@@ -118,7 +123,7 @@ impl<S: ChainSource> Follower<S> {
         incoming: &[Transaction],
         tip: crate::event::TipRef,
     ) -> Result<(), FollowError> {
-        if self.still_in_mempool(txid).await? {
+        if self.source.still_in_mempool(txid).await? {
             return Ok(());
         }
         let spends = self.tracker.spends_of(txid);
@@ -126,16 +131,6 @@ impl<S: ChainSource> Follower<S> {
         tracing::info!(%txid, ?why, "tracked transaction left the mempool");
         let step = self.tracker.mempool_removed(&self.index, txid, why, tip);
         self.commit_step(step)
-    }
-
-    /// Whether the node still holds a transaction announced as removed: a forged `R` (or one
-    /// re-added since) must not make a payment look dropped.
-    async fn still_in_mempool(&mut self, txid: Txid) -> Result<bool, FollowError> {
-        let held = self.source.in_mempool(txid).await?;
-        if held {
-            tracing::warn!(%txid, "a removal was announced for a transaction the node still holds; ignored");
-        }
-        Ok(held)
     }
 
     /// Replaced if a mempool transaction (one just announced, or one the node names) spends the
@@ -154,19 +149,25 @@ impl<S: ChainSource> Follower<S> {
         if let Some(by) = self.recent_spends.conflict(spends) {
             return Ok(Removal::Conflict(by));
         }
-        match self.source.mempool_spender(spends).await {
-            Ok(Some(by)) => Ok(Removal::Replaced(by)),
-            Ok(None) => Ok(Removal::Evicted),
-            // Nodes before v24 lack gettxspendingprevout: without it, evicted is the best guess.
-            Err(NodeError::Rpc { code: -32601, .. }) => Ok(Removal::Evicted),
-            Err(e) => Err(e.into()),
+        // Without gettxspendingprevout (nodes before v24), evicted is the best guess.
+        Ok(match self.source.mempool_spender(spends).await? {
+            Some(by) => Removal::Replaced(by),
+            None => Removal::Evicted,
+        })
+    }
+
+    /// ZMQ `R`: a tracked unconfirmed transaction left; why is told once what follows shows it.
+    pub(super) fn mempool_removed(&mut self, txid: Txid) {
+        self.mempool.forget(&txid);
+        if self.tracker.is_unconfirmed(txid) {
+            self.mempool.note_removal(txid);
         }
     }
 
     /// A transaction announced while the store fails: kept for later if the node holds it
     /// and it matches; anything that goes wrong here is left to the resync.
     pub(super) async fn defer_announced(&mut self, txid: Txid) {
-        if let Ok(Some(tx)) = self.mempool_body(txid, false).await {
+        if let Ok(Some(tx)) = self.source.mempool_body(txid, false).await {
             let _ = self.defer_if_matched(&tx);
         }
     }
@@ -191,23 +192,24 @@ impl<S: ChainSource> Follower<S> {
     fn defer(&mut self, tx: &Transaction) {
         let txid = tx.compute_txid();
         if !self
-            .deferred_mempool
+            .mempool
+            .deferred
             .iter()
             .any(|t| t.compute_txid() == txid)
         {
-            self.deferred_mempool.push(tx.clone());
+            self.mempool.deferred.push(tx.clone());
         }
     }
 
     /// Matches again, in their order, mempool transactions whose step could not be committed.
     pub(super) fn replay_deferred(&mut self) -> Result<(), FollowError> {
-        while let Some(tx) = self.deferred_mempool.first().cloned() {
+        while let Some(tx) = self.mempool.deferred.first().cloned() {
             let Some(tip) = self.tip_ref()? else {
                 return Ok(());
             };
             let step = self.tracker.mempool_add(&self.index, &tx, tip);
             self.commit_step(step)?;
-            self.deferred_mempool.remove(0);
+            self.mempool.deferred.remove(0);
         }
         Ok(())
     }
@@ -219,8 +221,7 @@ impl<S: ChainSource> Follower<S> {
         // trust the snapshot only if the best block is still the one we stored.
         let mut tries = 0;
         let txids = loop {
-            let (txids, _sequence) = self.source.raw_mempool().await?;
-            let best = self.source.best_block_hash().await?;
+            let (txids, best) = self.source.mempool_snapshot().await?;
             if self.store.tip()?.map(|t| t.hash) == Some(best) || tries == 5 {
                 break txids;
             }
@@ -228,21 +229,21 @@ impl<S: ChainSource> Follower<S> {
             self.sync_chain().await?;
         };
         let current: HashSet<Txid> = txids.iter().copied().collect();
-        self.seen_mempool.retain(|t| current.contains(t));
+        self.mempool.seen.retain(|t| current.contains(t));
         let mut fresh = Vec::new();
         for txid in txids
             .iter()
-            .filter(|t| !self.seen_mempool.contains(*t))
+            .filter(|t| !self.mempool.seen.contains(*t))
             .copied()
             .collect::<Vec<_>>()
         {
-            if let Some(tx) = self.mempool_body(txid, true).await? {
+            if let Some(tx) = self.source.mempool_body(txid, true).await? {
                 fresh.push(tx);
             }
         }
         for txid in self.tracker.in_mempool() {
-            if !current.contains(&txid) && !self.pending_removals.iter().any(|(t, _)| *t == txid) {
-                self.pending_removals.push((txid, Instant::now()));
+            if !current.contains(&txid) {
+                self.mempool.note_removal(txid);
             }
         }
         self.classify_pending(&fresh, Duration::ZERO).await?;

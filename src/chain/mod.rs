@@ -1,18 +1,22 @@
-//! The chain follower: keeps the stored chain equal to the node's best chain, one step at a time.
-//! ZMQ messages only wake it and carry bodies; RPC decides. On a fork it disconnects back to
-//! the fork point, then connects the new branch in height order.
+//! The chain follower. `source` tells what the node did, one step at a time (a block
+//! connected or disconnected, a reorg, a fork too deep, mempool news over ZMQ); the follower,
+//! the consumer, matches it against the watches, tracks confirmations, raises alerts, commits
+//! each step as one change set and runs rescans. Nothing here ends on an error: the step is
+//! redone after a back-off.
+//!
+//! `sync` applies chain changes, `mempool` mempool ones, `rescan` scans a watch's past,
+//! `report` tells faults, `support` holds small caches.
 
 mod mempool;
 mod report;
 mod rescan;
+pub mod source;
 mod support;
 mod sync;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bitcoin::Txid;
 use serde_json::Map;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -22,12 +26,14 @@ use crate::config::StartHeight;
 use crate::event::{self, now_ms, NewEvent, TipRef};
 use crate::metrics::Metrics;
 use crate::node::zmq_sub::ZmqReceiver;
-use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
+use crate::node::zmq_wire::{SequenceEvent, ZmqMessage};
 use crate::node::{ChainSource, NodeError};
 use crate::store::{Store, StoreError};
 use crate::tracker::{Tracker, TrackerStep};
 use crate::watch::WatchIndex;
-use support::{BodyCache, RecentSpends};
+use mempool::MempoolState;
+use source::{NodeSource, SourceError};
+use support::RecentSpends;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -41,6 +47,15 @@ pub enum FollowError {
     Lookup(String),
 }
 
+impl From<SourceError> for FollowError {
+    fn from(e: SourceError) -> FollowError {
+        match e {
+            SourceError::Node(e) => FollowError::Node(e),
+            SourceError::Local(e) => FollowError::Store(e),
+        }
+    }
+}
+
 impl FollowError {
     pub fn is_transient(&self) -> bool {
         match self {
@@ -48,6 +63,18 @@ impl FollowError {
             _ => false,
         }
     }
+}
+
+/// How far what we hold may be behind the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SyncState {
+    /// Chain and mempool match the node, as far as we know.
+    Synced,
+    /// The chain must be brought up to date (the poll is due).
+    ChainStale,
+    /// Chain and mempool both: at start, after lost ZMQ messages, a silence on the sequence
+    /// topic, a failed step, or a finished rescan.
+    Stale,
 }
 
 /// Settings the follower needs from the config.
@@ -69,73 +96,56 @@ struct Outage {
 }
 
 pub struct Follower<S: ChainSource> {
-    source: Arc<S>,
+    source: NodeSource<S>,
     store: Store,
     tracker: Tracker,
     index: WatchIndex,
     opts: FollowerOptions,
     wake_dispatch: Arc<Notify>,
-    cache: BodyCache,
     recent_spends: RecentSpends,
-    /// Mempool txids already matched, so a resync fetches only new ones.
-    seen_mempool: HashSet<Txid>,
-    /// Matched mempool transactions whose commit failed, to be matched again first.
-    deferred_mempool: Vec<bitcoin::Transaction>,
-    /// Tracked transactions announced as removed (`R`), classified by what comes next.
-    pending_removals: Vec<(Txid, std::time::Instant)>,
-    counters: HashMap<String, u32>,
-    needs_resync: bool,
-    /// The mempool view may have missed something (start, counter gap, first ZMQ message).
-    mempool_stale: bool,
-    outage: Option<Outage>,
-    metrics: Arc<Metrics>,
-    /// The store's watch version our index reflects.
-    watch_version: i64,
+    mempool: MempoolState,
+    state: SyncState,
+    /// The store's watch version our index reflects (`None`: to be loaded).
+    watch_version: Option<i64>,
     rescan: Option<rescan::RescanJob>,
     /// Loads watch records (labels, metadata) for events, over a connection of its own.
     loader: Option<crate::watch::WatchLoader>,
     network: bitcoin::Network,
+    metrics: Arc<Metrics>,
     health: Arc<crate::health::Health>,
+    outage: Option<Outage>,
     /// The last error told, so a repeated one is not told again on every retry.
     last_error: String,
-    /// When the sequence topic last spoke: a silence longer than `poll_interval` may hide a
-    /// lost last message, which no counter gap would reveal.
-    last_sequence_msg: std::time::Instant,
 }
 
 impl<S: ChainSource> Follower<S> {
     pub fn new(
-        source: Arc<S>,
+        node: Arc<S>,
         store: Store,
         tracker: Tracker,
         opts: FollowerOptions,
         wake_dispatch: Arc<Notify>,
     ) -> Follower<S> {
+        let metrics = Arc::new(Metrics::default());
         Follower {
-            source,
+            source: NodeSource::new(node, opts.start_height, metrics.clone()),
             store,
             tracker,
             // Built from the store before the first sync (`refresh_watches`).
             index: WatchIndex::default(),
             opts,
             wake_dispatch,
-            cache: BodyCache::default(),
             recent_spends: RecentSpends::default(),
-            seen_mempool: HashSet::new(),
-            pending_removals: Vec::new(),
-            deferred_mempool: Vec::new(),
-            counters: HashMap::new(),
-            needs_resync: true,
-            mempool_stale: true,
-            outage: None,
-            last_sequence_msg: std::time::Instant::now(),
-            metrics: Arc::new(Metrics::default()),
-            health: Arc::default(),
-            last_error: String::new(),
-            watch_version: -1,
+            mempool: MempoolState::default(),
+            state: SyncState::Stale,
+            watch_version: None,
             rescan: None,
             loader: None,
             network: bitcoin::Network::Regtest,
+            metrics,
+            health: Arc::default(),
+            outage: None,
+            last_error: String::new(),
         }
     }
 
@@ -149,7 +159,7 @@ impl<S: ChainSource> Follower<S> {
     /// takes effect on the next transaction without a restart.
     fn refresh_watches(&mut self) -> Result<(), FollowError> {
         let version = self.store.watch_version()?;
-        if version == self.watch_version {
+        if Some(version) == self.watch_version {
             return Ok(());
         }
         // A watch still being rescanned joins live following only when its rescan is done.
@@ -164,7 +174,7 @@ impl<S: ChainSource> Follower<S> {
         };
         let started = std::time::Instant::now();
         self.index = self.store.build_index(self.network, loader, &rescanning)?;
-        if self.watch_version < 0 {
+        if self.watch_version.is_none() {
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(
                 watches = self.index.len(),
@@ -175,7 +185,7 @@ impl<S: ChainSource> Follower<S> {
         } else {
             tracing::info!(watches = self.index.len(), "watches changed; reloaded");
         }
-        self.watch_version = version;
+        self.watch_version = Some(version);
         self.pick_up_rescan()
     }
 
@@ -188,6 +198,7 @@ impl<S: ChainSource> Follower<S> {
 
     /// Reports into `metrics` (by default into a private set nobody reads).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Follower<S> {
+        self.source.set_metrics(metrics.clone());
         self.metrics = metrics;
         self
     }
@@ -205,10 +216,9 @@ impl<S: ChainSource> Follower<S> {
         let mut poll = tokio::time::interval(self.opts.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if self.needs_resync {
+            if self.state != SyncState::Synced {
                 match self.resync().await {
                     Ok(()) => {
-                        self.needs_resync = false;
                         backoff = Duration::from_millis(250);
                         self.sync_succeeded();
                     }
@@ -241,8 +251,7 @@ impl<S: ChainSource> Follower<S> {
                         let batch = drain(m, zmq.as_mut());
                         if let Err(e) = self.on_zmq_batch(batch).await {
                             self.sync_failed(&e);
-                            self.needs_resync = true;
-                            self.mempool_stale = true;
+                            self.state = SyncState::Stale;
                         }
                     }
                     None => {
@@ -250,7 +259,7 @@ impl<S: ChainSource> Follower<S> {
                         zmq = None;
                     }
                 },
-                _ = std::future::ready(()), if self.rescanning() && !self.needs_resync => {
+                _ = std::future::ready(()), if self.rescanning() && self.state == SyncState::Synced => {
                     if let Err(e) = self.rescan_batch().await {
                         self.sync_failed(&e);
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -259,11 +268,13 @@ impl<S: ChainSource> Follower<S> {
                 _ = poll.tick() => {
                     // Polling catches what ZMQ missed or never sent; removals announced a whole
                     // interval ago with no replacement or conflict since were evictions.
-                    self.needs_resync = true;
-                    if self.last_sequence_msg.elapsed() >= self.opts.poll_interval {
-                        self.mempool_stale = true;
-                    }
-                    if !self.pending_removals.is_empty() {
+                    let stale = if self.source.sequence_silence() >= self.opts.poll_interval {
+                        SyncState::Stale
+                    } else {
+                        SyncState::ChainStale
+                    };
+                    self.state = self.state.max(stale);
+                    if self.mempool.removals_pending() {
                         if let Err(e) = self.classify_pending(&[], self.opts.poll_interval).await {
                             self.sync_failed(&e);
                         }
@@ -278,33 +289,22 @@ impl<S: ChainSource> Follower<S> {
         self.refresh_watches()?;
         self.replay_deferred()?;
         self.sync_chain().await?;
-        if self.opts.zmq_mempool && !self.mempool_stale {
+        if self.opts.zmq_mempool && self.state != SyncState::Stale {
+            self.state = SyncState::Synced;
             return Ok(());
         }
         self.metrics
             .resyncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.sync_mempool().await?;
-        self.mempool_stale = false;
+        self.state = SyncState::Synced;
         Ok(())
     }
 
     async fn on_zmq_batch(&mut self, batch: Vec<ZmqMessage>) -> Result<(), FollowError> {
-        let mut events = Vec::new();
-        for m in batch {
-            self.check_counter(&m);
-            match m.body {
-                ZmqBody::RawTx(tx) => self.cache.add_tx(tx),
-                ZmqBody::RawBlock(b) => {
-                    let hash = b.block_hash();
-                    if let Err(e) = self.cache.add_block(b) {
-                        tracing::warn!(%hash, counter = m.counter, error = %e, "refused a ZMQ rawblock body that does not prove itself (forged or corrupt); the block is fetched over RPC");
-                        self.metrics.zmq_refused(&m.topic);
-                    }
-                }
-                ZmqBody::Sequence(ev) => events.push(ev),
-                ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}
-            }
+        let news = self.source.take_zmq(batch);
+        if news.gap {
+            self.state = SyncState::Stale;
         }
         // Payments seen while the store failed come before anything announced since; if the
         // store still fails, what this batch announces is kept for later too.
@@ -312,7 +312,7 @@ impl<S: ChainSource> Follower<S> {
             .refresh_watches()
             .and_then(|()| self.replay_deferred())
             .err();
-        for ev in events {
+        for ev in news.sequence {
             match (&failed, ev) {
                 (None, ev) => {
                     if let Err(e) = self.on_sequence(ev).await {
@@ -328,32 +328,6 @@ impl<S: ChainSource> Follower<S> {
         failed.map_or(Ok(()), Err)
     }
 
-    fn check_counter(&mut self, m: &ZmqMessage) {
-        tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
-        self.metrics.zmq_message(&m.topic);
-        if m.topic == "sequence" {
-            self.last_sequence_msg = std::time::Instant::now();
-        }
-        match self.counters.insert(m.topic.clone(), m.counter) {
-            Some(last) if m.counter != last.wrapping_add(1) => {
-                if m.counter < last {
-                    tracing::warn!(topic = %m.topic, last, got = m.counter, "ZMQ counter went back: bitcoind restarted; resyncing over RPC");
-                } else {
-                    tracing::warn!(topic = %m.topic, last, got = m.counter, lost = m.counter - last - 1, "ZMQ messages lost; resyncing over RPC");
-                }
-                self.needs_resync = true;
-                self.mempool_stale = true;
-                self.metrics.zmq_gap(&m.topic);
-            }
-            // Messages published before the subscription took hold are lost without a trace.
-            None => {
-                self.needs_resync = true;
-                self.mempool_stale = true;
-            }
-            Some(_) => {}
-        }
-    }
-
     async fn on_sequence(&mut self, ev: SequenceEvent) -> Result<(), FollowError> {
         match ev {
             SequenceEvent::BlockConnected(_) | SequenceEvent::BlockDisconnected(_) => {
@@ -364,13 +338,7 @@ impl<S: ChainSource> Follower<S> {
             }
             SequenceEvent::TxAdded(txid, _) => self.mempool_added(txid).await,
             SequenceEvent::TxRemoved(txid, _) => {
-                self.seen_mempool.remove(&txid);
-                if self.tracker.is_unconfirmed(txid)
-                    && !self.pending_removals.iter().any(|(t, _)| *t == txid)
-                {
-                    self.pending_removals
-                        .push((txid, std::time::Instant::now()));
-                }
+                self.mempool_removed(txid);
                 Ok(())
             }
         }

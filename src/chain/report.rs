@@ -53,7 +53,7 @@ impl<S: ChainSource> Follower<S> {
         // The alert is written before the incident is closed, so a failed write keeps both.
         if let Some(i) = self
             .health
-            .store_alert_due(crate::dispatch::STORE_ALERT_AFTER)
+            .store_alert_due(crate::health::STORE_ALERT_AFTER)
         {
             let f = fields(json!({
                 "since": rfc3339_ms(i.since_unix_ms), "error": i.error,

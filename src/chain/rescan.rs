@@ -116,16 +116,7 @@ impl<S: ChainSource> Follower<S> {
         }
         let mut blocks = Vec::new();
         for h in from..lowest.height {
-            let hash = self.source.block_hash(h).await?;
-            let header = self.source.block_header(hash).await?;
-            let prev = header.prev.unwrap_or_else(bitcoin::hashes::Hash::all_zeros);
-            blocks.push(crate::store::StoredBlock {
-                hash,
-                height: h,
-                prev,
-                time: header.time,
-                tx_count: None,
-            });
+            blocks.push(self.source.stored_block(h).await?);
         }
         let linked = blocks.windows(2).all(|w| w[1].prev == w[0].hash)
             && blocks.last().is_some_and(|b| b.hash == lowest.prev);
@@ -154,9 +145,9 @@ impl<S: ChainSource> Follower<S> {
             // Below what we keep, the node's chain is the truth; within it, our own chain is.
             let hash = match self.store.block_at(h)? {
                 Some(b) => b.hash,
-                None => self.source.block_hash(h).await?,
+                None => self.source.node().block_hash(h).await?,
             };
-            let block = self.source.block(hash).await?;
+            let block = self.source.node().block(hash).await?;
             let at = BlockRef {
                 hash,
                 height: h,
@@ -223,12 +214,11 @@ impl<S: ChainSource> Follower<S> {
             self.tracker.finality_depth,
             self.store.load_tracked()?,
         );
-        self.watch_version = -1;
+        self.watch_version = None;
         self.refresh_watches()?;
         // Payments to it that sit in the mempool now were passed over while it was not live.
-        self.seen_mempool.clear();
-        self.mempool_stale = true;
-        self.needs_resync = true;
+        self.mempool.forget_all();
+        self.state = super::SyncState::Stale;
         Ok(())
     }
 }

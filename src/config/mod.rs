@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::net::redact_url;
 use crate::sign::Secret;
+pub use crate::watch::network_name;
 use crate::watch::Watch;
 use endpoint::RawEndpoint;
 
@@ -317,16 +318,6 @@ pub fn parse_network(name: &str) -> Option<Network> {
         "regtest" => Network::Regtest,
         _ => return None,
     })
-}
-
-pub fn network_name(network: Network) -> &'static str {
-    match network {
-        Network::Bitcoin => "mainnet",
-        Network::Testnet => "testnet",
-        Network::Testnet4 => "testnet4",
-        Network::Signet => "signet",
-        _ => "regtest",
-    }
 }
 
 /// The name `getblockchaininfo` reports as `chain` for a network.
@@ -764,7 +755,7 @@ impl RawApi {
             .allow_ips
             .unwrap_or_else(|| vec!["127.0.0.1/32".into(), "::1/128".into()]);
         for ip in &allow_ips {
-            ip.parse::<crate::api::IpNet>()
+            ip.parse::<crate::net::IpNet>()
                 .map_err(|e| invalid("api.allow_ips", ip, e))?;
         }
         Ok(ApiConfig {

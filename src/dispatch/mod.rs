@@ -12,9 +12,9 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::health::STORE_ALERT_AFTER;
 pub use http::{attempt, jitter, judge, system_clock, Clock, Response, Sender, SenderError};
 pub use http::{MAX_RESPONSE_READ, MAX_RESPONSE_STORED, MAX_RETRY_AFTER, MIN_BACKOFF_THROTTLED};
-pub use worker::STORE_ALERT_AFTER;
 
 use crate::config::EndpointConfig;
 use crate::health::Health;

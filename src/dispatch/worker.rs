@@ -19,8 +19,6 @@ use crate::store::{AttemptOutcome, DueDelivery, SharedStore, StoreError};
 
 type Done = (DueDelivery, AttemptOutcome);
 
-/// How long a store incident lasts before `alert.store_error`.
-pub const STORE_ALERT_AFTER: Duration = Duration::from_secs(60);
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -240,7 +238,11 @@ impl Worker {
         self.retry = RETRY_MIN;
         // The alert is written before the incident is closed: if writing it fails, the
         // incident (and its alert) stay for the next step.
-        if let Some(incident) = self.ctx.health.store_alert_due(STORE_ALERT_AFTER) {
+        if let Some(incident) = self
+            .ctx
+            .health
+            .store_alert_due(crate::health::STORE_ALERT_AFTER)
+        {
             let (who, now) = (self.who.clone(), (self.ctx.clock)());
             let a = alerts::store_error_alert(
                 incident.since_unix_ms,

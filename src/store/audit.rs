@@ -521,7 +521,9 @@ mod tests {
             vec![1, 3],
             "the edited body is never handed to the sender"
         );
-        let held = store.list_deliveries(Some("held"), None, 10).unwrap();
+        let held = store
+            .list_deliveries(Some(crate::delivery::DeliveryStatus::Held), None, 10)
+            .unwrap();
         assert_eq!(held.len(), 1);
         assert_eq!(held[0].event_seq, 2);
         assert!(

@@ -4,7 +4,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::{ChainedRow, Result, Store};
 use crate::config::EndpointConfig;
-use crate::delivery::EndpointChanges;
+use crate::delivery::{DeliveryStatus, EndpointChanges};
 use crate::net::redact_url;
 
 /// A delivery ready to send, with the body it carries.
@@ -48,7 +48,7 @@ pub struct DeliveryRow {
     pub event_seq: i64,
     pub event_type: String,
     pub endpoint: String,
-    pub status: String,
+    pub status: DeliveryStatus,
     pub attempts: u32,
     pub next_attempt_at: i64,
     pub last_status: Option<u16>,
@@ -89,6 +89,21 @@ pub struct EndpointRow {
     pub disabled_reason: Option<String>,
     pub pending: i64,
     pub dead: i64,
+}
+
+impl rusqlite::types::ToSql for DeliveryStatus {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for DeliveryStatus {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        DeliveryStatus::parse(s).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(format!("unknown delivery status {s:?}").into())
+        })
+    }
 }
 
 /// Disables endpoints, with the reason shown in `endpoints list` and `/health`.
@@ -361,16 +376,6 @@ impl Store {
             .flatten())
     }
 
-    /// Records an attempt and moves the delivery on, in one transaction.
-    pub fn record_attempt(
-        &mut self,
-        endpoint: &str,
-        d: &DueDelivery,
-        o: &AttemptOutcome,
-    ) -> Result<()> {
-        self.record_attempts(endpoint, &[(d.clone(), o.clone())])
-    }
-
     /// Records several attempts in one transaction (one disk sync for many deliveries).
     pub fn record_attempts(
         &mut self,
@@ -387,7 +392,7 @@ impl Store {
 
     pub fn list_deliveries(
         &self,
-        status: Option<&str>,
+        status: Option<DeliveryStatus>,
         endpoint: Option<&str>,
         limit: i64,
     ) -> Result<Vec<DeliveryRow>> {
@@ -490,10 +495,14 @@ fn record_one(
     )?
     .execute(params![d.delivery_id, o.started_at_ms, o.duration_ms, o.status_code, o.error, o.response_excerpt])?;
     let (status, next, delivered_at) = match o.result {
-        DeliveryResult::Delivered => ("delivered", o.started_at_ms, Some(o.started_at_ms)),
-        DeliveryResult::RetryAt(t) => ("failed", t, None),
-        DeliveryResult::Dead => ("dead", o.started_at_ms, None),
-        DeliveryResult::EndpointGone => ("failed", o.started_at_ms, None),
+        DeliveryResult::Delivered => (
+            DeliveryStatus::Delivered,
+            o.started_at_ms,
+            Some(o.started_at_ms),
+        ),
+        DeliveryResult::RetryAt(t) => (DeliveryStatus::Failed, t, None),
+        DeliveryResult::Dead => (DeliveryStatus::Dead, o.started_at_ms, None),
+        DeliveryResult::EndpointGone => (DeliveryStatus::Failed, o.started_at_ms, None),
     };
     tx.prepare_cached(
         "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,

@@ -147,12 +147,9 @@ pub fn parse_target(
         let unchecked: Address<bitcoin::address::NetworkUnchecked> = text
             .parse()
             .map_err(|e| format!("not a Bitcoin address or descriptor: {e}"))?;
-        let addr = unchecked.require_network(network).map_err(|_| {
-            format!(
-                "address is not for network {}",
-                crate::config::network_name(network)
-            )
-        })?;
+        let addr = unchecked
+            .require_network(network)
+            .map_err(|_| format!("address is not for network {}", network_name(network)))?;
         return Ok(Watch::new(&addr, confirmations, label, metadata));
     }
     let gap = gap_limit.unwrap_or(DEFAULT_GAP_LIMIT);
@@ -212,4 +209,15 @@ pub fn net_amount(outputs: &[MatchedOutput], inputs: &[MatchedInput]) -> i64 {
     let received: u64 = outputs.iter().map(|o| o.amount_sat).sum();
     let spent: u64 = inputs.iter().map(|i| i.amount_sat).sum();
     received as i64 - spent as i64
+}
+
+/// The network's name as the config and events spell it.
+pub fn network_name(network: Network) -> &'static str {
+    match network {
+        Network::Bitcoin => "mainnet",
+        Network::Testnet => "testnet",
+        Network::Testnet4 => "testnet4",
+        Network::Signet => "signet",
+        _ => "regtest",
+    }
 }

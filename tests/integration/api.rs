@@ -6,6 +6,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::harness::*;
+use chainwatch::delivery::DeliveryStatus;
 
 const TOKEN: &str = "t0ken-for-tests-7f3a9c21d4e8b6f0a5c2e9d1";
 
@@ -383,7 +384,7 @@ async fn reconciliation_returns_exactly_what_was_sent_and_redelivery_resends_it(
 
 fn api_free_deliveries(h: &Harness) -> usize {
     h.store()
-        .list_deliveries(Some("delivered"), None, 100)
+        .list_deliveries(Some(DeliveryStatus::Delivered), None, 100)
         .unwrap()
         .len()
 }

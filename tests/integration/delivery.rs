@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::harness::*;
+use chainwatch::delivery::DeliveryStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_endpoint_that_fails_then_recovers_gets_everything_once_in_order() {
@@ -45,7 +46,10 @@ async fn an_ordered_endpoint_that_fails_then_recovers_gets_everything_once_in_or
     let store = h.store();
     let rows = store.list_deliveries(None, Some("shop"), 100).unwrap();
     assert_eq!(rows.len(), 6);
-    assert!(rows.iter().all(|r| r.status == "delivered"), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r.status == DeliveryStatus::Delivered),
+        "{rows:?}"
+    );
     assert_eq!(
         rows[0].attempts as usize,
         failed.len() + 1,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::harness::*;
+use chainwatch::delivery::DeliveryStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warming_up_node_is_waited_for() {
@@ -78,7 +79,8 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_zero() {
     let rows = h.store().list_deliveries(None, None, 10).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(
-        rows[0].status, "delivered",
+        rows[0].status,
+        DeliveryStatus::Delivered,
         "the request in flight was finished and recorded"
     );
     assert_eq!(h.receiver.all().len(), 1, "and not sent twice");

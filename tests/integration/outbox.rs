@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::harness::*;
+use chainwatch::delivery::DeliveryStatus;
 
 /// A receiver answering `reply` unless scripted otherwise.
 async fn receiver_replying(reply: Reply) -> Receiver {
@@ -52,7 +53,7 @@ async fn a_failing_endpoint_is_retried_on_the_default_schedule_then_dead_with_an
             "retry {} after {delay} ms, expected {base}s ±20%",
             i + 1
         );
-        assert_eq!(o.delivery(0).status, "failed");
+        assert_eq!(o.delivery(0).status, DeliveryStatus::Failed);
         o.set_clock(o.next_attempt(0));
     }
     let a = o.attempts(0, 10).await;
@@ -63,7 +64,7 @@ async fn a_failing_endpoint_is_retried_on_the_default_schedule_then_dead_with_an
         "about 75 hours in all, got {total_h:.1}"
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(o.delivery(0).status, "dead");
+    assert_eq!(o.delivery(0).status, DeliveryStatus::Dead);
     let alerts = o.alerts("alert.delivery_exhausted");
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0]["data"]["event_id"], o.ids[0].as_str());
@@ -86,7 +87,7 @@ async fn gone_disables_the_endpoint_at_once() {
     assert!(!store.endpoint_enabled("shop").unwrap());
     assert_eq!(
         o.delivery(0).status,
-        "failed",
+        DeliveryStatus::Failed,
         "kept for when the endpoint is enabled again"
     );
     let alerts = o.alerts("alert.endpoint_disabled");
@@ -128,7 +129,7 @@ async fn throttling_waits_as_told_and_at_least_a_minute() {
     o.set_clock(o.next_attempt(0));
     o.attempts(0, 4).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(o.delivery(0).status, "delivered");
+    assert_eq!(o.delivery(0).status, DeliveryStatus::Delivered);
     o.stop().await;
 }
 
@@ -150,7 +151,7 @@ async fn redirects_fail_and_are_never_followed() {
     let a = o.attempts(0, 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(a[0].status_code, Some(301));
-    assert_eq!(o.delivery(0).status, "failed");
+    assert_eq!(o.delivery(0).status, DeliveryStatus::Failed);
     let paths: Vec<String> = rx.all().iter().map(|r| r.path.clone()).collect();
     assert_eq!(paths, vec!["/hooks"], "the Location was not requested");
     o.stop().await;
@@ -251,7 +252,7 @@ async fn huge_and_trickling_responses_are_cut_short() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         o.delivery(0).status,
-        "delivered",
+        DeliveryStatus::Delivered,
         "a 2xx came back, even if its body trickled"
     );
     o.stop().await;
@@ -308,7 +309,7 @@ async fn unordered_endpoints_keep_concurrency_requests_in_flight() {
     let rows = o.store().list_deliveries(None, None, 100).unwrap();
     assert!(rows
         .iter()
-        .all(|r| r.status == "delivered" && r.attempts == 1));
+        .all(|r| r.status == DeliveryStatus::Delivered && r.attempts == 1));
     o.stop().await;
 }
 

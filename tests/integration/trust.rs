@@ -11,6 +11,7 @@ use chainwatch::node::zmq_wire::{sequence_body, SequenceEvent};
 
 use crate::harness::*;
 use crate::tls_kit::{TestPki, TlsReceiver};
+use chainwatch::delivery::DeliveryStatus;
 
 /// What the shop endpoint is given of the test PKI.
 struct Trust {
@@ -358,7 +359,7 @@ async fn an_edited_event_body_is_never_signed_and_audit_verify_names_it() {
 
     wait_until("the delivery to be held", WAIT, || {
         h.store()
-            .list_deliveries(Some("held"), None, 10)
+            .list_deliveries(Some(DeliveryStatus::Held), None, 10)
             .unwrap()
             .len()
             == 1

@@ -1,0 +1,460 @@
+//! The chain source: tells, one step at a time, what the node did relative to the chain the
+//! consumer holds (connect, disconnect, a reorg and its depth, a fork below what is kept), and
+//! proves mempool transactions. It reads the consumer's chain through `LocalChain` and never
+//! writes it: the consumer commits each step, and the next step is computed from what was
+//! committed. ZMQ bodies only spare RPC calls; RPC decides.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bitcoin::hashes::Hash;
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
+
+use super::support::{BodyCache, Progress};
+use crate::config::StartHeight;
+use crate::event::{BlockRef, TipRef};
+use crate::metrics::Metrics;
+use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
+use crate::node::{ChainSource, NodeError};
+use crate::store::StoreError;
+use crate::tip::StoredBlock;
+
+/// The consumer's chain, as the source may read it. (Lent as `&mut`: a store connection may
+/// be sent between threads but not shared, and the source holds it across node calls. The
+/// trait has nothing that writes.)
+pub trait LocalChain: Send {
+    fn tip(&self) -> Result<Option<StoredBlock>, StoreError>;
+    fn block_at(&self, height: u32) -> Result<Option<StoredBlock>, StoreError>;
+    fn lowest_block(&self) -> Result<Option<StoredBlock>, StoreError>;
+}
+
+impl LocalChain for crate::store::Store {
+    fn tip(&self) -> Result<Option<StoredBlock>, StoreError> {
+        crate::store::Store::tip(self)
+    }
+    fn block_at(&self, height: u32) -> Result<Option<StoredBlock>, StoreError> {
+        crate::store::Store::block_at(self, height)
+    }
+    fn lowest_block(&self) -> Result<Option<StoredBlock>, StoreError> {
+        crate::store::Store::lowest_block(self)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// Reading the consumer's chain failed.
+    #[error(transparent)]
+    Local(#[from] StoreError),
+}
+
+/// What the node did, relative to the consumer's chain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChainChange {
+    /// No chain yet: start after this block (no events for it or anything before).
+    Base(StoredBlock),
+    /// The node's best chain forks `depth` blocks below our tip; told once, before the
+    /// disconnects. `fork_height` is `None` when even genesis differs.
+    Reorg {
+        depth: u32,
+        fork_height: Option<u32>,
+        old_tip: StoredBlock,
+        best: BlockHash,
+        best_height: u32,
+    },
+    /// The chains fork below every block we keep: each kept block is disconnected, then the
+    /// chain starts again (`Base`) just below the lowest of them.
+    TooDeep {
+        tip: StoredBlock,
+        lowest: StoredBlock,
+        best: BlockHash,
+        best_height: u32,
+    },
+    /// Our tip is not on the node's best chain.
+    Disconnected { block: StoredBlock, new_tip: TipRef },
+    /// The next block of the node's best chain, on our tip.
+    Connected { block: Box<Block>, at: BlockRef },
+}
+
+/// Where the source is in bringing the consumer's chain to the node's.
+enum Plan {
+    /// Disconnect down to this height (`None`: everything), then start again at `rebase`.
+    Unwind {
+        to: Option<u32>,
+        rebase: Option<u32>,
+    },
+    /// Connect the node's best chain up to `best`.
+    Connect {
+        best: BlockHash,
+        best_height: u32,
+        progress: Progress,
+    },
+}
+
+/// What a batch of ZMQ messages told.
+#[derive(Debug, Default)]
+pub struct ZmqNews {
+    pub sequence: Vec<SequenceEvent>,
+    /// Messages were lost, or this is the first we hear: what we know may be stale.
+    pub gap: bool,
+}
+
+pub struct NodeSource<S: ChainSource> {
+    node: Arc<S>,
+    cache: BodyCache,
+    plan: Option<Plan>,
+    start_height: StartHeight,
+    counters: HashMap<String, u32>,
+    /// When the sequence topic last spoke: a silence may hide a lost last message, which no
+    /// counter gap would reveal.
+    last_sequence_msg: Instant,
+    metrics: Arc<Metrics>,
+    node_height: Option<u32>,
+}
+
+impl<S: ChainSource> NodeSource<S> {
+    pub fn new(node: Arc<S>, start_height: StartHeight, metrics: Arc<Metrics>) -> NodeSource<S> {
+        NodeSource {
+            node,
+            cache: BodyCache::default(),
+            plan: None,
+            start_height,
+            counters: HashMap::new(),
+            last_sequence_msg: Instant::now(),
+            metrics,
+            node_height: None,
+        }
+    }
+
+    /// Counts into `metrics` (by default into a private set nobody reads).
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
+    }
+
+    /// The node, for the questions only it can answer (rescans, mempool spenders).
+    pub fn node(&self) -> &S {
+        &self.node
+    }
+
+    /// The node's best height when last asked.
+    pub fn node_height(&self) -> Option<u32> {
+        self.node_height
+    }
+
+    /// Forgets a plan: the consumer failed to commit a step, so what it holds is the truth.
+    pub fn reset(&mut self) {
+        self.plan = None;
+    }
+
+    /// The next step that brings `local` toward the node's best chain; `None` at its tip.
+    pub async fn next_change(
+        &mut self,
+        local: &mut impl LocalChain,
+    ) -> Result<Option<ChainChange>, SourceError> {
+        loop {
+            let tip = local.tip()?;
+            match self.plan.take() {
+                None => {
+                    let Some(tip) = tip else {
+                        // First run: start after `start_height - 1`, or connect from genesis.
+                        let base = match self.start_height {
+                            StartHeight::Tip => self.node.chain_info().await?.blocks,
+                            StartHeight::Height(0) => {
+                                self.plan_connect(0).await?;
+                                continue;
+                            }
+                            StartHeight::Height(h) => h - 1,
+                        };
+                        return Ok(Some(ChainChange::Base(self.stored_block(base).await?)));
+                    };
+                    if let Some(change) = self.plan_from(local, tip).await? {
+                        return Ok(Some(change));
+                    }
+                    if self.plan.is_none() {
+                        return Ok(None);
+                    }
+                }
+                Some(Plan::Unwind { to, rebase }) => match tip {
+                    Some(t) if to.is_none_or(|f| t.height > f) => {
+                        self.plan = Some(Plan::Unwind { to, rebase });
+                        let new_tip = match local.block_at(t.height.wrapping_sub(1))? {
+                            Some(p) => p.tip_ref(),
+                            None => TipRef {
+                                hash: t.prev,
+                                height: t.height.saturating_sub(1),
+                            },
+                        };
+                        return Ok(Some(ChainChange::Disconnected { block: t, new_tip }));
+                    }
+                    Some(_) => {}
+                    // Everything went: start below the kept blocks, or from genesis.
+                    None => match rebase {
+                        Some(h) => return Ok(Some(ChainChange::Base(self.stored_block(h).await?))),
+                        None => self.plan_connect(0).await?,
+                    },
+                },
+                Some(Plan::Connect {
+                    best,
+                    best_height,
+                    mut progress,
+                }) => {
+                    let next = tip.map_or(0, |t| t.height + 1);
+                    if next > best_height {
+                        progress.done();
+                        continue;
+                    }
+                    let hash = if next == best_height {
+                        best
+                    } else {
+                        self.node.block_hash(next).await?
+                    };
+                    let block = match self.cache.blocks.get(&hash) {
+                        Some(b) => b.clone(),
+                        None => self.node.block(hash).await?,
+                    };
+                    let tip_hash = tip.map_or_else(BlockHash::all_zeros, |t| t.hash);
+                    if block.header.prev_blockhash != tip_hash {
+                        tracing::info!(height = next, %hash, "node's chain moved during sync; starting over");
+                        continue;
+                    }
+                    progress.tick(next);
+                    self.plan = Some(Plan::Connect {
+                        best,
+                        best_height,
+                        progress,
+                    });
+                    let at = BlockRef {
+                        hash,
+                        height: next,
+                        time: block.header.time,
+                    };
+                    return Ok(Some(ChainChange::Connected {
+                        block: Box::new(block),
+                        at,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Compares our tip with the node's best block and plans the way there; returns a change
+    /// to tell first (a reorg, a fork too deep), if any.
+    async fn plan_from(
+        &mut self,
+        local: &mut impl LocalChain,
+        tip: StoredBlock,
+    ) -> Result<Option<ChainChange>, SourceError> {
+        let best = self.node.best_block_hash().await?;
+        if tip.hash == best {
+            self.node_height = Some(tip.height);
+            return Ok(None);
+        }
+        let best_height = self.node.block_header(best).await?.height;
+        self.node_height = Some(best_height);
+        let (fork_height, depth) = match self.fork_point(local, tip, best_height).await? {
+            Fork::At(b) => (Some(b.height), tip.height - b.height),
+            Fork::Genesis => (None, tip.height + 1),
+            Fork::BelowKept { lowest } => {
+                self.plan = Some(Plan::Unwind {
+                    to: None,
+                    rebase: Some(lowest.height - 1),
+                });
+                return Ok(Some(ChainChange::TooDeep {
+                    tip,
+                    lowest,
+                    best,
+                    best_height,
+                }));
+            }
+        };
+        if depth == 0 {
+            self.plan = Some(Plan::Connect {
+                best,
+                best_height,
+                progress: Progress::new(tip.height + 1, best_height),
+            });
+            return Ok(None);
+        }
+        self.plan = Some(Plan::Unwind {
+            to: fork_height,
+            rebase: None,
+        });
+        Ok(Some(ChainChange::Reorg {
+            depth,
+            fork_height,
+            old_tip: tip,
+            best,
+            best_height,
+        }))
+    }
+
+    async fn plan_connect(&mut self, from: u32) -> Result<(), SourceError> {
+        let best = self.node.best_block_hash().await?;
+        let best_height = self.node.block_header(best).await?.height;
+        self.node_height = Some(best_height);
+        self.plan = Some(Plan::Connect {
+            best,
+            best_height,
+            progress: Progress::new(from, best_height),
+        });
+        Ok(())
+    }
+
+    /// The highest block of ours still on the node's best chain.
+    async fn fork_point(
+        &self,
+        local: &mut impl LocalChain,
+        tip: StoredBlock,
+        node_height: u32,
+    ) -> Result<Fork, SourceError> {
+        let mut h = tip.height.min(node_height);
+        loop {
+            let Some(stored) = local.block_at(h)? else {
+                return Ok(match local.lowest_block()? {
+                    Some(lowest) if lowest.height > 0 => Fork::BelowKept { lowest },
+                    _ => Fork::Genesis,
+                });
+            };
+            if self.node.block_hash(h).await? == stored.hash {
+                return Ok(Fork::At(stored));
+            }
+            if h == 0 {
+                return Ok(Fork::Genesis);
+            }
+            h -= 1;
+        }
+    }
+
+    /// The node's block at `height`, as we store it.
+    pub async fn stored_block(&self, height: u32) -> Result<StoredBlock, NodeError> {
+        let hash = self.node.block_hash(height).await?;
+        let header = self.node.block_header(hash).await?;
+        Ok(StoredBlock {
+            hash,
+            height: header.height,
+            prev: header.prev.unwrap_or_else(BlockHash::all_zeros),
+            time: header.time,
+            tx_count: None,
+        })
+    }
+}
+
+/// Where the stored chain meets the node's.
+enum Fork {
+    /// At this stored block (possibly the tip: nothing to disconnect).
+    At(StoredBlock),
+    /// Below everything we keep: a reorg deeper than `finality_depth` allows for.
+    BelowKept { lowest: StoredBlock },
+    /// No common block, genesis included.
+    Genesis,
+}
+
+/// The mempool side: what the node holds, proven.
+impl<S: ChainSource> NodeSource<S> {
+    /// The body of a mempool transaction the node holds; `None` if it is not (or no longer)
+    /// in the node's mempool. A txid the node listed itself (`vouched`) needs no proof; one
+    /// that only ZMQ announced is proven with `getmempoolentry` (which, unlike
+    /// `getrawtransaction` on a node with `-txindex`, never answers for a confirmed
+    /// transaction). A relayed body is used only under the txid it hashes to, which commits to
+    /// its outputs.
+    pub async fn mempool_body(
+        &self,
+        txid: Txid,
+        vouched: bool,
+    ) -> Result<Option<Transaction>, NodeError> {
+        if !vouched && !self.node.in_mempool(txid).await? {
+            if self.cache.txs.contains_key(&txid) && !self.cache.in_recent_block(txid) {
+                tracing::warn!(%txid, "ZMQ announced a transaction the node does not hold; ignored");
+            }
+            return Ok(None);
+        }
+        if let Some(tx) = self.cache.txs.get(&txid) {
+            return Ok(Some(tx.clone()));
+        }
+        match self.node.mempool_transaction(txid).await {
+            Ok(tx) => Ok(Some(tx)),
+            // Mined or replaced meanwhile: the chain sync or a removal accounts for it.
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the node still holds a transaction announced as removed: a forged `R` (or one
+    /// re-added since) must not make a payment look dropped.
+    pub async fn still_in_mempool(&self, txid: Txid) -> Result<bool, NodeError> {
+        let held = self.node.in_mempool(txid).await?;
+        if held {
+            tracing::warn!(%txid, "a removal was announced for a transaction the node still holds; ignored");
+        }
+        Ok(held)
+    }
+
+    /// Which mempool transaction spends any of `outpoints`; `None` also from nodes before v24,
+    /// which lack `gettxspendingprevout`.
+    pub async fn mempool_spender(&self, outpoints: &[OutPoint]) -> Result<Option<Txid>, NodeError> {
+        match self.node.mempool_spender(outpoints).await {
+            Err(NodeError::Rpc { code: -32601, .. }) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// The node's mempool, and the best block it is valid at (read just after it).
+    pub async fn mempool_snapshot(&self) -> Result<(Vec<Txid>, BlockHash), NodeError> {
+        let (txids, _sequence) = self.node.raw_mempool().await?;
+        let best = self.node.best_block_hash().await?;
+        Ok((txids, best))
+    }
+}
+
+/// The ZMQ side: bodies kept to spare RPC calls, counters checked for lost messages.
+impl<S: ChainSource> NodeSource<S> {
+    pub fn take_zmq(&mut self, batch: Vec<ZmqMessage>) -> ZmqNews {
+        let mut news = ZmqNews::default();
+        for m in batch {
+            news.gap |= self.check_counter(&m);
+            match m.body {
+                ZmqBody::RawTx(tx) => self.cache.add_tx(tx),
+                ZmqBody::RawBlock(b) => {
+                    let hash = b.block_hash();
+                    if let Err(e) = self.cache.add_block(b) {
+                        tracing::warn!(%hash, counter = m.counter, error = %e, "refused a ZMQ rawblock body that does not prove itself (forged or corrupt); the block is fetched over RPC");
+                        self.metrics.zmq_refused(&m.topic);
+                    }
+                }
+                ZmqBody::Sequence(ev) => news.sequence.push(ev),
+                ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}
+            }
+        }
+        news
+    }
+
+    /// How long the sequence topic has been silent.
+    pub fn sequence_silence(&self) -> std::time::Duration {
+        self.last_sequence_msg.elapsed()
+    }
+
+    /// Whether messages may have been lost before this one.
+    fn check_counter(&mut self, m: &ZmqMessage) -> bool {
+        tracing::debug!(topic = %m.topic, counter = m.counter, "zmq message");
+        self.metrics.zmq_message(&m.topic);
+        if m.topic == "sequence" {
+            self.last_sequence_msg = Instant::now();
+        }
+        match self.counters.insert(m.topic.clone(), m.counter) {
+            Some(last) if m.counter != last.wrapping_add(1) => {
+                if m.counter < last {
+                    tracing::warn!(topic = %m.topic, last, got = m.counter, "ZMQ counter went back: bitcoind restarted; resyncing over RPC");
+                } else {
+                    tracing::warn!(topic = %m.topic, last, got = m.counter, lost = m.counter - last - 1, "ZMQ messages lost; resyncing over RPC");
+                }
+                self.metrics.zmq_gap(&m.topic);
+                true
+            }
+            // Messages published before the subscription took hold are lost without a trace.
+            None => true,
+            Some(_) => false,
+        }
+    }
+}

@@ -12,8 +12,20 @@ use crate::delivery::DeliveryStatus;
 use crate::event::type_matches;
 use crate::node::{ChainSource, RpcClient};
 use crate::sign::{self, Secret};
+use crate::store::AdminStore;
 use crate::store::Store;
 use crate::watch::check_metadata;
+
+/// The store as it is (the commands that only read or act on what is stored). The command line
+/// uses it through `AdminStore` only, as the admin API does.
+fn stored(cfg: &Config) -> anyhow::Result<impl AdminStore> {
+    Ok(Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?)
+}
+
+/// The store made to match the config first (endpoints, config watches, network).
+fn configured(cfg: &Config) -> anyhow::Result<impl AdminStore> {
+    open_store(cfg)
+}
 
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
@@ -94,7 +106,7 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
         );
     }
     if cfg.data_dir.join(crate::store::DB_FILE).exists() {
-        let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+        let store = stored(&cfg)?;
         match store.tip()? {
             Some(tip) => println!(
                 "store: tip {} at height {}, {} blocks behind the node",
@@ -140,8 +152,8 @@ pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
         metadata,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", a.target))?;
-    let mut store = open_store(cfg)?;
-    store.upsert_watch(&w, "cli", now_ms())?;
+    let mut store = configured(cfg)?;
+    store.upsert_watches(std::slice::from_ref(&w), "cli", now_ms())?;
     println!("{}", w.id);
     if let Some(from) = a.rescan_from {
         store.request_rescan(&w.id, from)?;
@@ -152,7 +164,7 @@ pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
 
 /// Follows the running watcher's rescan of `watch_id` with a progress line (blocks, rate, ETA).
 /// Leaves it running if nothing moves: the rescan is stored and resumes with `chainwatch run`.
-fn show_rescan_progress(store: &Store, watch_id: &str, from: u32) {
+fn show_rescan_progress(store: &impl AdminStore, watch_id: &str, from: u32) {
     use std::io::Write;
     let started = std::time::Instant::now();
     let (mut last_next, mut last_move) = (from, std::time::Instant::now());
@@ -198,7 +210,7 @@ fn show_rescan_progress(store: &Store, watch_id: &str, from: u32) {
 }
 
 pub fn watch_list(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let store = open_store(cfg)?;
+    let store = configured(cfg)?;
     let watches = store.load_watches()?;
     if json {
         println!("{}", serde_json::to_string(&watches)?);
@@ -218,7 +230,7 @@ pub fn watch_list(cfg: &Config, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn watch_remove(cfg: &Config, id: &str) -> anyhow::Result<()> {
-    let store = open_store(cfg)?;
+    let mut store = configured(cfg)?;
     if !store.remove_watch(id)? {
         bail!("no watch with id {id}");
     }
@@ -227,7 +239,7 @@ pub fn watch_remove(cfg: &Config, id: &str) -> anyhow::Result<()> {
 }
 
 pub fn events_list(cfg: &Config, after: i64, glob: Option<&str>, json: bool) -> anyhow::Result<()> {
-    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+    let store = stored(cfg)?;
     let mut after = after;
     loop {
         let page = store.events_after(after, 1000)?;
@@ -258,7 +270,7 @@ pub fn deliveries_list(
             format!("--status {s:?}: expected pending, failed, dead, delivered or held")
         })?),
     };
-    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+    let store = stored(cfg)?;
     for d in store.list_deliveries(status, endpoint, i64::MAX)? {
         println!(
             "{:>6}  {:<17} {}  {:<10} {:<9} attempts={} last={}",
@@ -279,7 +291,7 @@ pub fn redeliver(
     event_id: Option<&str>,
     endpoint: Option<&str>,
 ) -> anyhow::Result<()> {
-    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+    let mut store = stored(cfg)?;
     if let Some(id) = event_id {
         if store.event_by_id(id)?.is_none() {
             bail!("no event with id {id}");
@@ -291,7 +303,7 @@ pub fn redeliver(
 }
 
 pub fn endpoints_list(cfg: &Config) -> anyhow::Result<()> {
-    let store = open_store(cfg)?;
+    let store = configured(cfg)?;
     for e in store.list_endpoints()? {
         let state = if e.enabled {
             "enabled".to_string()
@@ -307,7 +319,7 @@ pub fn endpoints_list(cfg: &Config) -> anyhow::Result<()> {
 }
 
 pub fn endpoints_enable(cfg: &Config, name: &str) -> anyhow::Result<()> {
-    let store = open_store(cfg)?;
+    let mut store = configured(cfg)?;
     if !store.set_endpoint_enabled(name, true, None)? {
         bail!("no endpoint named {name}");
     }
@@ -316,7 +328,7 @@ pub fn endpoints_enable(cfg: &Config, name: &str) -> anyhow::Result<()> {
 }
 
 pub fn audit_verify(cfg: &Config, anchor: Option<&str>) -> anyhow::Result<()> {
-    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+    let store = stored(cfg)?;
     let report = store.audit()?;
     if let Some((seq, why)) = report.problem {
         bail!(
@@ -355,7 +367,7 @@ pub fn audit_verify(cfg: &Config, anchor: Option<&str>) -> anyhow::Result<()> {
 /// Prints the newest sequence and its chain value, to be recorded somewhere the store's
 /// owner cannot rewrite (a later `audit verify` head must extend it).
 pub fn audit_head(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let store = Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?;
+    let store = stored(cfg)?;
     let report = store.audit()?;
     if let Some((seq, why)) = report.problem {
         bail!("event log broken at sequence {seq}: {why}; no head to anchor");

@@ -24,21 +24,34 @@ use crate::delivery::DeliveryStatus;
 use crate::health::Health;
 use crate::metrics::Metrics;
 pub use crate::net::IpNet;
-use crate::store::{SharedStore, Store};
+use crate::store::{AdminStore, SharedStore};
 use crate::watch::check_metadata;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
 
-#[derive(Clone)]
-struct Api {
-    store: SharedStore,
+struct Api<St> {
+    store: SharedStore<St>,
     health: Arc<Health>,
     token: Option<String>,
     allow: Arc<Vec<IpNet>>,
     metrics: Arc<Metrics>,
     network: Network,
     default_confirmations: u32,
+}
+
+impl<St> Clone for Api<St> {
+    fn clone(&self) -> Self {
+        Api {
+            store: self.store.clone(),
+            health: self.health.clone(),
+            token: self.token.clone(),
+            allow: self.allow.clone(),
+            metrics: self.metrics.clone(),
+            network: self.network,
+            default_confirmations: self.default_confirmations,
+        }
+    }
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -56,8 +69,8 @@ fn token_matches(given: &str, expected: &str) -> bool {
         == 0
 }
 
-async fn guard(
-    State(api): State<Api>,
+async fn guard<St: AdminStore>(
+    State(api): State<Api<St>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
@@ -92,9 +105,9 @@ async fn guard(
     }
 }
 
-pub fn router(
+pub fn router<St: AdminStore>(
     cfg: &ApiConfig,
-    store: Store,
+    store: St,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     network: Network,
@@ -118,15 +131,15 @@ pub fn router(
         default_confirmations,
     };
     Ok(Router::new()
-        .route("/health", get(health_check))
-        .route("/metrics", get(metrics_text))
-        .route("/v1/watches", get(list_watches).post(add_watch))
-        .route("/v1/watches/{id}", delete(remove_watch))
-        .route("/v1/events", get(list_events))
-        .route("/v1/events/{id}/redeliver", post(redeliver))
-        .route("/v1/deliveries", get(list_deliveries))
+        .route("/health", get(health_check::<St>))
+        .route("/metrics", get(metrics_text::<St>))
+        .route("/v1/watches", get(list_watches::<St>).post(add_watch::<St>))
+        .route("/v1/watches/{id}", delete(remove_watch::<St>))
+        .route("/v1/events", get(list_events::<St>))
+        .route("/v1/events/{id}/redeliver", post(redeliver::<St>))
+        .route("/v1/deliveries", get(list_deliveries::<St>))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(api.clone(), guard))
+        .layer(middleware::from_fn_with_state(api.clone(), guard::<St>))
         .with_state(api))
 }
 
@@ -157,7 +170,7 @@ fn store_error(e: impl std::fmt::Display) -> Response {
 
 /// 200 only when the follower is at the node's tip, the store takes writes and every worker
 /// runs; otherwise 503 with what is wrong.
-async fn health_check(State(api): State<Api>) -> Response {
+async fn health_check<St: AdminStore>(State(api): State<Api<St>>) -> Response {
     let probe = api
         .store
         .run(|s| {
@@ -198,7 +211,7 @@ async fn health_check(State(api): State<Api>) -> Response {
 /// (A large commit holds the lock for well under this.)
 const HEALTH_WRITE_PROBE: std::time::Duration = std::time::Duration::from_secs(3);
 
-async fn metrics_text(State(api): State<Api>) -> Response {
+async fn metrics_text<St: AdminStore>(State(api): State<Api<St>>) -> Response {
     let now = crate::event::now_ms();
     let queues = match api.store.run(move |s| s.queue_states(now)).await {
         Ok(q) => q,
@@ -211,7 +224,7 @@ async fn metrics_text(State(api): State<Api>) -> Response {
         .into_response()
 }
 
-async fn list_watches(State(api): State<Api>) -> Response {
+async fn list_watches<St: AdminStore>(State(api): State<Api<St>>) -> Response {
     match api.store.run(|s| s.load_watches()).await {
         Ok(w) => Json(json!({ "watches": w })).into_response(),
         Err(e) => store_error(e),
@@ -230,7 +243,10 @@ struct NewWatch {
     metadata: Option<Value>,
 }
 
-async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+async fn add_watch<St: AdminStore>(
+    State(api): State<Api<St>>,
+    body: axum::body::Bytes,
+) -> Response {
     let w: NewWatch = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
@@ -271,7 +287,11 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
     let stored = api
         .store
         .run(move |store| {
-            store.upsert_watch(&to_store, "api", crate::event::now_ms())?;
+            store.upsert_watches(
+                std::slice::from_ref(&to_store),
+                "api",
+                crate::event::now_ms(),
+            )?;
             match rescan_from {
                 Some(h) => store.request_rescan(&to_store.id, h).map(|_| ()),
                 None => Ok(()),
@@ -284,7 +304,10 @@ async fn add_watch(State(api): State<Api>, body: axum::body::Bytes) -> Response 
     }
 }
 
-async fn remove_watch(State(api): State<Api>, Path(id): Path<String>) -> Response {
+async fn remove_watch<St: AdminStore>(
+    State(api): State<Api<St>>,
+    Path(id): Path<String>,
+) -> Response {
     let wid = id.clone();
     match api.store.run(move |s| s.remove_watch(&wid)).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
@@ -300,8 +323,8 @@ struct EventsQuery {
     limit: Option<i64>,
 }
 
-async fn list_events(
-    State(api): State<Api>,
+async fn list_events<St: AdminStore>(
+    State(api): State<Api<St>>,
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Query(q) = match q {
@@ -335,8 +358,8 @@ struct DeliveriesQuery {
     endpoint: Option<String>,
 }
 
-async fn list_deliveries(
-    State(api): State<Api>,
+async fn list_deliveries<St: AdminStore>(
+    State(api): State<Api<St>>,
     q: Result<Query<DeliveriesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Query(q) = match q {
@@ -364,7 +387,7 @@ async fn list_deliveries(
     }
 }
 
-async fn redeliver(State(api): State<Api>, Path(id): Path<String>) -> Response {
+async fn redeliver<St: AdminStore>(State(api): State<Api<St>>, Path(id): Path<String>) -> Response {
     let eid = id.clone();
     let queued = api
         .store

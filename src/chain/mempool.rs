@@ -9,6 +9,7 @@ use bitcoin::{OutPoint, Transaction, Txid};
 
 use super::{FollowError, Follower};
 use crate::node::ChainSource;
+use crate::store::ChainStore;
 use crate::tracker::Removal;
 
 /// A tracked transaction announced as removed, and when.
@@ -47,7 +48,7 @@ impl MempoolState {
     }
 }
 
-impl<S: ChainSource> Follower<S> {
+impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// ZMQ `A`: a transaction entered the mempool.
     pub(super) async fn mempool_added(&mut self, txid: Txid) -> Result<(), FollowError> {
         if self.mempool.seen.contains(&txid) {

@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::node::zmq_sub::ZmqReceiver;
 use crate::node::zmq_wire::{SequenceEvent, ZmqMessage};
 use crate::node::{ChainSource, NodeError};
-use crate::store::{Store, StoreError};
+use crate::store::{ChainStore, Store, StoreError};
 use crate::tracker::{Tracker, TrackerStep};
 use crate::watch::WatchIndex;
 use mempool::MempoolState;
@@ -95,9 +95,9 @@ struct Outage {
     error: String,
 }
 
-pub struct Follower<S: ChainSource> {
+pub struct Follower<S: ChainSource, St: ChainStore = Store> {
     source: NodeSource<S>,
-    store: Store,
+    store: St,
     tracker: Tracker,
     index: WatchIndex,
     opts: FollowerOptions,
@@ -118,14 +118,14 @@ pub struct Follower<S: ChainSource> {
     last_error: String,
 }
 
-impl<S: ChainSource> Follower<S> {
+impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     pub fn new(
         node: Arc<S>,
-        store: Store,
+        store: St,
         tracker: Tracker,
         opts: FollowerOptions,
         wake_dispatch: Arc<Notify>,
-    ) -> Follower<S> {
+    ) -> Follower<S, St> {
         let metrics = Arc::new(Metrics::default());
         Follower {
             source: NodeSource::new(node, opts.start_height, metrics.clone()),
@@ -150,7 +150,7 @@ impl<S: ChainSource> Follower<S> {
     }
 
     /// The network addresses are read for (watches added at run time are reloaded with it).
-    pub fn with_network(mut self, network: bitcoin::Network) -> Follower<S> {
+    pub fn with_network(mut self, network: bitcoin::Network) -> Follower<S, St> {
         self.network = network;
         self
     }
@@ -167,7 +167,7 @@ impl<S: ChainSource> Follower<S> {
         let loader = match &self.loader {
             Some(l) => l.clone(),
             None => {
-                let l = watch_loader(&self.store)?;
+                let l = self.store.watch_loader()?;
                 self.loader = Some(l.clone());
                 l
             }
@@ -191,20 +191,20 @@ impl<S: ChainSource> Follower<S> {
 
     /// Loads watch records with `loader` instead of a connection of its own (a test can wrap
     /// the store's loader to inject faults).
-    pub fn with_watch_loader(mut self, loader: crate::watch::WatchLoader) -> Follower<S> {
+    pub fn with_watch_loader(mut self, loader: crate::watch::WatchLoader) -> Follower<S, St> {
         self.loader = Some(loader);
         self
     }
 
     /// Reports into `metrics` (by default into a private set nobody reads).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Follower<S> {
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Follower<S, St> {
         self.source.set_metrics(metrics.clone());
         self.metrics = metrics;
         self
     }
 
     /// Reports incidents into `health` (by default into a private one nobody reads).
-    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Follower<S> {
+    pub fn with_health(mut self, health: Arc<crate::health::Health>) -> Follower<S, St> {
         self.health = health;
         self
     }
@@ -407,17 +407,6 @@ impl<S: ChainSource> Follower<S> {
 /// The tracker's step as a change set with labelled events (see `ChangeSet::labelled`).
 fn labelled(index: &WatchIndex, step: TrackerStep) -> Result<ChangeSet, FollowError> {
     ChangeSet::labelled(step, index).map_err(FollowError::Lookup)
-}
-
-/// A loader of watch records over its own connection to the store.
-fn watch_loader(store: &Store) -> Result<crate::watch::WatchLoader, FollowError> {
-    let conn = std::sync::Mutex::new(store.reopen()?);
-    Ok(Arc::new(move |id: &str| {
-        let conn = conn
-            .lock()
-            .map_err(|_| "watch loader lock poisoned".to_string())?;
-        conn.load_watch(id).map_err(|e| e.to_string())
-    }))
 }
 
 fn fields(v: serde_json::Value) -> Map<String, serde_json::Value> {

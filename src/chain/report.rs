@@ -10,11 +10,12 @@ use super::{fields, FollowError, Follower, Outage};
 use crate::event::{self, now_ms, rfc3339_ms};
 use crate::health::{Change, Following};
 use crate::node::ChainSource;
+use crate::store::ChainStore;
 
 /// The follower's name in health reports and metrics.
 const WHO: &str = "follower";
 
-impl<S: ChainSource> Follower<S> {
+impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// A sync or a ZMQ batch failed; it is retried by the caller.
     pub(super) fn sync_failed(&mut self, e: &FollowError) {
         match e {

@@ -10,6 +10,7 @@ use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
 use crate::event::BlockRef;
 use crate::node::ChainSource;
+use crate::store::ChainStore;
 use crate::tracker::Tracker;
 use crate::watch::{RescanChanges, WatchIndex};
 
@@ -26,7 +27,7 @@ pub(super) struct RescanJob {
     backfilled: bool,
 }
 
-impl<S: ChainSource> Follower<S> {
+impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// Starts the first rescan the store asks for, if none is running.
     pub(super) fn pick_up_rescan(&mut self) -> Result<(), FollowError> {
         if self.rescan.is_some() {

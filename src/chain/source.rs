@@ -17,7 +17,7 @@ use crate::event::{BlockRef, TipRef};
 use crate::metrics::Metrics;
 use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
 use crate::node::{ChainSource, NodeError};
-use crate::store::StoreError;
+use crate::store::{ChainStore, StoreError};
 use crate::tip::StoredBlock;
 
 /// The consumer's chain, as the source may read it. (Lent as `&mut`: a store connection may
@@ -29,15 +29,15 @@ pub trait LocalChain: Send {
     fn lowest_block(&self) -> Result<Option<StoredBlock>, StoreError>;
 }
 
-impl LocalChain for crate::store::Store {
+impl<T: ChainStore> LocalChain for T {
     fn tip(&self) -> Result<Option<StoredBlock>, StoreError> {
-        crate::store::Store::tip(self)
+        ChainStore::tip(self)
     }
     fn block_at(&self, height: u32) -> Result<Option<StoredBlock>, StoreError> {
-        crate::store::Store::block_at(self, height)
+        ChainStore::block_at(self, height)
     }
     fn lowest_block(&self) -> Result<Option<StoredBlock>, StoreError> {
-        crate::store::Store::lowest_block(self)
+        ChainStore::lowest_block(self)
     }
 }
 

@@ -9,10 +9,11 @@ use super::{fields, labelled, FollowError, Follower};
 use crate::event::{self, BlockRef, TipRef};
 use crate::health::Following;
 use crate::node::ChainSource;
+use crate::store::ChainStore;
 use crate::store::StoredBlock;
 use crate::tip::TipChanges;
 
-impl<S: ChainSource> Follower<S> {
+impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// Applies what the node did until our chain is its best chain.
     pub async fn sync_chain(&mut self) -> Result<(), FollowError> {
         loop {

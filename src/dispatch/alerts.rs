@@ -11,12 +11,12 @@ use crate::changeset::ChangeSet;
 use crate::config::EndpointConfig;
 use crate::delivery::EndpointChanges;
 use crate::event::{self, NewEvent};
-use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, Store, StoreError};
+use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, OutboxStore, StoreError};
 
 /// Alerts and endpoint disabling that follow from recorded attempts; true if anything was
 /// recorded (the workers are woken for it).
-pub fn after_attempts(
-    store: &mut Store,
+pub fn after_attempts<St: OutboxStore>(
+    store: &mut St,
     ep: &EndpointConfig,
     done: &[(DueDelivery, AttemptOutcome)],
     now: i64,
@@ -95,8 +95,8 @@ pub fn after_attempts(
 
 /// Updates the endpoint's back-off after attempts: any answer ends it; a refused connection
 /// or a timeout with no answer starts or lengthens it. Returns the new step when it changed.
-pub fn update_backoff(
-    store: &mut Store,
+pub fn update_backoff<St: OutboxStore>(
+    store: &mut St,
     ep: &EndpointConfig,
     done: &[(DueDelivery, AttemptOutcome)],
     now: i64,
@@ -145,8 +145,8 @@ pub fn store_error_alert(since_ms: i64, error: &str, seconds: u64, who: &str) ->
 }
 
 /// Records alerts (only those some endpoint asks for) and an endpoint disabling together.
-pub fn record_alerts(
-    store: &mut Store,
+pub fn record_alerts<St: OutboxStore>(
+    store: &mut St,
     alerts: Vec<NewEvent>,
     disable_endpoint: Option<(String, String)>,
     now: i64,

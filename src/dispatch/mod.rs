@@ -19,7 +19,7 @@ pub use http::{MAX_RESPONSE_READ, MAX_RESPONSE_STORED, MAX_RETRY_AFTER, MIN_BACK
 use crate::config::EndpointConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, SharedStore, Store};
+use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, OutboxStore, SharedStore};
 
 /// What every delivery worker shares.
 #[derive(Clone)]
@@ -47,7 +47,7 @@ impl Context {
 
 /// Delivers one endpoint's queue until shutdown; requests in flight then finish and are
 /// recorded before it returns. Store, network and endpoint faults are retried, never fatal.
-pub async fn run_endpoint(ep: EndpointConfig, store: Store, ctx: Context) {
+pub async fn run_endpoint<St: OutboxStore>(ep: EndpointConfig, store: St, ctx: Context) {
     let sender = match Sender::new(&ep) {
         Ok(s) => s,
         Err(e) => {

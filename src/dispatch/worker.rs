@@ -15,17 +15,17 @@ use super::http::{attempt, Sender};
 use super::{log_outcome, outcome_name, Context};
 use crate::config::EndpointConfig;
 use crate::health::Change;
-use crate::store::{AttemptOutcome, DueDelivery, SharedStore, StoreError};
+use crate::store::{AttemptOutcome, DueDelivery, OutboxStore, SharedStore, StoreError};
 
 type Done = (DueDelivery, AttemptOutcome);
 
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-pub struct Worker {
+pub struct Worker<St: OutboxStore> {
     ep: Arc<EndpointConfig>,
     sender: Arc<Sender>,
-    store: SharedStore,
+    store: SharedStore<St>,
     ctx: Context,
     /// This worker's name in health reports.
     who: String,
@@ -41,8 +41,13 @@ struct Plan {
     wait: Duration,
 }
 
-impl Worker {
-    pub fn new(ep: EndpointConfig, sender: Sender, store: SharedStore, ctx: Context) -> Worker {
+impl<St: OutboxStore> Worker<St> {
+    pub fn new(
+        ep: EndpointConfig,
+        sender: Sender,
+        store: SharedStore<St>,
+        ctx: Context,
+    ) -> Worker<St> {
         Worker {
             who: format!("dispatch:{}", ep.name),
             ep: Arc::new(ep),
@@ -56,7 +61,7 @@ impl Worker {
     }
 
     pub async fn run(mut self) {
-        if let Err(e) = self.store.run(|s| s.relax_durability()).await {
+        if let Err(e) = self.store.run(|s| s.prepare_for_deliveries()).await {
             self.store_failed(&e);
         }
         let mut in_flight: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();

@@ -2,6 +2,7 @@
 //! Every chain step is committed in one transaction (`apply`).
 
 mod audit;
+mod interface;
 mod migrations;
 mod outbox;
 mod records;
@@ -16,6 +17,7 @@ use bitcoin::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
 
 pub use audit::{AuditKey, AuditReport, ChainedRow, AUDIT_KEY_FILE};
+pub use interface::{AdminStore, ChainStore, OutboxStore};
 pub use outbox::{
     AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,
     EndpointState,

@@ -6,13 +6,21 @@ use std::sync::{Arc, Mutex};
 
 use super::{Result, Store, StoreError};
 
-#[derive(Clone)]
-pub struct SharedStore {
-    inner: Arc<Mutex<Store>>,
+/// A store of any backend (`St`), SQLite's by default.
+pub struct SharedStore<St = Store> {
+    inner: Arc<Mutex<St>>,
 }
 
-impl SharedStore {
-    pub fn new(store: Store) -> SharedStore {
+impl<St> Clone for SharedStore<St> {
+    fn clone(&self) -> Self {
+        SharedStore {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<St: Send + 'static> SharedStore<St> {
+    pub fn new(store: St) -> SharedStore<St> {
         SharedStore {
             inner: Arc::new(Mutex::new(store)),
         }
@@ -22,7 +30,7 @@ impl SharedStore {
     pub async fn run<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T> + Send + 'static,
+        F: FnOnce(&mut St) -> Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {

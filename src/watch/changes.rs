@@ -19,18 +19,18 @@ pub struct IndexChanges {
 }
 
 impl IndexChanges {
+    /// Coins of one step (an outpoint is created once, so they are new to it).
     pub fn add_coins(&mut self, coins: impl IntoIterator<Item = (OutPoint, WatchedCoin)>) {
-        for (op, coin) in coins {
-            if !self.coins.iter().any(|(o, _)| *o == op) {
-                self.coins.push((op, coin));
-            }
-        }
+        self.coins.extend(coins);
     }
 }
 
 impl Merge for IndexChanges {
     fn merge(&mut self, later: IndexChanges) {
-        self.add_coins(later.coins);
+        let known: std::collections::HashSet<OutPoint> =
+            self.coins.iter().map(|(op, _)| *op).collect();
+        self.coins
+            .extend(later.coins.into_iter().filter(|(op, _)| !known.contains(op)));
         for d in later.derivations {
             match self
                 .derivations

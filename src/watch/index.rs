@@ -583,3 +583,132 @@ fn entry(found: &mut Vec<TxMatch>, watch_id: &str) -> usize {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::{Network, OutPoint};
+
+    use super::*;
+    use crate::unit_kit::*;
+
+    fn index_of(watches: &[Watch]) -> WatchIndex {
+        WatchIndex::new(Network::Regtest, watches.iter().cloned())
+    }
+
+    #[test]
+    fn an_output_to_a_watched_address_matches_with_the_address_rebuilt() {
+        let w = watch(1, 3);
+        let index = index_of(std::slice::from_ref(&w));
+        let tx = payment(
+            1,
+            &[
+                (address(2).script_pubkey(), 5),
+                (address(1).script_pubkey(), 7),
+            ],
+        );
+        let m = index.match_tx(&tx);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].watch_id, w.id);
+        assert_eq!(
+            m[0].outputs,
+            [MatchedOutput {
+                vout: 1,
+                address: address(1).to_string(),
+                amount_sat: 7,
+                derivation_index: None,
+                derivation_path: None,
+            }]
+        );
+        assert!(index
+            .match_tx(&payment(2, &[(address(3).script_pubkey(), 1)]))
+            .is_empty());
+    }
+
+    #[test]
+    fn two_watches_of_one_address_both_match() {
+        let a = watch(1, 1);
+        let mut b = watch(1, 6);
+        b.id = crate::watch::watch_id("address:second");
+        let index = index_of(&[a.clone(), b.clone()]);
+        let m = index.match_tx(&payment(1, &[(address(1).script_pubkey(), 7)]));
+        let mut ids: Vec<&str> = m.iter().map(|m| m.watch_id.as_str()).collect();
+        ids.sort();
+        let mut want = vec![a.id.as_str(), b.id.as_str()];
+        want.sort();
+        assert_eq!(ids, want);
+        assert_eq!(index.confirmations(&b.id), Some(6));
+    }
+
+    #[test]
+    fn spending_a_recorded_coin_matches_as_an_input() {
+        let w = watch(1, 1);
+        let mut index = index_of(std::slice::from_ref(&w));
+        let pay = payment(1, &[(address(1).script_pubkey(), 7)]);
+        let txid = pay.compute_txid();
+        let coins = WatchIndex::coins_of(txid, &index.match_tx(&pay)[0]);
+        index.apply(&IndexChanges {
+            coins,
+            derivations: vec![],
+        });
+        let m = index.match_tx(&spend(&[(OutPoint::new(txid, 0), 7)]));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].inputs.len(), 1);
+        assert_eq!(m[0].amount_sat(), -7);
+    }
+
+    #[test]
+    fn a_descriptor_is_watched_gap_addresses_ahead_of_its_highest_used_index() {
+        let w = descriptor_watch(3, 1);
+        let mut index = index_of(std::slice::from_ref(&w));
+        assert_eq!(index.script_count(), 3, "indexes 0..3 before any is used");
+        let beyond = payment(1, &[(derived_script(5), 1)]);
+        assert!(index.match_tx(&beyond).is_empty());
+        index.set_used(&Derivation {
+            watch_id: w.id.clone(),
+            path: 0,
+            used: 2,
+        });
+        assert_eq!(index.script_count(), 6, "3 after index 2");
+        let m = index.match_tx(&beyond);
+        assert_eq!(m[0].outputs[0].derivation_index, Some(5));
+    }
+
+    #[test]
+    fn records_come_from_memory_or_the_loader_and_unknown_ids_are_none() {
+        let w = watch(1, 2);
+        let index = index_of(std::slice::from_ref(&w));
+        assert_eq!(index.record(&w.id).unwrap().as_deref(), Some(&w));
+        assert_eq!(index.record(&watch(2, 1).id).unwrap(), None);
+        assert_eq!(index.confirmations(&watch(2, 1).id), None);
+
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = calls.clone();
+        let stored = w.clone();
+        let loader: WatchLoader = Arc::new(move |_| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Some(stored.clone()))
+        });
+        let mut lazy = WatchIndex::with_loader(Network::Regtest, loader, 1);
+        lazy.insert_target(&w.id, &w.target, w.confirmations);
+        assert_eq!(lazy.record(&w.id).unwrap().as_deref(), Some(&w));
+        assert_eq!(lazy.record(&w.id).unwrap().as_deref(), Some(&w));
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "cached after the first load"
+        );
+        assert_eq!(
+            lazy.record(&watch(3, 1).id).unwrap(),
+            None,
+            "not in the index: not loaded"
+        );
+    }
+
+    #[test]
+    fn a_watch_inserted_again_takes_its_new_confirmations() {
+        let mut index = index_of(&[watch(1, 1)]);
+        index.insert(watch(1, 9));
+        assert_eq!(index.len(), 1);
+        assert_eq!(index.confirmations(&watch(1, 1).id), Some(9));
+    }
+}

@@ -19,7 +19,11 @@ const LIMIT: Duration = Duration::from_secs(600);
 async fn bench_delivery() {
     for ordered in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let receiver = Receiver::start().await;
+        let receiver = Receiver::builder()
+            .ids_only()
+            .bind_loopback(0)
+            .await
+            .unwrap();
         let cfg = endpoint_config(dir.path(), &receiver.url, ordered);
         let mut store = Store::open(dir.path()).unwrap();
         store.check_network("regtest").unwrap();
@@ -53,7 +57,11 @@ async fn bench_delivery() {
     }
     // Latency from commit to request at a steady 100 events per second.
     let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start().await;
+    let receiver = Receiver::builder()
+        .ids_only()
+        .bind_loopback(0)
+        .await
+        .unwrap();
     let cfg = endpoint_config(dir.path(), &receiver.url, true);
     let mut store = Store::open(dir.path()).unwrap();
     store.check_network("regtest").unwrap();

@@ -17,7 +17,11 @@ async fn bench_end_to_end() {
         .await
         .unwrap();
     node.mine(300);
-    let receiver = Receiver::start().await;
+    let receiver = Receiver::builder()
+        .ids_only()
+        .bind_loopback(0)
+        .await
+        .unwrap();
     let addr = "bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp";
     let cfg = ConfigBuilder::regtest()
         .data_dir(dir.path().join("data"))

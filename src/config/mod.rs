@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bitcoin::address::NetworkUnchecked;
-use bitcoin::{Address, Network};
+use bitcoin::Network;
 use serde::Deserialize;
 
 use crate::net::redact_url;
@@ -355,20 +354,6 @@ fn duration(key: &str, value: Option<&str>, default: &str) -> Result<Duration, C
             key,
             text,
             "expected a duration such as \"500ms\", \"15s\", \"5m\", \"2h\" or \"1d\"",
-        )
-    })
-}
-
-/// Checks an address string against a network; returns it normalised.
-pub fn check_address(key: &str, text: &str, network: Network) -> Result<Address, ConfigError> {
-    let unchecked: Address<NetworkUnchecked> = text
-        .parse()
-        .map_err(|e| invalid(key, text, format!("not a Bitcoin address: {e}")))?;
-    unchecked.require_network(network).map_err(|_| {
-        invalid(
-            key,
-            text,
-            format!("address is not for network {}", network_name(network)),
         )
     })
 }

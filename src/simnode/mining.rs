@@ -1,7 +1,7 @@
 //! Building blocks and payments for the simulated node, shaped like bitcoind's own.
 
 use bitcoin::blockdata::block::{Header, Version};
-use bitcoin::blockdata::script::{Builder, PushBytesBuf};
+use bitcoin::blockdata::script::Builder;
 use bitcoin::hashes::Hash;
 use bitcoin::{
     absolute, transaction, Amount, Block, BlockHash, CompactTarget, OutPoint, ScriptBuf, Sequence,
@@ -124,8 +124,4 @@ pub fn payment(
             .collect(),
         output,
     }
-}
-
-pub fn push_bytes(data: &[u8]) -> PushBytesBuf {
-    PushBytesBuf::try_from(data.to_vec()).expect("short push")
 }

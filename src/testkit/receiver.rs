@@ -90,6 +90,9 @@ pub type Check = Arc<dyn Fn(&HeaderMap, &[u8]) -> Result<(), String> + Send + Sy
 struct Shared {
     captured: Mutex<Vec<Captured>>,
     keep: bool,
+    /// Keep only each request's webhook id and arrival time (benchmarks: the receiver shares
+    /// the machine with what it measures).
+    ids_only: bool,
     secrets: Vec<Secret>,
     check: Option<Check>,
     default: Mutex<Reply>,
@@ -117,6 +120,7 @@ pub struct ReceiverBuilder {
     check: Option<Check>,
     reply: Reply,
     keep: bool,
+    ids_only: bool,
     forward: Option<mpsc::UnboundedSender<Captured>>,
 }
 
@@ -127,6 +131,7 @@ impl Receiver {
             check: None,
             reply: Reply::Status(204),
             keep: true,
+            ids_only: false,
             forward: None,
         }
     }
@@ -253,6 +258,12 @@ impl ReceiverBuilder {
         self.forward = Some(tx);
         self
     }
+    /// Keeps only the webhook id and arrival time of each request, checks nothing and answers
+    /// 204: a benchmark's receiver, as cheap as a receiver can be.
+    pub fn ids_only(mut self) -> Self {
+        self.ids_only = true;
+        self
+    }
     /// Keeps no requests (a receiver running for hours forwards them instead).
     pub fn keep_nothing(mut self) -> Self {
         self.keep = false;
@@ -282,6 +293,7 @@ impl ReceiverBuilder {
         let shared = Arc::new(Shared {
             captured: Mutex::default(),
             keep: self.keep,
+            ids_only: self.ids_only,
             secrets: self.secrets,
             check: self.check,
             default: Mutex::new(self.reply),
@@ -370,6 +382,21 @@ fn verdict(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<(), Stri
 }
 
 async fn answer(shared: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    if shared.ids_only {
+        let c = Captured {
+            path: String::new(),
+            id: header(&headers, "webhook-id").to_string(),
+            timestamp: String::new(),
+            body: String::new(),
+            verdict: Err(String::new()),
+            headers: HeaderMap::new(),
+            answered: 204,
+            at: Instant::now(),
+            json: OnceLock::new(),
+        };
+        shared.captured.lock().unwrap().push(c);
+        return StatusCode::NO_CONTENT.into_response();
+    }
     let c = Captured {
         path: uri.path().to_string(),
         id: header(&headers, "webhook-id").to_string(),

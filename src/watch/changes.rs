@@ -29,8 +29,12 @@ impl Merge for IndexChanges {
     fn merge(&mut self, later: IndexChanges) {
         let known: std::collections::HashSet<OutPoint> =
             self.coins.iter().map(|(op, _)| *op).collect();
-        self.coins
-            .extend(later.coins.into_iter().filter(|(op, _)| !known.contains(op)));
+        self.coins.extend(
+            later
+                .coins
+                .into_iter()
+                .filter(|(op, _)| !known.contains(op)),
+        );
         for d in later.derivations {
             match self
                 .derivations

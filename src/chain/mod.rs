@@ -116,6 +116,9 @@ pub struct Follower<S: ChainSource, St: ChainStore = Store> {
     outage: Option<Outage>,
     /// The last error told, so a repeated one is not told again on every retry.
     last_error: String,
+    /// Every change set committed, for unit tests to assert.
+    #[cfg(test)]
+    journal: Vec<ChangeSet>,
 }
 
 impl<S: ChainSource, St: ChainStore> Follower<S, St> {
@@ -146,6 +149,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             health: Arc::default(),
             outage: None,
             last_error: String::new(),
+            #[cfg(test)]
+            journal: Vec::new(),
         }
     }
 
@@ -356,7 +361,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if changes.is_empty() {
             return Ok(());
         }
-        let committed = self.store.commit(&changes, now_ms())?;
+        let committed = self.store_commit(&changes)?;
         self.tracker.apply(&changes.tracked);
         self.index.apply(&changes.index);
         for e in &committed {
@@ -372,6 +377,17 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             self.wake_dispatch.notify_waiters();
         }
         Ok(())
+    }
+
+    /// Writes a change set (the one place the follower writes one).
+    fn store_commit(
+        &mut self,
+        changes: &ChangeSet,
+    ) -> Result<Vec<crate::store::CommittedEvent>, FollowError> {
+        let committed = self.store.commit(changes, now_ms())?;
+        #[cfg(test)]
+        self.journal.push(changes.clone());
+        Ok(committed)
     }
 
     /// Labels and commits a tracker step of the live index.

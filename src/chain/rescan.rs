@@ -157,7 +157,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             let step = job.tracker.connect_block(&job.index, &block, at);
             let mut changes = labelled(&job.index, step)?;
             changes.rescan = RescanChanges::next(&job.watch_id, Some(h + 1));
-            let committed = self.store.commit(&changes, crate::event::now_ms())?;
+            let committed = self.store_commit(&changes)?;
             job.tracker.apply(&changes.tracked);
             job.index.apply(&changes.index);
             for e in &committed {
@@ -180,19 +180,30 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         block: BlockRef,
         new_tip: crate::event::TipRef,
     ) -> Result<(), FollowError> {
-        let Some(job) = self.rescan.as_mut() else {
+        let Some(mut job) = self.rescan.take() else {
             return Ok(());
         };
         if job.next <= block.height {
+            self.rescan = Some(job);
             return Ok(());
         }
         let step = job.tracker.disconnect_block(&job.index, block, new_tip);
-        let mut changes = labelled(&job.index, step)?;
-        changes.rescan = RescanChanges::next(&job.watch_id, Some(block.height));
-        let committed = self.store.commit(&changes, crate::event::now_ms())?;
+        let changes = labelled(&job.index, step).map(|mut c| {
+            c.rescan = RescanChanges::next(&job.watch_id, Some(block.height));
+            c
+        });
+        let committed = changes.and_then(|c| self.store_commit(&c).map(|done| (c, done)));
+        let (changes, committed) = match committed {
+            Ok(done) => done,
+            Err(e) => {
+                self.rescan = Some(job);
+                return Err(e);
+            }
+        };
         job.tracker.apply(&changes.tracked);
         job.index.apply(&changes.index);
         job.next = block.height;
+        self.rescan = Some(job);
         for e in &committed {
             tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
         }
@@ -208,7 +219,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             rescan: RescanChanges::next(&job.watch_id, None),
             ..ChangeSet::default()
         };
-        self.store.commit(&changes, crate::event::now_ms())?;
+        self.store_commit(&changes)?;
         tracing::info!(watch = %job.watch_id, secs = job.started.elapsed().as_secs_f64(), "rescan finished; following the watch live");
         self.tracker = Tracker::new(
             self.tracker.network,

@@ -11,9 +11,11 @@ use tokio::sync::Notify;
 use super::{FollowError, Follower, FollowerOptions};
 use crate::config::StartHeight;
 use crate::event::*;
+use crate::merge::Merge;
 use crate::simnode::SimNode;
 use crate::store::Store;
-use crate::tracker::Tracker;
+use crate::tip::TipChange;
+use crate::tracker::{Tracker, TxStatus};
 use crate::unit_kit::*;
 use crate::watch::Watch;
 
@@ -201,8 +203,10 @@ async fn reorg_of_depth(depth: u32) {
     r.sync().await;
     let old_block = r.node.block_hash(102);
     let seen = r.log().len();
+    let committed = r.follower.journal.len();
     r.node.reorg(depth, true);
     r.sync().await;
+    assert_reorg_change_sets(&r, committed, depth, txid, &w);
     let mut want = vec![];
     if depth >= options().alert_reorg_depth {
         want.push(ev(ALERT_REORG, None, 0));
@@ -234,6 +238,69 @@ async fn reorg_of_depth(depth: u32) {
         "counted again in the new block, with the reorg in its id"
     );
     assert_eq!(r.tip(), r.node.tip());
+}
+
+/// The change sets of a reorg of `depth` over a payment confirmed at 102: the tip goes down
+/// block by block to 101 and up again to 102 + depth; the payment's row is unconfirmed (its
+/// reorg counted) with 102's disconnect and confirmed in the new 102 with its connect.
+fn assert_reorg_change_sets(r: &Rig, from: usize, depth: u32, txid: Txid, w: &Watch) {
+    let sets = &r.follower.journal[from..];
+    let moves: Vec<(bool, u32)> = sets
+        .iter()
+        .flat_map(|c| c.tip.0.iter())
+        .map(|t| match t {
+            TipChange::Connect { block, .. } => (true, block.height),
+            TipChange::Disconnect { block } => (false, block.height),
+        })
+        .collect();
+    let mut want: Vec<(bool, u32)> = (102..=101 + depth).rev().map(|h| (false, h)).collect();
+    want.extend((102..=102 + depth).map(|h| (true, h)));
+    assert_eq!(moves, want, "one tip move per change set, down then up");
+    assert!(
+        sets.iter().all(|c| c.tip.0.len() <= 1),
+        "a step moves the tip at most once"
+    );
+    let row_at = |connect: bool, height: u32| {
+        let set = sets
+            .iter()
+            .find(|c| {
+                c.tip.0.iter().any(|t| match t {
+                    TipChange::Connect { block, .. } => connect && block.height == height,
+                    TipChange::Disconnect { block } => !connect && block.height == height,
+                })
+            })
+            .expect("a change set for the move");
+        let rows: Vec<&crate::tracker::Tracked> = set.tracked.upserts().collect();
+        assert_eq!(
+            rows.len(),
+            1,
+            "only the payment's row changes: {:?}",
+            set.tracked
+        );
+        assert_eq!(
+            (rows[0].txid, rows[0].watch_id.as_str()),
+            (txid, w.id.as_str())
+        );
+        rows[0].clone()
+    };
+    let gone = row_at(false, 102);
+    assert_eq!(
+        (gone.status, gone.reorg_count, gone.fired),
+        (TxStatus::Unconfirmed, 1, 0)
+    );
+    let back = row_at(true, 102);
+    let new_102 = r.node.block_hash(102);
+    assert!(
+        matches!(back.status, TxStatus::Confirmed(b) if b.hash == new_102),
+        "{:?}",
+        back.status
+    );
+    assert_eq!((back.reorg_count, back.fired), (1, 1));
+    assert!(
+        sets.iter()
+            .all(|c| c.index.is_empty() || c.index.coins.len() == 1),
+        "the payment's coin is recorded again with its block, nothing else"
+    );
 }
 
 // Every depth up to finality (6), each a test of its own so they run side by side.
@@ -439,6 +506,18 @@ async fn descriptor_payments_extend_the_watched_range_across_blocks() {
     let used = r.follower.store.load_derivations().unwrap();
     assert_eq!(used.len(), 1);
     assert_eq!((used[0].path, used[0].used), (0, 3));
+    let derivations: Vec<(u32, u32)> = r
+        .follower
+        .journal
+        .iter()
+        .flat_map(|c| c.index.derivations.iter())
+        .map(|d| (d.path, d.used))
+        .collect();
+    assert_eq!(
+        derivations,
+        [(0, 1), (0, 3)],
+        "each used index committed with the block that used it"
+    );
 }
 
 #[tokio::test]

@@ -6,18 +6,17 @@
 //!
 //! `scripts/soak [MINUTES]` builds and runs it (default 60).
 
-use chainwatch::delivery::DeliveryStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::http::{HeaderMap, StatusCode};
+use chainwatch::delivery::DeliveryStatus;
 use chainwatch::simnode::SimNode;
 use chainwatch::store::Store;
+use chainwatch::testkit::{
+    Api, Bitcoind, ConfigBuilder, Endpoint, Receiver, Retention, WatchEntry,
+};
 use rand::Rng;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -28,57 +27,22 @@ const WATCHED: [&str; 4] = [
     "bcrt1pgf9g8v63sselca7rgx5uyl0xwjjp4vpfn89vt3gdutvpjc8xq8vs0mmh98",
 ];
 
-/// What the receiver saw: every body per id, and which signatures failed.
+/// What the receiver accepted: every body per id, and how many failed their signature check.
 #[derive(Default)]
 struct Seen {
     bodies: HashMap<String, Vec<String>>,
     bad_signatures: usize,
 }
 
-struct Receiver {
-    seen: Arc<Mutex<Seen>>,
-    status: Arc<AtomicU16>,
-}
-
-async fn receiver(port: u16) -> Receiver {
-    let seen: Arc<Mutex<Seen>> = Arc::default();
-    let status = Arc::new(AtomicU16::new(204));
-    let (s, st) = (seen.clone(), status.clone());
-    let secrets = vec![chainwatch::sign::Secret::parse(SECRET).unwrap()];
-    let handler = move |headers: HeaderMap, body: Bytes| {
-        let (s, st, secrets) = (s.clone(), st.clone(), secrets.clone());
-        async move {
-            let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
-            let code = st.load(Ordering::SeqCst);
-            if code == 204 {
-                let ok = chainwatch::sign::verify(
-                    &secrets,
-                    h("webhook-id"),
-                    h("webhook-timestamp"),
-                    h("webhook-signature"),
-                    &body,
-                    chainwatch::event::now_ms() / 1000,
-                    300,
-                )
-                .is_ok();
-                let mut seen = s.lock().unwrap();
-                if !ok {
-                    seen.bad_signatures += 1;
-                }
-                seen.bodies
-                    .entry(h("webhook-id").to_string())
-                    .or_default()
-                    .push(String::from_utf8_lossy(&body).into_owned());
-            }
-            StatusCode::from_u16(code).unwrap()
+fn seen(rx: &Receiver) -> Seen {
+    let mut seen = Seen::default();
+    for c in rx.accepted() {
+        if !c.verified() {
+            seen.bad_signatures += 1;
         }
-    };
-    let app = axum::Router::new().fallback(axum::routing::post(handler));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Receiver { seen, status }
+        seen.bodies.entry(c.id.clone()).or_default().push(c.body);
+    }
+    seen
 }
 
 fn spawn(bin: &Path, config: &Path, log: &Path) -> Child {
@@ -132,26 +96,38 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let node = SimNode::start(&dir.path().join("node")).await.unwrap();
     node.mine(130);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let rx = receiver(port).await;
+    let secret = chainwatch::sign::Secret::parse(SECRET).unwrap();
+    let rx = Receiver::builder()
+        .secrets(vec![secret])
+        .bind_loopback(0)
+        .await
+        .unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("watcher.toml");
-    let mut text = format!(
-        "network = \"regtest\"\ndata_dir = {data:?}\n[bitcoind]\nrpc_url = \"{}\"\ncookie_file = {:?}\npoll_interval = \"1s\"\n\n[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:{port}/hooks\"\nsecret = \"{SECRET}\"\nordered = false\nretry_schedule = [\"1s\", \"2s\", \"5s\", \"10s\", \"10s\", \"10s\", \"10s\", \"10s\", \"10s\", \"10s\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[retention]\nattempts = \"2m\"\nevents = \"10m\"\n",
-        node.rpc_url(),
-        node.cookie_path()
-    );
+    let mut builder = ConfigBuilder::regtest()
+        .data_dir(&data)
+        .bitcoind(Bitcoind::simnode(&node).poll_interval("1s"))
+        .endpoint(
+            Endpoint::new("shop", &rx.url)
+                .secret(SECRET)
+                .ordered(false)
+                .retry_schedule([
+                    "1s", "2s", "5s", "10s", "10s", "10s", "10s", "10s", "10s", "10s",
+                ]),
+        )
+        .api(Api::listen("127.0.0.1:0"))
+        .retention(Retention {
+            attempts: Some("2m".into()),
+            events: Some("10m".into()),
+        });
     for (i, a) in WATCHED.iter().enumerate() {
-        text.push_str(&format!(
-            "\n[[watches]]\naddress = \"{a}\"\nconfirmations = {}\nlabel = \"soak-{i}\"\n",
-            2 + i % 2
-        ));
+        builder = builder.watch(
+            WatchEntry::address(a)
+                .confirmations(2 + i as u32 % 2)
+                .label(&format!("soak-{i}")),
+        );
     }
-    std::fs::write(&config, text).unwrap();
+    builder.write_to(&config).unwrap();
     let log = dir.path().join("chainwatch.log");
     let mut child = spawn(&bin, &config, &log);
     let mut rng = rand::rng();
@@ -159,6 +135,7 @@ async fn main() {
     let end = began + Duration::from_secs(minutes * 60);
     let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
     let mut outage_until = Instant::now();
+    let mut outage = false;
     let mut next_sample = Instant::now();
     let mut sizes = Vec::new();
     println!(
@@ -177,8 +154,9 @@ async fn main() {
             node.mine(1);
             *counts.entry("blocks").or_default() += 1;
         }
-        if Instant::now() > outage_until && rx.status.load(Ordering::SeqCst) != 204 {
-            rx.status.store(204, Ordering::SeqCst);
+        if outage && Instant::now() > outage_until {
+            rx.set_status(204);
+            outage = false;
         }
         match rng.random_range(0..400) {
             0 => {
@@ -192,7 +170,8 @@ async fn main() {
                 *counts.entry("node restarts").or_default() += 1;
             }
             2 => {
-                rx.status.store(503, Ordering::SeqCst);
+                rx.set_status(503);
+                outage = true;
                 outage_until = Instant::now() + Duration::from_secs(rng.random_range(10..90));
                 *counts.entry("receiver outages").or_default() += 1;
             }
@@ -214,14 +193,14 @@ async fn main() {
                 "t={:>3} min  database {:>7.2} MB  received {}  {counts:?}",
                 began.elapsed().as_secs() / 60,
                 size as f64 / 1e6,
-                rx.seen.lock().unwrap().bodies.len()
+                rx.accepted_count()
             );
         }
     }
     // Calm: receiver up, a few blocks so everything confirms. Deliveries that went dead during
     // an outage longer than the (short) retry schedule are redelivered, as an operator would
     // with `chainwatch redeliver --dead`; then wait for the queue to empty.
-    rx.status.store(204, Ordering::SeqCst);
+    rx.set_status(204);
     node.mine(4);
     let store = || Store::open(&data).unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -246,7 +225,7 @@ async fn main() {
     let s = store();
     let log_rows = s.events_after(0, i64::MAX).unwrap();
     let max_seq = log_rows.last().map_or(0, |r| r.seq);
-    let seen = rx.seen.lock().unwrap();
+    let seen = seen(&rx);
     let mut received_seqs = std::collections::BTreeSet::new();
     let mut two_bodies = 0;
     for bodies in seen.bodies.values() {

@@ -125,10 +125,23 @@ impl TxEventFacts<'_> {
 
 /// Adds a watch's label and metadata to an event about it.
 pub fn label(event: &mut NewEvent, watch: &Watch) {
-    event.data.insert(
-        "watch".into(),
-        json!({ "id": watch.id, "label": watch.label, "metadata": watch.metadata }),
-    );
+    // In place: the object and its keys were allocated with the event already.
+    match event.data.get_mut("watch").and_then(Value::as_object_mut) {
+        Some(w) => {
+            if let Some(v) = w.get_mut("label") {
+                *v = json!(watch.label);
+            }
+            if let Some(v) = w.get_mut("metadata") {
+                *v = watch.metadata.clone();
+            }
+        }
+        None => {
+            event.data.insert(
+                "watch".into(),
+                json!({ "id": watch.id, "label": watch.label, "metadata": watch.metadata }),
+            );
+        }
+    }
 }
 
 const KINDS: [&str; 15] = [

@@ -1,5 +1,6 @@
 //! The SQLite store: tracked state, the event log, the delivery outbox and the followed chain.
-//! Every chain step is committed in one transaction (`apply`).
+//! Every step is committed in one transaction (`commit`), its change set written part by part;
+//! `interface` holds the traits the stages use a store through.
 
 mod audit;
 mod interface;

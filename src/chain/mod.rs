@@ -455,4 +455,6 @@ async fn recv(rx: &mut Option<ZmqReceiver>) -> Option<ZmqMessage> {
 }
 
 #[cfg(test)]
+mod flaky_store;
+#[cfg(test)]
 mod tests;

@@ -25,13 +25,15 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                     return Err(e.into());
                 }
             };
-            let applied = self.apply_change(change);
+            let applied = self
+                .apply_change(change)
+                .and_then(|()| self.report_position(false));
             if applied.is_err() {
-                // What the store holds is the truth: the next step is planned from it.
+                // What the store holds is the truth: the next try plans afresh from it and the
+                // node's best chain then, not from a plan the node may have left meanwhile.
                 self.source.reset();
             }
             applied?;
-            self.report_position(false)?;
         }
         self.report_position(true)
     }
@@ -40,7 +42,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         match change {
             ChainChange::Base(b) => {
                 self.store.init_tip(b)?;
-                tracing::info!(height = b.height, "following the chain from here");
+                tracing::info!(
+                    height = b.height,
+                    "following the chain from here (first run, or below a fork deeper than the blocks kept)"
+                );
                 Ok(())
             }
             ChainChange::Reorg {

@@ -628,3 +628,58 @@ async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
         "the rescan finished"
     );
 }
+
+#[tokio::test]
+async fn a_step_whose_aftermath_fails_is_planned_afresh_against_the_node() {
+    use super::flaky_store::FlakyStore;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = SimNode::in_memory();
+    node.mine(102);
+    let fail_after = Arc::new(AtomicBool::new(false));
+    let store = FlakyStore {
+        inner: open_store(dir.path(), &[]),
+        fail_next_tip: Arc::default(),
+        fail_tip_after_commit: fail_after.clone(),
+    };
+    let mut f: Follower<SimNode, FlakyStore> = Follower::new(
+        Arc::new(node.clone()),
+        store,
+        Tracker::new("regtest", FINALITY, vec![]),
+        options(),
+        Arc::new(Notify::new()),
+    );
+    f.resync().await.unwrap();
+    node.mine(2);
+    f.resync().await.unwrap();
+    let (a103, a104) = (node.block_hash(103), node.block_hash(104));
+    // The node moves to a branch B from 103 (depth 2: no alert); our first step back commits,
+    // but reading the tip right after fails.
+    node.invalidate(a103).unwrap();
+    node.mine_empty(3);
+    fail_after.store(true, Ordering::SeqCst);
+    let seen = f.store.inner.events_after(0, 1000).unwrap().len();
+    assert!(f.resync().await.is_err(), "the injected failure");
+    // Before the retry the node goes back to branch A.
+    let b103 = node.block_hash(103);
+    node.invalidate(b103).unwrap();
+    node.reconsider(a103).unwrap();
+    assert_eq!(node.tip(), a104);
+    f.resync().await.unwrap();
+    let kinds: Vec<String> = f
+        .store
+        .inner
+        .events_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .skip(seen)
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [BLOCK_DISCONNECTED, BLOCK_CONNECTED],
+        "104 went and came back; 103, on the node's chain again, was never disconnected"
+    );
+    assert_eq!(f.store.inner.tip().unwrap().unwrap().hash, a104);
+}

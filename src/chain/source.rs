@@ -93,6 +93,14 @@ enum Plan {
     },
 }
 
+/// What one turn of `next_change` came to.
+enum Turn {
+    Tell(ChainChange),
+    AtTip,
+    /// The plan changed: look again.
+    Again,
+}
+
 /// What a batch of ZMQ messages told.
 #[derive(Debug, Default)]
 pub struct ZmqNews {
@@ -155,88 +163,127 @@ impl<S: ChainSource> NodeSource<S> {
     ) -> Result<Option<ChainChange>, SourceError> {
         loop {
             let tip = local.tip()?;
-            match self.plan.take() {
-                None => {
-                    let Some(tip) = tip else {
-                        // First run: start after `start_height - 1`, or connect from genesis.
-                        let base = match self.start_height {
-                            StartHeight::Tip => self.node.chain_info().await?.blocks,
-                            StartHeight::Height(0) => {
-                                self.plan_connect(0).await?;
-                                continue;
-                            }
-                            StartHeight::Height(h) => h - 1,
-                        };
-                        return Ok(Some(ChainChange::Base(self.stored_block(base).await?)));
-                    };
-                    if let Some(change) = self.plan_from(local, tip).await? {
-                        return Ok(Some(change));
-                    }
-                    if self.plan.is_none() {
-                        return Ok(None);
-                    }
+            let turn = match self.plan.take() {
+                None => self.plan_turn(local, tip).await?,
+                Some(Plan::Unwind { to, rebase }) => {
+                    self.unwind_turn(local, tip, to, rebase).await?
                 }
-                Some(Plan::Unwind { to, rebase }) => match tip {
-                    Some(t) if to.is_none_or(|f| t.height > f) => {
-                        self.plan = Some(Plan::Unwind { to, rebase });
-                        let new_tip = match local.block_at(t.height.wrapping_sub(1))? {
-                            Some(p) => p.tip_ref(),
-                            None => TipRef {
-                                hash: t.prev,
-                                height: t.height.saturating_sub(1),
-                            },
-                        };
-                        return Ok(Some(ChainChange::Disconnected { block: t, new_tip }));
-                    }
-                    Some(_) => {}
-                    // Everything went: start below the kept blocks, or from genesis.
-                    None => match rebase {
-                        Some(h) => return Ok(Some(ChainChange::Base(self.stored_block(h).await?))),
-                        None => self.plan_connect(0).await?,
-                    },
-                },
                 Some(Plan::Connect {
                     best,
                     best_height,
-                    mut progress,
-                }) => {
-                    let next = tip.map_or(0, |t| t.height + 1);
-                    if next > best_height {
-                        progress.done();
-                        continue;
-                    }
-                    let hash = if next == best_height {
-                        best
-                    } else {
-                        self.node.block_hash(next).await?
-                    };
-                    let block = match self.cache.blocks.get(&hash) {
-                        Some(b) => b.clone(),
-                        None => self.node.block(hash).await?,
-                    };
-                    let tip_hash = tip.map_or_else(BlockHash::all_zeros, |t| t.hash);
-                    if block.header.prev_blockhash != tip_hash {
-                        tracing::info!(height = next, %hash, "node's chain moved during sync; starting over");
-                        continue;
-                    }
-                    progress.tick(next);
-                    self.plan = Some(Plan::Connect {
-                        best,
-                        best_height,
-                        progress,
-                    });
-                    let at = BlockRef {
-                        hash,
-                        height: next,
-                        time: block.header.time,
-                    };
-                    return Ok(Some(ChainChange::Connected {
-                        block: Box::new(block),
-                        at,
-                    }));
-                }
+                    progress,
+                }) => self.connect_turn(tip, best, best_height, progress).await?,
+            };
+            match turn {
+                Turn::Tell(change) => return Ok(Some(change)),
+                Turn::AtTip => return Ok(None),
+                Turn::Again => {}
             }
         }
+    }
+
+    /// No plan: the first run's base, or a new plan from our tip.
+    async fn plan_turn(
+        &mut self,
+        local: &mut impl LocalChain,
+        tip: Option<StoredBlock>,
+    ) -> Result<Turn, SourceError> {
+        let Some(tip) = tip else {
+            // First run: start after `start_height - 1`, or connect from genesis.
+            let base = match self.start_height {
+                StartHeight::Tip => self.node.chain_info().await?.blocks,
+                StartHeight::Height(0) => {
+                    self.plan_connect(0).await?;
+                    return Ok(Turn::Again);
+                }
+                StartHeight::Height(h) => h - 1,
+            };
+            return Ok(Turn::Tell(ChainChange::Base(
+                self.stored_block(base).await?,
+            )));
+        };
+        Ok(match self.plan_from(local, tip).await? {
+            Some(change) => Turn::Tell(change),
+            None if self.plan.is_none() => Turn::AtTip,
+            None => Turn::Again,
+        })
+    }
+
+    /// Disconnects our tip while it is above `to` (every block for `None`), then starts again
+    /// at `rebase` or from genesis if nothing is left.
+    async fn unwind_turn(
+        &mut self,
+        local: &mut impl LocalChain,
+        tip: Option<StoredBlock>,
+        to: Option<u32>,
+        rebase: Option<u32>,
+    ) -> Result<Turn, SourceError> {
+        match tip {
+            Some(t) if to.is_none_or(|f| t.height > f) => {
+                self.plan = Some(Plan::Unwind { to, rebase });
+                let new_tip = match local.block_at(t.height.wrapping_sub(1))? {
+                    Some(p) => p.tip_ref(),
+                    None => TipRef {
+                        hash: t.prev,
+                        height: t.height.saturating_sub(1),
+                    },
+                };
+                Ok(Turn::Tell(ChainChange::Disconnected { block: t, new_tip }))
+            }
+            // At the fork: plan again from there.
+            Some(_) => Ok(Turn::Again),
+            None => match rebase {
+                Some(h) => Ok(Turn::Tell(ChainChange::Base(self.stored_block(h).await?))),
+                None => {
+                    self.plan_connect(0).await?;
+                    Ok(Turn::Again)
+                }
+            },
+        }
+    }
+
+    /// The node's next block on our tip, if it still extends it.
+    async fn connect_turn(
+        &mut self,
+        tip: Option<StoredBlock>,
+        best: BlockHash,
+        best_height: u32,
+        mut progress: Progress,
+    ) -> Result<Turn, SourceError> {
+        let next = tip.map_or(0, |t| t.height + 1);
+        if next > best_height {
+            progress.done();
+            return Ok(Turn::Again);
+        }
+        let hash = if next == best_height {
+            best
+        } else {
+            self.node.block_hash(next).await?
+        };
+        let block = match self.cache.blocks.get(&hash) {
+            Some(b) => b.clone(),
+            None => self.node.block(hash).await?,
+        };
+        let tip_hash = tip.map_or_else(BlockHash::all_zeros, |t| t.hash);
+        if block.header.prev_blockhash != tip_hash {
+            tracing::info!(height = next, %hash, "node's chain moved during sync; starting over");
+            return Ok(Turn::Again);
+        }
+        progress.tick(next);
+        self.plan = Some(Plan::Connect {
+            best,
+            best_height,
+            progress,
+        });
+        let at = BlockRef {
+            hash,
+            height: next,
+            time: block.header.time,
+        };
+        Ok(Turn::Tell(ChainChange::Connected {
+            block: Box::new(block),
+            at,
+        }))
     }
 
     /// Compares our tip with the node's best block and plans the way there; returns a change

@@ -74,6 +74,17 @@ fn db_bytes(data: &Path) -> u64 {
     .sum()
 }
 
+/// How many distinct events' deliveries died, from the daemon's log.
+fn dead_deliveries(log: &Path) -> usize {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("delivery dead"))
+        .filter_map(|l| l.split("evt_").nth(1))
+        .map(|rest| rest.chars().take(32).collect::<String>())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 fn hold_lock(db: PathBuf, secs: u64) {
     std::thread::spawn(move || {
         let conn = rusqlite::Connection::open(db).unwrap();
@@ -236,6 +247,11 @@ async fn main() {
         received_seqs.insert(v["data"]["sequence"].as_i64().unwrap_or(0));
     }
     let missing = (1..=max_seq).filter(|q| !received_seqs.contains(q)).count();
+    // Deliveries that died during an outage longer than the (short) retry schedule and were
+    // given up by events retention before the end are, by design, never received: the only
+    // sequences allowed to be missing. The daemon logs each death once.
+    let died = dead_deliveries(&log);
+    let given_up = died.saturating_sub(dead);
     let differing = log_rows
         .iter()
         .filter(|r| seen.bodies.get(&r.id).is_none_or(|b| b[0] != r.body))
@@ -251,7 +267,7 @@ async fn main() {
         seen.bodies.len()
     );
     println!(
-        "sequences missing at the receiver: {missing}; ids with two bodies: {two_bodies}; log rows differing from what was received: {differing}; bad signatures: {}",
+        "sequences missing at the receiver: {missing} (deliveries that died: {died}, redelivered at the end: {dead}, so given up by retention: {given_up}); ids with two bodies: {two_bodies}; log rows differing from what was received: {differing}; bad signatures: {}",
         seen.bad_signatures
     );
     println!(
@@ -266,7 +282,7 @@ async fn main() {
         .map(|b| format!("{:.2}", *b as f64 / 1e6))
         .collect();
     println!("database size per minute (MB): {}", mb.join(" "));
-    let ok = missing == 0
+    let ok = missing <= given_up
         && two_bodies == 0
         && differing == 0
         && seen.bad_signatures == 0

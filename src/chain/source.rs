@@ -78,6 +78,18 @@ pub enum ChainChange {
     Connected { block: Box<Block>, at: BlockRef },
 }
 
+impl ChainChange {
+    /// The consumer's tip height once the change is applied, if the change moves it.
+    pub fn tip_height_after(&self) -> Option<u32> {
+        match self {
+            ChainChange::Base(b) => Some(b.height),
+            ChainChange::Connected { at, .. } => Some(at.height),
+            ChainChange::Disconnected { block, .. } => block.height.checked_sub(1),
+            ChainChange::Reorg { .. } | ChainChange::TooDeep { .. } => None,
+        }
+    }
+}
+
 /// Where the source is in bringing the consumer's chain to the node's.
 enum Plan {
     /// Disconnect down to this height (`None`: everything), then start again at `rebase`.

@@ -25,17 +25,24 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                     return Err(e.into());
                 }
             };
-            let applied = self
-                .apply_change(change)
-                .and_then(|()| self.report_position(false));
+            let tip_after = change.tip_height_after();
+            let applied = self.apply_change(change);
             if applied.is_err() {
                 // What the store holds is the truth: the next try plans afresh from it and the
                 // node's best chain then, not from a plan the node may have left meanwhile.
                 self.source.reset();
             }
             applied?;
+            if let Some(height) = tip_after {
+                self.report_position(height);
+            }
         }
-        self.report_position(true)
+        // At the node's tip: the source just found our tip to be its best block.
+        if let Some(height) = self.source.node_height() {
+            self.report_position(height);
+        }
+        self.health.set_following(Following::AtTip);
+        Ok(())
     }
 
     fn apply_change(&mut self, change: ChainChange) -> Result<(), FollowError> {
@@ -66,25 +73,20 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         }
     }
 
-    /// Where we stand for `/health` and the metrics.
-    fn report_position(&self, at_tip: bool) -> Result<(), FollowError> {
-        let Some(tip) = self.store.tip()? else {
-            return Ok(());
-        };
+    /// Where we stand for `/health` and the metrics, with our tip at `tip` (known from the
+    /// step just applied: no store read per block).
+    fn report_position(&self, tip: u32) {
         let relaxed = std::sync::atomic::Ordering::Relaxed;
-        self.metrics.tip_height.store(tip.height as i64, relaxed);
-        let node = self.source.node_height().unwrap_or(tip.height);
+        self.metrics.tip_height.store(tip as i64, relaxed);
+        let node = self.source.node_height().unwrap_or(tip);
         self.metrics.node_height.store(node as i64, relaxed);
-        if at_tip {
-            self.health.set_following(Following::AtTip);
-        } else if tip.height + 1 < node {
-            // One block behind is the normal moment before a new block is connected.
+        // One block behind is the normal moment before a new block is connected.
+        if tip + 1 < node {
             self.health.set_following(Following::Behind {
-                tip: tip.height as i64,
+                tip: tip as i64,
                 node: node as i64,
             });
         }
-        Ok(())
     }
 
     fn reorg(

@@ -655,7 +655,7 @@ async fn a_step_whose_aftermath_fails_is_planned_afresh_against_the_node() {
     f.resync().await.unwrap();
     let (a103, a104) = (node.block_hash(103), node.block_hash(104));
     // The node moves to a branch B from 103 (depth 2: no alert); our first step back commits,
-    // but reading the tip right after fails.
+    // but the next read of our tip fails.
     node.invalidate(a103).unwrap();
     node.mine_empty(3);
     fail_after.store(true, Ordering::SeqCst);

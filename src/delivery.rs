@@ -42,11 +42,6 @@ impl DeliveryStatus {
     pub fn parse(s: &str) -> Option<DeliveryStatus> {
         DeliveryStatus::ALL.into_iter().find(|d| d.as_str() == s)
     }
-
-    /// Whether the dispatcher still owes it an attempt.
-    pub fn is_queued(self) -> bool {
-        matches!(self, DeliveryStatus::Pending | DeliveryStatus::Failed)
-    }
 }
 
 impl std::fmt::Display for DeliveryStatus {
@@ -97,11 +92,6 @@ mod tests {
             None,
             "names are lowercase"
         );
-        let queued: Vec<_> = DeliveryStatus::ALL
-            .into_iter()
-            .filter(|s| s.is_queued())
-            .collect();
-        assert_eq!(queued, [DeliveryStatus::Pending, DeliveryStatus::Failed]);
     }
 
     #[test]

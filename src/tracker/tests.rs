@@ -85,6 +85,14 @@ fn paid_in_block_1(confirmations: u32) -> Paid {
     }
 }
 
+/// Block 1 disconnected (back to genesis) and the step applied.
+fn reorged_out_of_block_1(p: &mut Paid) {
+    let step = p
+        .tracker
+        .disconnect_block(&p.index, p.b1, tip_of(&genesis()));
+    applied(&mut p.tracker, &mut p.index, &step);
+}
+
 /// Connects empty blocks on `prev` up to `to`, returning each step.
 fn empty_blocks(p: &mut Paid, prev: BlockRef, to: u32) -> Vec<(BlockRef, TrackerStep)> {
     let mut out = vec![];
@@ -339,10 +347,7 @@ fn a_disconnect_leaves_transactions_of_other_blocks_alone() {
 #[test]
 fn a_transaction_confirmed_again_after_a_reorg_gets_new_ids() {
     let mut p = paid_in_block_1(2);
-    let step = p
-        .tracker
-        .disconnect_block(&p.index, p.b1, tip_of(&genesis()));
-    applied(&mut p.tracker, &mut p.index, &step);
+    reorged_out_of_block_1(&mut p);
     let tx = payment(1, &[pays(1, 50_000)]);
     // The same transaction in a different block 1 (another time, so another hash).
     let mut b = block(genesis().hash, 1, vec![tx]).0;
@@ -363,10 +368,7 @@ fn a_transaction_confirmed_again_after_a_reorg_gets_new_ids() {
 #[test]
 fn a_reorged_transaction_back_in_the_mempool_is_not_announced_again() {
     let mut p = paid_in_block_1(2);
-    let step = p
-        .tracker
-        .disconnect_block(&p.index, p.b1, tip_of(&genesis()));
-    applied(&mut p.tracker, &mut p.index, &step);
+    reorged_out_of_block_1(&mut p);
     assert_eq!(p.tracker.reorged_out(), [p.txid]);
     let tx = payment(1, &[pays(1, 50_000)]);
     let step = p.tracker.mempool_add(&p.index, &tx, tip_of(&genesis()));
@@ -375,12 +377,11 @@ fn a_reorged_transaction_back_in_the_mempool_is_not_announced_again() {
     assert_eq!((row.status, row.reorg_count), (TxStatus::Mempool, 1));
 }
 
-fn pending(t: &mut Tracker, index: &mut WatchIndex, w: &Watch) -> Txid {
+fn pending(t: &mut Tracker, index: &mut WatchIndex) -> Txid {
     let tx = payment(1, &[pays(1, 50_000)]);
     let step = t.mempool_add(index, &tx, tip_of(&genesis()));
     applied(t, index, &step);
     assert_eq!(t.in_mempool(), [tx.compute_txid()]);
-    let _ = w;
     tx.compute_txid()
 }
 
@@ -388,7 +389,7 @@ fn pending(t: &mut Tracker, index: &mut WatchIndex, w: &Watch) -> Txid {
 fn a_replaced_transaction_is_announced_with_its_replacement_and_dropped() {
     let w = watch(1, 1);
     let (mut index, mut t) = (index_of(std::slice::from_ref(&w)), tracker());
-    let txid = pending(&mut t, &mut index, &w);
+    let txid = pending(&mut t, &mut index);
     let by = Txid::from_byte_array([9; 32]);
     let step = t.mempool_removed(&index, txid, Removal::Replaced(by), tip_of(&genesis()));
     assert_eq!(
@@ -410,7 +411,7 @@ fn a_replaced_transaction_is_announced_with_its_replacement_and_dropped() {
 fn a_conflict_and_an_eviction_are_drops_with_their_reason() {
     let w = watch(1, 1);
     let (mut index, mut t) = (index_of(std::slice::from_ref(&w)), tracker());
-    let txid = pending(&mut t, &mut index, &w);
+    let txid = pending(&mut t, &mut index);
     let by = Txid::from_byte_array([8; 32]);
     let conflict = t.mempool_removed(&index, txid, Removal::Conflict(by), tip_of(&genesis()));
     let id = tx_event_id(TX_DROPPED, txid, &w, None, 0, 0);

@@ -16,18 +16,31 @@ use common::{endpoint_config, events, first_arrivals, percentile, wait_requests}
 /// Longer than any run takes; a stalled worker ends the run instead of hanging it.
 const LIMIT: Duration = Duration::from_secs(600);
 
+/// A store with one endpoint at a fresh receiver that keeps only ids and arrival times.
+async fn setup(
+    ordered: bool,
+) -> (
+    tempfile::TempDir,
+    Receiver,
+    chainwatch::config::Config,
+    Store,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::builder()
+        .ids_only()
+        .bind_loopback(0)
+        .await
+        .unwrap();
+    let cfg = endpoint_config(dir.path(), &receiver.url, ordered);
+    let mut store = Store::open(dir.path()).unwrap();
+    store.check_network("regtest").unwrap();
+    store.sync_endpoints(&cfg.endpoints).unwrap();
+    (dir, receiver, cfg, store)
+}
+
 async fn bench_delivery() {
     for ordered in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let receiver = Receiver::builder()
-            .ids_only()
-            .bind_loopback(0)
-            .await
-            .unwrap();
-        let cfg = endpoint_config(dir.path(), &receiver.url, ordered);
-        let mut store = Store::open(dir.path()).unwrap();
-        store.check_network("regtest").unwrap();
-        store.sync_endpoints(&cfg.endpoints).unwrap();
+        let (dir, receiver, cfg, mut store) = setup(ordered).await;
         let n = if ordered { 3_000 } else { 20_000 };
         for chunk in events(n, "t").chunks(1000) {
             store
@@ -56,16 +69,7 @@ async fn bench_delivery() {
         println!("delivery: {:.0} deliveries/s sustained, {kind}, {n} events to a local receiver (target >= 5,000 unordered)", n as f64 / secs);
     }
     // Latency from commit to request at a steady 100 events per second.
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::builder()
-        .ids_only()
-        .bind_loopback(0)
-        .await
-        .unwrap();
-    let cfg = endpoint_config(dir.path(), &receiver.url, true);
-    let mut store = Store::open(dir.path()).unwrap();
-    store.check_network("regtest").unwrap();
-    store.sync_endpoints(&cfg.endpoints).unwrap();
+    let (dir, receiver, cfg, mut store) = setup(true).await;
     let wake = Arc::new(tokio::sync::Notify::new());
     let token = tokio_util::sync::CancellationToken::new();
     let worker = tokio::spawn(chainwatch::dispatch::run_endpoint(

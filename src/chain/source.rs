@@ -105,6 +105,17 @@ enum Plan {
     },
 }
 
+impl Plan {
+    /// Connect the node's best chain from height `from` up to `best`.
+    fn connect(best: BlockHash, best_height: u32, from: u32) -> Plan {
+        Plan::Connect {
+            best,
+            best_height,
+            progress: Progress::new(from, best_height),
+        }
+    }
+}
+
 /// What one turn of `next_change` came to.
 enum Turn {
     Tell(ChainChange),
@@ -329,11 +340,7 @@ impl<S: ChainSource> NodeSource<S> {
             }
         };
         if depth == 0 {
-            self.plan = Some(Plan::Connect {
-                best,
-                best_height,
-                progress: Progress::new(tip.height + 1, best_height),
-            });
+            self.plan = Some(Plan::connect(best, best_height, tip.height + 1));
             return Ok(None);
         }
         self.plan = Some(Plan::Unwind {
@@ -353,11 +360,7 @@ impl<S: ChainSource> NodeSource<S> {
         let best = self.node.best_block_hash().await?;
         let best_height = self.node.block_header(best).await?.height;
         self.node_height = Some(best_height);
-        self.plan = Some(Plan::Connect {
-            best,
-            best_height,
-            progress: Progress::new(from, best_height),
-        });
+        self.plan = Some(Plan::connect(best, best_height, from));
         Ok(())
     }
 

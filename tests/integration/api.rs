@@ -418,8 +418,17 @@ async fn audit_verify_names_the_first_edited_removed_or_swapped_row() {
     h.node.mine(3);
     h.receiver.wait_accepted(4, WAIT).await;
     daemon.stop().await;
-    let backup = std::fs::read(chainwatch::store::db_path(&h.data_dir())).unwrap();
-    let restore = || std::fs::write(chainwatch::store::db_path(&h.data_dir()), &backup).unwrap();
+    // The daemon may leave committed rows in the write-ahead log; a copy of the main file
+    // alone would then miss them (CI once restored a database without its tables).
+    sql(&h, "PRAGMA wal_checkpoint(TRUNCATE)");
+    let db = chainwatch::store::db_path(&h.data_dir());
+    let backup = std::fs::read(&db).unwrap();
+    let restore = || {
+        for side in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{side}", db.display()));
+        }
+        std::fs::write(&db, &backup).unwrap();
+    };
     let (ok, out) = audit(&h);
     assert!(ok && out.contains("4 rows verified"), "{out}");
     sql(

@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::daemon::{self, now_ms, open_store};
+use crate::config::{Config, StoreConfig};
+use crate::daemon::{self, now_ms, open_store, Backend, PgBackend};
 use crate::delivery::DeliveryStatus;
 use crate::event::type_matches;
 use crate::node::{ChainSource, RpcClient};
@@ -18,13 +18,19 @@ use crate::watch::check_metadata;
 
 /// The store as it is (the commands that only read or act on what is stored). The command line
 /// uses it through `AdminStore` only, as the admin API does.
-fn stored(cfg: &Config) -> anyhow::Result<impl AdminStore> {
-    Ok(Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?)
+fn stored(cfg: &Config) -> anyhow::Result<Box<dyn AdminStore>> {
+    Ok(match &cfg.store {
+        StoreConfig::Sqlite => Box::new(Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?),
+        StoreConfig::Postgres { url, .. } => Box::new(PgBackend::new(cfg, url).open()?),
+    })
 }
 
 /// The store made to match the config first (endpoints, config watches, network).
-fn configured(cfg: &Config) -> anyhow::Result<impl AdminStore> {
-    open_store(cfg)
+fn configured(cfg: &Config) -> anyhow::Result<Box<dyn AdminStore>> {
+    Ok(match &cfg.store {
+        StoreConfig::Sqlite => Box::new(open_store(cfg)?),
+        StoreConfig::Postgres { url, .. } => Box::new(PgBackend::new(cfg, url).prepare(cfg)?),
+    })
 }
 
 pub fn load_config(path: &Path) -> anyhow::Result<Config> {
@@ -157,14 +163,14 @@ pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
     println!("{}", w.id);
     if let Some(from) = a.rescan_from {
         store.request_rescan(&w.id, from)?;
-        show_rescan_progress(&store, &w.id, from);
+        show_rescan_progress(store.as_ref(), &w.id, from);
     }
     Ok(())
 }
 
 /// Follows the running watcher's rescan of `watch_id` with a progress line (blocks, rate, ETA).
 /// Leaves it running if nothing moves: the rescan is stored and resumes with `chainwatch run`.
-fn show_rescan_progress(store: &impl AdminStore, watch_id: &str, from: u32) {
+fn show_rescan_progress(store: &dyn AdminStore, watch_id: &str, from: u32) {
     use std::io::Write;
     let started = std::time::Instant::now();
     let (mut last_next, mut last_move) = (from, std::time::Instant::now());

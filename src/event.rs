@@ -22,6 +22,7 @@ pub const ALERT_ENDPOINT_DISABLED: &str = "alert.endpoint_disabled";
 pub const ALERT_DELIVERY_EXHAUSTED: &str = "alert.delivery_exhausted";
 pub const ALERT_ENDPOINT_FAILING: &str = "alert.endpoint_failing";
 pub const ALERT_STORE_ERROR: &str = "alert.store_error";
+pub const ALERT_LEADER_CHANGED: &str = "alert.leader_changed";
 
 /// A block as events name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,9 +48,20 @@ pub enum Following {
     },
 }
 
+/// This instance's part when several share a PostgreSQL store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Role {
+    /// Whether it holds the leader lease (and follows the chain).
+    pub leader: bool,
+    /// The lease's epoch: this instance's while it leads, the latest seen while it stands by.
+    pub epoch: i64,
+}
+
 #[derive(Default)]
 struct State {
     following: Following,
+    /// None: a store of one instance (SQLite), which always follows.
+    role: Option<Role>,
     node: Option<Incident>,
     /// Store incidents per reporter (each worker has its own connection).
     store: BTreeMap<String, Incident>,
@@ -81,6 +92,20 @@ impl Health {
 
     pub fn set_following(&self, f: Following) {
         self.state().following = f;
+    }
+
+    /// A standby follows nothing: its following and node state start afresh when it leads.
+    pub fn set_role(&self, role: Role) {
+        let mut s = self.state();
+        if !role.leader {
+            s.following = Following::Starting;
+            s.node = None;
+        }
+        s.role = Some(role);
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.state().role
     }
 
     pub fn node_failed(&self, error: &str) -> Change {
@@ -169,7 +194,9 @@ impl Health {
                 i.error
             ));
         }
+        let standby = s.role.is_some_and(|r| !r.leader);
         match &s.following {
+            _ if standby => {}
             Following::AtTip => {}
             Following::Starting if s.node.is_none() => {
                 out.push("follower: not synced with the node yet".into())

@@ -15,6 +15,7 @@ pub mod merge;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod pg;
 pub mod proof;
 pub mod sign;
 pub mod simnode;

@@ -32,6 +32,8 @@ pub struct Metrics {
     events: Mutex<BTreeMap<String, u64>>,
     deliveries: Mutex<BTreeMap<(String, String), u64>>,
     latency: Mutex<Histogram>,
+    /// With a shared PostgreSQL store: 1 leading, 0 standing by (and the lease epoch).
+    role: Mutex<Option<(bool, i64)>>,
 }
 
 fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
@@ -53,6 +55,10 @@ pub struct QueueState {
 }
 
 impl Metrics {
+    pub fn set_role(&self, leader: bool, epoch: i64) {
+        *self.role.lock().expect("metrics lock") = Some((leader, epoch));
+    }
+
     pub fn zmq_message(&self, topic: &str) {
         bump(&self.zmq_messages, topic.to_string());
     }
@@ -124,6 +130,20 @@ impl Metrics {
             "Blocks the watcher is behind the node.",
             (node - tip).max(0).to_string(),
         );
+        if let Some((leader, epoch)) = *self.role.lock().expect("metrics lock") {
+            gauge(
+                &mut o,
+                "chainwatch_leader",
+                "1 while this instance holds the leader lease and follows the chain, 0 on standby.",
+                u8::from(leader).to_string(),
+            );
+            gauge(
+                &mut o,
+                "chainwatch_lease_epoch",
+                "The leader lease's epoch: this instance's while it leads, the latest seen on standby.",
+                epoch.to_string(),
+            );
+        }
         let up = u8::from(self.node_reachable.load(Ordering::Relaxed));
         gauge(
             &mut o,

@@ -197,14 +197,21 @@ async fn health_check<St: AdminStore>(State(api): State<Api<St>>) -> Response {
         .node_reachable
         .load(std::sync::atomic::Ordering::Relaxed);
     let tip = tip.map(|t| json!({ "hash": t.hash.to_string(), "height": t.height }));
-    if problems.is_empty() {
-        return Json(json!({ "status": "ok", "tip": tip, "node_reachable": node })).into_response();
+    let mut body = if problems.is_empty() {
+        json!({ "status": "ok", "tip": tip, "node_reachable": node })
+    } else {
+        json!({ "status": "degraded", "problems": problems, "tip": tip, "node_reachable": node })
+    };
+    if let Some(role) = api.health.role() {
+        body["role"] = json!(if role.leader { "leader" } else { "standby" });
+        body["epoch"] = json!(role.epoch);
     }
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({ "status": "degraded", "problems": problems, "tip": tip, "node_reachable": node })),
-    )
-        .into_response()
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 /// How long `/health` waits for the store's write lock before calling it refused.

@@ -1,6 +1,7 @@
 //! `watcher.toml`: parsing, defaults and validation. Every refusal is one line naming key and value.
 
 mod endpoint;
+mod store;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use crate::sign::Secret;
 pub use crate::watch::network_name;
 use crate::watch::Watch;
 use endpoint::RawEndpoint;
+use store::RawStore;
+pub use store::{is_postgres_url, StoreConfig};
 
 /// A configuration refusal: which key, which value, and why.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    store: RawStore,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -296,6 +301,8 @@ pub struct Config {
     pub retain_attempts: Duration,
     /// `[retention] events`: events kept this long (default: forever).
     pub retain_events: Option<Duration>,
+    /// `[store]`: SQLite in the data directory, or PostgreSQL.
+    pub store: StoreConfig,
 }
 
 /// The audit key's file name in the data directory when `[audit] key_file` is not set.
@@ -536,6 +543,7 @@ impl RawConfig {
                 "must be at least retention.attempts",
             ));
         }
+        let store = self.store.validate()?;
         let data_dir = resolve(base, self.data_dir);
         let audit_key_file = match self.audit.key_file {
             Some(p) => resolve(base, p),
@@ -547,6 +555,7 @@ impl RawConfig {
             audit_key_file,
             retain_attempts,
             retain_events,
+            store,
             default_confirmations: self.default_confirmations,
             start_height,
             finality_depth: self.finality_depth,

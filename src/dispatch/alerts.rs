@@ -144,6 +144,15 @@ pub fn store_error_alert(since_ms: i64, error: &str, seconds: u64, who: &str) ->
     )
 }
 
+/// This instance took the leader lease (`epoch`) from `previous` (its holder), if anyone held it.
+pub fn leader_changed_alert(epoch: i64, instance: &str, previous: Option<&str>) -> NewEvent {
+    alert(
+        event::ALERT_LEADER_CHANGED,
+        &format!("leader|{epoch}"),
+        json!({ "epoch": epoch, "instance": instance, "previous_instance": previous }),
+    )
+}
+
 /// Records alerts (only those some endpoint asks for) and an endpoint disabling together.
 pub fn record_alerts<St: OutboxStore>(
     store: &mut St,

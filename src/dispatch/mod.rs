@@ -3,7 +3,7 @@
 //! flight; unordered ones up to `concurrency`. A slow or dead endpoint delays only itself, and
 //! one that refuses connections waits as a whole (one probe at a time).
 
-mod alerts;
+pub mod alerts;
 mod http;
 mod worker;
 

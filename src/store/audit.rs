@@ -314,89 +314,136 @@ fn upgrade_legacy_chain(tx: &Transaction, key: &AuditKey) -> Result<()> {
     Ok(())
 }
 
-impl Store {
-    /// Walks the keyed chain and checks the head.
-    pub fn audit(&self) -> Result<AuditReport> {
-        let key = &self.audit_key;
-        // One snapshot for the checkpoint, the rows and the head, though the daemon writes on.
-        let _snapshot = self.conn.unchecked_transaction()?;
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))?;
-        let mut rows = stmt.query([])?;
-        let fail = |count: i64, seq: i64, why: String| AuditReport {
+/// Walks the keyed chain row by row, whichever backend reads the rows, then checks the head.
+pub struct AuditWalk<'k> {
+    key: &'k AuditKey,
+    expected_seq: i64,
+    prev: String,
+    count: i64,
+    problem: Option<(i64, String)>,
+}
+
+impl<'k> AuditWalk<'k> {
+    /// Starts after retention's checkpoint (the stored text), if it pruned a prefix.
+    pub fn start(key: &'k AuditKey, checkpoint: Option<&str>) -> AuditWalk<'k> {
+        let mut walk = AuditWalk {
+            key,
+            expected_seq: 1,
+            prev: String::new(),
+            count: 0,
+            problem: None,
+        };
+        if let Some(c) = checkpoint {
+            match parse_checkpoint(key, c) {
+                Some((seq, chain)) => (walk.expected_seq, walk.prev) = (seq + 1, chain),
+                None => walk.problem = Some((
+                    1,
+                    "the retention checkpoint does not verify under the audit key: it was edited"
+                        .into(),
+                )),
+            }
+        }
+        walk
+    }
+
+    /// Whether a problem was found (the rest of the rows need not be read).
+    pub fn failed(&self) -> bool {
+        self.problem.is_some()
+    }
+
+    /// The next row in sequence order.
+    pub fn push(&mut self, row: ChainedRow) {
+        if self.failed() {
+            return;
+        }
+        let expected = self.expected_seq;
+        let problem = if row.seq != expected {
+            Some(format!(
+                "expected sequence {expected} here: a row was removed or reordered"
+            ))
+        } else if row.prev != self.prev {
+            Some("its previous chain value does not match the row before: a row was removed, edited or reordered".into())
+        } else {
+            row.check(self.key).err().map(str::to_string)
+        };
+        match problem {
+            Some(p) => self.problem = Some((row.seq, p)),
+            None => {
+                self.prev = row.chain;
+                self.expected_seq += 1;
+                self.count += 1;
+            }
+        }
+    }
+
+    /// Checks the stored head (and a break an upgrade recorded) against the rows walked.
+    pub fn finish(self, head: Option<String>, legacy_break: Option<i64>) -> AuditReport {
+        let count = self.count;
+        let fail = |seq: i64, why: String| AuditReport {
             verified: count,
             problem: Some((seq, why)),
             head: None,
         };
-        // Retention may have pruned a prefix: the chain then starts at its keyed checkpoint.
-        let (checkpoint_seq, checkpoint_chain) = match self.meta("audit_checkpoint")? {
-            None => (0, String::new()),
-            Some(c) => match parse_checkpoint(key, &c) {
-                Some(p) => p,
-                None => {
-                    let why = "the retention checkpoint does not verify under the audit key: it was edited".to_string();
-                    return Ok(fail(0, 1, why));
-                }
-            },
-        };
-        let (mut expected_seq, mut prev, mut count) = (checkpoint_seq + 1, checkpoint_chain, 0i64);
-        while let Some(r) = rows.next()? {
-            let row = chained_row(r)?;
-            let problem = if row.seq != expected_seq {
-                Some(format!(
-                    "expected sequence {expected_seq} here: a row was removed or reordered"
-                ))
-            } else if row.prev != prev {
-                Some("its previous chain value does not match the row before: a row was removed, edited or reordered".into())
-            } else {
-                row.check(key).err().map(str::to_string)
-            };
-            if let Some(p) = problem {
-                return Ok(fail(count, row.seq, p));
-            }
-            prev = row.chain;
-            expected_seq += 1;
-            count += 1;
+        if let Some((seq, why)) = self.problem {
+            return fail(seq, why);
         }
-        drop(rows);
-        drop(stmt);
-        let last = expected_seq - 1;
-        let legacy_break = legacy_break(&self.conn)?;
-        let head = self.meta("event_head")?;
+        let last = self.expected_seq - 1;
         if last == 0 && head.is_none() {
-            return Ok(AuditReport {
+            return AuditReport {
                 verified: 0,
                 problem: None,
                 head: None,
-            });
+            };
         }
         let Some(head) = head else {
             let why = "the stored head is missing while events exist: the newest rows or the head were removed".to_string();
-            return Ok(fail(count, last + 1, why));
+            return fail(last + 1, why);
         };
         let head_seq: i64 = head
             .split('|')
             .next()
             .and_then(|s| s.parse().ok())
             .unwrap_or(-1);
-        if head != key.head(last, &prev, legacy_break) {
+        if head != self.key.head(last, &self.prev, legacy_break) {
             let why = if head_seq > last {
                 format!("the log ends at sequence {last}, but {head_seq} events were recorded: the newest rows were removed")
             } else {
                 "the stored head does not match the log's newest row under the audit key: the head or the newest rows were edited".to_string()
             };
-            return Ok(fail(count, last + 1, why));
+            return fail(last + 1, why);
         }
         if let Some(seq) = legacy_break {
             let why = "the log was edited before it was keyed: its old unkeyed chain broke here when the store was upgraded".to_string();
-            return Ok(fail(count, seq, why));
+            return fail(seq, why);
         }
-        Ok(AuditReport {
+        AuditReport {
             verified: count,
             problem: None,
-            head: Some((last, prev)),
-        })
+            head: Some((last, self.prev)),
+        }
+    }
+}
+
+impl Store {
+    /// Walks the keyed chain and checks the head.
+    pub fn audit(&self) -> Result<AuditReport> {
+        // One snapshot for the checkpoint, the rows and the head, though the daemon writes on.
+        let _snapshot = self.conn.unchecked_transaction()?;
+        let checkpoint = self.meta("audit_checkpoint")?;
+        let mut walk = AuditWalk::start(&self.audit_key, checkpoint.as_deref());
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {ROW_COLUMNS} FROM events ORDER BY seq"))?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            if walk.failed() {
+                break;
+            }
+            walk.push(chained_row(r)?);
+        }
+        drop(rows);
+        drop(stmt);
+        Ok(walk.finish(self.meta("event_head")?, legacy_break(&self.conn)?))
     }
 }
 
@@ -424,7 +471,7 @@ impl Store {
 }
 
 /// The retention checkpoint: the last pruned sequence and its chain value, under a MAC.
-pub(super) fn checkpoint(key: &AuditKey, seq: i64, chain: &str) -> String {
+pub(crate) fn checkpoint(key: &AuditKey, seq: i64, chain: &str) -> String {
     let mac = key.mac(&[format!("checkpoint|{seq}|{chain}").as_bytes()]);
     format!("{seq}|{chain}|{mac}")
 }
@@ -444,7 +491,7 @@ pub(super) fn read_checkpoint(
     Ok(text.and_then(|t| parse_checkpoint(key, &t)))
 }
 
-fn parse_checkpoint(key: &AuditKey, text: &str) -> Option<(i64, String)> {
+pub fn parse_checkpoint(key: &AuditKey, text: &str) -> Option<(i64, String)> {
     let mut parts = text.split('|');
     let seq: i64 = parts.next()?.parse().ok()?;
     let chain = parts.next()?.to_string();

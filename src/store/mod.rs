@@ -4,9 +4,10 @@
 
 mod audit;
 mod interface;
+mod log;
 mod migrations;
 mod outbox;
-mod records;
+pub(crate) mod records;
 mod retention;
 mod shared;
 
@@ -17,8 +18,9 @@ use bitcoin::hashes::{sha256, Hash};
 use bitcoin::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
 
-pub use audit::{AuditKey, AuditReport, ChainedRow, AUDIT_KEY_FILE};
+pub use audit::{parse_checkpoint, AuditKey, AuditReport, AuditWalk, ChainedRow, AUDIT_KEY_FILE};
 pub use interface::{AdminStore, ChainStore, OutboxStore};
+pub use log::{append_events, EventLog};
 pub use outbox::{
     AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,
     EndpointState,
@@ -28,7 +30,7 @@ pub use retention::{Pruned, RetentionPolicy};
 pub use shared::SharedStore;
 
 use crate::changeset::ChangeSet;
-use crate::event::{type_matches, webhook_body, NewEvent};
+use crate::event::type_matches;
 pub use crate::tip::StoredBlock;
 use crate::tip::{TipChange, TipChanges};
 
@@ -36,6 +38,11 @@ use crate::tip::{TipChange, TipChanges};
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    /// A chain step refused because this instance no longer holds the leader lease.
+    #[error("not the leader: {0}")]
+    Fenced(String),
     #[error("cannot create data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
     #[error("data directory was created for network {stored}, but the config says {configured}")]
@@ -387,8 +394,13 @@ impl Store {
         records::write_index(&tx, &changes.index)?;
         records::write_rescan(&tx, &changes.rescan)?;
         outbox::write_endpoints(&tx, &changes.endpoints)?;
-        let committed =
-            append_events(&tx, &self.filters, &self.audit_key, &changes.events, now_ms)?;
+        let committed = append_events(
+            &mut SqliteLog(&tx),
+            &self.filters,
+            &self.audit_key,
+            &changes.events,
+            now_ms,
+        )?;
         tx.commit()?;
         Ok(committed)
     }
@@ -484,86 +496,61 @@ fn move_tip(tx: &Connection, change: &TipChange, keep: u32) -> Result<()> {
     Ok(())
 }
 
-fn append_events(
-    tx: &Connection,
-    filters: &[(String, Vec<String>)],
-    key: &AuditKey,
-    events: &[NewEvent],
-    now_ms: i64,
-) -> Result<Vec<CommittedEvent>> {
-    if events.is_empty() {
-        return Ok(vec![]);
+/// The SQLite side of the event log, inside a step's transaction.
+struct SqliteLog<'a>(&'a Connection);
+
+impl EventLog for SqliteLog<'_> {
+    fn newest(&mut self) -> Result<(i64, String)> {
+        Ok(self
+            .0
+            .query_row(
+                "SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .unwrap_or((0, String::new())))
     }
-    let (mut seq, mut prev_hash): (i64, String) = tx
-        .query_row(
-            "SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?
-        .unwrap_or((0, String::new()));
-    let timestamp = crate::event::rfc3339(
-        time::OffsetDateTime::from_unix_timestamp(now_ms / 1000)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
-    );
-    let mut out = Vec::new();
-    let mut insert_event = tx.prepare_cached(
-        "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
-    )?;
-    let mut insert_delivery =
-        tx.prepare_cached("INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)")?;
-    for e in events {
-        let next = seq + 1;
-        let body = webhook_body(e, next, &timestamp);
-        let mut row = ChainedRow {
-            seq: next,
-            id: e.id.clone(),
-            kind: e.kind.to_string(),
-            payload_hash: sha256_hex(body.as_bytes()),
-            body,
-            prev: prev_hash,
-            chain: String::new(),
-        };
-        row.chain = key.chain(&row);
-        if insert_event.execute(params![
-            next,
-            e.id,
-            e.kind,
-            row.body,
-            now_ms,
-            row.prev,
-            row.payload_hash,
-            row.chain
-        ])? == 0
-        {
-            prev_hash = row.prev;
-            // Deterministic ids make a replayed step harmless: the event is already logged.
-            tracing::warn!(id = %e.id, kind = e.kind, "event already recorded; not repeated");
-            continue;
-        }
-        seq = next;
-        for (name, globs) in filters {
-            if globs.iter().any(|g| type_matches(g, e.kind)) {
-                insert_delivery.execute(params![seq, name, now_ms])?;
-            }
-        }
-        out.push(CommittedEvent {
-            seq,
-            id: e.id.clone(),
-            kind: e.kind.to_string(),
-        });
-        prev_hash = row.chain;
+
+    fn insert_event(&mut self, row: &ChainedRow, now_ms: i64) -> Result<bool> {
+        let n = self
+            .0
+            .prepare_cached(
+                "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
+            )?
+            .execute(params![
+                row.seq,
+                row.id,
+                row.kind,
+                row.body,
+                now_ms,
+                row.prev,
+                row.payload_hash,
+                row.chain
+            ])?;
+        Ok(n > 0)
     }
-    // The head makes removing the newest rows detectable too: the chain alone ends wherever it is cut.
-    if let Some(last) = out.last() {
-        tx.execute(
+
+    fn insert_delivery(&mut self, seq: i64, endpoint: &str, now_ms: i64) -> Result<()> {
+        self.0
+            .prepare_cached("INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)")?
+            .execute(params![seq, endpoint, now_ms])?;
+        Ok(())
+    }
+
+    fn legacy_break(&mut self) -> Result<Option<i64>> {
+        audit::legacy_break(self.0)
+    }
+
+    fn set_head(&mut self, head: &str) -> Result<()> {
+        self.0.execute(
             "INSERT INTO meta (key, value) VALUES ('event_head', ?1)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [key.head(last.seq, &prev_hash, audit::legacy_break(tx)?)],
+            [head],
         )?;
+        Ok(())
     }
-    Ok(out)
 }
 
 /// A store in `dir` with one endpoint, `shop`, that takes every event (for unit tests).

@@ -30,15 +30,109 @@ fn event_row(r: &rusqlite::Row) -> rusqlite::Result<EventRow> {
     })
 }
 
-fn gap_of(w: &Watch) -> Option<u32> {
+pub(crate) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// A tracked transaction's columns, the same in every backend.
+pub(crate) struct TrackedColumns {
+    pub txid: String,
+    pub watch_id: String,
+    pub status: String,
+    pub block_hash: Option<String>,
+    pub block_height: Option<i64>,
+    pub block_time: Option<i64>,
+    pub reorg_count: i64,
+    pub fired: i64,
+    pub outputs: String,
+    pub inputs: String,
+    pub spends: String,
+}
+
+impl TrackedColumns {
+    pub(crate) fn of(t: &Tracked) -> TrackedColumns {
+        let (status, block) = match t.status {
+            TxStatus::Mempool => ("mempool", None),
+            TxStatus::Confirmed(b) => ("confirmed", Some(b)),
+            TxStatus::Unconfirmed => ("unconfirmed", None),
+        };
+        let spends: Vec<String> = t.spends.iter().map(|o| o.to_string()).collect();
+        TrackedColumns {
+            txid: t.txid.to_string(),
+            watch_id: t.watch_id.clone(),
+            status: status.to_string(),
+            block_hash: block.map(|b| b.hash.to_string()),
+            block_height: block.map(|b| b.height.into()),
+            block_time: block.map(|b| b.time.into()),
+            reorg_count: t.reorg_count.into(),
+            fired: t.fired.into(),
+            outputs: serde_json::to_string(&t.outputs).expect("outputs serialise"),
+            inputs: serde_json::to_string(&t.inputs).expect("inputs serialise"),
+            spends: serde_json::to_string(&spends).expect("spends serialise"),
+        }
+    }
+
+    pub(crate) fn parse(self) -> Result<Tracked> {
+        let spends: Vec<String> =
+            serde_json::from_str(&self.spends).map_err(|e| corrupt("spends", e))?;
+        let status = match (
+            self.status.as_str(),
+            self.block_hash,
+            self.block_height,
+            self.block_time,
+        ) {
+            ("mempool", ..) => TxStatus::Mempool,
+            ("unconfirmed", ..) => TxStatus::Unconfirmed,
+            ("confirmed", Some(h), Some(height), Some(time)) => TxStatus::Confirmed(BlockRef {
+                hash: parse_hash(&h)?,
+                height: small(height, "block height")?,
+                time: small(time, "block time")?,
+            }),
+            (s, ..) => return Err(corrupt("tracked status", s)),
+        };
+        Ok(Tracked {
+            txid: self.txid.parse::<Txid>().map_err(|e| corrupt("txid", e))?,
+            watch_id: self.watch_id,
+            status,
+            reorg_count: small(self.reorg_count, "reorg count")?,
+            fired: small(self.fired, "fired")?,
+            outputs: serde_json::from_str(&self.outputs).map_err(|e| corrupt("outputs", e))?,
+            inputs: serde_json::from_str(&self.inputs).map_err(|e| corrupt("inputs", e))?,
+            spends: spends
+                .iter()
+                .map(|o| o.parse())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| corrupt("spends", e))?,
+        })
+    }
+}
+
+/// A stored integer that must fit 32 bits.
+pub(crate) fn small(v: i64, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| corrupt(what, v))
+}
+
+/// A watch's target from its stored text: a descriptor when it has a gap limit.
+pub(crate) fn target_of(text: String, gap_limit: Option<u32>) -> Target {
+    match gap_limit {
+        None => Target::Address { address: text },
+        Some(gap_limit) => Target::Descriptor {
+            descriptor: text,
+            gap_limit,
+        },
+    }
+}
+
+/// The stored gap limit of a watch (descriptors only).
+pub(crate) fn gap_of(w: &Watch) -> Option<u32> {
     match w.target {
         Target::Descriptor { gap_limit, .. } => Some(gap_limit),
         Target::Address { .. } => None,
     }
 }
 
-fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {e}"))
+pub(crate) fn parse_metadata(text: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| corrupt("metadata", e))
 }
 
 pub(super) fn write_tracked(tx: &rusqlite::Connection, changes: &TrackedChanges) -> Result<()> {
@@ -47,24 +141,19 @@ pub(super) fn write_tracked(tx: &rusqlite::Connection, changes: &TrackedChanges)
          reorg_count, fired, outputs, inputs, spends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?;
     for t in changes.upserts() {
-        let (status, block) = match t.status {
-            TxStatus::Mempool => ("mempool", None),
-            TxStatus::Confirmed(b) => ("confirmed", Some(b)),
-            TxStatus::Unconfirmed => ("unconfirmed", None),
-        };
-        let spends: Vec<String> = t.spends.iter().map(|o| o.to_string()).collect();
+        let c = TrackedColumns::of(t);
         upsert.execute(params![
-            t.txid.to_string(),
-            t.watch_id,
-            status,
-            block.map(|b| b.hash.to_string()),
-            block.map(|b| b.height),
-            block.map(|b| b.time),
-            t.reorg_count,
-            t.fired,
-            serde_json::to_string(&t.outputs).expect("outputs serialise"),
-            serde_json::to_string(&t.inputs).expect("inputs serialise"),
-            serde_json::to_string(&spends).expect("spends serialise"),
+            c.txid,
+            c.watch_id,
+            c.status,
+            c.block_hash,
+            c.block_height,
+            c.block_time,
+            c.reorg_count,
+            c.fired,
+            c.outputs,
+            c.inputs,
+            c.spends,
         ])?;
     }
     let mut remove = tx.prepare_cached("DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2")?;
@@ -110,63 +199,21 @@ impl Store {
             "SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs, spends FROM tracked",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, Option<u32>>(4)?,
-                r.get::<_, Option<u32>>(5)?,
-                r.get::<_, u32>(6)?,
-                r.get::<_, u32>(7)?,
-                r.get::<_, String>(8)?,
-                r.get::<_, String>(9)?,
-                r.get::<_, String>(10)?,
-            ))
+            Ok(TrackedColumns {
+                txid: r.get(0)?,
+                watch_id: r.get(1)?,
+                status: r.get(2)?,
+                block_hash: r.get(3)?,
+                block_height: r.get(4)?,
+                block_time: r.get(5)?,
+                reorg_count: r.get(6)?,
+                fired: r.get(7)?,
+                outputs: r.get(8)?,
+                inputs: r.get(9)?,
+                spends: r.get(10)?,
+            })
         })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (
-                txid,
-                watch_id,
-                status,
-                bhash,
-                bheight,
-                btime,
-                reorg_count,
-                fired,
-                outputs,
-                inputs,
-                spends,
-            ) = row?;
-            let spends: Vec<String> =
-                serde_json::from_str(&spends).map_err(|e| corrupt("spends", e))?;
-            let status = match (status.as_str(), bhash, bheight, btime) {
-                ("mempool", ..) => TxStatus::Mempool,
-                ("unconfirmed", ..) => TxStatus::Unconfirmed,
-                ("confirmed", Some(h), Some(height), Some(time)) => TxStatus::Confirmed(BlockRef {
-                    hash: parse_hash(&h)?,
-                    height,
-                    time,
-                }),
-                (s, ..) => return Err(corrupt("tracked status", s)),
-            };
-            out.push(Tracked {
-                txid: txid.parse::<Txid>().map_err(|e| corrupt("txid", e))?,
-                watch_id,
-                status,
-                reorg_count,
-                fired,
-                outputs: serde_json::from_str(&outputs).map_err(|e| corrupt("outputs", e))?,
-                inputs: serde_json::from_str(&inputs).map_err(|e| corrupt("inputs", e))?,
-                spends: spends
-                    .iter()
-                    .map(|o| o.parse())
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(|e| corrupt("spends", e))?,
-            });
-        }
-        Ok(out)
+        rows.map(|row| row?.parse()).collect()
     }
 
     pub fn load_coins(&self) -> Result<Vec<(OutPoint, WatchedCoin)>> {
@@ -215,19 +262,12 @@ impl Store {
         })?;
         rows.map(|row| {
             let (id, target, confirmations, label, metadata, gap_limit) = row?;
-            let target = match gap_limit {
-                None => Target::Address { address: target },
-                Some(gap_limit) => Target::Descriptor {
-                    descriptor: target,
-                    gap_limit,
-                },
-            };
             Ok(Watch {
                 id,
-                target,
+                target: target_of(target, gap_limit),
                 confirmations,
                 label,
-                metadata: serde_json::from_str(&metadata).map_err(|e| corrupt("metadata", e))?,
+                metadata: parse_metadata(&metadata)?,
             })
         })
         .collect()
@@ -283,14 +323,7 @@ impl Store {
             if exclude.contains(&id) {
                 continue;
             }
-            let target = match gap {
-                None => Target::Address { address: target },
-                Some(gap_limit) => Target::Descriptor {
-                    descriptor: target,
-                    gap_limit,
-                },
-            };
-            index.insert_target(&id, &target, confirmations);
+            index.insert_target(&id, &target_of(target, gap), confirmations);
         }
         index.coins.extend(self.load_coins()?);
         for d in self.load_derivations()? {

@@ -3,6 +3,7 @@
 //! guard. Not used by the daemon itself.
 
 pub mod config;
+pub mod postgres;
 pub mod process;
 pub mod receiver;
 pub mod wait;

@@ -1,6 +1,12 @@
 //! `chainwatch run`: opens the store, starts the admin API and one supervised delivery worker
 //! per endpoint, then waits for the node, subscribes to ZMQ and runs the follower until
-//! shutdown.
+//! shutdown. With a shared PostgreSQL store the follower runs only while this instance holds
+//! the leader lease (`leader`); the API and the deliveries run on every instance.
+
+mod backend;
+mod leader;
+
+pub use backend::{Backend, PgBackend, SqliteBackend};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::chain::{Follower, FollowerOptions};
+use crate::config::StoreConfig;
 use crate::config::{core_chain_name, network_name, Config};
 use crate::dispatch;
 pub use crate::event::now_ms;
 use crate::health::Health;
 use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
-use crate::store::{RetentionPolicy, SharedStore, Store};
+use crate::store::{ChainStore, RetentionPolicy, SharedStore, Store};
 use crate::tracker::Tracker;
 
 /// Opens the store and makes its endpoints and config watches match the config.
@@ -103,13 +110,14 @@ pub fn check_chain(cfg: &Config, info: &ChainInfo) -> anyhow::Result<()> {
 }
 
 /// Binds the admin API; a port already taken is an error at start, not a silent absence.
-async fn start_api(
+async fn start_api<B: Backend>(
     cfg: &Config,
+    backend: &B,
     ctx: &dispatch::Context,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let app = api::router(
         &cfg.api,
-        Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?,
+        backend.open()?,
         ctx.metrics.clone(),
         ctx.health.clone(),
         cfg.network,
@@ -139,18 +147,17 @@ async fn start_api(
 
 /// Runs a delivery worker for `ep`, starting it again whenever it ends before shutdown (a
 /// panic, or a store that could not be opened), and saying so in `/health` meanwhile.
-fn supervise_endpoint(
-    cfg: &Config,
+fn supervise_endpoint<B: Backend>(
+    backend: B,
     ep: crate::config::EndpointConfig,
     ctx: dispatch::Context,
 ) -> tokio::task::JoinHandle<()> {
-    let (dir, key) = (cfg.data_dir.clone(), cfg.audit_key_file.clone());
     let who = format!("dispatch:{}", ep.name);
     tokio::spawn(async move {
         loop {
             let opened = {
-                let (dir, key) = (dir.clone(), key.clone());
-                tokio::task::spawn_blocking(move || Store::open_keyed(&dir, &key)).await
+                let (backend, ep) = (backend.clone(), ep.clone());
+                tokio::task::spawn_blocking(move || backend.open_for_deliveries(&ep)).await
             };
             let why = match opened {
                 Ok(Ok(store)) => {
@@ -179,11 +186,31 @@ fn supervise_endpoint(
 /// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first. The admin
 /// API and the delivery workers start first and run whether or not bitcoind answers.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match &cfg.store {
+        StoreConfig::Sqlite => {
+            let backend = SqliteBackend::new(&cfg);
+            run_with(cfg, backend, shutdown).await
+        }
+        StoreConfig::Postgres { url, .. } => {
+            let backend = PgBackend::new(&cfg, url);
+            run_with(cfg, backend, shutdown).await
+        }
+    }
+}
+
+async fn run_with<B: Backend>(
+    cfg: Config,
+    backend: B,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Each worker builds the same client again; a bad certificate or proxy stops us here, once.
     for ep in &cfg.endpoints {
         dispatch::Sender::new(ep)?;
     }
-    let store = open_store(&cfg)?;
+    let store = {
+        let (backend, cfg) = (backend.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || backend.prepare(&cfg)).await??
+    };
     // One look at the node first: a node of another chain or an unusable cookie is refused
     // here, in one line, before anything starts. A node that is merely down is waited for.
     let rpc = Arc::new(RpcClient::new(
@@ -199,21 +226,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Err(e) => return Err(e).context("connecting to bitcoind"),
     };
     let ctx = dispatch::Context::new(Arc::new(Notify::new()), shutdown.clone());
-    let api = start_api(&cfg, &ctx).await?;
+    let api = start_api(&cfg, &backend, &ctx).await?;
     let workers: Vec<_> = cfg
         .endpoints
         .iter()
-        .map(|ep| supervise_endpoint(&cfg, ep.clone(), ctx.clone()))
+        .map(|ep| supervise_endpoint(backend.clone(), ep.clone(), ctx.clone()))
         .collect();
-    let retention = tokio::spawn(retain(
-        Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?,
-        RetentionPolicy {
-            attempts: cfg.retain_attempts,
-            events: cfg.retain_events,
-        },
-        ctx.clone(),
-    ));
-    let followed = follow(&cfg, store, rpc, first, &ctx).await;
+    let retention = backend.retention(&cfg)?.map(|store| {
+        tokio::spawn(retain(
+            store,
+            RetentionPolicy {
+                attempts: cfg.retain_attempts,
+                events: cfg.retain_events,
+            },
+            ctx.clone(),
+        ))
+    });
+    let followed = backend.follow(&cfg, store, rpc, first, &ctx).await;
     shutdown.cancel();
     for w in workers {
         if let Err(e) = w.await {
@@ -221,7 +250,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
     let _ = api.await;
-    let _ = retention.await;
+    if let Some(r) = retention {
+        let _ = r.await;
+    }
     tracing::info!("stopped");
     followed
 }
@@ -288,9 +319,9 @@ async fn retain(store: Store, policy: RetentionPolicy, ctx: dispatch::Context) {
 /// Waits for the node, subscribes to ZMQ and follows the chain until shutdown. The follower
 /// runs on a thread of its own: its store work may block (busy timeouts, a slow disk) without
 /// stalling the API or the deliveries.
-async fn follow(
+async fn follow<St: ChainStore>(
     cfg: &Config,
-    store: Store,
+    store: St,
     rpc: Arc<RpcClient>,
     first: Option<ChainInfo>,
     ctx: &dispatch::Context,

@@ -1,0 +1,415 @@
+//! What the chain follower reads and commits, on PostgreSQL. Every write checks the fence
+//! first, in its own transaction.
+
+use bitcoin::{BlockHash, Network, OutPoint};
+use tokio_postgres::Row;
+
+use super::{PgStore, EVENT_LOG_LOCK};
+use crate::changeset::ChangeSet;
+use crate::store::records::{corrupt, small, target_of, TrackedColumns};
+use crate::store::{
+    append_events, ChainStore, ChainedRow, CommittedEvent, EventLog, Result, StoreError,
+    StoredBlock,
+};
+use crate::tip::TipChange;
+use crate::tracker::Tracked;
+use crate::watch::{Derivation, Watch, WatchIndex, WatchLoader, WatchedCoin};
+
+fn block_of(r: &Row) -> Result<StoredBlock> {
+    let hash: String = r.get(0);
+    let prev: String = r.get(2);
+    let tx_count: Option<i64> = r.get(4);
+    Ok(StoredBlock {
+        hash: hash.parse().map_err(|e| corrupt("block hash", e))?,
+        height: small(r.get(1), "block height")?,
+        prev: prev.parse().map_err(|e| corrupt("block hash", e))?,
+        time: small(r.get(3), "block time")?,
+        tx_count: tx_count.map(|n| small(n, "tx count")).transpose()?,
+    })
+}
+
+impl PgStore {
+    fn block_where(&self, clause: &str, p: super::conn::Params) -> Result<Option<StoredBlock>> {
+        let sql = format!("SELECT hash, height, prev_hash, time, tx_count FROM blocks {clause}");
+        self.conn
+            .query_opt(&sql, p)?
+            .map(|r| block_of(&r))
+            .transpose()
+    }
+
+    /// A block below the tip, or the first one (no events for it); one already there stays.
+    fn insert_block(&self, b: &StoredBlock) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO blocks (height, hash, prev_hash, time, tx_count) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT DO NOTHING",
+            &[
+                &i64::from(b.height),
+                &b.hash.to_string(),
+                &b.prev.to_string(),
+                &i64::from(b.time),
+                &b.tx_count.map(i64::from),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn move_tip(&self, change: &TipChange) -> Result<()> {
+        let tip = self.block_where("ORDER BY height DESC LIMIT 1", &[])?;
+        match change {
+            TipChange::Connect {
+                block,
+                prev,
+                tx_count,
+            } => {
+                if let Some(t) = &tip {
+                    if t.hash != *prev || t.height + 1 != block.height {
+                        return Err(StoreError::TipMismatch(format!(
+                            "block {} at {} does not extend tip {} at {}",
+                            block.hash, block.height, t.hash, t.height
+                        )));
+                    }
+                }
+                self.conn.execute(
+                    "INSERT INTO blocks (height, hash, prev_hash, time, tx_count) VALUES ($1, $2, $3, $4, $5)",
+                    &[
+                        &i64::from(block.height),
+                        &block.hash.to_string(),
+                        &prev.to_string(),
+                        &i64::from(block.time),
+                        &i64::from(*tx_count),
+                    ],
+                )?;
+                self.conn.execute(
+                    "DELETE FROM blocks WHERE height + $1 < $2",
+                    &[&i64::from(self.keep_blocks), &i64::from(block.height)],
+                )?;
+            }
+            TipChange::Disconnect { block } => {
+                if tip.as_ref().map(|t| t.hash) != Some(block.hash) {
+                    return Err(StoreError::TipMismatch(format!(
+                        "block {} is not the tip",
+                        block.hash
+                    )));
+                }
+                self.conn.execute(
+                    "DELETE FROM blocks WHERE height = $1",
+                    &[&i64::from(block.height)],
+                )?;
+                self.conn.execute(
+                    "INSERT INTO block_disconnects (hash, count) VALUES ($1, 1)
+                     ON CONFLICT (hash) DO UPDATE SET count = block_disconnects.count + 1",
+                    &[&block.hash.to_string()],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_changes(&self, changes: &ChangeSet) -> Result<()> {
+        for change in &changes.tip.0 {
+            self.move_tip(change)?;
+        }
+        for t in changes.tracked.upserts() {
+            let c = TrackedColumns::of(t);
+            self.conn.execute(
+                "INSERT INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
+                   reorg_count, fired, outputs, inputs, spends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (txid, watch_id) DO UPDATE SET status = excluded.status,
+                   block_hash = excluded.block_hash, block_height = excluded.block_height,
+                   block_time = excluded.block_time, reorg_count = excluded.reorg_count,
+                   fired = excluded.fired, outputs = excluded.outputs, inputs = excluded.inputs,
+                   spends = excluded.spends",
+                &[
+                    &c.txid, &c.watch_id, &c.status, &c.block_hash, &c.block_height, &c.block_time,
+                    &c.reorg_count, &c.fired, &c.outputs, &c.inputs, &c.spends,
+                ],
+            )?;
+        }
+        for (txid, watch) in changes.tracked.removals() {
+            self.conn.execute(
+                "DELETE FROM tracked WHERE txid = $1 AND watch_id = $2",
+                &[&txid.to_string(), &watch],
+            )?;
+        }
+        for d in &changes.index.derivations {
+            self.conn.execute(
+                "INSERT INTO derivations (watch_id, path, used) VALUES ($1, $2, $3)
+                 ON CONFLICT (watch_id, path) DO UPDATE SET used = GREATEST(derivations.used, excluded.used)",
+                &[&d.watch_id, &i64::from(d.path), &i64::from(d.used)],
+            )?;
+        }
+        for (op, c) in &changes.index.coins {
+            self.conn.execute(
+                "INSERT INTO coins (outpoint, watch_id, address, amount_sat) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                &[&op.to_string(), &c.watch_id, &c.address, &(c.amount_sat as i64)],
+            )?;
+        }
+        for (watch, next) in &changes.rescan.0 {
+            let next = next.map(i64::from);
+            self.conn.execute(
+                "UPDATE watches SET rescan_next = $2 WHERE id = $1",
+                &[&watch, &next],
+            )?;
+        }
+        for (name, reason) in &changes.endpoints.disabled {
+            self.conn.execute(
+                "UPDATE endpoints SET enabled = false, disabled_reason = $2 WHERE name = $1",
+                &[&name, &reason],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Commits a change set in one transaction, fenced when this store leads.
+    pub fn commit_changes(&self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
+        self.conn.transaction(|| {
+            self.check_fence()?;
+            self.write_changes(changes)?;
+            if changes.events.is_empty() {
+                return Ok(vec![]);
+            }
+            self.conn
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_LOG_LOCK])?;
+            append_events(
+                &mut PgLog(self),
+                &self.filters,
+                &self.audit_key,
+                &changes.events,
+                now_ms,
+            )
+        })
+    }
+
+    pub fn load_coins(&self) -> Result<Vec<(OutPoint, WatchedCoin)>> {
+        self.conn
+            .query(
+                "SELECT outpoint, watch_id, address, amount_sat FROM coins",
+                &[],
+            )?
+            .into_iter()
+            .map(|r| {
+                let op: String = r.get(0);
+                let amount: i64 = r.get(3);
+                Ok((
+                    op.parse().map_err(|e| corrupt("outpoint", e))?,
+                    WatchedCoin {
+                        watch_id: r.get(1),
+                        address: r.get(2),
+                        amount_sat: amount as u64,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    pub fn load_derivations(&self) -> Result<Vec<Derivation>> {
+        self.conn
+            .query("SELECT watch_id, path, used FROM derivations", &[])?
+            .into_iter()
+            .map(|r| {
+                Ok(Derivation {
+                    watch_id: r.get(0),
+                    path: small(r.get(1), "derivation path")?,
+                    used: small(r.get(2), "derivation index")?,
+                })
+            })
+            .collect()
+    }
+
+    pub fn load_watches(&self) -> Result<Vec<Watch>> {
+        self.load_watches_where("", &[])
+    }
+
+    pub fn load_watch(&self, id: &str) -> Result<Option<Watch>> {
+        Ok(self
+            .load_watches_where("WHERE id = $1", &[&id])?
+            .into_iter()
+            .next())
+    }
+
+    pub fn rescans(&self) -> Result<Vec<(String, u32)>> {
+        self.conn
+            .query("SELECT id, rescan_next FROM watches WHERE rescan_next IS NOT NULL ORDER BY created_at, id", &[])?
+            .into_iter()
+            .map(|r| Ok((r.get(0), small(r.get(1), "rescan height")?)))
+            .collect()
+    }
+
+    pub fn watch_version(&self) -> Result<i64> {
+        Ok(self
+            .meta("watch_version")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    pub fn tip(&self) -> Result<Option<StoredBlock>> {
+        self.block_where("ORDER BY height DESC LIMIT 1", &[])
+    }
+}
+
+/// The PostgreSQL side of the event log, inside a commit's transaction.
+struct PgLog<'a>(&'a PgStore);
+
+impl EventLog for PgLog<'_> {
+    fn newest(&mut self) -> Result<(i64, String)> {
+        Ok(self
+            .0
+            .conn
+            .query_opt(
+                "SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1",
+                &[],
+            )?
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap_or((0, String::new())))
+    }
+
+    fn insert_event(&mut self, row: &ChainedRow, now_ms: i64) -> Result<bool> {
+        let n = self.0.conn.execute(
+            "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+            &[
+                &row.seq,
+                &row.id,
+                &row.kind,
+                &row.body,
+                &now_ms,
+                &row.prev,
+                &row.payload_hash,
+                &row.chain,
+            ],
+        )?;
+        Ok(n > 0)
+    }
+
+    fn insert_delivery(&mut self, seq: i64, endpoint: &str, now_ms: i64) -> Result<()> {
+        self.0.conn.execute(
+            "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES ($1, $2, 'pending', $3)",
+            &[&seq, &endpoint, &now_ms],
+        )?;
+        Ok(())
+    }
+
+    fn legacy_break(&mut self) -> Result<Option<i64>> {
+        // A PostgreSQL store never held an unkeyed chain.
+        Ok(None)
+    }
+
+    fn set_head(&mut self, head: &str) -> Result<()> {
+        self.0.set_meta("event_head", head)
+    }
+}
+
+impl ChainStore for PgStore {
+    fn tip(&self) -> Result<Option<StoredBlock>> {
+        PgStore::tip(self)
+    }
+    fn block_at(&self, height: u32) -> Result<Option<StoredBlock>> {
+        self.block_where("WHERE height = $1", &[&i64::from(height)])
+    }
+    fn lowest_block(&self) -> Result<Option<StoredBlock>> {
+        self.block_where("ORDER BY height ASC LIMIT 1", &[])
+    }
+    fn keep_blocks(&self) -> u32 {
+        self.keep_blocks
+    }
+    fn init_tip(&mut self, block: StoredBlock) -> Result<()> {
+        self.conn.transaction(|| {
+            self.check_fence()?;
+            self.insert_block(&block)
+        })
+    }
+    fn backfill_blocks(&mut self, blocks: &[StoredBlock]) -> Result<()> {
+        self.conn.transaction(|| {
+            self.check_fence()?;
+            blocks.iter().try_for_each(|b| self.insert_block(b))
+        })
+    }
+    fn disconnect_count(&self, hash: BlockHash) -> Result<u32> {
+        self.conn
+            .query_opt(
+                "SELECT count FROM block_disconnects WHERE hash = $1",
+                &[&hash.to_string()],
+            )?
+            .map_or(Ok(0), |r| small(r.get(0), "disconnect count"))
+    }
+    fn wants(&self, kind: &str) -> bool {
+        self.wants_kind(kind)
+    }
+    fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
+        self.commit_changes(changes, now_ms)
+    }
+    fn load_tracked(&self) -> Result<Vec<Tracked>> {
+        self.conn
+            .query("SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs, spends FROM tracked", &[])?
+            .into_iter()
+            .map(|r| {
+                TrackedColumns {
+                    txid: r.get(0),
+                    watch_id: r.get(1),
+                    status: r.get(2),
+                    block_hash: r.get(3),
+                    block_height: r.get(4),
+                    block_time: r.get(5),
+                    reorg_count: r.get(6),
+                    fired: r.get(7),
+                    outputs: r.get(8),
+                    inputs: r.get(9),
+                    spends: r.get(10),
+                }
+                .parse()
+            })
+            .collect()
+    }
+    fn load_coins(&self) -> Result<Vec<(OutPoint, WatchedCoin)>> {
+        PgStore::load_coins(self)
+    }
+    fn load_derivations(&self) -> Result<Vec<Derivation>> {
+        PgStore::load_derivations(self)
+    }
+    fn load_watches(&self) -> Result<Vec<Watch>> {
+        PgStore::load_watches(self)
+    }
+    fn watch_version(&self) -> Result<i64> {
+        PgStore::watch_version(self)
+    }
+    fn rescans(&self) -> Result<Vec<(String, u32)>> {
+        PgStore::rescans(self)
+    }
+    fn build_index(
+        &self,
+        network: Network,
+        loader: WatchLoader,
+        exclude: &[String],
+    ) -> Result<WatchIndex> {
+        let rows = self.conn.query(
+            "SELECT id, address, gap_limit, confirmations FROM watches ORDER BY created_at, id",
+            &[],
+        )?;
+        let mut index = WatchIndex::with_loader(network, loader, rows.len());
+        for r in rows {
+            let id: String = r.get(0);
+            if exclude.contains(&id) {
+                continue;
+            }
+            let gap: Option<i64> = r.get(2);
+            let gap = gap.map(|g| small(g, "gap limit")).transpose()?;
+            let target = target_of(r.get(1), gap);
+            index.insert_target(&id, &target, small(r.get(3), "confirmations")?);
+        }
+        index.coins.extend(self.load_coins()?);
+        for d in self.load_derivations()? {
+            index.set_used(&d);
+        }
+        Ok(index)
+    }
+    fn watch_loader(&self) -> Result<WatchLoader> {
+        let conn = std::sync::Mutex::new(self.reopen()?);
+        Ok(std::sync::Arc::new(move |id: &str| {
+            let conn = conn
+                .lock()
+                .map_err(|_| "watch loader lock poisoned".to_string())?;
+            conn.load_watch(id).map_err(|e| e.to_string())
+        }))
+    }
+}

@@ -1,0 +1,213 @@
+//! One PostgreSQL connection used synchronously, like a SQLite one: the store traits block
+//! their caller (always a blocking thread or the follower's own). The connection's socket is
+//! driven by a thread of its own, so a call made from inside a tokio runtime (the follower's)
+//! only waits on channels and never nests one runtime in another.
+
+use std::cell::{Cell, Ref, RefCell};
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use crate::net::redact_url;
+use crate::store::{Result, StoreError};
+
+pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A statement that runs longer is cancelled and reported; a lock wait counts.
+const STATEMENT_TIMEOUT: &str = "30s";
+
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark()
+    }
+}
+
+/// Polls `f` to completion on this thread, parking between wake-ups.
+fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+pub fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Postgres(format!("{}: {}", db.severity(), db.message())),
+        None => StoreError::Postgres(e.to_string()),
+    }
+}
+
+/// Opens a connection whose socket a thread of its own drives until it closes.
+fn connect(url: &str) -> Result<Client> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Postgres(format!("store.url {}: {e}", redact_url(url))))?;
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .application_name("chainwatch")
+        .options(format!("-c statement_timeout={STATEMENT_TIMEOUT}"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("postgres".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return drop(tx.send(Err(StoreError::Worker(e.to_string())))),
+            };
+            rt.block_on(async move {
+                match config.connect(NoTls).await {
+                    Ok((client, connection)) => {
+                        let _ = tx.send(Ok(client));
+                        if let Err(e) = connection.await {
+                            tracing::warn!(error = %e, "PostgreSQL connection lost; the next call reconnects");
+                        }
+                    }
+                    Err(e) => drop(tx.send(Err(pg_error(e)))),
+                }
+            })
+        })
+        .map_err(|e| StoreError::Worker(e.to_string()))?;
+    rx.recv()
+        .map_err(|_| StoreError::Worker("the PostgreSQL connection thread ended".into()))?
+}
+
+/// A connection that comes back by itself: a call after it was lost connects again (outside
+/// a transaction; inside one, the transaction is lost and the call fails).
+pub struct PgConn {
+    url: String,
+    client: RefCell<Option<Client>>,
+    /// Open transactions and savepoints.
+    depth: Cell<u32>,
+}
+
+impl PgConn {
+    pub fn open(url: &str) -> Result<PgConn> {
+        let conn = PgConn {
+            url: url.to_string(),
+            client: RefCell::new(Some(connect(url)?)),
+            depth: Cell::new(0),
+        };
+        Ok(conn)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn client(&self) -> Result<Ref<'_, Client>> {
+        let lost = self.client.borrow().as_ref().is_none_or(|c| c.is_closed());
+        if lost {
+            if self.depth.get() > 0 {
+                return Err(StoreError::Postgres(
+                    "connection lost inside a transaction".into(),
+                ));
+            }
+            *self.client.borrow_mut() = None;
+            *self.client.borrow_mut() = Some(connect(&self.url)?);
+        }
+        Ok(Ref::map(self.client.borrow(), |c| {
+            c.as_ref().expect("connected above")
+        }))
+    }
+
+    pub fn query(&self, sql: &str, params: Params) -> Result<Vec<Row>> {
+        let c = self.client()?;
+        block_on(c.query(sql, params)).map_err(pg_error)
+    }
+
+    pub fn query_opt(&self, sql: &str, params: Params) -> Result<Option<Row>> {
+        let c = self.client()?;
+        block_on(c.query_opt(sql, params)).map_err(pg_error)
+    }
+
+    pub fn query_one(&self, sql: &str, params: Params) -> Result<Row> {
+        let c = self.client()?;
+        block_on(c.query_one(sql, params)).map_err(pg_error)
+    }
+
+    pub fn execute(&self, sql: &str, params: Params) -> Result<u64> {
+        let c = self.client()?;
+        block_on(c.execute(sql, params)).map_err(pg_error)
+    }
+
+    pub fn batch(&self, sql: &str) -> Result<()> {
+        let c = self.client()?;
+        block_on(c.batch_execute(sql)).map_err(pg_error)
+    }
+
+    /// Runs `f` in a transaction (a savepoint when one is open already): all or nothing.
+    pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.transaction_as("BEGIN", f)
+    }
+
+    /// Like `transaction`, with the isolation a read of many statements needs to see one snapshot.
+    pub fn snapshot<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.transaction_as("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", f)
+    }
+
+    fn transaction_as<T>(&self, begin: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let level = self.begin(begin)?;
+        let result = f();
+        self.end(level, result)
+    }
+
+    /// Opens a transaction (or a savepoint inside one); `end` closes it.
+    pub fn begin(&self, begin: &str) -> Result<Level> {
+        let depth = self.depth.get();
+        if depth == 0 {
+            self.batch(begin)?;
+        } else {
+            self.batch(&format!("SAVEPOINT s{depth}"))?;
+        }
+        self.depth.set(depth + 1);
+        Ok(Level(depth))
+    }
+
+    /// Commits what `begin` opened if `result` is a success, else rolls it back.
+    pub fn end<T>(&self, level: Level, result: Result<T>) -> Result<T> {
+        let depth = level.0;
+        self.depth.set(depth);
+        let (commit, rollback) = if depth == 0 {
+            ("COMMIT".to_string(), "ROLLBACK".to_string())
+        } else {
+            (
+                format!("RELEASE SAVEPOINT s{depth}"),
+                format!("ROLLBACK TO SAVEPOINT s{depth}"),
+            )
+        };
+        match result {
+            Ok(v) => match self.batch(&commit) {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = self.batch(&rollback);
+                    Err(e)
+                }
+            },
+            Err(e) => {
+                let _ = self.batch(&rollback);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// An open transaction's nesting depth.
+#[must_use]
+pub struct Level(u32);

@@ -1,0 +1,263 @@
+//! The shared outbox: every instance delivers. A delivery is claimed (`FOR UPDATE SKIP LOCKED`)
+//! before it is sent, so two instances never pick the same one at once; a claim runs out after
+//! `claim`, so a dead instance's deliveries return. An ordered endpoint is held by one instance
+//! at a time the same way, so its order holds across instances.
+
+use tokio_postgres::Row;
+
+use super::PgStore;
+use crate::changeset::ChangeSet;
+use crate::delivery::DeliveryStatus;
+use crate::store::{
+    AttemptOutcome, ChainedRow, CommittedEvent, DeliveryResult, DueDelivery, EndpointState,
+    OutboxStore, Result,
+};
+
+const DUE_COLUMNS: &str = "d.id, d.event_seq, e.id, e.body, d.attempts, e.type, e.created_at, e.payload_hash, e.prev_hash, e.row_hash";
+
+fn due_of(r: &Row) -> (DueDelivery, ChainedRow) {
+    let attempts: i64 = r.get(4);
+    let d = DueDelivery {
+        delivery_id: r.get(0),
+        event_seq: r.get(1),
+        event_id: r.get(2),
+        body: r.get(3),
+        attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+        kind: r.get(5),
+        created_at: r.get(6),
+    };
+    let row = ChainedRow {
+        seq: d.event_seq,
+        id: d.event_id.clone(),
+        kind: d.kind.clone(),
+        body: d.body.clone(),
+        payload_hash: r.get(7),
+        prev: r.get(8),
+        chain: r.get(9),
+    };
+    (d, row)
+}
+
+impl PgStore {
+    fn claim_ms(&self) -> i64 {
+        self.claim.as_millis() as i64
+    }
+
+    /// Holds an ordered endpoint for this instance (or keeps holding it); false while another
+    /// live instance serves it.
+    fn hold_ordered(&self, endpoint: &str) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE endpoints SET order_holder = $2, order_until = clock_timestamp() + $3::bigint * interval '1 millisecond'
+              WHERE name = $1 AND (order_holder IS NULL OR order_holder = $2 OR order_until < clock_timestamp())",
+            &[&endpoint, &self.instance, &self.claim_ms()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Claims up to `limit` due deliveries (an ordered endpoint: its head only), oldest first.
+    fn claim_due(
+        &self,
+        endpoint: &str,
+        now_ms: i64,
+        ordered: bool,
+        limit: u32,
+    ) -> Result<Vec<(DueDelivery, ChainedRow)>> {
+        if ordered && !self.hold_ordered(endpoint)? {
+            return Ok(vec![]);
+        }
+        // The head of an ordered queue holds back the rest, due or not; it is claimed only
+        // when due.
+        let candidates = if ordered {
+            "SELECT id FROM (SELECT id, next_attempt_at FROM deliveries
+                WHERE endpoint = $1 AND status IN ('pending', 'failed') ORDER BY event_seq LIMIT LEAST($3::bigint, 1)) head
+              WHERE next_attempt_at <= $2"
+        } else {
+            "SELECT id FROM deliveries
+              WHERE endpoint = $1 AND status IN ('pending', 'failed') AND next_attempt_at <= $2
+                AND (claimed_by IS NULL OR claimed_by = $4 OR claim_until < clock_timestamp())
+              ORDER BY event_seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+        };
+        let sql = format!(
+            "WITH due AS ({candidates})
+             UPDATE deliveries d SET claimed_by = $4, claim_until = clock_timestamp() + $5::bigint * interval '1 millisecond'
+               FROM due WHERE d.id = due.id RETURNING d.id"
+        );
+        let limit = i64::from(limit);
+        let ids: Vec<i64> = self
+            .conn
+            .query(
+                &sql,
+                &[&endpoint, &now_ms, &limit, &self.instance, &self.claim_ms()],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let sql = format!(
+            "SELECT {DUE_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
+              WHERE d.id = ANY($1) ORDER BY d.event_seq"
+        );
+        Ok(self.conn.query(&sql, &[&ids])?.iter().map(due_of).collect())
+    }
+
+    fn hold_delivery(&self, endpoint: &str, d: &DueDelivery, why: &str) -> Result<()> {
+        tracing::error!(
+            endpoint,
+            event = %d.event_id,
+            seq = d.event_seq,
+            problem = why,
+            "event body fails its audit check; delivery held, not sent (run `chainwatch audit verify`)"
+        );
+        self.conn.execute(
+            "UPDATE deliveries SET status = 'held', last_error = $2, claimed_by = NULL WHERE id = $1",
+            &[&d.delivery_id, &format!("held: event {why}")],
+        )?;
+        Ok(())
+    }
+
+    fn record_one(&self, endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) -> Result<()> {
+        let status_code = o.status_code.map(i64::from);
+        self.conn.execute(
+            "INSERT INTO attempts (delivery_id, started_at, duration_ms, status_code, error, response_excerpt)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&d.delivery_id, &o.started_at_ms, &o.duration_ms, &status_code, &o.error, &o.response_excerpt],
+        )?;
+        let (status, next, delivered_at) = match o.result {
+            DeliveryResult::Delivered => (
+                DeliveryStatus::Delivered,
+                o.started_at_ms,
+                Some(o.started_at_ms),
+            ),
+            DeliveryResult::RetryAt(t) => (DeliveryStatus::Failed, t, None),
+            DeliveryResult::Dead => (DeliveryStatus::Dead, o.started_at_ms, None),
+            DeliveryResult::EndpointGone => (DeliveryStatus::Failed, o.started_at_ms, None),
+        };
+        // A delivered row stays delivered: another instance that sent it after this one's
+        // claim ran out must not turn it back.
+        self.conn.execute(
+            "UPDATE deliveries SET status = CASE WHEN status = 'delivered' THEN status ELSE $2 END,
+               attempts = attempts + 1, next_attempt_at = $3, last_status = $4, last_error = $5,
+               delivered_at = coalesce(delivered_at, $6), claimed_by = NULL, claim_until = NULL
+             WHERE id = $1",
+            &[
+                &d.delivery_id,
+                &status.as_str(),
+                &next,
+                &status_code,
+                &o.error,
+                &delivered_at,
+            ],
+        )?;
+        match o.result {
+            DeliveryResult::Delivered => self.conn.execute(
+                "UPDATE endpoints SET last_success_at = $2, failing_since = NULL, failing_alerted = false WHERE name = $1",
+                &[&endpoint, &o.started_at_ms],
+            )?,
+            DeliveryResult::EndpointGone => 0,
+            _ => self.conn.execute(
+                "UPDATE endpoints SET failing_since = coalesce(failing_since, $2) WHERE name = $1",
+                &[&endpoint, &o.started_at_ms],
+            )?,
+        };
+        Ok(())
+    }
+
+    pub fn endpoint_state(&self, name: &str) -> Result<EndpointState> {
+        let Some(r) = self.conn.query_opt(
+            "SELECT enabled, backoff_step, backoff_until, failing_since, failing_alerted FROM endpoints WHERE name = $1",
+            &[&name],
+        )?
+        else {
+            return Ok(EndpointState::default());
+        };
+        let step: i64 = r.get(1);
+        Ok(EndpointState {
+            enabled: r.get(0),
+            backoff_step: step.clamp(0, u32::MAX as i64) as u32,
+            backoff_until: r.get(2),
+            failing_since: r.get(3),
+            failing_alerted: r.get(4),
+        })
+    }
+}
+
+impl OutboxStore for PgStore {
+    fn network(&self) -> Result<String> {
+        Ok(self.meta("network")?.unwrap_or_default())
+    }
+    fn wants(&self, kind: &str) -> bool {
+        self.wants_kind(kind)
+    }
+    fn due_deliveries(
+        &mut self,
+        endpoint: &str,
+        now_ms: i64,
+        ordered: bool,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>> {
+        let mut due = Vec::new();
+        for (d, chained) in self.claim_due(endpoint, now_ms, ordered, limit)? {
+            // Signing an edited body would vouch for it: hold it instead, loudly.
+            match chained.check(&self.audit_key) {
+                Ok(()) => due.push(d),
+                Err(why) => self.hold_delivery(endpoint, &d, why)?,
+            }
+        }
+        Ok(due)
+    }
+    fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>> {
+        let sql = if ordered {
+            "SELECT next_attempt_at FROM deliveries WHERE endpoint = $1 AND status IN ('pending', 'failed')
+              ORDER BY event_seq LIMIT 1"
+        } else {
+            // Deliveries another live instance has claimed are its to send.
+            "SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = $1 AND status IN ('pending', 'failed')
+               AND (claimed_by IS NULL OR claim_until < clock_timestamp())"
+        };
+        Ok(self
+            .conn
+            .query_opt(sql, &[&endpoint])?
+            .and_then(|r| r.get::<_, Option<i64>>(0)))
+    }
+    fn record_attempts(
+        &mut self,
+        endpoint: &str,
+        done: &[(DueDelivery, AttemptOutcome)],
+    ) -> Result<()> {
+        self.conn.transaction(|| {
+            done.iter()
+                .try_for_each(|(d, o)| self.record_one(endpoint, d, o))
+        })
+    }
+    fn endpoint_state(&self, name: &str) -> Result<EndpointState> {
+        PgStore::endpoint_state(self, name)
+    }
+    fn set_endpoint_backoff(&mut self, name: &str, step: u32, until: Option<i64>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE endpoints SET backoff_step = $2, backoff_until = $3 WHERE name = $1",
+            &[&name, &i64::from(step), &until],
+        )?;
+        Ok(())
+    }
+    fn set_failing_alerted(&mut self, name: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE endpoints SET failing_alerted = true WHERE name = $1",
+            &[&name],
+        )?;
+        Ok(())
+    }
+    fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
+        // Alerts and endpoint changes: any instance records them, unfenced.
+        let fence = self.fence.take();
+        let r = self.commit_changes(changes, now_ms);
+        self.fence = fence;
+        r
+    }
+    fn atomically<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let level = self.conn.begin("BEGIN")?;
+        let result = f(self);
+        self.conn.end(level, result)
+    }
+}

@@ -1,0 +1,251 @@
+//! The PostgreSQL store against a real server (`CHAINWATCH_TEST_PG_URL`; see testkit::postgres).
+
+use std::time::Duration;
+
+use bitcoin::hashes::Hash;
+use bitcoin::BlockHash;
+
+use super::{Fence, PgStore};
+use crate::changeset::ChangeSet;
+use crate::event::{other_event, ALERT_REORG};
+use crate::store::{
+    AdminStore, AttemptOutcome, ChainStore, DeliveryResult, OutboxStore, StoreError,
+};
+use crate::testkit::postgres::fresh_database;
+use crate::tip::{TipChange, TipChanges};
+
+const CONFIG: &str = "[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"*\"]\n\n[[endpoints]]\nname = \"ledger\"\nurl = \"http://127.0.0.1:9/l\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"*\"]\nordered = true\n";
+
+struct Db {
+    url: String,
+    key: tempfile::TempDir,
+}
+
+impl Db {
+    fn new(test: &str) -> Option<Db> {
+        Some(Db {
+            url: fresh_database(test)?,
+            key: tempfile::tempdir().unwrap(),
+        })
+    }
+
+    fn open(&self, instance: &str) -> PgStore {
+        let mut store = PgStore::open(&self.url, &self.key.path().join("audit.key"), instance)
+            .expect("opening the PostgreSQL store");
+        let cfg = crate::config::Config::parse(CONFIG, "test", None).unwrap();
+        store.sync_endpoints(&cfg.endpoints).unwrap();
+        store.check_network("regtest").unwrap();
+        store
+    }
+}
+
+fn hash(n: u8) -> BlockHash {
+    BlockHash::from_byte_array([n; 32])
+}
+
+/// Block `height` has hash `height + 1` (the first, at 0, is `init`'s).
+fn connect(height: u32) -> ChangeSet {
+    let block = crate::event::BlockRef {
+        hash: hash(height as u8 + 1),
+        height,
+        time: 1_700_000_000 + height,
+    };
+    ChangeSet {
+        tip: TipChanges(vec![TipChange::Connect {
+            block,
+            prev: hash(height as u8),
+            tx_count: 1,
+        }]),
+        ..ChangeSet::events(alerts(&format!("block-{height}"), 1))
+    }
+}
+
+fn alerts(tag: &str, n: usize) -> Vec<crate::event::NewEvent> {
+    (0..n)
+        .map(|i| {
+            let f = serde_json::json!({ "i": i }).as_object().unwrap().clone();
+            other_event(ALERT_REORG, &format!("{tag}-{i}"), "regtest", f)
+        })
+        .collect()
+}
+
+fn delivered(at: i64) -> AttemptOutcome {
+    AttemptOutcome {
+        started_at_ms: at,
+        duration_ms: 1,
+        status_code: Some(204),
+        error: None,
+        response_excerpt: None,
+        result: DeliveryResult::Delivered,
+    }
+}
+
+fn init(store: &mut PgStore) {
+    let first = crate::store::StoredBlock {
+        hash: hash(1),
+        height: 0,
+        prev: BlockHash::all_zeros(),
+        time: 1_700_000_000,
+        tx_count: None,
+    };
+    store.init_tip(first).unwrap();
+}
+
+#[test]
+fn chain_steps_commit_with_their_events_and_the_log_verifies() {
+    let Some(db) = Db::new("chain_steps") else {
+        return;
+    };
+    let mut store = db.open("a");
+    init(&mut store);
+    let one = ChainStore::commit(&mut store, &connect(1), 1_000).unwrap();
+    let two = ChainStore::commit(&mut store, &connect(2), 2_000).unwrap();
+    assert_eq!(
+        (one[0].seq, two[0].seq),
+        (1, 2),
+        "sequences start at 1, one apart"
+    );
+    assert_eq!(ChainStore::tip(&store).unwrap().unwrap().height, 2);
+    let wrong = ChainStore::commit(&mut store, &connect(1), 3_000);
+    assert!(
+        matches!(wrong, Err(StoreError::TipMismatch(_))),
+        "a block not on the tip is refused: {wrong:?}"
+    );
+    let report = store.audit().unwrap();
+    assert_eq!(
+        (report.verified, report.problem),
+        (2, None),
+        "the keyed chain verifies"
+    );
+    let events = store.events_after(0, 10).unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(
+        events[1].body.contains("\"sequence\":2"),
+        "{}",
+        events[1].body
+    );
+    let pending = store.list_deliveries(None, Some("shop"), 10).unwrap();
+    assert_eq!(pending.len(), 2, "one delivery per event for each endpoint");
+    // The same step again (a replay after a crash) records nothing twice.
+    let again = store.reopen().unwrap();
+    assert_eq!(again.events_after(0, 10).unwrap().len(), 2);
+}
+
+#[test]
+fn a_deposed_leader_writes_nothing() {
+    let Some(db) = Db::new("deposed") else {
+        return;
+    };
+    let (a, b) = (db.open("a"), db.open("b"));
+    let lease = Duration::from_millis(400);
+    let epoch_a = a
+        .try_lead("a", lease)
+        .unwrap()
+        .expect("a free lease is taken");
+    assert_eq!(
+        b.try_lead("b", lease).unwrap(),
+        None,
+        "a live lease is not taken"
+    );
+    assert_eq!(
+        a.try_lead("a", lease).unwrap(),
+        Some(epoch_a),
+        "renewing keeps the epoch"
+    );
+    let mut leader = a.fenced(Fence {
+        holder: "a".into(),
+        epoch: epoch_a,
+    });
+    init(&mut leader);
+    ChainStore::commit(&mut leader, &connect(1), 1_000).unwrap();
+    std::thread::sleep(lease + Duration::from_millis(100));
+    let epoch_b = b
+        .try_lead("b", lease)
+        .unwrap()
+        .expect("an expired lease is taken");
+    assert_eq!(epoch_b, epoch_a + 1, "a new holder is a new epoch");
+    let refused = ChainStore::commit(&mut leader, &connect(2), 2_000);
+    assert!(
+        matches!(refused, Err(StoreError::Fenced(_))),
+        "the deposed leader's step is refused: {refused:?}"
+    );
+    assert_eq!(
+        ChainStore::tip(&b).unwrap().unwrap().height,
+        1,
+        "and nothing of it was written"
+    );
+    assert_eq!(b.events_after(0, 10).unwrap().len(), 1);
+    assert_eq!(
+        a_lease(&b),
+        ("b".to_string(), epoch_b),
+        "the lease is the new leader's"
+    );
+}
+
+fn a_lease(store: &PgStore) -> (String, i64) {
+    let l = store.lease().unwrap().unwrap();
+    (l.holder, l.epoch)
+}
+
+#[test]
+fn instances_claim_disjoint_deliveries_and_a_dead_ones_claims_return() {
+    let Some(db) = Db::new("claims") else {
+        return;
+    };
+    let (mut a, mut b) = (db.open("a"), db.open("b"));
+    a.set_claim(Duration::from_millis(500));
+    b.set_claim(Duration::from_millis(500));
+    OutboxStore::commit(&mut a, &ChangeSet::events(alerts("x", 10)), 1_000).unwrap();
+    let by_a = a.due_deliveries("shop", 5_000, false, 6).unwrap();
+    let by_b = b.due_deliveries("shop", 5_000, false, 10).unwrap();
+    let seqs = |d: &[crate::store::DueDelivery]| d.iter().map(|d| d.event_seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(&by_a),
+        vec![1, 2, 3, 4, 5, 6],
+        "a claims the oldest six"
+    );
+    assert_eq!(
+        seqs(&by_b),
+        vec![7, 8, 9, 10],
+        "b gets only what a did not claim"
+    );
+    // a dies with its claims; once they run out, b sends them.
+    std::thread::sleep(Duration::from_millis(600));
+    let done: Vec<_> = by_b.into_iter().map(|d| (d, delivered(5_000))).collect();
+    b.record_attempts("shop", &done).unwrap();
+    let returned = b.due_deliveries("shop", 6_000, false, 10).unwrap();
+    assert_eq!(
+        seqs(&returned),
+        vec![1, 2, 3, 4, 5, 6],
+        "a's claims came back"
+    );
+    // An ordered endpoint is one instance's at a time.
+    let head = a.due_deliveries("ledger", 6_000, true, 1).unwrap();
+    assert_eq!(seqs(&head), vec![1], "a serves the ordered endpoint's head");
+    assert!(
+        b.due_deliveries("ledger", 6_000, true, 1)
+            .unwrap()
+            .is_empty(),
+        "b may not serve it meanwhile"
+    );
+}
+
+#[test]
+fn instances_opening_a_new_database_together_all_get_in() {
+    let Some(db) = Db::new("racing") else {
+        return;
+    };
+    let db = std::sync::Arc::new(db);
+    let openers: Vec<_> = (0..4)
+        .map(|i| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                PgStore::open(&db.url, &db.key.path().join("audit.key"), &format!("i{i}"))
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for o in openers {
+        o.join().unwrap().expect("every opener gets in");
+    }
+}

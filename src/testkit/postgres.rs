@@ -1,0 +1,39 @@
+//! A fresh PostgreSQL database per test, on the server `CHAINWATCH_TEST_PG_URL` names (CI starts
+//! one with `scripts/pg-cluster`). Without that variable the PostgreSQL tests skip, saying so,
+//! unless `CHAINWATCH_REQUIRE_PG` is set (CI sets it), where they fail instead.
+
+use crate::pg::PgConn;
+
+pub const URL_VAR: &str = "CHAINWATCH_TEST_PG_URL";
+pub const REQUIRE_VAR: &str = "CHAINWATCH_REQUIRE_PG";
+
+/// The URL of a new, empty database, or `None` (the test should return) when no server is
+/// configured.
+pub fn fresh_database(test: &str) -> Option<String> {
+    let Ok(server) = std::env::var(URL_VAR) else {
+        assert!(
+            std::env::var_os(REQUIRE_VAR).is_none(),
+            "{REQUIRE_VAR} is set but {URL_VAR} is not: the PostgreSQL tests cannot run"
+        );
+        eprintln!(
+            "skipping {test}: set {URL_VAR} to a PostgreSQL server (scripts/pg-cluster start)"
+        );
+        return None;
+    };
+    let name = format!(
+        "cw_{}_{:08x}",
+        test.chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(30)
+            .collect::<String>()
+            .to_lowercase(),
+        rand::random::<u32>()
+    );
+    let admin = PgConn::open(&server).expect("the test PostgreSQL server answers");
+    admin
+        .batch(&format!("CREATE DATABASE {name}"))
+        .expect("creating a test database");
+    let mut url = url::Url::parse(&server).expect("CHAINWATCH_TEST_PG_URL is a URL");
+    url.set_path(&format!("/{name}"));
+    Some(url.to_string())
+}

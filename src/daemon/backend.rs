@@ -132,7 +132,7 @@ impl Backend for PgBackend {
         let mut store = self.open()?;
         // Longer than one attempt (and its recording): a claim that ran out while the request
         // was still under way would let another instance send it too.
-        store.set_claim(ep.timeout * 2 + std::time::Duration::from_secs(5));
+        store.set_claim(ep.timeout + std::time::Duration::from_secs(5));
         Ok(store)
     }
 

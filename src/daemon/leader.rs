@@ -60,9 +60,7 @@ pub(super) async fn lead(
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the follower's store connection; giving the lease up");
-                let _ = store
-                    .run(move |s| s.resign(s.instance(), epoch))
-                    .await;
+                let _ = store.run(move |s| s.resign(s.instance(), epoch)).await;
                 set_role(ctx, false, epoch);
                 tokio::time::sleep(lease / 4).await;
                 continue;

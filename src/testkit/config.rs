@@ -38,6 +38,8 @@ pub struct ConfigBuilder {
     pub audit: Option<Audit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreSection>,
 }
 
 /// `start_height`: the word `"tip"` or a height.
@@ -156,6 +158,17 @@ pub struct Audit {
     pub key_file: Option<PathBuf>,
 }
 
+/// `[store]`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreSection {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader_lease: Option<String>,
+}
+
 /// `[retention]`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Retention {
@@ -241,6 +254,15 @@ impl ConfigBuilder {
     }
     pub fn retention(mut self, r: Retention) -> Self {
         self.retention = Some(r);
+        self
+    }
+    /// A PostgreSQL store whose URL is in the environment variable `url_env`.
+    pub fn postgres_env(mut self, url_env: &str, leader_lease: &str) -> Self {
+        self.store = Some(StoreSection {
+            url: None,
+            url_env: Some(url_env.into()),
+            leader_lease: Some(leader_lease.into()),
+        });
         self
     }
 

@@ -11,6 +11,7 @@ mod delivery_faults;
 mod descriptors;
 mod faults;
 mod fidelity;
+mod ha;
 mod harness;
 mod mempool;
 mod outbox;

@@ -1,0 +1,327 @@
+//! Two instances sharing one PostgreSQL store (SPEC section 8): one leads and follows the
+//! chain, the other stands by and takes over when the leader dies; both deliver. They share one
+//! simulated node here (each would have its own bitcoind in production; the chain is the same).
+//! Needs `CHAINWATCH_TEST_PG_URL` (CI starts a server with scripts/pg-cluster).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chainwatch::pg::PgConn;
+use chainwatch::testkit::postgres::fresh_database;
+
+use crate::harness::*;
+
+const LEASE: Duration = Duration::from_secs(2);
+const URL_ENV: &str = "CHAINWATCH_STORE_URL";
+
+struct Instance {
+    name: &'static str,
+    config: PathBuf,
+    log: PathBuf,
+    port: u16,
+    process: Option<KillOnDrop>,
+    starts: u32,
+}
+
+impl Instance {
+    fn new(h: &Harness, name: &'static str) -> Instance {
+        let port = free_port();
+        let dir = h.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("watcher.toml");
+        h.config
+            .clone()
+            .data_dir(dir.join("data"))
+            // Both chain the shared log with one key: the second machine gets a copy.
+            .audit_key_file(h.dir.path().join("audit.key"))
+            .api(Api::listen(&format!("127.0.0.1:{port}")))
+            .postgres_env(URL_ENV, "2s")
+            .write_to(&config)
+            .unwrap();
+        Instance {
+            name,
+            log: dir.join("log"),
+            config,
+            port,
+            process: None,
+            starts: 0,
+        }
+    }
+
+    fn start(&mut self, url: &str) {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("CHAINWATCH_LOG", "info")
+            .env(URL_ENV, url)
+            .stderr(log)
+            .spawn()
+            .expect("chainwatch starts");
+        self.process = Some(KillOnDrop(child));
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.stop();
+        }
+    }
+
+    /// `/health`'s role and epoch, if the instance answers.
+    async fn role(&self) -> Option<(String, i64)> {
+        let body: serde_json::Value = http_client()
+            .get(format!("http://127.0.0.1:{}/health", self.port))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some((body["role"].as_str()?.to_string(), body["epoch"].as_i64()?))
+    }
+
+    async fn wait_role(&self, role: &str, limit: Duration) -> i64 {
+        let mut seen = None;
+        let began = Instant::now();
+        while began.elapsed() < limit {
+            seen = self.role().await;
+            if let Some((r, epoch)) = &seen {
+                if r == role {
+                    return *epoch;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "instance {} was not {role} within {limit:?}: /health says {seen:?}; log:\n{}",
+            self.name,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+}
+
+/// The event log as stored: (seq, id, type, body) in sequence order.
+fn stored_events(url: &str) -> Vec<(i64, String, String, String)> {
+    let conn = PgConn::open(url).unwrap();
+    conn.query("SELECT seq, id, type, body FROM events ORDER BY seq", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_ten_times_loses_nothing_and_sends_each_id_with_one_body() {
+    let Some(url) = fresh_database("ha_failover") else {
+        return;
+    };
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop order")], |c| {
+        // A short timeout: a killed instance's claims (timeout + 5 s) come back sooner.
+        c.map_endpoint(SHOP, |e| e.events(["*"]).timeout("3s"))
+    })
+    .await;
+    let mut a = Instance::new(&h, "a");
+    let mut b = Instance::new(&h, "b");
+    a.start(&url);
+    let first_epoch = a.wait_role("leader", WAIT).await;
+    b.start(&url);
+    b.wait_role("standby", WAIT).await;
+
+    let mut takeovers = Vec::new();
+    let mut payments = BTreeSet::new();
+    let (mut leader, mut standby) = (&mut a, &mut b);
+    let mut epoch = first_epoch;
+    for round in 0..10u64 {
+        payments.insert(h.node.pay(P2WPKH, 10_000 + round).to_string());
+        // Killed at a different moment of the pipeline each round.
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..600))).await;
+        h.node.mine(1);
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..600))).await;
+        leader.kill();
+        let killed = Instant::now();
+        let new_epoch = standby.wait_role("leader", LEASE * 4).await;
+        takeovers.push(killed.elapsed());
+        assert!(
+            new_epoch > epoch,
+            "round {round}: the new leader's epoch {new_epoch} follows {epoch}"
+        );
+        epoch = new_epoch;
+        leader.start(&url);
+        leader.wait_role("standby", WAIT).await;
+        std::mem::swap(&mut leader, &mut standby);
+    }
+    h.node.mine(1);
+
+    // Every confirmation recorded, then every recorded event delivered.
+    wait_until("ten tx.confirmed in the shared log", WAIT, || {
+        stored_events(&url)
+            .iter()
+            .filter(|e| e.2 == "tx.confirmed")
+            .count()
+            == 10
+    })
+    .await;
+    let log = stored_events(&url);
+    let ids: BTreeSet<String> = log.iter().map(|e| e.1.clone()).collect();
+    wait_until("every stored event at the receiver", WAIT * 2, || {
+        let got: BTreeSet<String> = h.receiver.accepted().into_iter().map(|c| c.id).collect();
+        ids.is_subset(&got)
+    })
+    .await;
+
+    let seqs: Vec<i64> = log.iter().map(|e| e.0).collect();
+    let expected: Vec<i64> = (1..=log.len() as i64).collect();
+    assert_eq!(seqs, expected, "sequence is gap-free across ten failovers");
+    let mut bodies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for c in h.receiver.accepted() {
+        assert!(c.verified(), "every request verifies: {:?}", c.verdict);
+        bodies
+            .entry(c.id.clone())
+            .or_default()
+            .insert(c.body.clone());
+    }
+    for (id, b) in &bodies {
+        assert_eq!(b.len(), 1, "event {id} was sent with {} bodies", b.len());
+    }
+    let confirmed: BTreeSet<String> = log
+        .iter()
+        .filter(|e| e.2 == "tx.confirmed")
+        .map(|e| {
+            let body: serde_json::Value = serde_json::from_str(&e.3).unwrap();
+            body["data"]["txid"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(confirmed, payments, "each payment confirmed exactly once");
+    let changes = log.iter().filter(|e| e.2 == "alert.leader_changed").count();
+    assert_eq!(
+        changes, 11,
+        "one alert.leader_changed per lease taken (the first and ten takeovers)"
+    );
+    for t in &takeovers {
+        assert!(
+            *t <= LEASE + Duration::from_millis(1_500),
+            "a takeover took {t:?}, more than the lease {LEASE:?} (all: {takeovers:?})"
+        );
+    }
+    eprintln!("takeovers after SIGKILL: {takeovers:?}");
+
+    let audit = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .args(["audit", "verify", "--config"])
+        .arg(&a.config)
+        .env(URL_ENV, &url)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&audit.stdout).to_string()
+        + &String::from_utf8_lossy(&audit.stderr);
+    assert!(audit.status.success(), "audit verify passes: {said}");
+    assert!(
+        said.contains(&format!("{} rows verified", log.len())),
+        "audit verify walked the whole log: {said}"
+    );
+    let password = url::Url::parse(&url)
+        .unwrap()
+        .password()
+        .unwrap_or("")
+        .to_string();
+    for i in [&a, &b] {
+        let text = std::fs::read_to_string(&i.log).unwrap();
+        assert!(
+            password.is_empty() || !text.contains(&password),
+            "instance {}'s log shows the database password",
+            i.name
+        );
+    }
+    a.kill();
+    b.kill();
+}
+
+fn signal(i: &Instance, sig: &str) {
+    let pid = i.process.as_ref().expect("running").0.id();
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so() {
+    let Some(url) = fresh_database("ha_paused") else {
+        return;
+    };
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop order")], |c| {
+        c.map_endpoint(SHOP, |e| e.events(["*"]).timeout("3s"))
+    })
+    .await;
+    let mut a = Instance::new(&h, "a");
+    let mut b = Instance::new(&h, "b");
+    a.start(&url);
+    let paused_epoch = a.wait_role("leader", WAIT).await;
+    b.start(&url);
+    b.wait_role("standby", WAIT).await;
+    let before = stored_events(&url).len();
+
+    signal(&a, "-STOP");
+    let new_epoch = b.wait_role("leader", LEASE * 4).await;
+    assert!(new_epoch > paused_epoch, "b took a newer epoch");
+    // The chain moves on while a sleeps: b records it.
+    let paid = h.node.pay(P2WPKH, 25_000).to_string();
+    h.node.mine(1);
+    wait_until("b records the payment's confirmation", WAIT, || {
+        stored_events(&url)
+            .iter()
+            .any(|e| e.2 == "tx.confirmed" && e.3.contains(&paid))
+    })
+    .await;
+    signal(&a, "-CONT");
+    // a wakes with a follower that believes it leads; within a renewal it must know better.
+    a.wait_role("standby", LEASE * 2).await;
+    h.node.mine(1);
+    wait_until("b records the next block", WAIT, || {
+        stored_events(&url)
+            .iter()
+            .filter(|e| e.2 == "block.connected")
+            .count()
+            >= 2
+    })
+    .await;
+    let log = stored_events(&url);
+    assert!(log.len() > before, "b recorded the new blocks' events");
+    let seqs: Vec<i64> = log.iter().map(|e| e.0).collect();
+    assert_eq!(
+        seqs,
+        (1..=log.len() as i64).collect::<Vec<_>>(),
+        "gap-free: the woken leader inserted nothing"
+    );
+    let connected: Vec<&String> = log
+        .iter()
+        .filter(|e| e.2 == "block.connected")
+        .map(|e| &e.1)
+        .collect();
+    let distinct: BTreeSet<&String> = connected.iter().copied().collect();
+    assert_eq!(
+        connected.len(),
+        distinct.len(),
+        "no block was recorded twice"
+    );
+    let a_log = std::fs::read_to_string(&a.log).unwrap();
+    assert!(
+        a_log.contains("lost the leader lease"),
+        "the woken leader says it lost the lease:\n{a_log}"
+    );
+    let (role, epoch) = b.role().await.expect("b answers");
+    assert_eq!(
+        (role.as_str(), epoch),
+        ("leader", new_epoch),
+        "b still leads"
+    );
+    a.kill();
+    b.kill();
+}

@@ -82,7 +82,17 @@ pub(super) async fn lead(
                 _ = tokio::time::sleep(lease / 4) => {}
             }
             let h = holder.clone();
-            match store.run(move |s| s.try_lead(&h, lease)).await {
+            // A renewal that hangs (a vanished server) counts as failed, so a whole lease
+            // without one still ends the term.
+            let renewal =
+                tokio::time::timeout(lease / 4, store.run(move |s| s.try_lead(&h, lease)))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(crate::store::StoreError::Postgres(
+                            "renewing the lease timed out".into(),
+                        ))
+                    });
+            match renewal {
                 Ok(Some(e)) if e == epoch => {
                     renewed = Instant::now();
                     ctx.health.store_ok(WHO);

@@ -171,9 +171,11 @@ impl PgStore {
             }
             self.conn
                 .execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_LOG_LOCK])?;
+            // Read now, not at open: another instance may have synced a changed config.
+            let filters = self.read_filters()?;
             append_events(
                 &mut PgLog(self),
-                &self.filters,
+                &filters,
                 &self.audit_key,
                 &changes.events,
                 now_ms,

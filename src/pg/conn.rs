@@ -17,9 +17,16 @@ use crate::store::{Result, StoreError};
 
 pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// How every writing transaction starts.
+pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A statement that runs longer is cancelled and reported; a lock wait counts.
 const STATEMENT_TIMEOUT: &str = "30s";
+/// A session that sits in a transaction this long is ended by the server, releasing its locks:
+/// a leader paused (or cut off) mid-commit must not hold the lease row and the event log's lock
+/// past its lease. Our transactions never wait on anything but the database.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "1500ms";
 
 struct Unpark(std::thread::Thread);
 
@@ -57,9 +64,15 @@ fn connect(url: &str) -> Result<Client> {
     config
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        // Unacknowledged writes to a vanished server fail after this, not after TCP's minutes.
+        .tcp_user_timeout(Duration::from_secs(30))
         .application_name("chainwatch")
-        .options(format!("-c statement_timeout={STATEMENT_TIMEOUT}"));
+        .options(format!(
+            "-c statement_timeout={STATEMENT_TIMEOUT} -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT}"
+        ));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("postgres".into())
@@ -154,7 +167,9 @@ impl PgConn {
 
     /// Runs `f` in a transaction (a savepoint when one is open already): all or nothing.
     pub fn transaction<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        self.transaction_as("BEGIN", f)
+        // Pinned: the fence's FOR SHARE and the log's newest row must see commits made while
+        // waiting for their locks, whatever the server's default isolation.
+        self.transaction_as(BEGIN, f)
     }
 
     /// Like `transaction`, with the isolation a read of many statements needs to see one snapshot.

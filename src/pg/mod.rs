@@ -157,8 +157,9 @@ impl PgStore {
         })
     }
 
-    fn load_filters(&mut self) -> Result<()> {
-        self.filters = self
+    /// Endpoint name → event-type globs, as stored.
+    fn read_filters(&self) -> Result<Vec<(String, Vec<String>)>> {
+        Ok(self
             .conn
             .query("SELECT name, events FROM endpoints ORDER BY name", &[])?
             .into_iter()
@@ -166,7 +167,11 @@ impl PgStore {
                 let events: String = r.get(1);
                 (r.get(0), serde_json::from_str(&events).unwrap_or_default())
             })
-            .collect();
+            .collect())
+    }
+
+    fn load_filters(&mut self) -> Result<()> {
+        self.filters = self.read_filters()?;
         Ok(())
     }
 

@@ -139,7 +139,9 @@ impl PgStore {
         self.conn.execute(
             "UPDATE deliveries SET status = CASE WHEN status = 'delivered' THEN status ELSE $2 END,
                attempts = attempts + 1, next_attempt_at = $3, last_status = $4, last_error = $5,
-               delivered_at = coalesce(delivered_at, $6), claimed_by = NULL, claim_until = NULL
+               delivered_at = coalesce(delivered_at, $6),
+               claim_until = CASE WHEN claimed_by = $7 THEN NULL ELSE claim_until END,
+               claimed_by = CASE WHEN claimed_by = $7 THEN NULL ELSE claimed_by END
              WHERE id = $1",
             &[
                 &d.delivery_id,
@@ -148,6 +150,7 @@ impl PgStore {
                 &status_code,
                 &o.error,
                 &delivered_at,
+                &self.instance,
             ],
         )?;
         match o.result {
@@ -208,17 +211,20 @@ impl OutboxStore for PgStore {
         Ok(due)
     }
     fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>> {
+        // An ordered endpoint another live instance holds is its to serve, and deliveries
+        // another live instance claimed are its to send: nothing falls due here for them.
         let sql = if ordered {
-            "SELECT next_attempt_at FROM deliveries WHERE endpoint = $1 AND status IN ('pending', 'failed')
-              ORDER BY event_seq LIMIT 1"
+            "SELECT d.next_attempt_at FROM deliveries d JOIN endpoints ep ON ep.name = d.endpoint
+              WHERE d.endpoint = $1 AND d.status IN ('pending', 'failed')
+                AND (ep.order_holder IS NULL OR ep.order_holder = $2 OR ep.order_until < clock_timestamp())
+              ORDER BY d.event_seq LIMIT 1"
         } else {
-            // Deliveries another live instance has claimed are its to send.
             "SELECT min(next_attempt_at) FROM deliveries WHERE endpoint = $1 AND status IN ('pending', 'failed')
-               AND (claimed_by IS NULL OR claim_until < clock_timestamp())"
+               AND (claimed_by IS NULL OR claim_until < clock_timestamp()) AND $2::text IS NOT NULL"
         };
         Ok(self
             .conn
-            .query_opt(sql, &[&endpoint])?
+            .query_opt(sql, &[&endpoint, &self.instance])?
             .and_then(|r| r.get::<_, Option<i64>>(0)))
     }
     fn record_attempts(
@@ -256,7 +262,7 @@ impl OutboxStore for PgStore {
         r
     }
     fn atomically<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        let level = self.conn.begin("BEGIN")?;
+        let level = self.conn.begin(super::conn::BEGIN)?;
         let result = f(self);
         self.conn.end(level, result)
     }

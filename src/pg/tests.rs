@@ -228,6 +228,15 @@ fn instances_claim_disjoint_deliveries_and_a_dead_ones_claims_return() {
             .is_empty(),
         "b may not serve it meanwhile"
     );
+    assert_eq!(
+        b.next_due("ledger", true).unwrap(),
+        None,
+        "nor wake up for it: it is a's to serve"
+    );
+    assert!(
+        a.next_due("ledger", true).unwrap().is_some(),
+        "a still sees its head"
+    );
 }
 
 #[test]

@@ -73,6 +73,9 @@ enum Command {
     /// The tamper-evident event log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The store itself.
+    #[command(subcommand)]
+    Store(StoreCmd),
 }
 
 #[derive(Subcommand)]
@@ -128,6 +131,17 @@ enum DeliveriesCmd {
 enum EndpointsCmd {
     List,
     Enable { name: String },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Copy the SQLite store (watches, events with their chain, deliveries, attempts, the tip)
+    /// into an empty PostgreSQL database. Stop the daemon first.
+    Migrate {
+        /// postgres://user:password@host:port/database
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,6 +224,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             commands::audit_verify(&cfg()?, anchor.as_deref())
         }
         Command::Audit(AuditCmd::Head { json }) => commands::audit_head(&cfg()?, json),
+        Command::Store(StoreCmd::Migrate { to }) => commands::store_migrate(&cfg()?, &to),
     }
 }
 

@@ -9,6 +9,7 @@ mod admin;
 mod chain;
 mod conn;
 mod lease;
+mod migrate;
 mod outbox;
 mod schema;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 pub use conn::PgConn;
 pub use lease::Lease;
+pub use migrate::{migrate_sqlite, Copied};
 
 use crate::config::EndpointConfig;
 use crate::net::redact_url;

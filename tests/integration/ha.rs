@@ -333,3 +333,148 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so
     a.kill();
     b.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_migrate_copies_ten_thousand_events_with_identical_pages_and_chain() {
+    use chainwatch::store::{AdminStore, AttemptOutcome, DeliveryResult};
+    let Some(url) = fresh_database("migrate") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("watcher.toml");
+    let config = ConfigBuilder::regtest()
+        .data_dir(dir.path().join("data"))
+        .endpoint(
+            Endpoint::new(SHOP, "http://127.0.0.1:9/hooks")
+                .secret(SECRET)
+                .events(["*"]),
+        )
+        .watch(watch(P2WPKH, 3, "order"));
+    config.write_to(&config_path).unwrap();
+    let cfg = chainwatch::config::Config::load(&config_path).unwrap();
+    let mut sqlite = chainwatch::daemon::open_store(&cfg).unwrap();
+    for batch in 0..10 {
+        let events: Vec<_> = (0..1_000)
+            .map(|i| {
+                let f = serde_json::json!({ "n": batch * 1_000 + i })
+                    .as_object()
+                    .unwrap()
+                    .clone();
+                chainwatch::event::other_event(
+                    chainwatch::event::ALERT_REORG,
+                    &format!("m-{batch}-{i}"),
+                    "regtest",
+                    f,
+                )
+            })
+            .collect();
+        sqlite
+            .commit(
+                &chainwatch::changeset::ChangeSet::events(events),
+                T0 + batch,
+            )
+            .unwrap();
+    }
+    // Some history of attempts too: the first 300 delivered.
+    let due = sqlite.due_deliveries(SHOP, T0 + 100, false, 300).unwrap();
+    let done: Vec<_> = due
+        .into_iter()
+        .map(|d| {
+            let o = AttemptOutcome {
+                started_at_ms: T0 + 100,
+                duration_ms: 3,
+                status_code: Some(204),
+                error: None,
+                response_excerpt: Some("ok".into()),
+                result: DeliveryResult::Delivered,
+            };
+            (d, o)
+        })
+        .collect();
+    sqlite.record_attempts(SHOP, &done).unwrap();
+    drop(sqlite);
+
+    let migrate = |target: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+            .args(["store", "migrate", "--to", target, "--config"])
+            .arg(&config_path)
+            .output()
+            .unwrap()
+    };
+    let out = migrate(&url);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "store migrate succeeds: {said}");
+    assert!(
+        said.contains("events: 10000 rows"),
+        "progress names each table: {said}"
+    );
+    let password = url::Url::parse(&url)
+        .unwrap()
+        .password()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        password.is_empty() || !said.contains(&password),
+        "the password is not shown: {said}"
+    );
+
+    let before = chainwatch::store::Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file).unwrap();
+    let after = chainwatch::pg::PgStore::open(&url, &cfg.audit_key_file, "test").unwrap();
+    let mut pages = 0;
+    let mut cursor = 0;
+    loop {
+        let a = AdminStore::events_after(&before, cursor, 100).unwrap();
+        let b = AdminStore::events_after(&after, cursor, 100).unwrap();
+        assert_eq!(a, b, "the page after sequence {cursor} is the same");
+        let Some(last) = a.last() else { break };
+        cursor = last.seq;
+        pages += 1;
+    }
+    assert_eq!(pages, 100, "10,000 events in pages of 100");
+    assert_eq!(
+        AdminStore::audit(&before).unwrap(),
+        AdminStore::audit(&after).unwrap(),
+        "same chain, same head"
+    );
+    let listed = |s: &dyn AdminStore| {
+        s.list_deliveries(None, None, 20_000)
+            .unwrap()
+            .iter()
+            .map(|d| (d.event_seq, d.status, d.attempts))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(&before),
+        listed(&after),
+        "deliveries and their states"
+    );
+    let first = AdminStore::events_after(&before, 0, 1).unwrap()[0]
+        .id
+        .clone();
+    let attempts = |s: &dyn AdminStore| {
+        s.attempts_for(&first)
+            .unwrap()
+            .iter()
+            .map(|a| (a.started_at, a.status_code, a.response_excerpt.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(attempts(&before), attempts(&after), "attempts");
+    assert_eq!(attempts(&after).len(), 1);
+    assert_eq!(
+        AdminStore::load_watches(&before).unwrap().len(),
+        AdminStore::load_watches(&after).unwrap().len()
+    );
+
+    // Into a database that is no longer empty: refused, nothing changed.
+    let again = migrate(&url);
+    let said = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(
+        !again.status.success() && said.contains("not empty"),
+        "a second migrate is refused: {said}"
+    );
+    assert_eq!(
+        AdminStore::events_after(&after, 9_990, 100).unwrap().len(),
+        10
+    );
+}

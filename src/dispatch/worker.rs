@@ -147,7 +147,7 @@ impl<St: OutboxStore> Worker<St> {
     async fn plan(&self, in_flight: usize) -> Result<Plan, StoreError> {
         let now = (self.ctx.clock)();
         let ep = self.ep.clone();
-        let exclude = self.in_flight_ids.len();
+        let sending: Vec<i64> = self.in_flight_ids.iter().copied().collect();
         self.store
             .run(move |s| {
                 let state = s.endpoint_state(&ep.name)?;
@@ -177,9 +177,8 @@ impl<St: OutboxStore> Worker<St> {
                 if in_flight >= capacity {
                     return Ok(idle);
                 }
-                let limit = (capacity + exclude) as u32;
-                let mut due = s.due_deliveries(&ep.name, now, ep.ordered, limit)?;
-                due.truncate(capacity - in_flight + exclude);
+                let limit = (capacity - in_flight) as u32;
+                let due = s.due_deliveries(&ep.name, now, ep.ordered, limit, &sending)?;
                 let wait = match s.next_due(&ep.name, ep.ordered)? {
                     Some(t) => Duration::from_millis((t - now).clamp(5, 1000) as u64),
                     None => Duration::from_secs(1),

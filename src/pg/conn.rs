@@ -179,8 +179,20 @@ impl PgConn {
 
     fn transaction_as<T>(&self, begin: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let level = self.begin(begin)?;
-        let result = f();
+        let result = self.unless_panicking(f);
         self.end(level, result)
+    }
+
+    /// Runs `f`; if it panics, the session is abandoned (the server rolls its transaction
+    /// back) before the panic goes on, so the connection is never left inside a transaction.
+    pub fn unless_panicking<T>(&self, f: impl FnOnce() -> T) -> T {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(v) => v,
+            Err(panic) => {
+                self.abandon();
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 
     /// Opens a transaction (or a savepoint inside one); `end` closes it.
@@ -207,22 +219,36 @@ impl PgConn {
                 format!("ROLLBACK TO SAVEPOINT s{depth}"),
             )
         };
-        match result {
-            Ok(v) => match self.batch(&commit) {
-                Ok(()) => Ok(v),
-                Err(e) => {
-                    let _ = self.batch(&rollback);
-                    Err(e)
-                }
-            },
-            Err(e) => {
-                let _ = self.batch(&rollback);
-                Err(e)
-            }
+        let result = result.and_then(|v| self.batch(&commit).map(|()| v));
+        if result.is_err() {
+            self.roll_back(&rollback);
+        }
+        result
+    }
+
+    /// Rolls back on the same session only: a lost connection took its transaction with it,
+    /// and a new one has nothing to roll back.
+    fn roll_back(&self, sql: &str) {
+        let connected = self
+            .client
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| !c.is_closed());
+        if !connected || self.batch(sql).is_err() {
+            self.abandon();
+        }
+    }
+
+    /// Forgets the session (the server rolls back whatever it had open when it closes); the
+    /// next call connects afresh.
+    pub fn abandon(&self) {
+        self.depth.set(0);
+        if let Ok(mut c) = self.client.try_borrow_mut() {
+            *c = None;
         }
     }
 }
 
-/// An open transaction's nesting depth.
+/// An open transaction's (or savepoint's) nesting depth.
 #[must_use]
 pub struct Level(u32);

@@ -61,6 +61,7 @@ impl PgStore {
         now_ms: i64,
         ordered: bool,
         limit: u32,
+        in_flight: &[i64],
     ) -> Result<Vec<(DueDelivery, ChainedRow)>> {
         if ordered && !self.hold_ordered(endpoint)? {
             return Ok(vec![]);
@@ -70,11 +71,12 @@ impl PgStore {
         let candidates = if ordered {
             "SELECT id FROM (SELECT id, next_attempt_at FROM deliveries
                 WHERE endpoint = $1 AND status IN ('pending', 'failed') ORDER BY event_seq LIMIT LEAST($3::bigint, 1)) head
-              WHERE next_attempt_at <= $2"
+              WHERE next_attempt_at <= $2 AND NOT (id = ANY($6))"
         } else {
             "SELECT id FROM deliveries
               WHERE endpoint = $1 AND status IN ('pending', 'failed') AND next_attempt_at <= $2
                 AND (claimed_by IS NULL OR claimed_by = $4 OR claim_until < clock_timestamp())
+                AND NOT (id = ANY($6))
               ORDER BY event_seq LIMIT $3 FOR UPDATE SKIP LOCKED"
         };
         let sql = format!(
@@ -87,7 +89,14 @@ impl PgStore {
             .conn
             .query(
                 &sql,
-                &[&endpoint, &now_ms, &limit, &self.instance, &self.claim_ms()],
+                &[
+                    &endpoint,
+                    &now_ms,
+                    &limit,
+                    &self.instance,
+                    &self.claim_ms(),
+                    &in_flight,
+                ],
             )?
             .iter()
             .map(|r| r.get(0))
@@ -168,6 +177,13 @@ impl PgStore {
     }
 
     pub fn endpoint_state(&self, name: &str) -> Result<EndpointState> {
+        // Asked at every step of this instance's worker: an ordered endpoint it holds stays
+        // held while the worker lives, even while its head is in flight.
+        self.conn.execute(
+            "UPDATE endpoints SET order_until = clock_timestamp() + $3::bigint * interval '1 millisecond'
+              WHERE name = $1 AND order_holder = $2",
+            &[&name, &self.instance, &self.claim_ms()],
+        )?;
         let Some(r) = self.conn.query_opt(
             "SELECT enabled, backoff_step, backoff_until, failing_since, failing_alerted FROM endpoints WHERE name = $1",
             &[&name],
@@ -199,9 +215,10 @@ impl OutboxStore for PgStore {
         now_ms: i64,
         ordered: bool,
         limit: u32,
+        in_flight: &[i64],
     ) -> Result<Vec<DueDelivery>> {
         let mut due = Vec::new();
-        for (d, chained) in self.claim_due(endpoint, now_ms, ordered, limit)? {
+        for (d, chained) in self.claim_due(endpoint, now_ms, ordered, limit, in_flight)? {
             // Signing an edited body would vouch for it: hold it instead, loudly.
             match chained.check(&self.audit_key) {
                 Ok(()) => due.push(d),
@@ -263,7 +280,13 @@ impl OutboxStore for PgStore {
     }
     fn atomically<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let level = self.conn.begin(super::conn::BEGIN)?;
-        let result = f(self);
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(r) => r,
+            Err(panic) => {
+                self.conn.abandon();
+                std::panic::resume_unwind(panic)
+            }
+        };
         self.conn.end(level, result)
     }
 }

@@ -196,8 +196,8 @@ fn instances_claim_disjoint_deliveries_and_a_dead_ones_claims_return() {
     a.set_claim(Duration::from_millis(500));
     b.set_claim(Duration::from_millis(500));
     OutboxStore::commit(&mut a, &ChangeSet::events(alerts("x", 10)), 1_000).unwrap();
-    let by_a = a.due_deliveries("shop", 5_000, false, 6).unwrap();
-    let by_b = b.due_deliveries("shop", 5_000, false, 10).unwrap();
+    let by_a = a.due_deliveries("shop", 5_000, false, 6, &[]).unwrap();
+    let by_b = b.due_deliveries("shop", 5_000, false, 10, &[]).unwrap();
     let seqs = |d: &[crate::store::DueDelivery]| d.iter().map(|d| d.event_seq).collect::<Vec<_>>();
     assert_eq!(
         seqs(&by_a),
@@ -213,17 +213,17 @@ fn instances_claim_disjoint_deliveries_and_a_dead_ones_claims_return() {
     std::thread::sleep(Duration::from_millis(600));
     let done: Vec<_> = by_b.into_iter().map(|d| (d, delivered(5_000))).collect();
     b.record_attempts("shop", &done).unwrap();
-    let returned = b.due_deliveries("shop", 6_000, false, 10).unwrap();
+    let returned = b.due_deliveries("shop", 6_000, false, 10, &[]).unwrap();
     assert_eq!(
         seqs(&returned),
         vec![1, 2, 3, 4, 5, 6],
         "a's claims came back"
     );
     // An ordered endpoint is one instance's at a time.
-    let head = a.due_deliveries("ledger", 6_000, true, 1).unwrap();
+    let head = a.due_deliveries("ledger", 6_000, true, 1, &[]).unwrap();
     assert_eq!(seqs(&head), vec![1], "a serves the ordered endpoint's head");
     assert!(
-        b.due_deliveries("ledger", 6_000, true, 1)
+        b.due_deliveries("ledger", 6_000, true, 1, &[])
             .unwrap()
             .is_empty(),
         "b may not serve it meanwhile"
@@ -257,4 +257,38 @@ fn instances_opening_a_new_database_together_all_get_in() {
     for o in openers {
         o.join().unwrap().expect("every opener gets in");
     }
+}
+
+#[test]
+fn a_worker_gets_only_what_it_can_send_and_never_its_own_in_flight_rows() {
+    let Some(db) = Db::new("in_flight") else {
+        return;
+    };
+    let (mut a, mut b) = (db.open("a"), db.open("b"));
+    OutboxStore::commit(&mut a, &ChangeSet::events(alerts("y", 5)), 1_000).unwrap();
+    let seqs = |d: &[crate::store::DueDelivery]| d.iter().map(|d| d.event_seq).collect::<Vec<_>>();
+    let ids = |d: &[crate::store::DueDelivery]| d.iter().map(|d| d.delivery_id).collect::<Vec<_>>();
+    let first = a.due_deliveries("shop", 5_000, false, 2, &[]).unwrap();
+    assert_eq!(seqs(&first), vec![1, 2]);
+    let more = a
+        .due_deliveries("shop", 5_000, false, 2, &ids(&first))
+        .unwrap();
+    assert_eq!(
+        seqs(&more),
+        vec![3, 4],
+        "the rows in flight are not handed out again, and no more than asked are claimed"
+    );
+    assert_eq!(
+        seqs(&b.due_deliveries("shop", 5_000, false, 10, &[]).unwrap()),
+        vec![5],
+        "the rest is free for another instance"
+    );
+    let head = a.due_deliveries("ledger", 5_000, true, 1, &[]).unwrap();
+    assert_eq!(seqs(&head), vec![1]);
+    assert!(
+        a.due_deliveries("ledger", 5_000, true, 1, &ids(&head))
+            .unwrap()
+            .is_empty(),
+        "an ordered endpoint whose head is in flight gives nothing"
+    );
 }

@@ -65,13 +65,16 @@ pub trait OutboxStore: Send + 'static {
     /// The network events are recorded for (alerts carry it).
     fn network(&self) -> Result<String>;
     fn wants(&self, kind: &str) -> bool;
-    /// Deliveries due by `now_ms`, oldest first; rows failing their audit check are held.
+    /// Up to `limit` deliveries due by `now_ms` and not among `in_flight` (ids being sent),
+    /// oldest first; rows failing their audit check are held. An ordered endpoint gives its
+    /// head only, and nothing while the head is in flight.
     fn due_deliveries(
         &mut self,
         endpoint: &str,
         now_ms: i64,
         ordered: bool,
         limit: u32,
+        in_flight: &[i64],
     ) -> Result<Vec<DueDelivery>>;
     /// When the next delivery of `endpoint` is due, if any is queued.
     fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>>;
@@ -294,8 +297,14 @@ impl OutboxStore for Store {
         now_ms: i64,
         ordered: bool,
         limit: u32,
+        in_flight: &[i64],
     ) -> Result<Vec<DueDelivery>> {
-        Store::due_deliveries(self, endpoint, now_ms, ordered, limit)
+        // In flight rows are still queued here: read past them, then leave them out.
+        let read = limit + in_flight.len() as u32;
+        let mut due = Store::due_deliveries(self, endpoint, now_ms, ordered, read)?;
+        due.retain(|d| !in_flight.contains(&d.delivery_id));
+        due.truncate(limit as usize);
+        Ok(due)
     }
     fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>> {
         Store::next_due(self, endpoint, ordered)

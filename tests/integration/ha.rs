@@ -478,3 +478,90 @@ async fn store_migrate_copies_ten_thousand_events_with_identical_pages_and_chain
         10
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_go_on_when_an_instance_dies_mid_request_and_an_ordered_endpoint_keeps_order() {
+    let Some(url) = fresh_database("ha_mid_request") else {
+        return;
+    };
+    let ledger = receiver().await;
+    let ledger_url = ledger.url.clone();
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop order")], |c| {
+        c.map_endpoint(SHOP, |e| e.events(["tx.*"]).timeout("2s").concurrency(4))
+            .endpoint(
+                Endpoint::new("ledger", &ledger_url)
+                    .secret(SECRET)
+                    .events(["tx.*"])
+                    .ordered(true)
+                    .timeout("2s"),
+            )
+    })
+    .await;
+    let mut a = Instance::new(&h, "a");
+    let mut b = Instance::new(&h, "b");
+    a.start(&url);
+    a.wait_role("leader", WAIT).await;
+    b.start(&url);
+    b.wait_role("standby", WAIT).await;
+    // Slow receivers: every request is still open for a while, so the kill lands mid-request.
+    h.receiver.set_hang(Duration::from_millis(400));
+    ledger.set_hang(Duration::from_millis(400));
+    for i in 0..8 {
+        h.node.pay(P2WPKH, 20_000 + i);
+    }
+    wait_until("requests under way at both receivers", WAIT, || {
+        h.receiver.count() >= 2 && ledger.count() >= 1
+    })
+    .await;
+    a.kill();
+    b.wait_role("leader", LEASE * 4).await;
+    h.node.mine(1);
+    wait_until("eight tx.confirmed in the shared log", WAIT, || {
+        stored_events(&url)
+            .iter()
+            .filter(|e| e.2 == "tx.confirmed")
+            .count()
+            == 8
+    })
+    .await;
+    let ids: BTreeSet<String> = stored_events(&url)
+        .iter()
+        .filter(|e| e.2.starts_with("tx."))
+        .map(|e| e.1.clone())
+        .collect();
+    assert_eq!(ids.len(), 16, "eight payments, pending and confirmed");
+    for (name, r) in [("shop", &h.receiver), ("ledger", &ledger)] {
+        wait_until(&format!("every tx event at {name}"), WAIT * 2, || {
+            let got: BTreeSet<String> = r.accepted().into_iter().map(|c| c.id).collect();
+            ids.is_subset(&got)
+        })
+        .await;
+        let mut bodies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for c in r.all() {
+            bodies
+                .entry(c.id.clone())
+                .or_default()
+                .insert(c.body.clone());
+        }
+        assert!(
+            bodies.values().all(|b| b.len() == 1),
+            "{name}: an id was sent with two bodies"
+        );
+    }
+    // Ordered: each event first arrives after every earlier one first arrived.
+    let mut first_seen = Vec::new();
+    for c in ledger.all() {
+        let seq = c.data()["sequence"].as_i64().unwrap();
+        if !first_seen.contains(&seq) {
+            first_seen.push(seq);
+        }
+    }
+    let mut sorted = first_seen.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        first_seen, sorted,
+        "the ordered endpoint got its events in order"
+    );
+    a.kill();
+    b.kill();
+}

@@ -8,7 +8,9 @@ pub mod process;
 pub mod receiver;
 pub mod wait;
 
-pub use config::{Api, Audit, Bitcoind, ConfigBuilder, Endpoint, Retention, WatchEntry};
+pub use config::{
+    Api, Audit, Bitcoind, ConfigBuilder, Endpoint, Retention, StoreSection, WatchEntry,
+};
 pub use process::{free_port, KillOnDrop};
 pub use receiver::{Captured, Receiver, ReceiverBuilder, Reply};
 pub use wait::{poll, wait_for, wait_until};

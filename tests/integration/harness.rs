@@ -74,8 +74,44 @@ pub fn descriptor_watch(
         .label(label)
 }
 
+/// Where a harness's daemon keeps its store.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    /// A fresh PostgreSQL database (its URL).
+    Postgres(String),
+}
+
+impl Backend {
+    /// A fresh PostgreSQL database, or `None` (skip) when no server is configured.
+    pub fn postgres(test: &str) -> Option<Backend> {
+        chainwatch::testkit::postgres::fresh_database(test).map(Backend::Postgres)
+    }
+}
+
+/// Defines `mod NAME` with two tests running `NAME(backend)`: on SQLite, and on PostgreSQL
+/// when a server is configured (see testkit::postgres).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::harness::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(b) = $crate::harness::Backend::postgres(stringify!($name)) {
+                    super::$name(b).await
+                }
+            }
+        }
+    };
+}
+
 pub struct Harness {
     pub dir: tempfile::TempDir,
+    pub backend: Backend,
     pub node: SimNode,
     pub receiver: Receiver,
     pub config_path: PathBuf,
@@ -90,6 +126,24 @@ impl Harness {
     /// A simulated node with 130 blocks (spendable coins), a receiver, and a config watching `watches`.
     pub async fn new(watches: &[WatchEntry]) -> Harness {
         Harness::with(watches, |c| c).await
+    }
+
+    /// As `new`, with the store on `backend`.
+    pub async fn on(backend: Backend, watches: &[WatchEntry]) -> Harness {
+        let store = match &backend {
+            Backend::Sqlite => None,
+            Backend::Postgres(url) => Some(chainwatch::testkit::StoreSection {
+                url: Some(url.clone()),
+                ..Default::default()
+            }),
+        };
+        let mut h = Harness::start(watches, true, |mut c| {
+            c.store = store;
+            c
+        })
+        .await;
+        h.backend = backend;
+        h
     }
 
     /// As `new`, with the config changed by `configure` before it is written.
@@ -126,6 +180,7 @@ impl Harness {
         config.write_to(&config_path).unwrap();
         Harness {
             dir,
+            backend: Backend::Sqlite,
             node,
             receiver,
             config_path,
@@ -235,10 +290,17 @@ impl Harness {
     /// As `wait_synced`, for the watcher whose data directory is `dir`.
     pub async fn wait_synced_dir(&self, dir: &std::path::Path) {
         wait_for("chainwatch to reach the node's tip", WAIT, || {
-            let tip = if chainwatch::store::db_path(dir).exists() {
-                chainwatch::store::Store::open(dir).map(|s| s.tip())
-            } else {
-                Ok(Ok(None))
+            let tip = match &self.backend {
+                Backend::Postgres(url) => Ok(chainwatch::pg::PgStore::open(
+                    url,
+                    &dir.join(chainwatch::store::AUDIT_KEY_FILE),
+                    "test",
+                )
+                .and_then(|s| chainwatch::store::AdminStore::tip(&s))),
+                Backend::Sqlite if chainwatch::store::db_path(dir).exists() => {
+                    chainwatch::store::Store::open(dir).map(|s| s.tip())
+                }
+                Backend::Sqlite => Ok(Ok(None)),
             };
             if matches!(&tip, Ok(Ok(Some(t))) if t.hash == self.node.tip()) {
                 return Ok(());
@@ -260,6 +322,21 @@ impl Harness {
             db.exists() && self.store().events_after(0, 10_000).unwrap().len() >= n
         })
         .await
+    }
+
+    /// The store as the admin API sees it, whichever the backend.
+    pub fn admin(&self) -> Box<dyn chainwatch::store::AdminStore> {
+        match &self.backend {
+            Backend::Sqlite => Box::new(self.store()),
+            Backend::Postgres(url) => Box::new(
+                chainwatch::pg::PgStore::open(
+                    url,
+                    &self.data_dir().join(chainwatch::store::AUDIT_KEY_FILE),
+                    "test",
+                )
+                .unwrap(),
+            ),
+        }
     }
 
     pub fn store(&self) -> chainwatch::store::Store {

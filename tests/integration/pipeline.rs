@@ -1,8 +1,10 @@
-//! The whole pipeline on the simulated node: payments, confirmations, reorgs, signatures.
+//! The whole pipeline on the simulated node: payments, confirmations, reorgs, signatures; each
+//! test on both store backends (SQLite, and PostgreSQL when a server is configured).
 
 use std::collections::{HashMap, HashSet};
 
 use crate::harness::*;
+use crate::on_both_backends;
 
 const ALL_TYPES: [(&str, &str); 5] = [
     (P2PKH, "p2pkh"),
@@ -12,10 +14,10 @@ const ALL_TYPES: [(&str, &str); 5] = [
     (P2TR, "p2tr"),
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_address_type_gets_pending_then_each_confirmation_then_confirmed() {
+on_both_backends!(every_address_type_gets_pending_then_each_confirmation_then_confirmed);
+async fn every_address_type_gets_pending_then_each_confirmation_then_confirmed(backend: Backend) {
     let watches: Vec<WatchEntry> = ALL_TYPES.iter().map(|(a, l)| watch(a, 3, l)).collect();
-    let h = Harness::new(&watches).await;
+    let h = Harness::on(backend, &watches).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let mut paid = HashMap::new();
@@ -93,15 +95,15 @@ async fn every_address_type_gets_pending_then_each_confirmation_then_confirmed()
     let ids: HashSet<&str> = got.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids.len(), 20, "ids are unique");
     assert_eq!(
-        h.store().audit().map(|r| (r.verified, r.problem)).unwrap(),
+        h.admin().audit().map(|r| (r.verified, r.problem)).unwrap(),
         (20, None),
         "event log verifies"
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_confirmation_target_fires_confirmed_on_the_including_block() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "fast")]).await;
+on_both_backends!(one_confirmation_target_fires_confirmed_on_the_including_block);
+async fn one_confirmation_target_fires_confirmed_on_the_including_block(backend: Backend) {
+    let h = Harness::on(backend, &[watch(P2WPKH, 1, "fast")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 42_000).to_string();
@@ -121,9 +123,9 @@ async fn one_confirmation_target_fires_confirmed_on_the_including_block() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_first_seen_in_a_block_fires_no_pending() {
-    let h = Harness::new(&[watch(P2TR, 2, "late")]).await;
+on_both_backends!(a_transaction_first_seen_in_a_block_fires_no_pending);
+async fn a_transaction_first_seen_in_a_block_fires_no_pending(backend: Backend) {
+    let h = Harness::on(backend, &[watch(P2TR, 2, "late")]).await;
     let txid = h.node.pay(P2TR, 10_000).to_string();
     h.node.mine(1);
     // Started after the payment was mined: the watcher starts at the tip, so it never saw it.
@@ -154,9 +156,11 @@ async fn a_transaction_first_seen_in_a_block_fires_no_pending() {
     assert_eq!(h.receiver.accepted().len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reorg_removing_the_block_fires_reorged_and_confirmations_again_with_new_ids() {
-    let h = Harness::new(&[watch(P2WPKH, 3, "order-1017")]).await;
+on_both_backends!(reorg_removing_the_block_fires_reorged_and_confirmations_again_with_new_ids);
+async fn reorg_removing_the_block_fires_reorged_and_confirmations_again_with_new_ids(
+    backend: Backend,
+) {
+    let h = Harness::on(backend, &[watch(P2WPKH, 3, "order-1017")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2WPKH, 50_000_000).to_string();
@@ -198,9 +202,9 @@ async fn reorg_removing_the_block_fires_reorged_and_confirmations_again_with_new
     assert_eq!(confs[1].data()["block"]["hash"], replacement[0].to_string());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reorg_above_the_block_fires_nothing_for_the_transaction() {
-    let h = Harness::new(&[watch(P2PKH, 4, "steady")]).await;
+on_both_backends!(reorg_above_the_block_fires_nothing_for_the_transaction);
+async fn reorg_above_the_block_fires_nothing_for_the_transaction(backend: Backend) {
+    let h = Harness::on(backend, &[watch(P2PKH, 4, "steady")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2PKH, 70_000).to_string();
@@ -228,9 +232,9 @@ async fn reorg_above_the_block_fires_nothing_for_the_transaction() {
     assert_eq!(h.receiver.accepted().len(), 5, "each event once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_block_reconnected_after_a_reorg_gives_new_ids() {
-    let h = Harness::new(&[watch(P2SH, 2, "again")]).await;
+on_both_backends!(the_same_block_reconnected_after_a_reorg_gives_new_ids);
+async fn the_same_block_reconnected_after_a_reorg_gives_new_ids(backend: Backend) {
+    let h = Harness::on(backend, &[watch(P2SH, 2, "again")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     let txid = h.node.pay(P2SH, 30_000).to_string();
@@ -264,9 +268,9 @@ async fn the_same_block_reconnected_after_a_reorg_gives_new_ids() {
     assert_ne!(ones[0].id, ones[1].id, "a new id once reorged out and back");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tampered_body_fails_independent_verification() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "t")]).await;
+on_both_backends!(a_tampered_body_fails_independent_verification);
+async fn a_tampered_body_fails_independent_verification(backend: Backend) {
+    let h = Harness::on(backend, &[watch(P2WPKH, 1, "t")]).await;
     let daemon = h.start_daemon();
     h.wait_synced().await;
     h.node.pay(P2WPKH, 1_000);

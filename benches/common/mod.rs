@@ -5,6 +5,8 @@
 // Each bench target compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod blocks;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

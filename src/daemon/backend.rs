@@ -10,11 +10,11 @@ use crate::config::{network_name, Config, EndpointConfig};
 use crate::dispatch;
 use crate::node::{ChainInfo, RpcClient};
 use crate::pg::PgStore;
-use crate::store::{AdminStore, ChainStore, OutboxStore, Store, StoreError};
+use crate::store::{AdminStore, ChainStore, OutboxStore, RetentionStore, Store, StoreError};
 
 /// Opens store connections and runs the chain follower as the backend requires.
 pub trait Backend: Clone + Send + Sync + 'static {
-    type Store: ChainStore + OutboxStore + AdminStore;
+    type Store: ChainStore + OutboxStore + AdminStore + RetentionStore;
 
     /// A connection of its own.
     fn open(&self) -> Result<Self::Store, StoreError>;
@@ -27,9 +27,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Opens the store and makes its endpoints, config watches and network match the config.
     fn prepare(&self, cfg: &Config) -> anyhow::Result<Self::Store>;
 
-    /// The connection retention prunes through, where the backend has retention.
-    fn retention(&self, _cfg: &Config) -> anyhow::Result<Option<Store>> {
-        Ok(None)
+    /// The connection retention prunes through.
+    fn retention(&self) -> Result<Self::Store, StoreError> {
+        self.open()
     }
 
     /// Follows the chain until shutdown (with a shared store: while this instance leads).
@@ -68,10 +68,6 @@ impl Backend for SqliteBackend {
 
     fn prepare(&self, cfg: &Config) -> anyhow::Result<Store> {
         super::open_store(cfg)
-    }
-
-    fn retention(&self, _cfg: &Config) -> anyhow::Result<Option<Store>> {
-        Ok(Some(self.open()?))
     }
 
     async fn follow(

@@ -24,7 +24,7 @@ pub use crate::event::now_ms;
 use crate::health::Health;
 use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
-use crate::store::{ChainStore, RetentionPolicy, SharedStore, Store};
+use crate::store::{ChainStore, RetentionPolicy, RetentionStore, SharedStore, Store};
 use crate::tracker::Tracker;
 
 /// Opens the store and makes its endpoints and config watches match the config.
@@ -232,16 +232,14 @@ async fn run_with<B: Backend>(
         .iter()
         .map(|ep| supervise_endpoint(backend.clone(), ep.clone(), ctx.clone()))
         .collect();
-    let retention = backend.retention(&cfg)?.map(|store| {
-        tokio::spawn(retain(
-            store,
-            RetentionPolicy {
-                attempts: cfg.retain_attempts,
-                events: cfg.retain_events,
-            },
-            ctx.clone(),
-        ))
-    });
+    let retention = tokio::spawn(retain(
+        backend.retention()?,
+        RetentionPolicy {
+            attempts: cfg.retain_attempts,
+            events: cfg.retain_events,
+        },
+        ctx.clone(),
+    ));
     let followed = backend.follow(&cfg, store, rpc, first, &ctx).await;
     shutdown.cancel();
     for w in workers {
@@ -250,9 +248,7 @@ async fn run_with<B: Backend>(
         }
     }
     let _ = api.await;
-    if let Some(r) = retention {
-        let _ = r.await;
-    }
+    let _ = retention.await;
     tracing::info!("stopped");
     followed
 }
@@ -264,7 +260,7 @@ const RETENTION_RETRY: Duration = Duration::from_secs(5);
 
 /// Prunes what the retention policy lets go, in small batches, until shutdown; store errors
 /// are reported and retried like any worker's.
-async fn retain(store: Store, policy: RetentionPolicy, ctx: dispatch::Context) {
+async fn retain<St: RetentionStore>(store: St, policy: RetentionPolicy, ctx: dispatch::Context) {
     let store = SharedStore::new(store);
     let mut wait = Duration::ZERO;
     loop {

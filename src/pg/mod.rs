@@ -11,6 +11,7 @@ mod conn;
 mod lease;
 mod migrate;
 mod outbox;
+mod retention;
 mod schema;
 
 use std::path::Path;

@@ -292,3 +292,54 @@ fn a_worker_gets_only_what_it_can_send_and_never_its_own_in_flight_rows() {
         "an ordered endpoint whose head is in flight gives nothing"
     );
 }
+
+#[test]
+fn retention_prunes_old_rows_from_the_front_and_the_log_still_verifies() {
+    use crate::store::{RetentionPolicy, RetentionStore};
+    let Some(db) = Db::new("retention") else {
+        return;
+    };
+    const DAY: i64 = 86_400_000;
+    let mut a = db.open("a");
+    OutboxStore::commit(&mut a, &ChangeSet::events(alerts("old", 10)), DAY).unwrap();
+    for endpoint in ["shop", "ledger"] {
+        let ordered = endpoint == "ledger";
+        loop {
+            let due = a.due_deliveries(endpoint, DAY, ordered, 10, &[]).unwrap();
+            if due.is_empty() {
+                break;
+            }
+            let done: Vec<_> = due.into_iter().map(|d| (d, delivered(DAY))).collect();
+            a.record_attempts(endpoint, &done).unwrap();
+        }
+    }
+    OutboxStore::commit(&mut a, &ChangeSet::events(alerts("new", 5)), 40 * DAY).unwrap();
+    let policy = RetentionPolicy {
+        attempts: Duration::from_secs(30 * 86_400),
+        events: Some(Duration::from_secs(30 * 86_400)),
+    };
+    let pruned = a.prune_batch(&policy, 40 * DAY + 1, 500).unwrap();
+    assert_eq!(
+        (pruned.attempts, pruned.deliveries, pruned.events),
+        (20, 20, 10),
+        "the old attempts, delivered rows and events go; the new ones stay"
+    );
+    let left = a.events_after(0, 100).unwrap();
+    assert_eq!(
+        left.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![11, 12, 13, 14, 15]
+    );
+    let report = a.audit().unwrap();
+    assert_eq!(
+        (report.verified, report.problem),
+        (5, None),
+        "the rest chains from the keyed checkpoint"
+    );
+    assert_eq!(a.audit_checkpoint().unwrap(), Some(10));
+    assert!(
+        a.prune_batch(&policy, 40 * DAY + 1, 500)
+            .unwrap()
+            .is_empty(),
+        "nothing more to prune: new events wait for their deliveries and their age"
+    );
+}

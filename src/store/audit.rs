@@ -471,7 +471,7 @@ impl Store {
 }
 
 /// The retention checkpoint: the last pruned sequence and its chain value, under a MAC.
-pub(crate) fn checkpoint(key: &AuditKey, seq: i64, chain: &str) -> String {
+pub fn checkpoint(key: &AuditKey, seq: i64, chain: &str) -> String {
     let mac = key.mac(&[format!("checkpoint|{seq}|{chain}").as_bytes()]);
     format!("{seq}|{chain}|{mac}")
 }

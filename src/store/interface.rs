@@ -9,7 +9,7 @@ use bitcoin::{BlockHash, Network, OutPoint};
 
 use super::{
     AttemptOutcome, AttemptRow, AuditReport, CommittedEvent, DeliveryRow, DueDelivery, EndpointRow,
-    EndpointState, EventRow, Result, Store, StoredBlock,
+    EndpointState, EventRow, Pruned, Result, RetentionPolicy, Store, StoredBlock,
 };
 use crate::changeset::ChangeSet;
 use crate::delivery::DeliveryStatus;
@@ -93,6 +93,28 @@ pub trait OutboxStore: Send + 'static {
     fn atomically<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T>
     where
         Self: Sized;
+}
+
+/// What retention prunes.
+pub trait RetentionStore: Send + 'static {
+    /// Removes at most `batch` rows of each kind that the policy lets go, in one transaction.
+    fn prune_batch(
+        &mut self,
+        policy: &RetentionPolicy,
+        now_ms: i64,
+        batch: usize,
+    ) -> Result<Pruned>;
+}
+
+impl RetentionStore for Store {
+    fn prune_batch(
+        &mut self,
+        policy: &RetentionPolicy,
+        now_ms: i64,
+        batch: usize,
+    ) -> Result<Pruned> {
+        Store::prune_batch(self, policy, now_ms, batch)
+    }
 }
 
 /// What the admin API and the command line read and change.

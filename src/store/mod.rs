@@ -8,7 +8,7 @@ mod log;
 mod migrations;
 mod outbox;
 pub(crate) mod records;
-mod retention;
+pub(crate) mod retention;
 mod shared;
 
 use std::path::{Path, PathBuf};
@@ -18,8 +18,10 @@ use bitcoin::hashes::{sha256, Hash};
 use bitcoin::BlockHash;
 use rusqlite::{params, Connection, OptionalExtension};
 
-pub use audit::{parse_checkpoint, AuditKey, AuditReport, AuditWalk, ChainedRow, AUDIT_KEY_FILE};
-pub use interface::{AdminStore, ChainStore, OutboxStore};
+pub use audit::{
+    checkpoint, parse_checkpoint, AuditKey, AuditReport, AuditWalk, ChainedRow, AUDIT_KEY_FILE,
+};
+pub use interface::{AdminStore, ChainStore, OutboxStore, RetentionStore};
 pub use log::{append_events, EventLog};
 pub use outbox::{
     AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,

@@ -39,6 +39,47 @@ impl Pruned {
     }
 }
 
+/// What keeps the oldest event from going.
+pub(crate) struct Kept {
+    /// The newest sequence (never pruned: the log's head must stay).
+    pub newest: i64,
+    /// Events created before this (ms) may go.
+    pub cutoff: i64,
+    /// Its deliveries still pending, failed or held.
+    pub open_deliveries: i64,
+}
+
+/// Whether the oldest remaining event (`row`, linked to `prev`) may be pruned. Only a prefix
+/// goes, so the rest still chains from the checkpoint; a row that fails its audit check is
+/// evidence and is never pruned (retention stops there, loudly).
+pub(crate) fn may_prune(
+    row: &ChainedRow,
+    created_at: i64,
+    kept: &Kept,
+    prev: &str,
+    key: &super::AuditKey,
+) -> bool {
+    // A delivery still under way, or held as evidence, keeps its event. A dead one does not:
+    // past the retention period it is given up, or pruning would stall behind it for good.
+    if row.seq >= kept.newest || created_at >= kept.cutoff || kept.open_deliveries > 0 {
+        return false;
+    }
+    let linked = if row.prev == prev {
+        Ok(())
+    } else {
+        Err("its previous chain value does not match the row before")
+    };
+    if let Err(why) = linked.and_then(|()| row.check(key)) {
+        tracing::error!(
+            seq = row.seq,
+            problem = why,
+            "retention stops at a row that fails its audit check; run `chainwatch audit verify`"
+        );
+        return false;
+    }
+    true
+}
+
 impl Store {
     /// Removes at most `batch` rows of each kind that the policy lets go, in one transaction.
     pub fn prune_batch(
@@ -89,26 +130,17 @@ impl Store {
                 .unwrap_or_default();
             let mut last = None;
             for (row, created_at) in oldest {
-                // A delivery still under way, or held as evidence, keeps its event. A dead one
-                // does not: past the retention period it is given up, or pruning would stall
-                // behind it for good.
                 let open: i64 = tx.query_row(
                     "SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status IN ('pending', 'failed', 'held')",
                     [row.seq],
                     |r| r.get(0),
                 )?;
-                // Only a prefix goes, so the rest still chains from the checkpoint.
-                if row.seq >= newest || created_at >= cutoff || open > 0 {
-                    break;
-                }
-                // A row that fails its audit check is evidence: it is never pruned away.
-                let linked = if row.prev == prev {
-                    Ok(())
-                } else {
-                    Err("its previous chain value does not match the row before")
+                let kept = Kept {
+                    newest,
+                    cutoff,
+                    open_deliveries: open,
                 };
-                if let Err(why) = linked.and_then(|()| row.check(&key)) {
-                    tracing::error!(seq = row.seq, problem = why, "retention stops at a row that fails its audit check; run `chainwatch audit verify`");
+                if !may_prune(&row, created_at, &kept, &prev, &key) {
                     break;
                 }
                 let (seq, chain) = (row.seq, row.chain.clone());

@@ -1,0 +1,121 @@
+//! `cargo bench --bench postgres`: the PostgreSQL store beside SQLite: committing blocks that
+//! pay 1,000 watched outputs, and delivery throughput with one and with two instances sharing
+//! the outbox. Needs a server in `CHAINWATCH_TEST_PG_URL` (scripts/pg-cluster start).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chainwatch::changeset::ChangeSet;
+use chainwatch::pg::PgStore;
+use chainwatch::store::{OutboxStore, Store};
+use chainwatch::testkit::Receiver;
+
+use common::blocks::commit_blocks;
+use common::{endpoint_config, events, median, wait_requests};
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn pg_store(
+    url: &str,
+    key: &std::path::Path,
+    instance: &str,
+    cfg: &chainwatch::config::Config,
+) -> PgStore {
+    let mut store = PgStore::open(url, key, instance).unwrap();
+    store.check_network("regtest").unwrap();
+    store.sync_endpoints(&cfg.endpoints).unwrap();
+    store
+}
+
+fn bench_commit(url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = endpoint_config(dir.path(), "http://127.0.0.1:9/hooks", true);
+    let mut sqlite = Store::open(dir.path()).unwrap();
+    sqlite.check_network("regtest").unwrap();
+    sqlite.sync_endpoints(&cfg.endpoints).unwrap();
+    let mut pg = pg_store(url, &dir.path().join("audit.key"), "bench", &cfg);
+    for (name, blocks) in [
+        ("SQLite", commit_blocks(&mut sqlite, 12)),
+        ("PostgreSQL", commit_blocks(&mut pg, 12)),
+    ] {
+        let steady: Vec<f64> = blocks[2..].iter().map(|b| b.ms).collect();
+        println!(
+            "postgres: {name:<10} commit of a block paying 1,000 watched outputs ({} events): first {:.1} ms, steady median {:.1} ms ({} events per block)",
+            blocks[0].events,
+            blocks[0].ms,
+            median(steady),
+            blocks[5].events
+        );
+    }
+}
+
+/// Deliveries per second of `n` events to a local receiver by `instances` workers, each with
+/// a connection of its own under its own instance name (as separate processes would be).
+async fn bench_delivery(url: &str, instances: usize, n: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::builder()
+        .ids_only()
+        .bind_loopback(0)
+        .await
+        .unwrap();
+    let cfg = endpoint_config(dir.path(), &receiver.url, false);
+    let key = dir.path().join("audit.key");
+    let mut store = pg_store(url, &key, "writer", &cfg);
+    for chunk in events(n, "t").chunks(1000) {
+        OutboxStore::commit(
+            &mut store,
+            &ChangeSet::events(chunk.to_vec()),
+            chainwatch::daemon::now_ms(),
+        )
+        .unwrap();
+    }
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = Instant::now();
+    let workers: Vec<_> = (0..instances)
+        .map(|i| {
+            let mut s = pg_store(url, &key, &format!("instance-{i}"), &cfg);
+            s.set_claim(Duration::from_secs(20));
+            tokio::spawn(chainwatch::dispatch::run_endpoint(
+                cfg.endpoints[0].clone(),
+                s,
+                chainwatch::dispatch::Context::new(
+                    Arc::new(tokio::sync::Notify::new()),
+                    token.clone(),
+                ),
+            ))
+        })
+        .collect();
+    wait_requests(&receiver, n, LIMIT).await;
+    let secs = t.elapsed().as_secs_f64();
+    token.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    n as f64 / secs
+}
+
+fn main() {
+    if !common::wants("postgres") {
+        return;
+    }
+    let Ok(server) = std::env::var(chainwatch::testkit::postgres::URL_VAR) else {
+        println!(
+            "postgres: skipped (set CHAINWATCH_TEST_PG_URL; scripts/pg-cluster start prints one)"
+        );
+        return;
+    };
+    let _ = server;
+    common::header("postgres");
+    let fresh = |name: &str| chainwatch::testkit::postgres::fresh_database(name).unwrap();
+    bench_commit(&fresh("bench_commit"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let n = 10_000;
+    for instances in [1, 2] {
+        let rate = rt.block_on(bench_delivery(&fresh("bench_delivery"), instances, n));
+        println!(
+            "postgres: delivery, {instances} instance(s) sharing the outbox, unordered (concurrency 32 each): {rate:.0} deliveries/s, {n} events to a local receiver"
+        );
+    }
+}

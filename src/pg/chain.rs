@@ -109,22 +109,7 @@ impl PgStore {
         for change in &changes.tip.0 {
             self.move_tip(change)?;
         }
-        for t in changes.tracked.upserts() {
-            let c = TrackedColumns::of(t);
-            self.conn.execute(
-                "INSERT INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
-                   reorg_count, fired, outputs, inputs, spends) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                 ON CONFLICT (txid, watch_id) DO UPDATE SET status = excluded.status,
-                   block_hash = excluded.block_hash, block_height = excluded.block_height,
-                   block_time = excluded.block_time, reorg_count = excluded.reorg_count,
-                   fired = excluded.fired, outputs = excluded.outputs, inputs = excluded.inputs,
-                   spends = excluded.spends",
-                &[
-                    &c.txid, &c.watch_id, &c.status, &c.block_hash, &c.block_height, &c.block_time,
-                    &c.reorg_count, &c.fired, &c.outputs, &c.inputs, &c.spends,
-                ],
-            )?;
-        }
+        self.upsert_tracked(changes.tracked.upserts())?;
         for (txid, watch) in changes.tracked.removals() {
             self.conn.execute(
                 "DELETE FROM tracked WHERE txid = $1 AND watch_id = $2",
@@ -138,11 +123,17 @@ impl PgStore {
                 &[&d.watch_id, &i64::from(d.path), &i64::from(d.used)],
             )?;
         }
-        for (op, c) in &changes.index.coins {
+        if !changes.index.coins.is_empty() {
+            let coins = &changes.index.coins;
+            let outpoints: Vec<String> = coins.iter().map(|(op, _)| op.to_string()).collect();
+            let watches: Vec<&str> = coins.iter().map(|(_, c)| c.watch_id.as_str()).collect();
+            let addresses: Vec<&str> = coins.iter().map(|(_, c)| c.address.as_str()).collect();
+            let amounts: Vec<i64> = coins.iter().map(|(_, c)| c.amount_sat as i64).collect();
             self.conn.execute(
-                "INSERT INTO coins (outpoint, watch_id, address, amount_sat) VALUES ($1, $2, $3, $4)
+                "INSERT INTO coins (outpoint, watch_id, address, amount_sat)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[])
                  ON CONFLICT DO NOTHING",
-                &[&op.to_string(), &c.watch_id, &c.address, &(c.amount_sat as i64)],
+                &[&outpoints, &watches, &addresses, &amounts],
             )?;
         }
         for (watch, next) in &changes.rescan.0 {
@@ -158,6 +149,44 @@ impl PgStore {
                 &[&name, &reason],
             )?;
         }
+        Ok(())
+    }
+
+    /// Inserts or replaces tracked rows, all in one statement.
+    fn upsert_tracked<'t>(&self, tracked: impl Iterator<Item = &'t Tracked>) -> Result<()> {
+        let rows: Vec<TrackedColumns> = tracked.map(TrackedColumns::of).collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let text = |f: fn(&TrackedColumns) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+        let opt_int =
+            |f: fn(&TrackedColumns) -> Option<i64>| rows.iter().map(f).collect::<Vec<_>>();
+        let int = |f: fn(&TrackedColumns) -> i64| rows.iter().map(f).collect::<Vec<_>>();
+        let hashes: Vec<Option<&str>> = rows.iter().map(|c| c.block_hash.as_deref()).collect();
+        self.conn.execute(
+            "INSERT INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
+               reorg_count, fired, outputs, inputs, spends)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+               $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[])
+             ON CONFLICT (txid, watch_id) DO UPDATE SET status = excluded.status,
+               block_hash = excluded.block_hash, block_height = excluded.block_height,
+               block_time = excluded.block_time, reorg_count = excluded.reorg_count,
+               fired = excluded.fired, outputs = excluded.outputs, inputs = excluded.inputs,
+               spends = excluded.spends",
+            &[
+                &text(|c| &c.txid),
+                &text(|c| &c.watch_id),
+                &text(|c| &c.status),
+                &hashes,
+                &opt_int(|c| c.block_height),
+                &opt_int(|c| c.block_time),
+                &int(|c| c.reorg_count),
+                &int(|c| c.fired),
+                &text(|c| &c.outputs),
+                &text(|c| &c.inputs),
+                &text(|c| &c.spends),
+            ],
+        )?;
         Ok(())
     }
 
@@ -266,28 +295,46 @@ impl EventLog for PgLog<'_> {
             .unwrap_or((0, String::new())))
     }
 
-    fn insert_event(&mut self, row: &ChainedRow, now_ms: i64) -> Result<bool> {
-        let n = self.0.conn.execute(
-            "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
-            &[
-                &row.seq,
-                &row.id,
-                &row.kind,
-                &row.body,
-                &now_ms,
-                &row.prev,
-                &row.payload_hash,
-                &row.chain,
-            ],
-        )?;
-        Ok(n > 0)
+    fn recorded(&mut self, ids: &[&str]) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .0
+            .conn
+            .query("SELECT id FROM events WHERE id = ANY($1)", &[&ids])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
-    fn insert_delivery(&mut self, seq: i64, endpoint: &str, now_ms: i64) -> Result<()> {
+    fn insert(
+        &mut self,
+        rows: &[ChainedRow],
+        deliveries: &[(i64, &str)],
+        now_ms: i64,
+    ) -> Result<()> {
+        // One statement for all rows: a block's thousand events are one round trip.
+        let column = |f: fn(&ChainedRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         self.0.conn.execute(
-            "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES ($1, $2, 'pending', $3)",
-            &[&seq, &endpoint, &now_ms],
+            "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
+             SELECT s, i, t, b, $5, p, h, c
+               FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $6::text[], $7::text[], $8::text[])
+                 AS u(s, i, t, b, p, h, c)",
+            &[
+                &seqs,
+                &column(|r| &r.id),
+                &column(|r| &r.kind),
+                &column(|r| &r.body),
+                &now_ms,
+                &column(|r| &r.prev),
+                &column(|r| &r.payload_hash),
+                &column(|r| &r.chain),
+            ],
+        )?;
+        let (seqs, endpoints): (Vec<i64>, Vec<&str>) = deliveries.iter().copied().unzip();
+        self.0.conn.execute(
+            "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at)
+             SELECT s, e, 'pending', $3 FROM UNNEST($1::bigint[], $2::text[]) AS u(s, e)",
+            &[&seqs, &endpoints, &now_ms],
         )?;
         Ok(())
     }

@@ -4,13 +4,14 @@
 //! only waits on channels and never nests one runtime in another.
 
 use std::cell::{Cell, Ref, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::net::redact_url;
 use crate::store::{Result, StoreError};
@@ -108,6 +109,8 @@ pub struct PgConn {
     client: RefCell<Option<Client>>,
     /// Open transactions and savepoints.
     depth: Cell<u32>,
+    /// Statements prepared on this session, by their text: one round trip per call, not two.
+    statements: RefCell<HashMap<String, Statement>>,
 }
 
 impl PgConn {
@@ -116,6 +119,7 @@ impl PgConn {
             url: url.to_string(),
             client: RefCell::new(Some(connect(url)?)),
             depth: Cell::new(0),
+            statements: RefCell::new(HashMap::new()),
         };
         Ok(conn)
     }
@@ -133,6 +137,7 @@ impl PgConn {
                 ));
             }
             *self.client.borrow_mut() = None;
+            self.statements.borrow_mut().clear();
             *self.client.borrow_mut() = Some(connect(&self.url)?);
         }
         Ok(Ref::map(self.client.borrow(), |c| {
@@ -140,24 +145,37 @@ impl PgConn {
         }))
     }
 
-    pub fn query(&self, sql: &str, params: Params) -> Result<Vec<Row>> {
+    /// The session and `sql` prepared on it (once per session).
+    fn prepared(&self, sql: &str) -> Result<(Ref<'_, Client>, Statement)> {
         let c = self.client()?;
-        block_on(c.query(sql, params)).map_err(pg_error)
+        if let Some(s) = self.statements.borrow().get(sql) {
+            return Ok((c, s.clone()));
+        }
+        let s = block_on(c.prepare(sql)).map_err(pg_error)?;
+        self.statements
+            .borrow_mut()
+            .insert(sql.to_string(), s.clone());
+        Ok((c, s))
+    }
+
+    pub fn query(&self, sql: &str, params: Params) -> Result<Vec<Row>> {
+        let (c, s) = self.prepared(sql)?;
+        block_on(c.query(&s, params)).map_err(pg_error)
     }
 
     pub fn query_opt(&self, sql: &str, params: Params) -> Result<Option<Row>> {
-        let c = self.client()?;
-        block_on(c.query_opt(sql, params)).map_err(pg_error)
+        let (c, s) = self.prepared(sql)?;
+        block_on(c.query_opt(&s, params)).map_err(pg_error)
     }
 
     pub fn query_one(&self, sql: &str, params: Params) -> Result<Row> {
-        let c = self.client()?;
-        block_on(c.query_one(sql, params)).map_err(pg_error)
+        let (c, s) = self.prepared(sql)?;
+        block_on(c.query_one(&s, params)).map_err(pg_error)
     }
 
     pub fn execute(&self, sql: &str, params: Params) -> Result<u64> {
-        let c = self.client()?;
-        block_on(c.execute(sql, params)).map_err(pg_error)
+        let (c, s) = self.prepared(sql)?;
+        block_on(c.execute(&s, params)).map_err(pg_error)
     }
 
     pub fn batch(&self, sql: &str) -> Result<()> {
@@ -245,6 +263,9 @@ impl PgConn {
         self.depth.set(0);
         if let Ok(mut c) = self.client.try_borrow_mut() {
             *c = None;
+        }
+        if let Ok(mut s) = self.statements.try_borrow_mut() {
+            s.clear();
         }
     }
 }

@@ -126,53 +126,76 @@ impl PgStore {
         Ok(())
     }
 
-    fn record_one(&self, endpoint: &str, d: &DueDelivery, o: &AttemptOutcome) -> Result<()> {
-        let status_code = o.status_code.map(i64::from);
+    /// Records a batch of attempts and their deliveries' new states in three statements,
+    /// then the endpoint's success or failing state as the attempts, in order, leave it.
+    fn record_batch(&self, endpoint: &str, done: &[(DueDelivery, AttemptOutcome)]) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = done.iter().map(|(d, _)| d.delivery_id).collect();
+        let started: Vec<i64> = done.iter().map(|(_, o)| o.started_at_ms).collect();
+        let durations: Vec<i64> = done.iter().map(|(_, o)| o.duration_ms).collect();
+        let codes: Vec<Option<i64>> = done
+            .iter()
+            .map(|(_, o)| o.status_code.map(i64::from))
+            .collect();
+        let errors: Vec<Option<&str>> = done.iter().map(|(_, o)| o.error.as_deref()).collect();
+        let excerpts: Vec<Option<&str>> = done
+            .iter()
+            .map(|(_, o)| o.response_excerpt.as_deref())
+            .collect();
         self.conn.execute(
             "INSERT INTO attempts (delivery_id, started_at, duration_ms, status_code, error, response_excerpt)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&d.delivery_id, &o.started_at_ms, &o.duration_ms, &status_code, &o.error, &o.response_excerpt],
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])",
+            &[&ids, &started, &durations, &codes, &errors, &excerpts],
         )?;
-        let (status, next, delivered_at) = match o.result {
-            DeliveryResult::Delivered => (
-                DeliveryStatus::Delivered,
-                o.started_at_ms,
-                Some(o.started_at_ms),
-            ),
-            DeliveryResult::RetryAt(t) => (DeliveryStatus::Failed, t, None),
-            DeliveryResult::Dead => (DeliveryStatus::Dead, o.started_at_ms, None),
-            DeliveryResult::EndpointGone => (DeliveryStatus::Failed, o.started_at_ms, None),
-        };
+        let (mut statuses, mut nexts, mut delivered_at) = (vec![], vec![], vec![]);
+        for (_, o) in done {
+            let (status, next, at) = match o.result {
+                DeliveryResult::Delivered => (
+                    DeliveryStatus::Delivered,
+                    o.started_at_ms,
+                    Some(o.started_at_ms),
+                ),
+                DeliveryResult::RetryAt(t) => (DeliveryStatus::Failed, t, None),
+                DeliveryResult::Dead => (DeliveryStatus::Dead, o.started_at_ms, None),
+                DeliveryResult::EndpointGone => (DeliveryStatus::Failed, o.started_at_ms, None),
+            };
+            statuses.push(status.as_str());
+            nexts.push(next);
+            delivered_at.push(at);
+        }
         // A delivered row stays delivered: another instance that sent it after this one's
-        // claim ran out must not turn it back.
+        // claim ran out must not turn it back. Only this instance's own claim is released.
         self.conn.execute(
-            "UPDATE deliveries SET status = CASE WHEN status = 'delivered' THEN status ELSE $2 END,
-               attempts = attempts + 1, next_attempt_at = $3, last_status = $4, last_error = $5,
-               delivered_at = coalesce(delivered_at, $6),
-               claim_until = CASE WHEN claimed_by = $7 THEN NULL ELSE claim_until END,
-               claimed_by = CASE WHEN claimed_by = $7 THEN NULL ELSE claimed_by END
-             WHERE id = $1",
-            &[
-                &d.delivery_id,
-                &status.as_str(),
-                &next,
-                &status_code,
-                &o.error,
-                &delivered_at,
-                &self.instance,
-            ],
+            "UPDATE deliveries d SET status = CASE WHEN d.status = 'delivered' THEN d.status ELSE u.status END,
+               attempts = d.attempts + 1, next_attempt_at = u.next, last_status = u.code,
+               last_error = u.error, delivered_at = coalesce(d.delivered_at, u.at),
+               claim_until = CASE WHEN d.claimed_by = $7 THEN NULL ELSE d.claim_until END,
+               claimed_by = CASE WHEN d.claimed_by = $7 THEN NULL ELSE d.claimed_by END
+             FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[])
+               AS u(id, status, next, code, error, at)
+             WHERE d.id = u.id",
+            &[&ids, &statuses, &nexts, &codes, &errors, &delivered_at, &self.instance],
         )?;
-        match o.result {
-            DeliveryResult::Delivered => self.conn.execute(
-                "UPDATE endpoints SET last_success_at = $2, failing_since = NULL, failing_alerted = false WHERE name = $1",
-                &[&endpoint, &o.started_at_ms],
-            )?,
-            DeliveryResult::EndpointGone => 0,
-            _ => self.conn.execute(
-                "UPDATE endpoints SET failing_since = coalesce(failing_since, $2) WHERE name = $1",
-                &[&endpoint, &o.started_at_ms],
-            )?,
-        };
+        match endpoint_outcome(done) {
+            EndpointOutcome::Untouched => {}
+            EndpointOutcome::Answers {
+                last_success,
+                failing_since,
+            } => {
+                self.conn.execute(
+                    "UPDATE endpoints SET last_success_at = $2, failing_since = $3, failing_alerted = false WHERE name = $1",
+                    &[&endpoint, &last_success, &failing_since],
+                )?;
+            }
+            EndpointOutcome::Failing { since } => {
+                self.conn.execute(
+                    "UPDATE endpoints SET failing_since = coalesce(failing_since, $2) WHERE name = $1",
+                    &[&endpoint, &since],
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -249,10 +272,7 @@ impl OutboxStore for PgStore {
         endpoint: &str,
         done: &[(DueDelivery, AttemptOutcome)],
     ) -> Result<()> {
-        self.conn.transaction(|| {
-            done.iter()
-                .try_for_each(|(d, o)| self.record_one(endpoint, d, o))
-        })
+        self.conn.transaction(|| self.record_batch(endpoint, done))
     }
     fn endpoint_state(&self, name: &str) -> Result<EndpointState> {
         PgStore::endpoint_state(self, name)
@@ -288,5 +308,103 @@ impl OutboxStore for PgStore {
             }
         };
         self.conn.end(level, result)
+    }
+}
+
+/// What a batch of attempts, taken in order, leaves of an endpoint's state.
+#[derive(Debug, PartialEq, Eq)]
+enum EndpointOutcome {
+    /// Only 410s: disabling is the dispatcher's next step.
+    Untouched,
+    /// A success, the last at `last_success`; failures after it start a failing spell.
+    Answers {
+        last_success: i64,
+        failing_since: Option<i64>,
+    },
+    /// Failures only: failing since the first, unless it was failing already.
+    Failing { since: i64 },
+}
+
+fn endpoint_outcome(done: &[(DueDelivery, AttemptOutcome)]) -> EndpointOutcome {
+    let mut out = EndpointOutcome::Untouched;
+    for (_, o) in done {
+        let t = o.started_at_ms;
+        out = match (o.result, out) {
+            (DeliveryResult::EndpointGone, same) => same,
+            (DeliveryResult::Delivered, _) => EndpointOutcome::Answers {
+                last_success: t,
+                failing_since: None,
+            },
+            (_, EndpointOutcome::Untouched) => EndpointOutcome::Failing { since: t },
+            (
+                _,
+                EndpointOutcome::Answers {
+                    last_success,
+                    failing_since,
+                },
+            ) => EndpointOutcome::Answers {
+                last_success,
+                failing_since: failing_since.or(Some(t)),
+            },
+            (_, failing) => failing,
+        };
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t: i64, result: DeliveryResult) -> (DueDelivery, AttemptOutcome) {
+        let d = DueDelivery {
+            delivery_id: t,
+            event_seq: t,
+            event_id: String::new(),
+            kind: String::new(),
+            body: String::new(),
+            attempts: 0,
+            created_at: 0,
+        };
+        let o = AttemptOutcome {
+            started_at_ms: t,
+            duration_ms: 1,
+            status_code: None,
+            error: None,
+            response_excerpt: None,
+            result,
+        };
+        (d, o)
+    }
+
+    #[test]
+    fn a_batch_leaves_the_endpoint_as_its_attempts_in_order_would() {
+        use DeliveryResult::*;
+        let outcome = |batch: &[(i64, DeliveryResult)]| {
+            let done: Vec<_> = batch.iter().map(|(t, r)| at(*t, *r)).collect();
+            endpoint_outcome(&done)
+        };
+        assert_eq!(outcome(&[(1, EndpointGone)]), EndpointOutcome::Untouched);
+        assert_eq!(
+            outcome(&[(1, RetryAt(9)), (2, Dead)]),
+            EndpointOutcome::Failing { since: 1 },
+            "failures only: failing since the first"
+        );
+        assert_eq!(
+            outcome(&[(1, RetryAt(9)), (2, Delivered), (3, Delivered)]),
+            EndpointOutcome::Answers {
+                last_success: 3,
+                failing_since: None
+            },
+            "a success ends the failing spell"
+        );
+        assert_eq!(
+            outcome(&[(1, Delivered), (2, RetryAt(9)), (3, RetryAt(9))]),
+            EndpointOutcome::Answers {
+                last_success: 1,
+                failing_since: Some(2)
+            },
+            "failures after the last success start a new spell"
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! writes rows (`EventLog`), this decides their sequence numbers, bodies, chain values and
 //! deliveries.
 
+use std::collections::HashSet;
+
 use super::audit::ChainedRow;
 use super::{sha256_hex, AuditKey, CommittedEvent, Result};
 use crate::event::{type_matches, webhook_body, NewEvent};
@@ -10,9 +12,15 @@ use crate::event::{type_matches, webhook_body, NewEvent};
 pub trait EventLog {
     /// The newest row's sequence and chain value (0 and "" for an empty log).
     fn newest(&mut self) -> Result<(i64, String)>;
-    /// Inserts the row unless an event with its id is recorded already (false then).
-    fn insert_event(&mut self, row: &ChainedRow, now_ms: i64) -> Result<bool>;
-    fn insert_delivery(&mut self, seq: i64, endpoint: &str, now_ms: i64) -> Result<()>;
+    /// Which of `ids` are recorded already.
+    fn recorded(&mut self, ids: &[&str]) -> Result<HashSet<String>>;
+    /// Inserts new rows (their ids are not recorded) and their deliveries (sequence, endpoint).
+    fn insert(
+        &mut self,
+        rows: &[ChainedRow],
+        deliveries: &[(i64, &str)],
+        now_ms: i64,
+    ) -> Result<()>;
     /// Where an upgrade found the old unkeyed chain broken, if it did.
     fn legacy_break(&mut self) -> Result<Option<i64>>;
     fn set_head(&mut self, head: &str) -> Result<()>;
@@ -31,16 +39,23 @@ pub fn append_events(
         return Ok(vec![]);
     }
     let (mut seq, mut prev_hash) = log.newest()?;
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let mut seen = log.recorded(&ids)?;
     let timestamp = crate::event::rfc3339(
         time::OffsetDateTime::from_unix_timestamp(now_ms / 1000)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
     );
-    let mut out = Vec::new();
+    let (mut rows, mut deliveries, mut out) = (Vec::new(), Vec::new(), Vec::new());
     for e in events {
-        let next = seq + 1;
-        let body = webhook_body(e, next, &timestamp);
+        if !seen.insert(e.id.clone()) {
+            // Deterministic ids make a replayed step harmless: the event is already logged.
+            tracing::warn!(id = %e.id, kind = e.kind, "event already recorded; not repeated");
+            continue;
+        }
+        seq += 1;
+        let body = webhook_body(e, seq, &timestamp);
         let mut row = ChainedRow {
-            seq: next,
+            seq,
             id: e.id.clone(),
             kind: e.kind.to_string(),
             payload_hash: sha256_hex(body.as_bytes()),
@@ -49,16 +64,10 @@ pub fn append_events(
             chain: String::new(),
         };
         row.chain = key.chain(&row);
-        if !log.insert_event(&row, now_ms)? {
-            prev_hash = row.prev;
-            // Deterministic ids make a replayed step harmless: the event is already logged.
-            tracing::warn!(id = %e.id, kind = e.kind, "event already recorded; not repeated");
-            continue;
-        }
-        seq = next;
+        prev_hash = row.chain.clone();
         for (name, globs) in filters {
             if globs.iter().any(|g| type_matches(g, e.kind)) {
-                log.insert_delivery(seq, name, now_ms)?;
+                deliveries.push((seq, name.as_str()));
             }
         }
         out.push(CommittedEvent {
@@ -66,12 +75,14 @@ pub fn append_events(
             id: e.id.clone(),
             kind: e.kind.to_string(),
         });
-        prev_hash = row.chain;
+        rows.push(row);
     }
+    if out.is_empty() {
+        return Ok(out);
+    }
+    log.insert(&rows, &deliveries, now_ms)?;
     // The head makes removing the newest rows detectable too: the chain alone ends wherever it is cut.
-    if let Some(last) = out.last() {
-        let head = key.head(last.seq, &prev_hash, log.legacy_break()?);
-        log.set_head(&head)?;
-    }
+    let head = key.head(seq, &prev_hash, log.legacy_break()?);
+    log.set_head(&head)?;
     Ok(out)
 }

@@ -514,14 +514,31 @@ impl EventLog for SqliteLog<'_> {
             .unwrap_or((0, String::new())))
     }
 
-    fn insert_event(&mut self, row: &ChainedRow, now_ms: i64) -> Result<bool> {
-        let n = self
+    fn recorded(&mut self, ids: &[&str]) -> Result<std::collections::HashSet<String>> {
+        let mut stmt = self
             .0
-            .prepare_cached(
-                "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
-            )?
-            .execute(params![
+            .prepare_cached("SELECT 1 FROM events WHERE id = ?1")?;
+        let mut found = std::collections::HashSet::new();
+        for id in ids {
+            if stmt.exists([id])? {
+                found.insert(id.to_string());
+            }
+        }
+        Ok(found)
+    }
+
+    fn insert(
+        &mut self,
+        rows: &[ChainedRow],
+        deliveries: &[(i64, &str)],
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut event = self.0.prepare_cached(
+            "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for row in rows {
+            event.execute(params![
                 row.seq,
                 row.id,
                 row.kind,
@@ -531,13 +548,13 @@ impl EventLog for SqliteLog<'_> {
                 row.payload_hash,
                 row.chain
             ])?;
-        Ok(n > 0)
-    }
-
-    fn insert_delivery(&mut self, seq: i64, endpoint: &str, now_ms: i64) -> Result<()> {
-        self.0
-            .prepare_cached("INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)")?
-            .execute(params![seq, endpoint, now_ms])?;
+        }
+        let mut delivery = self.0.prepare_cached(
+            "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at) VALUES (?1, ?2, 'pending', ?3)",
+        )?;
+        for (seq, endpoint) in deliveries {
+            delivery.execute(params![seq, endpoint, now_ms])?;
+        }
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! Two instances sharing one PostgreSQL store (SPEC section 8): one leads and follows the
-//! chain, the other stands by and takes over when the leader dies; both deliver. They share one
-//! simulated node here (each would have its own bitcoind in production; the chain is the same).
-//! Needs `CHAINWATCH_TEST_PG_URL` (CI starts a server with scripts/pg-cluster).
+//! chain, the other stands by and takes over when the leader dies; both deliver. Each has a
+//! simulated node of its own, and the two nodes follow the same chain (`Network`), as two
+//! bitcoinds on one network would. Needs `CHAINWATCH_TEST_PG_URL` (CI starts a server with
+//! scripts/pg-cluster).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -15,6 +16,42 @@ use crate::harness::*;
 const LEASE: Duration = Duration::from_secs(2);
 const URL_ENV: &str = "CHAINWATCH_STORE_URL";
 
+/// Two simulated nodes on one network: every payment and block reaches both. The simulated
+/// node is deterministic, so the same calls on both give the same transactions and blocks
+/// (checked at every step).
+struct Network {
+    second: chainwatch::simnode::SimNode,
+}
+
+impl Network {
+    async fn start(h: &Harness) -> Network {
+        let second = chainwatch::simnode::SimNode::start(&h.dir.path().join("node-b"))
+            .await
+            .unwrap();
+        second.mine(h.node.height());
+        assert_eq!(second.tip(), h.node.tip(), "both nodes start on one chain");
+        Network { second }
+    }
+
+    fn pay(&self, h: &Harness, address: &str, amount: u64) -> bitcoin::Txid {
+        let txid = h.node.pay(address, amount);
+        assert_eq!(
+            self.second.pay(address, amount),
+            txid,
+            "one payment on both nodes"
+        );
+        txid
+    }
+
+    fn mine(&self, h: &Harness) {
+        assert_eq!(
+            self.second.mine(1),
+            h.node.mine(1),
+            "one block on both nodes"
+        );
+    }
+}
+
 struct Instance {
     name: &'static str,
     config: PathBuf,
@@ -25,7 +62,8 @@ struct Instance {
 }
 
 impl Instance {
-    fn new(h: &Harness, name: &'static str) -> Instance {
+    /// An instance following `node` (the harness's own, or the network's second).
+    fn new(h: &Harness, name: &'static str, node: &chainwatch::simnode::SimNode) -> Instance {
         let port = free_port();
         let dir = h.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -36,6 +74,7 @@ impl Instance {
             // Both chain the shared log with one key: the second machine gets a copy.
             .audit_key_file(h.dir.path().join("audit.key"))
             .api(Api::listen(&format!("127.0.0.1:{port}")))
+            .bitcoind(Bitcoind::simnode(node).poll_interval("300ms"))
             .postgres_env(URL_ENV, "2s")
             .write_to(&config)
             .unwrap();
@@ -126,8 +165,9 @@ async fn killing_the_leader_ten_times_loses_nothing_and_sends_each_id_with_one_b
         c.map_endpoint(SHOP, |e| e.events(["*"]).timeout("3s"))
     })
     .await;
-    let mut a = Instance::new(&h, "a");
-    let mut b = Instance::new(&h, "b");
+    let net = Network::start(&h).await;
+    let mut a = Instance::new(&h, "a", &h.node);
+    let mut b = Instance::new(&h, "b", &net.second);
     a.start(&url);
     let first_epoch = a.wait_role("leader", WAIT).await;
     b.start(&url);
@@ -138,10 +178,10 @@ async fn killing_the_leader_ten_times_loses_nothing_and_sends_each_id_with_one_b
     let (mut leader, mut standby) = (&mut a, &mut b);
     let mut epoch = first_epoch;
     for round in 0..10u64 {
-        payments.insert(h.node.pay(P2WPKH, 10_000 + round).to_string());
+        payments.insert(net.pay(&h, P2WPKH, 10_000 + round).to_string());
         // Killed at a different moment of the pipeline each round.
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..600))).await;
-        h.node.mine(1);
+        net.mine(&h);
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..600))).await;
         leader.kill();
         let killed = Instant::now();
@@ -156,7 +196,7 @@ async fn killing_the_leader_ten_times_loses_nothing_and_sends_each_id_with_one_b
         leader.wait_role("standby", WAIT).await;
         std::mem::swap(&mut leader, &mut standby);
     }
-    h.node.mine(1);
+    net.mine(&h);
 
     // Every confirmation recorded, then every recorded event delivered.
     wait_until("ten tx.confirmed in the shared log", WAIT, || {
@@ -268,8 +308,9 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so
         c.map_endpoint(SHOP, |e| e.events(["*"]).timeout("3s"))
     })
     .await;
-    let mut a = Instance::new(&h, "a");
-    let mut b = Instance::new(&h, "b");
+    let net = Network::start(&h).await;
+    let mut a = Instance::new(&h, "a", &h.node);
+    let mut b = Instance::new(&h, "b", &net.second);
     a.start(&url);
     let paused_epoch = a.wait_role("leader", WAIT).await;
     b.start(&url);
@@ -280,8 +321,8 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so
     let new_epoch = b.wait_role("leader", LEASE * 4).await;
     assert!(new_epoch > paused_epoch, "b took a newer epoch");
     // The chain moves on while a sleeps: b records it.
-    let paid = h.node.pay(P2WPKH, 25_000).to_string();
-    h.node.mine(1);
+    let paid = net.pay(&h, P2WPKH, 25_000).to_string();
+    net.mine(&h);
     wait_until("b records the payment's confirmation", WAIT, || {
         stored_events(&url)
             .iter()
@@ -291,7 +332,7 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so
     signal(&a, "-CONT");
     // a wakes with a follower that believes it leads; within a renewal it must know better.
     a.wait_role("standby", LEASE * 2).await;
-    h.node.mine(1);
+    net.mine(&h);
     wait_until("b records the next block", WAIT, || {
         stored_events(&url)
             .iter()
@@ -497,8 +538,9 @@ async fn deliveries_go_on_when_an_instance_dies_mid_request_and_an_ordered_endpo
             )
     })
     .await;
-    let mut a = Instance::new(&h, "a");
-    let mut b = Instance::new(&h, "b");
+    let net = Network::start(&h).await;
+    let mut a = Instance::new(&h, "a", &h.node);
+    let mut b = Instance::new(&h, "b", &net.second);
     a.start(&url);
     a.wait_role("leader", WAIT).await;
     b.start(&url);
@@ -507,7 +549,7 @@ async fn deliveries_go_on_when_an_instance_dies_mid_request_and_an_ordered_endpo
     h.receiver.set_hang(Duration::from_millis(400));
     ledger.set_hang(Duration::from_millis(400));
     for i in 0..8 {
-        h.node.pay(P2WPKH, 20_000 + i);
+        net.pay(&h, P2WPKH, 20_000 + i);
     }
     wait_until("requests under way at both receivers", WAIT, || {
         h.receiver.count() >= 2 && ledger.count() >= 1
@@ -515,7 +557,7 @@ async fn deliveries_go_on_when_an_instance_dies_mid_request_and_an_ordered_endpo
     .await;
     a.kill();
     b.wait_role("leader", LEASE * 4).await;
-    h.node.mine(1);
+    net.mine(&h);
     wait_until("eight tx.confirmed in the shared log", WAIT, || {
         stored_events(&url)
             .iter()

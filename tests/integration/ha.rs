@@ -15,6 +15,7 @@ use crate::harness::*;
 
 const LEASE: Duration = Duration::from_secs(2);
 const URL_ENV: &str = "CHAINWATCH_STORE_URL";
+const TOKEN: &str = "ha-test-token-of-forty-characters-000000";
 
 /// Two simulated nodes on one network: every payment and block reaches both. The simulated
 /// node is deterministic, so the same calls on both give the same transactions and blocks
@@ -73,7 +74,7 @@ impl Instance {
             .data_dir(dir.join("data"))
             // Both chain the shared log with one key: the second machine gets a copy.
             .audit_key_file(h.dir.path().join("audit.key"))
-            .api(Api::listen(&format!("127.0.0.1:{port}")))
+            .api(Api::listen(&format!("127.0.0.1:{port}")).token(TOKEN))
             .bitcoind(Bitcoind::simnode(node).poll_interval("300ms"))
             .postgres_env(URL_ENV, "2s")
             .write_to(&config)
@@ -123,6 +124,26 @@ impl Instance {
             .await
             .ok()?;
         Some((body["role"].as_str()?.to_string(), body["epoch"].as_i64()?))
+    }
+
+    /// `/metrics`' role gauges: (chainwatch_leader, chainwatch_lease_epoch).
+    async fn metrics_role(&self) -> (i64, i64) {
+        let text = http_client()
+            .get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let gauge = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} in /metrics:\n{text}"))
+        };
+        (gauge("chainwatch_leader"), gauge("chainwatch_lease_epoch"))
     }
 
     async fn wait_role(&self, role: &str, limit: Duration) -> i64 {
@@ -370,6 +391,26 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so
         (role.as_str(), epoch),
         ("leader", new_epoch),
         "b still leads"
+    );
+    assert_eq!(b.metrics_role().await, (1, new_epoch), "/metrics: b leads");
+    assert_eq!(
+        a.metrics_role().await,
+        (0, new_epoch),
+        "/metrics: a stands by and has seen b's epoch"
+    );
+    let changed: Vec<serde_json::Value> = log
+        .iter()
+        .filter(|e| e.2 == "alert.leader_changed")
+        .map(|e| serde_json::from_str(&e.3).unwrap())
+        .collect();
+    let last = &changed.last().expect("alert.leader_changed recorded")["data"];
+    assert_eq!(
+        last["epoch"], new_epoch,
+        "the alert names the new epoch: {last}"
+    );
+    assert!(
+        last["previous_instance"].is_string() && last["previous_instance"] != last["instance"],
+        "and the instance it took over from: {last}"
     );
     a.kill();
     b.kill();

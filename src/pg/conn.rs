@@ -228,7 +228,6 @@ impl PgConn {
     /// Commits what `begin` opened if `result` is a success, else rolls it back.
     pub fn end<T>(&self, level: Level, result: Result<T>) -> Result<T> {
         let depth = level.0;
-        self.depth.set(depth);
         let (commit, rollback) = if depth == 0 {
             ("COMMIT".to_string(), "ROLLBACK".to_string())
         } else {
@@ -237,10 +236,16 @@ impl PgConn {
                 format!("ROLLBACK TO SAVEPOINT s{depth}"),
             )
         };
+        // Sent while still inside: a session lost meanwhile fails the COMMIT here. Were the
+        // depth lowered first, the call would connect afresh, and a COMMIT on a new session
+        // "succeeds" (a warning) while the transaction died with the old one.
         let result = result.and_then(|v| self.batch(&commit).map(|()| v));
         if result.is_err() {
             self.roll_back(&rollback);
         }
+        // Back to the enclosing level, even after an abandoned session: the enclosing
+        // transaction's next statement then fails instead of running outside it.
+        self.depth.set(depth);
         result
     }
 

@@ -343,3 +343,34 @@ fn retention_prunes_old_rows_from_the_front_and_the_log_still_verifies() {
         "nothing more to prune: new events wait for their deliveries and their age"
     );
 }
+
+#[test]
+fn a_session_lost_before_its_commit_fails_the_commit_instead_of_reconnecting_into_success() {
+    let Some(db) = Db::new("lost_session") else {
+        return;
+    };
+    let (conn, other) = (
+        super::PgConn::open(&db.url).unwrap(),
+        super::PgConn::open(&db.url).unwrap(),
+    );
+    conn.batch("CREATE TABLE t (x BIGINT)").unwrap();
+    let pid: i32 = conn
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let r = conn.transaction(|| {
+        conn.execute("INSERT INTO t VALUES (1)", &[])?;
+        // The server ends the session (as its idle-in-transaction timeout or a restart would).
+        other.execute("SELECT pg_terminate_backend($1)", &[&pid])?;
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    });
+    assert!(r.is_err(), "the commit of a lost session fails: {r:?}");
+    let rows: i64 = other
+        .query_one("SELECT count(*) FROM t", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "and nothing of it was written");
+    conn.execute("INSERT INTO t VALUES (2)", &[])
+        .expect("outside a transaction, the next call connects afresh");
+}

@@ -136,6 +136,9 @@ pub struct WatchArgs {
     pub label: Option<String>,
     pub metadata: Option<String>,
     pub rescan_from: Option<u32>,
+    /// `--endpoint`, repeated; empty: every endpoint.
+    pub endpoints: Vec<String>,
+    pub min_amount: Option<u64>,
 }
 
 pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
@@ -158,6 +161,12 @@ pub fn watch_add(cfg: &Config, a: WatchArgs) -> anyhow::Result<()> {
         metadata,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", a.target))?;
+    let routes = (!a.endpoints.is_empty()).then_some(a.endpoints);
+    if let Some(r) = &routes {
+        let names: Vec<&str> = cfg.endpoints.iter().map(|e| e.name.as_str()).collect();
+        crate::watch::check_routes(r, &names).map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+    }
+    let w = w.routed(routes, a.min_amount.unwrap_or(0));
     let mut store = configured(cfg)?;
     store.upsert_watches(std::slice::from_ref(&w), "cli", now_ms())?;
     println!("{}", w.id);
@@ -448,6 +457,17 @@ pub fn store_migrate(cfg: &Config, to: &str) -> anyhow::Result<()> {
         bail!(
             "--to {}: expected a postgres://user:password@host:port/database URL",
             crate::net::redact_url(to)
+        );
+    }
+    // Opening would create an empty store (and a new key) where there is none: check first.
+    let db = crate::store::db_path(&cfg.data_dir);
+    if !db.exists() {
+        bail!("no SQLite store at {}: check data_dir", db.display());
+    }
+    if !cfg.audit_key_file.exists() {
+        bail!(
+            "no audit key at {}: check [audit] key_file (the store was chained with a key)",
+            cfg.audit_key_file.display()
         );
     }
     // Opening brings an older store's schema and chain up to date first.

@@ -46,6 +46,9 @@ pub struct NewEvent {
     pub kind: &'static str,
     /// `data` without `id` and `sequence`, which the store adds.
     pub data: Map<String, Value>,
+    /// The only endpoints that get it (its watch's routing); `None`: every endpoint whose
+    /// filter takes its type. Decided here, when it is recorded, and kept in its deliveries.
+    pub routes: Option<Vec<String>>,
 }
 
 /// What identifies a transaction event: two events with the same identity are the same event.
@@ -120,12 +123,14 @@ impl TxEventFacts<'_> {
             id,
             kind: static_kind(self.identity.kind),
             data,
+            routes: None,
         }
     }
 }
 
-/// Adds a watch's label and metadata to an event about it.
+/// Adds a watch's label, metadata and routing to an event about it.
 pub fn label(event: &mut NewEvent, watch: &Watch) {
+    event.routes = watch.endpoints.clone();
     // In place: the object and its keys were allocated with the event already.
     match event.data.get_mut("watch").and_then(Value::as_object_mut) {
         Some(w) => {
@@ -188,6 +193,7 @@ pub fn other_event(
         id: format!("evt_{}", hex::encode(&h.as_byte_array()[..16])),
         kind,
         data,
+        routes: None,
     }
 }
 

@@ -95,6 +95,12 @@ enum WatchCmd {
         /// Scan past blocks from this height for the watch (the running watcher does it).
         #[arg(long)]
         rescan_from: Option<u32>,
+        /// Send this watch's events to this endpoint only (repeat for several; default: all).
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+        /// Outputs below this many satoshis pay nothing to the watch (dust).
+        #[arg(long)]
+        min_amount: Option<u64>,
     },
     List {
         #[arg(long)]
@@ -179,6 +185,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             label,
             metadata,
             rescan_from,
+            endpoints,
+            min_amount,
         }) => {
             let args = commands::WatchArgs {
                 target,
@@ -187,6 +195,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 label,
                 metadata,
                 rescan_from,
+                endpoints,
+                min_amount,
             };
             commands::watch_add(&cfg()?, args)
         }

@@ -36,8 +36,15 @@ struct Api<St> {
     token: Option<String>,
     allow: Arc<Vec<IpNet>>,
     metrics: Arc<Metrics>,
-    network: Network,
-    default_confirmations: u32,
+    rules: Arc<WatchRules>,
+}
+
+/// What a watch added through the API is checked against and completed with.
+pub struct WatchRules {
+    pub network: Network,
+    pub default_confirmations: u32,
+    /// The configured endpoints' names: a watch may route its events to these only.
+    pub endpoints: Vec<String>,
 }
 
 impl<St> Clone for Api<St> {
@@ -48,8 +55,7 @@ impl<St> Clone for Api<St> {
             token: self.token.clone(),
             allow: self.allow.clone(),
             metrics: self.metrics.clone(),
-            network: self.network,
-            default_confirmations: self.default_confirmations,
+            rules: self.rules.clone(),
         }
     }
 }
@@ -110,8 +116,7 @@ pub fn router<St: AdminStore>(
     store: St,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    network: Network,
-    default_confirmations: u32,
+    rules: WatchRules,
 ) -> Result<Router, String> {
     let allow = cfg
         .allow_ips
@@ -127,8 +132,7 @@ pub fn router<St: AdminStore>(
         token: cfg.token.clone(),
         allow: Arc::new(allow),
         metrics,
-        network,
-        default_confirmations,
+        rules: Arc::new(rules),
     };
     Ok(Router::new()
         .route("/health", get(health_check::<St>))
@@ -248,6 +252,8 @@ struct NewWatch {
     rescan_from: Option<u32>,
     label: Option<String>,
     metadata: Option<Value>,
+    endpoints: Option<Vec<String>>,
+    min_amount_sat: Option<u64>,
 }
 
 async fn add_watch<St: AdminStore>(
@@ -268,7 +274,7 @@ async fn add_watch<St: AdminStore>(
             )
         }
     };
-    let confirmations = w.confirmations.unwrap_or(api.default_confirmations);
+    let confirmations = w.confirmations.unwrap_or(api.rules.default_confirmations);
     if !(1..=1000).contains(&confirmations) {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -281,15 +287,22 @@ async fn add_watch<St: AdminStore>(
     }
     let watch = match crate::watch::parse_target(
         &target,
-        api.network,
+        api.rules.network,
         w.gap_limit,
         confirmations,
         w.label,
         metadata,
     ) {
-        Ok(w) => w,
+        Ok(parsed) => parsed,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
+    if let Some(routes) = &w.endpoints {
+        let names: Vec<&str> = api.rules.endpoints.iter().map(String::as_str).collect();
+        if let Err(e) = crate::watch::check_routes(routes, &names) {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("endpoints: {e}"));
+        }
+    }
+    let watch = watch.routed(w.endpoints, w.min_amount_sat.unwrap_or(0));
     let (to_store, rescan_from) = (watch.clone(), w.rescan_from);
     let stored = api
         .store

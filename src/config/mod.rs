@@ -144,6 +144,8 @@ struct RawWatch {
     confirmations: Option<u32>,
     label: Option<String>,
     metadata: Option<toml::Table>,
+    endpoints: Option<Vec<String>>,
+    min_amount_sat: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -520,9 +522,10 @@ impl RawConfig {
             }
             endpoints.push(ep);
         }
+        let names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
         let mut watches = Vec::new();
         for (i, w) in self.watches.into_iter().enumerate() {
-            watches.push(w.validate(i, network, self.default_confirmations)?);
+            watches.push(w.validate(i, network, self.default_confirmations, &names)?);
         }
         let api = self.api.validate()?;
         let retain_attempts = duration(
@@ -658,8 +661,19 @@ impl RawBitcoind {
 }
 
 impl RawWatch {
-    fn validate(self, i: usize, network: Network, default_conf: u32) -> Result<Watch, ConfigError> {
+    fn validate(
+        self,
+        i: usize,
+        network: Network,
+        default_conf: u32,
+        endpoint_names: &[&str],
+    ) -> Result<Watch, ConfigError> {
         let key = |k: &str| format!("watches[{i}].{k}");
+        if let Some(routes) = &self.endpoints {
+            crate::watch::check_routes(routes, endpoint_names)
+                .map_err(|r| invalid(key("endpoints"), format!("{routes:?}"), r))?;
+        }
+        let (routes, floor) = (self.endpoints, self.min_amount_sat.unwrap_or(0));
         let (field, target) = match (self.address, self.descriptor) {
             (Some(a), None) => ("address", a),
             (None, Some(d)) => ("descriptor", d),
@@ -704,6 +718,7 @@ impl RawWatch {
         let (gap_key, gap) = (key("gap_limit"), self.gap_limit);
         let label_len = self.label.as_deref().map_or(0, |l| l.chars().count());
         crate::watch::parse_target(&target, network, gap, confirmations, self.label, metadata)
+            .map(|w| w.routed(routes, floor))
             .map_err(|reason| {
                 if reason.starts_with("gap_limit") {
                     invalid(gap_key, gap.unwrap_or(0), reason)

@@ -120,8 +120,11 @@ async fn start_api<B: Backend>(
         backend.open()?,
         ctx.metrics.clone(),
         ctx.health.clone(),
-        cfg.network,
-        cfg.default_confirmations,
+        api::WatchRules {
+            network: cfg.network,
+            default_confirmations: cfg.default_confirmations,
+            endpoints: cfg.endpoints.iter().map(|e| e.name.clone()).collect(),
+        },
     )
     .map_err(|e| anyhow::anyhow!(e))?;
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)

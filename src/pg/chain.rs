@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 
 use super::{PgStore, EVENT_LOG_LOCK};
 use crate::changeset::ChangeSet;
-use crate::store::records::{corrupt, small, target_of, TrackedColumns};
+use crate::store::records::{corrupt, floor_of, small, target_of, TrackedColumns};
 use crate::store::{
     append_events, ChainStore, ChainedRow, CommittedEvent, EventLog, Result, StoreError,
     StoredBlock,
@@ -432,7 +432,7 @@ impl ChainStore for PgStore {
         exclude: &[String],
     ) -> Result<WatchIndex> {
         let rows = self.conn.query(
-            "SELECT id, address, gap_limit, confirmations FROM watches ORDER BY created_at, id",
+            "SELECT id, address, gap_limit, confirmations, min_amount_sat FROM watches ORDER BY created_at, id",
             &[],
         )?;
         let mut index = WatchIndex::with_loader(network, loader, rows.len());
@@ -445,6 +445,7 @@ impl ChainStore for PgStore {
             let gap = gap.map(|g| small(g, "gap limit")).transpose()?;
             let target = target_of(r.get(1), gap);
             index.insert_target(&id, &target, small(r.get(3), "confirmations")?);
+            index.set_min_amount(&id, floor_of(r.get(4))?);
         }
         index.coins.extend(self.load_coins()?);
         for d in self.load_derivations()? {

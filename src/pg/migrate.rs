@@ -45,6 +45,8 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("created_at", Int),
             ("gap_limit", Int),
             ("rescan_next", Int),
+            ("endpoints", Text),
+            ("min_amount_sat", Int),
         ],
     ),
     (

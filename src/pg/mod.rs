@@ -23,7 +23,9 @@ pub use migrate::{migrate_sqlite, Copied};
 
 use crate::config::EndpointConfig;
 use crate::net::redact_url;
-use crate::store::records::{gap_of, parse_metadata, small, target_of};
+use crate::store::records::{
+    floor_of, gap_of, parse_metadata, parse_routes, routes_text, small, target_of,
+};
 use crate::store::{AuditKey, Result, StoreError};
 use crate::watch::Watch;
 
@@ -206,11 +208,12 @@ impl PgStore {
             for w in watches {
                 let gap = gap_of(w).map(i64::from);
                 self.conn.execute(
-                    "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at, gap_limit)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                    "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at, gap_limit, endpoints, min_amount_sat)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                      ON CONFLICT (address) DO UPDATE SET confirmations = excluded.confirmations,
-                       label = excluded.label, metadata = excluded.metadata, gap_limit = excluded.gap_limit",
-                    &[&w.id, &w.target_text(), &i64::from(w.confirmations), &w.label, &w.metadata.to_string(), &source, &now_ms, &gap],
+                       label = excluded.label, metadata = excluded.metadata, gap_limit = excluded.gap_limit,
+                       endpoints = excluded.endpoints, min_amount_sat = excluded.min_amount_sat",
+                    &[&w.id, &w.target_text(), &i64::from(w.confirmations), &w.label, &w.metadata.to_string(), &source, &now_ms, &gap, &routes_text(w), &(w.min_amount_sat as i64)],
                 )?;
             }
             self.bump_watch_version()
@@ -227,7 +230,7 @@ impl PgStore {
     }
 
     fn load_watches_where(&self, clause: &str, p: conn::Params) -> Result<Vec<Watch>> {
-        let sql = format!("SELECT id, address, confirmations, label, metadata, gap_limit FROM watches {clause} ORDER BY created_at, id");
+        let sql = format!("SELECT id, address, confirmations, label, metadata, gap_limit, endpoints, min_amount_sat FROM watches {clause} ORDER BY created_at, id");
         self.conn
             .query(&sql, p)?
             .into_iter()
@@ -241,6 +244,8 @@ impl PgStore {
                     confirmations: small(r.get(2), "confirmations")?,
                     label: r.get(3),
                     metadata: parse_metadata(&metadata)?,
+                    endpoints: parse_routes(r.get(6))?,
+                    min_amount_sat: floor_of(r.get(7))?,
                 })
             })
             .collect()

@@ -117,6 +117,12 @@ const MIGRATIONS: &[&str] = &[
         expires_at TIMESTAMPTZ NOT NULL
     );
     "#,
+    // 2: a watch's events go to its endpoints only (JSON list; NULL: every endpoint), and its
+    // outputs below a floor are not matched (SQLite's eighth).
+    r#"
+    ALTER TABLE watches ADD COLUMN endpoints TEXT;
+    ALTER TABLE watches ADD COLUMN min_amount_sat BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Applies the migrations this database lacks.

@@ -66,7 +66,8 @@ pub fn append_events(
         row.chain = key.chain(&row);
         prev_hash = row.chain.clone();
         for (name, globs) in filters {
-            if globs.iter().any(|g| type_matches(g, e.kind)) {
+            let routed = e.routes.as_ref().is_none_or(|r| r.contains(name));
+            if routed && globs.iter().any(|g| type_matches(g, e.kind)) {
                 deliveries.push((seq, name.as_str()));
             }
         }

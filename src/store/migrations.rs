@@ -125,6 +125,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE endpoints ADD COLUMN backoff_step INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE endpoints ADD COLUMN failing_alerted INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 8: a watch's events go to its endpoints only (JSON list; NULL: every endpoint), and its
+    // outputs below a floor are not matched.
+    r#"
+    ALTER TABLE watches ADD COLUMN endpoints TEXT;
+    ALTER TABLE watches ADD COLUMN min_amount_sat INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -135,6 +135,23 @@ pub(crate) fn parse_metadata(text: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| corrupt("metadata", e))
 }
 
+/// A watch's endpoint list as stored (JSON; NULL for every endpoint).
+pub(crate) fn routes_text(w: &Watch) -> Option<String> {
+    w.endpoints
+        .as_ref()
+        .map(|r| serde_json::to_string(r).expect("names serialise"))
+}
+
+pub(crate) fn parse_routes(text: Option<String>) -> Result<Option<Vec<String>>> {
+    text.map(|t| serde_json::from_str(&t).map_err(|e| corrupt("watch endpoints", e)))
+        .transpose()
+}
+
+/// A stored floor: SQLite keeps integers signed.
+pub(crate) fn floor_of(v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| corrupt("min_amount_sat", v))
+}
+
 pub(super) fn write_tracked(tx: &rusqlite::Connection, changes: &TrackedChanges) -> Result<()> {
     let mut upsert = tx.prepare_cached(
         "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
@@ -248,26 +265,34 @@ impl Store {
     }
 
     fn load_watches_where(&self, clause: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<Watch>> {
-        let sql = format!("SELECT id, address, confirmations, label, metadata, gap_limit FROM watches {clause} ORDER BY created_at, id");
+        let sql = format!("SELECT id, address, confirmations, label, metadata, gap_limit, endpoints, min_amount_sat FROM watches {clause} ORDER BY created_at, id");
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(p, |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, u32>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<u32>>(5)?,
+                (
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ),
+                (
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<u32>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, i64>(7)?,
+                ),
             ))
         })?;
         rows.map(|row| {
-            let (id, target, confirmations, label, metadata, gap_limit) = row?;
+            let ((id, target, confirmations, label), (metadata, gap_limit, routes, floor)) = row?;
             Ok(Watch {
                 id,
                 target: target_of(target, gap_limit),
                 confirmations,
                 label,
                 metadata: parse_metadata(&metadata)?,
+                endpoints: parse_routes(routes)?,
+                min_amount_sat: floor_of(floor)?,
             })
         })
         .collect()
@@ -314,7 +339,7 @@ impl Store {
             .query_row("SELECT count(*) FROM watches", [], |r| r.get(0))?;
         let mut index = WatchIndex::with_loader(network, loader, count as usize);
         let mut stmt = self.conn.prepare(
-            "SELECT id, address, gap_limit, confirmations FROM watches ORDER BY created_at, id",
+            "SELECT id, address, gap_limit, confirmations, min_amount_sat FROM watches ORDER BY created_at, id",
         )?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -324,6 +349,7 @@ impl Store {
                 continue;
             }
             index.insert_target(&id, &target_of(target, gap), confirmations);
+            index.set_min_amount(&id, floor_of(r.get(4)?)?);
         }
         index.coins.extend(self.load_coins()?);
         for d in self.load_derivations()? {
@@ -359,10 +385,11 @@ impl Store {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at, gap_limit)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO watches (id, address, confirmations, label, metadata, source, created_at, gap_limit, endpoints, min_amount_sat)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT(address) DO UPDATE SET confirmations = excluded.confirmations,
-                   label = excluded.label, metadata = excluded.metadata, gap_limit = excluded.gap_limit",
+                   label = excluded.label, metadata = excluded.metadata, gap_limit = excluded.gap_limit,
+                   endpoints = excluded.endpoints, min_amount_sat = excluded.min_amount_sat",
             )?;
             for w in watches {
                 stmt.execute(params![
@@ -373,7 +400,9 @@ impl Store {
                     w.metadata.to_string(),
                     source,
                     now_ms,
-                    gap_of(w)
+                    gap_of(w),
+                    routes_text(w),
+                    w.min_amount_sat as i64,
                 ])?;
             }
         }

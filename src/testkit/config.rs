@@ -135,6 +135,11 @@ pub struct WatchEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_amount_sat: Option<u64>,
+    // A table: after the plain values, as TOML wants.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<toml::Table>,
 }
 
@@ -385,6 +390,15 @@ impl WatchEntry {
     }
     pub fn label(mut self, label: &str) -> Self {
         self.label = Some(label.into());
+        self
+    }
+    /// Routes the watch's events to these endpoints only.
+    pub fn endpoints<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.endpoints = Some(strings(names));
+        self
+    }
+    pub fn min_amount_sat(mut self, sat: u64) -> Self {
+        self.min_amount_sat = Some(sat);
         self
     }
     /// Sets one metadata key (the table is created on first use).

@@ -138,6 +138,8 @@ pub struct WatchIndex {
     loader: Option<WatchLoader>,
     /// Slot → the confirmations the watch asks for.
     confirmations: Vec<u32>,
+    /// Dust floors, for the few watches that set one (most do not: no cost per watch).
+    min_amounts: HashMap<Slot, u64>,
     pub coins: HashMap<OutPoint, WatchedCoin>,
 }
 
@@ -190,6 +192,7 @@ impl WatchIndex {
             details: Mutex::new(HashMap::new()),
             loader,
             confirmations: Vec::new(),
+            min_amounts: HashMap::new(),
             coins: HashMap::new(),
         }
     }
@@ -225,6 +228,7 @@ impl WatchIndex {
     /// Adds a watch with its record.
     pub fn insert(&mut self, w: Watch) {
         self.insert_target(&w.id, &w.target, w.confirmations);
+        self.set_min_amount(&w.id, w.min_amount_sat);
         let mut details = self.details.lock().expect("details lock");
         if self.loader.is_none() || details.len() < DETAILS_CACHE {
             details.insert(w.id.clone(), Arc::new(w));
@@ -360,6 +364,16 @@ impl WatchIndex {
         id_bytes(id).and_then(|b| self.slot_of.get(&b).copied())
     }
 
+    /// Outputs below `sat` do not pay the watch `id` (0: no floor).
+    pub fn set_min_amount(&mut self, id: &str, sat: u64) {
+        let Some(slot) = self.slot(id) else { return };
+        if sat == 0 {
+            self.min_amounts.remove(&slot);
+        } else {
+            self.min_amounts.insert(slot, sat);
+        }
+    }
+
     /// The confirmations a watch asks for; `None` if the index does not hold it.
     pub fn confirmations(&self, id: &str) -> Option<u32> {
         self.slot(id).map(|s| self.confirmations[s as usize])
@@ -428,6 +442,14 @@ impl WatchIndex {
             }
             let address = self.address_of(&out.script_pubkey);
             for (slot, derivation) in owners {
+                // Dust below the watch's floor is not a payment to it.
+                if self
+                    .min_amounts
+                    .get(&slot)
+                    .is_some_and(|floor| out.value.to_sat() < *floor)
+                {
+                    continue;
+                }
                 let watch_id = id_text(&self.ids[slot as usize]);
                 let i = entry(&mut found, &watch_id);
                 if found[i].outputs.iter().any(|x| x.vout == vout as u32) {

@@ -34,6 +34,12 @@ pub struct Watch {
     pub confirmations: u32,
     pub label: Option<String>,
     pub metadata: serde_json::Value,
+    /// Only these endpoints get this watch's events (`None`: every endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<String>>,
+    /// Outputs below this pay nothing to the watch (a dust floor).
+    #[serde(default)]
+    pub min_amount_sat: u64,
 }
 
 impl Watch {
@@ -51,6 +57,8 @@ impl Watch {
             confirmations,
             label,
             metadata,
+            endpoints: None,
+            min_amount_sat: 0,
         }
     }
 
@@ -71,7 +79,16 @@ impl Watch {
             confirmations,
             label,
             metadata,
+            endpoints: None,
+            min_amount_sat: 0,
         }
+    }
+
+    /// Routes its events to `endpoints` only, and ignores outputs below `min_amount_sat`.
+    pub fn routed(mut self, endpoints: Option<Vec<String>>, min_amount_sat: u64) -> Watch {
+        self.endpoints = endpoints;
+        self.min_amount_sat = min_amount_sat;
+        self
     }
 
     /// The address or descriptor: what makes a watch unique.
@@ -88,6 +105,20 @@ impl Watch {
 pub fn watch_id(key: &str) -> String {
     let h = sha256::Hash::hash(key.as_bytes());
     format!("wch_{}", hex::encode(&h.as_byte_array()[..12]))
+}
+
+/// A watch's endpoint list must name configured endpoints, and at least one.
+pub fn check_routes(routes: &[String], configured: &[&str]) -> Result<(), String> {
+    if routes.is_empty() {
+        return Err("an empty endpoint list would send this watch's events nowhere; leave it out to send them to every endpoint".into());
+    }
+    match routes.iter().find(|r| !configured.contains(&r.as_str())) {
+        Some(unknown) => Err(format!(
+            "no endpoint named {unknown:?} is configured (configured: {})",
+            configured.join(", ")
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Metadata must be a JSON object of at most 4 KiB.

@@ -342,6 +342,53 @@ pub fn endpoints_enable(cfg: &Config, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Records a `webhook.test` for `name` alone and waits for the running daemon's first attempt
+/// at it: prints the status code and the response excerpt (or the error). Fails unless the
+/// endpoint answered 2xx.
+pub fn endpoints_test(cfg: &Config, name: &str) -> anyhow::Result<()> {
+    let Some(ep) = cfg.endpoints.iter().find(|e| e.name == name) else {
+        let names: Vec<&str> = cfg.endpoints.iter().map(|e| e.name.as_str()).collect();
+        bail!(
+            "no endpoint named {name:?} (configured: {})",
+            names.join(", ")
+        );
+    };
+    let mut store = configured(cfg)?;
+    let tip = store.tip()?.map(|t| (t.hash.to_string(), t.height));
+    let nonce = format!("{}|{:016x}", now_ms(), rand::random::<u64>());
+    let event = crate::event::test_event(name, &store.network_name()?, tip, &nonce);
+    let id = event.id.clone();
+    let committed = store.record_events(vec![event], now_ms())?;
+    let seq = committed.first().map_or(0, |c| c.seq);
+    println!("webhook.test {id} (sequence {seq}) queued for {name}; waiting for the delivery");
+    // The daemon's worker looks at least every second; the attempt then takes up to the timeout.
+    let limit = ep.timeout + std::time::Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if let Some(a) = store.attempts_for(&id)?.into_iter().next() {
+            let excerpt = a.response_excerpt.unwrap_or_default();
+            return match (a.status_code, a.error) {
+                (Some(code), _) if (200..300).contains(&code) => {
+                    println!("{name} answered {code} in {} ms: {excerpt}", a.duration_ms);
+                    Ok(())
+                }
+                (Some(code), _) => {
+                    bail!("{name} answered {code} in {} ms: {excerpt}", a.duration_ms)
+                }
+                (None, error) => bail!(
+                    "{name} could not be reached: {}",
+                    error.unwrap_or_else(|| "no answer".into())
+                ),
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    bail!(
+        "no attempt within {}s: is `chainwatch run` running? (the test event stays queued and goes out when it is)",
+        limit.as_secs()
+    )
+}
+
 pub fn audit_verify(cfg: &Config, anchor: Option<&str>) -> anyhow::Result<()> {
     let store = stored(cfg)?;
     let report = store.audit()?;

@@ -23,6 +23,7 @@ pub const ALERT_DELIVERY_EXHAUSTED: &str = "alert.delivery_exhausted";
 pub const ALERT_ENDPOINT_FAILING: &str = "alert.endpoint_failing";
 pub const ALERT_STORE_ERROR: &str = "alert.store_error";
 pub const ALERT_LEADER_CHANGED: &str = "alert.leader_changed";
+pub const WEBHOOK_TEST: &str = "webhook.test";
 
 /// A block as events name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,7 +151,7 @@ pub fn label(event: &mut NewEvent, watch: &Watch) {
     }
 }
 
-const KINDS: [&str; 15] = [
+const KINDS: [&str; 17] = [
     TX_PENDING,
     TX_CONFIRMATION,
     TX_CONFIRMED,
@@ -166,6 +167,8 @@ const KINDS: [&str; 15] = [
     ALERT_DELIVERY_EXHAUSTED,
     ALERT_ENDPOINT_FAILING,
     ALERT_STORE_ERROR,
+    ALERT_LEADER_CHANGED,
+    WEBHOOK_TEST,
 ];
 
 pub fn static_kind(kind: &str) -> &'static str {
@@ -195,6 +198,28 @@ pub fn other_event(
         data,
         routes: None,
     }
+}
+
+/// A `webhook.test` for `endpoint` alone (whatever its `events` filter), naming the tip; each
+/// call is a new event (`nonce` makes its id).
+pub fn test_event(
+    endpoint: &str,
+    network: &str,
+    tip: Option<(String, u32)>,
+    nonce: &str,
+) -> NewEvent {
+    let tip = tip.map(|(hash, height)| json!({ "hash": hash, "height": height }));
+    let mut fields = Map::new();
+    fields.insert("endpoint".into(), json!(endpoint));
+    fields.insert("tip".into(), tip.unwrap_or(Value::Null));
+    let mut e = other_event(
+        WEBHOOK_TEST,
+        &format!("{endpoint}|{nonce}"),
+        network,
+        fields,
+    );
+    e.routes = Some(vec![endpoint.to_string()]);
+    e
 }
 
 /// The full webhook body: `{type, timestamp, data: {id, sequence, ...}}`.

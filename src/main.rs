@@ -136,7 +136,14 @@ enum DeliveriesCmd {
 #[derive(Subcommand)]
 enum EndpointsCmd {
     List,
-    Enable { name: String },
+    Enable {
+        name: String,
+    },
+    /// Send a webhook.test to this endpoint through the outbox (the running daemon delivers
+    /// it) and print what the endpoint answered.
+    Test {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -222,6 +229,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Endpoints(EndpointsCmd::Enable { name }) => {
             commands::endpoints_enable(&cfg()?, &name)
         }
+        Command::Endpoints(EndpointsCmd::Test { name }) => commands::endpoints_test(&cfg()?, &name),
         Command::Receive { listen, secret } => commands::receive(&listen, &secret).await,
         Command::Verify {
             secret,

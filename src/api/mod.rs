@@ -142,6 +142,7 @@ pub fn router<St: AdminStore>(
         .route("/v1/events", get(list_events::<St>))
         .route("/v1/events/{id}/redeliver", post(redeliver::<St>))
         .route("/v1/deliveries", get(list_deliveries::<St>))
+        .route("/v1/endpoints/{name}/test", post(test_endpoint::<St>))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(api.clone(), guard::<St>))
         .with_state(api))
@@ -421,6 +422,39 @@ async fn redeliver<St: AdminStore>(State(api): State<Api<St>>, Path(id): Path<St
     match queued {
         Ok(Some(n)) => (StatusCode::ACCEPTED, Json(json!({ "queued": n }))).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
+        Err(e) => store_error(e),
+    }
+}
+
+/// Records a `webhook.test` for one endpoint; the delivery worker sends it like any event, and
+/// `GET /v1/deliveries` (or `chainwatch endpoints test`) shows the outcome.
+async fn test_endpoint<St: AdminStore>(
+    State(api): State<Api<St>>,
+    Path(name): Path<String>,
+) -> Response {
+    if !api.rules.endpoints.contains(&name) {
+        return error(StatusCode::NOT_FOUND, format!("no endpoint {name}"));
+    }
+    let recorded = api
+        .store
+        .run(move |s| {
+            let tip = s.tip()?.map(|t| (t.hash.to_string(), t.height));
+            let now = crate::event::now_ms();
+            let nonce = format!("{now}|{:016x}", rand::random::<u64>());
+            let event = crate::event::test_event(&name, &s.network_name()?, tip, &nonce);
+            s.record_events(vec![event], now)
+        })
+        .await;
+    match recorded {
+        Ok(c) if !c.is_empty() => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "event_id": c[0].id, "sequence": c[0].seq })),
+        )
+            .into_response(),
+        Ok(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the test event was not recorded",
+        ),
         Err(e) => store_error(e),
     }
 }

@@ -285,4 +285,18 @@ impl AdminStore for PgStore {
             .query_opt("SELECT row_hash FROM events WHERE seq = $1", &[&seq])?
             .map(|r| r.get(0)))
     }
+    fn record_events(
+        &mut self,
+        events: Vec<crate::event::NewEvent>,
+        now_ms: i64,
+    ) -> Result<Vec<crate::store::CommittedEvent>> {
+        crate::store::OutboxStore::commit(
+            self,
+            &crate::changeset::ChangeSet::events(events),
+            now_ms,
+        )
+    }
+    fn network_name(&self) -> Result<String> {
+        crate::store::OutboxStore::network(self)
+    }
 }

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::changeset::ChangeSet;
 use crate::delivery::DeliveryStatus;
+use crate::event::NewEvent;
 use crate::metrics::QueueState;
 use crate::tracker::Tracked;
 use crate::watch::{Derivation, Watch, WatchIndex, WatchLoader, WatchedCoin};
@@ -160,6 +161,10 @@ pub trait AdminStore: Send + 'static {
     /// The sequence below which retention pruned the log, and the chain value at a row.
     fn audit_checkpoint(&self) -> Result<Option<i64>>;
     fn chain_at(&self, seq: i64) -> Result<Option<String>>;
+    /// Records events (a `webhook.test`) with their deliveries, in one transaction.
+    fn record_events(&mut self, events: Vec<NewEvent>, now_ms: i64) -> Result<Vec<CommittedEvent>>;
+    /// The network the store belongs to.
+    fn network_name(&self) -> Result<String>;
 }
 
 impl AdminStore for Store {
@@ -234,6 +239,12 @@ impl AdminStore for Store {
     }
     fn chain_at(&self, seq: i64) -> Result<Option<String>> {
         Store::chain_at(self, seq)
+    }
+    fn record_events(&mut self, events: Vec<NewEvent>, now_ms: i64) -> Result<Vec<CommittedEvent>> {
+        Store::commit(self, &ChangeSet::events(events), now_ms)
+    }
+    fn network_name(&self) -> Result<String> {
+        Store::network(self)
     }
 }
 

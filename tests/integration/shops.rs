@@ -232,3 +232,86 @@ async fn dust_below_a_watchs_floor_fires_nothing_and_a_larger_output_fires_alone
         );
     }
 }
+
+fn cli(h: &Harness, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .args(args)
+        .arg("--config")
+        .arg(&h.config_path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_test_reports_what_each_endpoint_answered() {
+    let other = receiver().await;
+    let other_url = other.url.clone();
+    let closed = format!("http://127.0.0.1:{}/hooks", free_port());
+    let port = free_port();
+    let h = Harness::with(&[], |c| {
+        c.endpoint(Endpoint::new(OTHER, &other_url).secret(SECRET))
+            .endpoint(
+                Endpoint::new("closed", &closed)
+                    .secret(SECRET)
+                    .timeout("2s"),
+            )
+            .api(Api::listen(&format!("127.0.0.1:{port}")).token(TOKEN))
+    })
+    .await;
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+
+    let (ok, said) = cli(&h, &["endpoints", "test", SHOP]);
+    assert!(
+        ok && said.contains("shop answered 204"),
+        "200-class answer: {said}"
+    );
+    let got = h.receiver.wait_accepted(1, WAIT).await;
+    let test = &got[0];
+    assert_eq!(test.kind(), "webhook.test");
+    assert!(test.verified(), "signed like any webhook");
+    assert_eq!(test.data()["endpoint"], SHOP);
+    assert_eq!(test.data()["network"], "regtest");
+    assert_eq!(test.data()["tip"]["height"], h.node.height());
+    assert!(test.data()["sequence"].as_i64().unwrap() >= 1);
+
+    h.receiver.set_status(500);
+    let (ok, said) = cli(&h, &["endpoints", "test", SHOP]);
+    assert!(!ok && said.contains("shop answered 500"), "a 500: {said}");
+
+    let (ok, said) = cli(&h, &["endpoints", "test", "closed"]);
+    assert!(
+        !ok && said.contains("closed could not be reached"),
+        "nothing listening: {said}"
+    );
+    let (ok, said) = cli(&h, &["endpoints", "test", "nope"]);
+    assert!(!ok && said.contains("no endpoint named"), "unknown: {said}");
+
+    let resp = http_client()
+        .post(format!("http://127.0.0.1:{port}/v1/endpoints/{OTHER}/test"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let got = other.wait_accepted(1, WAIT).await;
+    assert_eq!(
+        got[0].id,
+        body["event_id"].as_str().unwrap(),
+        "the API's test event arrives"
+    );
+    assert_eq!(got.len(), 1, "other got its own test and no one else's");
+    assert!(
+        h.receiver
+            .accepted()
+            .iter()
+            .all(|c| c.data()["endpoint"] == SHOP),
+        "shop got only its own tests"
+    );
+    daemon.stop().await;
+}

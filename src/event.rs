@@ -171,6 +171,11 @@ const KINDS: [&str; 17] = [
     WEBHOOK_TEST,
 ];
 
+/// Every event type chainwatch sends.
+pub fn all_kinds() -> &'static [&'static str] {
+    &KINDS
+}
+
 pub fn static_kind(kind: &str) -> &'static str {
     KINDS
         .iter()

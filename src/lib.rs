@@ -17,6 +17,7 @@ pub mod net;
 pub mod node;
 pub mod pg;
 pub mod proof;
+pub mod schemas;
 pub mod sign;
 pub mod simnode;
 pub mod store;

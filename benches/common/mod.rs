@@ -145,16 +145,7 @@ pub fn endpoint_config(
 
 /// `n` tx.pending events with ids from `tag`.
 pub fn events(n: usize, tag: &str) -> Vec<chainwatch::event::NewEvent> {
-    (0..n)
-        .map(|i| {
-            chainwatch::event::other_event(
-                chainwatch::event::TX_PENDING,
-                &format!("{tag}-{i}"),
-                "regtest",
-                Default::default(),
-            )
-        })
-        .collect()
+    chainwatch::testkit::sample_events(n, tag)
 }
 
 /// When each webhook id first reached `receiver`.

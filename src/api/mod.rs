@@ -143,6 +143,7 @@ pub fn router<St: AdminStore>(
         .route("/v1/events/{id}/redeliver", post(redeliver::<St>))
         .route("/v1/deliveries", get(list_deliveries::<St>))
         .route("/v1/endpoints/{name}/test", post(test_endpoint::<St>))
+        .route("/v1/schemas/{kind}", get(event_schema))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(api.clone(), guard::<St>))
         .with_state(api))
@@ -423,6 +424,20 @@ async fn redeliver<St: AdminStore>(State(api): State<Api<St>>, Path(id): Path<St
         Ok(Some(n)) => (StatusCode::ACCEPTED, Json(json!({ "queued": n }))).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no event {id}")),
         Err(e) => store_error(e),
+    }
+}
+
+/// The JSON Schema of an event type's body.
+async fn event_schema(Path(kind): Path<String>) -> Response {
+    match crate::schemas::schema(&kind) {
+        Some(text) => ([("content-type", "application/schema+json")], text).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no event type {kind:?} (types: {})",
+                crate::schemas::kinds().collect::<Vec<_>>().join(", ")
+            ),
+        ),
     }
 }
 

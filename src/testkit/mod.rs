@@ -3,6 +3,7 @@
 //! guard. Not used by the daemon itself.
 
 pub mod config;
+pub mod events;
 pub mod postgres;
 pub mod process;
 pub mod receiver;
@@ -11,6 +12,7 @@ pub mod wait;
 pub use config::{
     Api, Audit, Bitcoind, ConfigBuilder, Endpoint, Retention, StoreSection, WatchEntry,
 };
+pub use events::{sample_event, sample_events};
 pub use process::{free_port, KillOnDrop};
 pub use receiver::{Captured, Receiver, ReceiverBuilder, Reply};
 pub use wait::{poll, wait_for, wait_until};

@@ -98,17 +98,7 @@ async fn a_closed_port_for_100000_queued_events_costs_one_attempt_per_step() {
     let cfg = chainwatch::config::Config::load(&h.config_path).unwrap();
     let ids: HashSet<String> = tokio::task::spawn_blocking(move || {
         let mut store = chainwatch::daemon::open_store(&cfg).unwrap();
-        let events: Vec<_> = (0..EVENTS)
-            .map(|i| {
-                let f = serde_json::json!({ "n": i }).as_object().unwrap().clone();
-                chainwatch::event::other_event(
-                    chainwatch::event::ALERT_REORG,
-                    &format!("q{i}"),
-                    "regtest",
-                    f,
-                )
-            })
-            .collect();
+        let events = chainwatch::testkit::sample_events(EVENTS, "q");
         let ids = events.iter().map(|e| e.id.clone()).collect();
         let changes = chainwatch::changeset::ChangeSet::events(events);
         store.commit(&changes, chainwatch::event::now_ms()).unwrap();

@@ -437,18 +437,7 @@ async fn store_migrate_copies_ten_thousand_events_with_identical_pages_and_chain
     let mut sqlite = chainwatch::daemon::open_store(&cfg).unwrap();
     for batch in 0..10 {
         let events: Vec<_> = (0..1_000)
-            .map(|i| {
-                let f = serde_json::json!({ "n": batch * 1_000 + i })
-                    .as_object()
-                    .unwrap()
-                    .clone();
-                chainwatch::event::other_event(
-                    chainwatch::event::ALERT_REORG,
-                    &format!("m-{batch}-{i}"),
-                    "regtest",
-                    f,
-                )
-            })
+            .map(|i| chainwatch::testkit::sample_event(&format!("m-{batch}-{i}")))
             .collect();
         sqlite
             .commit(

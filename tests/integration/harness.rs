@@ -32,9 +32,12 @@ pub const P2TR: &str = "bcrt1pgf9g8v63sselca7rgx5uyl0xwjjp4vpfn89vt3gdutvpjc8xq8
 pub const P2WSH: &str = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry";
 
 /// A receiver verifying with `SECRET`, through our verifier and an independent Standard
-/// Webhooks implementation.
+/// Webhooks implementation, and checking every body against its type's JSON Schema.
 pub fn verifying() -> ReceiverBuilder {
     Receiver::builder()
+        // 204 for a body that verifies and matches its schema, 401 otherwise: a wrong body
+        // is never counted as delivered.
+        .reply(Reply::Verdict)
         .secrets(vec![chainwatch::sign::Secret::parse(SECRET).unwrap()])
         // Two checks: the standardwebhooks crate accepts a truncated signature, so the
         // full-length check of our own verifier must agree.
@@ -42,8 +45,41 @@ pub fn verifying() -> ReceiverBuilder {
             standardwebhooks::Webhook::new(SECRET)
                 .unwrap()
                 .verify(body, headers)
-                .map_err(|e| format!("standardwebhooks: {e:?}"))
+                .map_err(|e| format!("standardwebhooks: {e:?}"))?;
+            // Every body the suite receives must be what its type's schema says.
+            check_schema(body)
         })
+}
+
+/// Validates a webhook body against the JSON Schema of its type (`schemas/`).
+pub fn check_schema(body: &[u8]) -> Result<(), String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static VALIDATORS: OnceLock<Mutex<HashMap<String, Arc<jsonschema::Validator>>>> =
+        OnceLock::new();
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let kind = value["type"].as_str().unwrap_or_default().to_string();
+    let validator = {
+        let mut all = VALIDATORS.get_or_init(Default::default).lock().unwrap();
+        match all.get(&kind) {
+            Some(v) => v.clone(),
+            None => {
+                let text = chainwatch::schemas::schema(&kind)
+                    .ok_or_else(|| format!("no schema for event type {kind:?}"))?;
+                let schema: serde_json::Value = serde_json::from_str(text).unwrap();
+                let v = Arc::new(
+                    jsonschema::draft202012::new(&schema)
+                        .map_err(|e| format!("schema of {kind} does not compile: {e}"))?,
+                );
+                all.insert(kind.clone(), v.clone());
+                v
+            }
+        }
+    };
+    validator
+        .validate(&value)
+        .map_err(|e| format!("{kind} body fails its schema at {}: {e}", e.instance_path()))
 }
 
 /// A verifying receiver on a free loopback port, answering 204.
@@ -386,16 +422,7 @@ impl Outbox {
         let mut store = Store::open(&cfg.data_dir).unwrap();
         store.check_network("regtest").unwrap();
         store.sync_endpoints(&cfg.endpoints).unwrap();
-        let events: Vec<event::NewEvent> = (0..n)
-            .map(|i| {
-                event::other_event(
-                    event::TX_PENDING,
-                    &format!("test-{i}"),
-                    "regtest",
-                    Default::default(),
-                )
-            })
-            .collect();
+        let events: Vec<event::NewEvent> = chainwatch::testkit::sample_events(n, "test");
         let ids = events.iter().map(|e| e.id.clone()).collect();
         store.commit(&ChangeSet::events(events), t0).unwrap();
         let clock = Arc::new(AtomicI64::new(t0));

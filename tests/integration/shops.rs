@@ -315,3 +315,86 @@ async fn endpoints_test_reports_what_each_endpoint_answered() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_schema_accepts_what_is_sent_rejects_a_missing_field_and_is_served() {
+    let port = free_port();
+    let h = Harness::with(&[watch(P2WPKH, 1, "s")], |c| {
+        c.map_endpoint(SHOP, |e| e.events(["*"]))
+            .api(Api::listen(&format!("127.0.0.1:{port}")).token(TOKEN))
+    })
+    .await;
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    h.node.pay(P2WPKH, 7_000);
+    h.receiver.wait_accepted(1, WAIT).await;
+    h.node.mine(1);
+    // tx.pending, block.connected, tx.confirmed
+    let got = h.receiver.wait_accepted(3, WAIT).await;
+    let kinds: BTreeSet<&str> = got.iter().map(|c| c.kind()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["block.connected", "tx.confirmed", "tx.pending"])
+    );
+    for c in &got {
+        check_schema(c.body.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let mut body: serde_json::Value = serde_json::from_str(&c.body).unwrap();
+        let data = body["data"].as_object_mut().unwrap();
+        let field = if c.kind().starts_with("tx.") {
+            "txid"
+        } else {
+            "hash"
+        };
+        data.remove(field);
+        let missing = serde_json::to_vec(&body).unwrap();
+        assert!(
+            check_schema(&missing).is_err(),
+            "{}'s schema rejects a body without data.{field}",
+            c.kind()
+        );
+    }
+    let served = |kind: &str| {
+        http_client()
+            .get(format!("http://127.0.0.1:{port}/v1/schemas/{kind}"))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    for kind in chainwatch::event::all_kinds() {
+        let resp = served(kind).await.unwrap();
+        assert_eq!(resp.status(), 200, "{kind}");
+        let text = resp.text().await.unwrap();
+        let file = std::fs::read_to_string(format!(
+            "{}/schemas/{kind}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        assert_eq!(
+            text, file,
+            "GET /v1/schemas/{kind} serves the repository's file"
+        );
+    }
+    assert_eq!(served("tx.nope").await.unwrap().status(), 404);
+    daemon.stop().await;
+}
+
+#[test]
+fn the_documented_example_of_every_event_type_matches_its_schema() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/events.md")).unwrap();
+    let mut documented = BTreeSet::new();
+    for block in doc.split("```json").skip(1) {
+        let example = block.split("```").next().unwrap();
+        let body: serde_json::Value = serde_json::from_str(example).unwrap();
+        let kind = body["type"].as_str().unwrap().to_string();
+        check_schema(example.as_bytes()).unwrap_or_else(|e| panic!("docs/events.md: {e}"));
+        documented.insert(kind);
+    }
+    let all: BTreeSet<String> = chainwatch::event::all_kinds()
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(
+        documented, all,
+        "docs/events.md has one example per event type"
+    );
+}

@@ -9,8 +9,8 @@ use crate::delivery::DeliveryStatus;
 use crate::metrics::QueueState;
 use crate::store::records::{corrupt, small};
 use crate::store::{
-    AdminStore, AttemptRow, AuditReport, AuditWalk, ChainedRow, DeliveryRow, EndpointRow, EventRow,
-    Result, StoredBlock,
+    AdminStore, AttemptRow, AuditReport, AuditWalk, DeliveryRow, EndpointRow, EventRow, Result,
+    StoredBlock,
 };
 use crate::watch::Watch;
 
@@ -251,15 +251,7 @@ impl AdminStore for PgStore {
                 let Some(last) = rows.last() else { break };
                 after = last.get(0);
                 for r in &rows {
-                    walk.push(ChainedRow {
-                        seq: r.get(0),
-                        id: r.get(1),
-                        kind: r.get(2),
-                        body: r.get(3),
-                        payload_hash: r.get(4),
-                        prev: r.get(5),
-                        chain: r.get(6),
-                    });
+                    walk.push(super::chained_row(r));
                 }
             }
             Ok(walk.finish(self.meta("event_head")?, None))

@@ -49,6 +49,20 @@ pub struct PgStore {
     claim: Duration,
 }
 
+/// An event row's chained fields, from a query selecting `seq, id, type, body, payload_hash,
+/// prev_hash, row_hash` first.
+fn chained_row(r: &tokio_postgres::Row) -> crate::store::ChainedRow {
+    crate::store::ChainedRow {
+        seq: r.get(0),
+        id: r.get(1),
+        kind: r.get(2),
+        body: r.get(3),
+        payload_hash: r.get(4),
+        prev: r.get(5),
+        chain: r.get(6),
+    }
+}
+
 /// The advisory lock held while appending to the event log: any instance may append (alerts).
 const EVENT_LOG_LOCK: i64 = 0x6368_6169_6e78;
 

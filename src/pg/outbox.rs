@@ -112,13 +112,7 @@ impl PgStore {
     }
 
     fn hold_delivery(&self, endpoint: &str, d: &DueDelivery, why: &str) -> Result<()> {
-        tracing::error!(
-            endpoint,
-            event = %d.event_id,
-            seq = d.event_seq,
-            problem = why,
-            "event body fails its audit check; delivery held, not sent (run `chainwatch audit verify`)"
-        );
+        crate::store::outbox::report_held(endpoint, d, why);
         self.conn.execute(
             "UPDATE deliveries SET status = 'held', last_error = $2, claimed_by = NULL WHERE id = $1",
             &[&d.delivery_id, &format!("held: event {why}")],

@@ -2,7 +2,7 @@
 
 use super::PgStore;
 use crate::store::retention::{may_prune, Kept};
-use crate::store::{checkpoint, ChainedRow, Pruned, Result, RetentionPolicy, RetentionStore};
+use crate::store::{checkpoint, Pruned, Result, RetentionPolicy, RetentionStore};
 
 /// Held while pruning, so instances take turns ("chainwatch" + 2).
 const RETENTION_LOCK: i64 = 0x6368_6169_6e79;
@@ -81,15 +81,7 @@ impl PgStore {
         let mut last = None;
         let mut pruned = 0;
         for r in &oldest {
-            let row = ChainedRow {
-                seq: r.get(0),
-                id: r.get(1),
-                kind: r.get(2),
-                body: r.get(3),
-                payload_hash: r.get(4),
-                prev: r.get(5),
-                chain: r.get(6),
-            };
+            let row = super::chained_row(r);
             let kept = Kept {
                 newest,
                 cutoff,

@@ -6,7 +6,7 @@ mod audit;
 mod interface;
 mod log;
 mod migrations;
-mod outbox;
+pub(crate) mod outbox;
 pub(crate) mod records;
 pub(crate) mod retention;
 mod shared;

@@ -106,6 +106,17 @@ impl rusqlite::types::FromSql for DeliveryStatus {
     }
 }
 
+/// Says, loudly, that a delivery is held because its event fails its audit check.
+pub(crate) fn report_held(endpoint: &str, d: &DueDelivery, why: &str) {
+    tracing::error!(
+        endpoint,
+        event = %d.event_id,
+        seq = d.event_seq,
+        problem = why,
+        "event body fails its audit check; delivery held, not sent (run `chainwatch audit verify`)"
+    );
+}
+
 /// Disables endpoints, with the reason shown in `endpoints list` and `/health`.
 pub(super) fn write_endpoints(tx: &rusqlite::Connection, changes: &EndpointChanges) -> Result<()> {
     for (name, reason) in &changes.disabled {
@@ -341,13 +352,7 @@ impl Store {
     /// Takes a delivery whose event row fails its audit check out of the queue (status
     /// `held`): it is never sent, and `deliveries list --status held` shows why.
     fn hold_delivery(&self, endpoint: &str, d: &DueDelivery, why: &str) -> Result<()> {
-        tracing::error!(
-            endpoint,
-            event = %d.event_id,
-            seq = d.event_seq,
-            problem = why,
-            "event body fails its audit check; delivery held, not sent (run `chainwatch audit verify`)"
-        );
+        report_held(endpoint, d, why);
         self.conn.execute(
             "UPDATE deliveries SET status = 'held', last_error = ?2 WHERE id = ?1",
             params![d.delivery_id, format!("held: event {why}")],

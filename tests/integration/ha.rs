@@ -176,23 +176,34 @@ fn stored_events(url: &str) -> Vec<(i64, String, String, String)> {
         .collect()
 }
 
+/// A harness with one watch (P2WPKH, one confirmation) changed by `configure`, a second node
+/// on its chain, and two instances on the database at `url`: `a` leading (the epoch it took is
+/// returned), `b` standing by.
+async fn leader_and_standby(
+    url: &str,
+    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> (Harness, Network, Instance, Instance, i64) {
+    let h = Harness::with(&[watch(P2WPKH, 1, "shop order")], configure).await;
+    let net = Network::start(&h).await;
+    let mut a = Instance::new(&h, "a", &h.node);
+    let mut b = Instance::new(&h, "b", &net.second);
+    a.start(url);
+    let epoch = a.wait_role("leader", WAIT).await;
+    b.start(url);
+    b.wait_role("standby", WAIT).await;
+    (h, net, a, b, epoch)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_ten_times_loses_nothing_and_sends_each_id_with_one_body() {
     let Some(url) = fresh_database("ha_failover") else {
         return;
     };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop order")], |c| {
+    let (h, net, mut a, mut b, first_epoch) = leader_and_standby(&url, |c| {
         // A short timeout: a killed instance's claims (timeout + 5 s) come back sooner.
         c.map_endpoint(SHOP, |e| e.events(["*"]).timeout("3s"))
     })
     .await;
-    let net = Network::start(&h).await;
-    let mut a = Instance::new(&h, "a", &h.node);
-    let mut b = Instance::new(&h, "b", &net.second);
-    a.start(&url);
-    let first_epoch = a.wait_role("leader", WAIT).await;
-    b.start(&url);
-    b.wait_role("standby", WAIT).await;
 
     let mut takeovers = Vec::new();
     let mut payments = BTreeSet::new();
@@ -325,17 +336,10 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so
     let Some(url) = fresh_database("ha_paused") else {
         return;
     };
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop order")], |c| {
+    let (h, net, mut a, mut b, paused_epoch) = leader_and_standby(&url, |c| {
         c.map_endpoint(SHOP, |e| e.events(["*"]).timeout("3s"))
     })
     .await;
-    let net = Network::start(&h).await;
-    let mut a = Instance::new(&h, "a", &h.node);
-    let mut b = Instance::new(&h, "b", &net.second);
-    a.start(&url);
-    let paused_epoch = a.wait_role("leader", WAIT).await;
-    b.start(&url);
-    b.wait_role("standby", WAIT).await;
     let before = stored_events(&url).len();
 
     signal(&a, "-STOP");
@@ -557,7 +561,7 @@ async fn deliveries_go_on_when_an_instance_dies_mid_request_and_an_ordered_endpo
     };
     let ledger = receiver().await;
     let ledger_url = ledger.url.clone();
-    let h = Harness::with(&[watch(P2WPKH, 1, "shop order")], |c| {
+    let (h, net, mut a, mut b, _) = leader_and_standby(&url, |c| {
         c.map_endpoint(SHOP, |e| e.events(["tx.*"]).timeout("2s").concurrency(4))
             .endpoint(
                 Endpoint::new("ledger", &ledger_url)
@@ -568,13 +572,6 @@ async fn deliveries_go_on_when_an_instance_dies_mid_request_and_an_ordered_endpo
             )
     })
     .await;
-    let net = Network::start(&h).await;
-    let mut a = Instance::new(&h, "a", &h.node);
-    let mut b = Instance::new(&h, "b", &net.second);
-    a.start(&url);
-    a.wait_role("leader", WAIT).await;
-    b.start(&url);
-    b.wait_role("standby", WAIT).await;
     // Slow receivers: every request is still open for a while, so the kill lands mid-request.
     h.receiver.set_hang(Duration::from_millis(400));
     ledger.set_hang(Duration::from_millis(400));

@@ -45,6 +45,28 @@ pub enum TipChange {
     Disconnect { block: BlockRef },
 }
 
+impl TipChange {
+    /// Whether this move fits the stored tip (hash, height): a connect must extend it, a
+    /// disconnect must take it away. Every store checks this before writing the move.
+    pub fn fits(&self, tip: Option<(BlockHash, u32)>) -> Result<(), String> {
+        match (self, tip) {
+            (TipChange::Connect { block, prev, .. }, Some((hash, height)))
+                if hash != *prev || height + 1 != block.height =>
+            {
+                Err(format!(
+                    "block {} at {} does not extend tip {hash} at {height}",
+                    block.hash, block.height
+                ))
+            }
+            (TipChange::Connect { .. }, _) => Ok(()),
+            (TipChange::Disconnect { block }, tip) if tip.map(|t| t.0) != Some(block.hash) => {
+                Err(format!("block {} is not the tip", block.hash))
+            }
+            (TipChange::Disconnect { .. }, _) => Ok(()),
+        }
+    }
+}
+
 /// Moves of the tip, applied in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TipChanges(pub Vec<TipChange>);
@@ -92,6 +114,26 @@ mod tests {
             height,
             time: 0,
         }
+    }
+
+    #[test]
+    fn a_move_fits_only_the_tip_it_was_made_for() {
+        let (one, two) = (block(1), block(2));
+        let on_one = TipChange::Connect {
+            block: two,
+            prev: one.hash,
+            tx_count: 1,
+        };
+        assert_eq!(on_one.fits(Some((one.hash, 1))), Ok(()));
+        assert_eq!(on_one.fits(None), Ok(()), "the first block after init");
+        assert!(
+            on_one.fits(Some((two.hash, 2))).is_err(),
+            "a block not on the tip"
+        );
+        let off = TipChange::Disconnect { block: two };
+        assert_eq!(off.fits(Some((two.hash, 2))), Ok(()));
+        assert!(off.fits(Some((one.hash, 1))).is_err(), "not the tip");
+        assert!(off.fits(None).is_err(), "nothing to disconnect");
     }
 
     #[test]

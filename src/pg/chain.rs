@@ -55,20 +55,15 @@ impl PgStore {
 
     fn move_tip(&self, change: &TipChange) -> Result<()> {
         let tip = self.block_where("ORDER BY height DESC LIMIT 1", &[])?;
+        change
+            .fits(tip.map(|t| (t.hash, t.height)))
+            .map_err(StoreError::TipMismatch)?;
         match change {
             TipChange::Connect {
                 block,
                 prev,
                 tx_count,
             } => {
-                if let Some(t) = &tip {
-                    if t.hash != *prev || t.height + 1 != block.height {
-                        return Err(StoreError::TipMismatch(format!(
-                            "block {} at {} does not extend tip {} at {}",
-                            block.hash, block.height, t.hash, t.height
-                        )));
-                    }
-                }
                 self.conn.execute(
                     "INSERT INTO blocks (height, hash, prev_hash, time, tx_count) VALUES ($1, $2, $3, $4, $5)",
                     &[
@@ -85,12 +80,6 @@ impl PgStore {
                 )?;
             }
             TipChange::Disconnect { block } => {
-                if tip.as_ref().map(|t| t.hash) != Some(block.hash) {
-                    return Err(StoreError::TipMismatch(format!(
-                        "block {} is not the tip",
-                        block.hash
-                    )));
-                }
                 self.conn.execute(
                     "DELETE FROM blocks WHERE height = $1",
                     &[&i64::from(block.height)],

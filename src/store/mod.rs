@@ -457,20 +457,16 @@ fn move_tip(tx: &Connection, change: &TipChange, keep: u32) -> Result<()> {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
+    let tip = tip
+        .map(|(h, height)| parse_hash(&h).map(|h| (h, height)))
+        .transpose()?;
+    change.fits(tip).map_err(StoreError::TipMismatch)?;
     match change {
         TipChange::Connect {
             block,
             prev,
             tx_count,
         } => {
-            if let Some((hash, height)) = &tip {
-                if *hash != prev.to_string() || *height + 1 != block.height {
-                    return Err(StoreError::TipMismatch(format!(
-                        "block {} at {} does not extend tip {} at {}",
-                        block.hash, block.height, hash, height
-                    )));
-                }
-            }
             tx.execute(
                 "INSERT INTO blocks (height, hash, prev_hash, time, tx_count) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![block.height, block.hash.to_string(), prev.to_string(), block.time, tx_count],
@@ -481,12 +477,6 @@ fn move_tip(tx: &Connection, change: &TipChange, keep: u32) -> Result<()> {
             )?;
         }
         TipChange::Disconnect { block } => {
-            if tip.as_ref().map(|t| t.0.as_str()) != Some(block.hash.to_string().as_str()) {
-                return Err(StoreError::TipMismatch(format!(
-                    "block {} is not the tip",
-                    block.hash
-                )));
-            }
             tx.execute("DELETE FROM blocks WHERE height = ?1", [block.height])?;
             tx.execute(
                 "INSERT INTO block_disconnects (hash, count) VALUES (?1, 1)

@@ -7,7 +7,6 @@ use tokio_postgres::Row;
 
 use super::PgStore;
 use crate::changeset::ChangeSet;
-use crate::delivery::DeliveryStatus;
 use crate::store::{
     AttemptOutcome, ChainedRow, CommittedEvent, DeliveryResult, DueDelivery, EndpointState,
     OutboxStore, Result,
@@ -145,16 +144,7 @@ impl PgStore {
         )?;
         let (mut statuses, mut nexts, mut delivered_at) = (vec![], vec![], vec![]);
         for (_, o) in done {
-            let (status, next, at) = match o.result {
-                DeliveryResult::Delivered => (
-                    DeliveryStatus::Delivered,
-                    o.started_at_ms,
-                    Some(o.started_at_ms),
-                ),
-                DeliveryResult::RetryAt(t) => (DeliveryStatus::Failed, t, None),
-                DeliveryResult::Dead => (DeliveryStatus::Dead, o.started_at_ms, None),
-                DeliveryResult::EndpointGone => (DeliveryStatus::Failed, o.started_at_ms, None),
-            };
+            let (status, next, at) = o.delivery_state();
             statuses.push(status.as_str());
             nexts.push(next);
             delivered_at.push(at);

@@ -32,6 +32,20 @@ pub struct AttemptOutcome {
     pub result: DeliveryResult,
 }
 
+impl AttemptOutcome {
+    /// What the attempt leaves of its delivery: status, next attempt time and delivery time.
+    /// A 410 keeps it failed (queued): disabling the endpoint is the dispatcher's next step.
+    pub fn delivery_state(&self) -> (DeliveryStatus, i64, Option<i64>) {
+        let at = self.started_at_ms;
+        match self.result {
+            DeliveryResult::Delivered => (DeliveryStatus::Delivered, at, Some(at)),
+            DeliveryResult::RetryAt(t) => (DeliveryStatus::Failed, t, None),
+            DeliveryResult::Dead => (DeliveryStatus::Dead, at, None),
+            DeliveryResult::EndpointGone => (DeliveryStatus::Failed, at, None),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryResult {
     Delivered,
@@ -499,16 +513,7 @@ fn record_one(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![d.delivery_id, o.started_at_ms, o.duration_ms, o.status_code, o.error, o.response_excerpt])?;
-    let (status, next, delivered_at) = match o.result {
-        DeliveryResult::Delivered => (
-            DeliveryStatus::Delivered,
-            o.started_at_ms,
-            Some(o.started_at_ms),
-        ),
-        DeliveryResult::RetryAt(t) => (DeliveryStatus::Failed, t, None),
-        DeliveryResult::Dead => (DeliveryStatus::Dead, o.started_at_ms, None),
-        DeliveryResult::EndpointGone => (DeliveryStatus::Failed, o.started_at_ms, None),
-    };
+    let (status, next, delivered_at) = o.delivery_state();
     tx.prepare_cached(
         "UPDATE deliveries SET status = ?2, attempts = attempts + 1, next_attempt_at = ?3,
            last_status = ?4, last_error = ?5, delivered_at = ?6 WHERE id = ?1",

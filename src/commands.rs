@@ -354,12 +354,7 @@ pub fn endpoints_test(cfg: &Config, name: &str) -> anyhow::Result<()> {
         );
     };
     let mut store = configured(cfg)?;
-    let tip = store.tip()?.map(|t| (t.hash.to_string(), t.height));
-    let nonce = format!("{}|{:016x}", now_ms(), rand::random::<u64>());
-    let event = crate::event::test_event(name, &store.network_name()?, tip, &nonce);
-    let id = event.id.clone();
-    let committed = store.record_events(vec![event], now_ms())?;
-    let seq = committed.first().map_or(0, |c| c.seq);
+    let crate::store::CommittedEvent { id, seq, .. } = store.record_test_event(name, now_ms())?;
     println!("webhook.test {id} (sequence {seq}) queued for {name}; waiting for the delivery");
     // The daemon's worker looks at least every second; the attempt then takes up to the timeout.
     let limit = ep.timeout + std::time::Duration::from_secs(30);

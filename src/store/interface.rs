@@ -165,6 +165,20 @@ pub trait AdminStore: Send + 'static {
     fn record_events(&mut self, events: Vec<NewEvent>, now_ms: i64) -> Result<Vec<CommittedEvent>>;
     /// The network the store belongs to.
     fn network_name(&self) -> Result<String>;
+
+    /// Records a `webhook.test` for `endpoint` alone, naming the stored tip: a new event each
+    /// call, which the endpoint's worker delivers like any other.
+    fn record_test_event(&mut self, endpoint: &str, now_ms: i64) -> Result<CommittedEvent> {
+        let tip = self.tip()?.map(|t| (t.hash.to_string(), t.height));
+        let nonce = format!("{now_ms}|{:016x}", rand::random::<u64>());
+        let event = crate::event::test_event(endpoint, &self.network_name()?, tip, &nonce);
+        self.record_events(vec![event], now_ms)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                super::StoreError::Corrupt("a test event with this id was recorded before".into())
+            })
+    }
 }
 
 impl AdminStore for Store {

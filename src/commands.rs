@@ -21,7 +21,9 @@ use crate::watch::check_metadata;
 fn stored(cfg: &Config) -> anyhow::Result<Box<dyn AdminStore>> {
     Ok(match &cfg.store {
         StoreConfig::Sqlite => Box::new(Store::open_keyed(&cfg.data_dir, &cfg.audit_key_file)?),
-        StoreConfig::Postgres { url, .. } => Box::new(PgBackend::new(cfg, url).open()?),
+        StoreConfig::Postgres { url, leader_lease } => {
+            Box::new(PgBackend::new(cfg, url, *leader_lease).open()?)
+        }
     })
 }
 
@@ -29,7 +31,9 @@ fn stored(cfg: &Config) -> anyhow::Result<Box<dyn AdminStore>> {
 fn configured(cfg: &Config) -> anyhow::Result<Box<dyn AdminStore>> {
     Ok(match &cfg.store {
         StoreConfig::Sqlite => Box::new(open_store(cfg)?),
-        StoreConfig::Postgres { url, .. } => Box::new(PgBackend::new(cfg, url).prepare(cfg)?),
+        StoreConfig::Postgres { url, leader_lease } => {
+            Box::new(PgBackend::new(cfg, url, *leader_lease).prepare(cfg)?)
+        }
     })
 }
 

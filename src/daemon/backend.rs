@@ -89,15 +89,18 @@ pub struct PgBackend {
     key: std::path::PathBuf,
     /// This process's name in the lease and in delivery claims.
     pub(super) instance: String,
+    /// How long a leader that stopped renewing keeps the lease.
+    pub(super) leader_lease: std::time::Duration,
     keep_blocks: u32,
 }
 
 impl PgBackend {
-    pub fn new(cfg: &Config, url: &str) -> PgBackend {
+    pub fn new(cfg: &Config, url: &str, leader_lease: std::time::Duration) -> PgBackend {
         PgBackend {
             url: url.to_string(),
             key: cfg.audit_key_file.clone(),
             instance: instance_name(),
+            leader_lease,
             keep_blocks: cfg.finality_depth + 10,
         }
     }

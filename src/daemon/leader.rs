@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{follow, PgBackend};
-use crate::config::{Config, StoreConfig};
+use super::{follow, Backend, PgBackend};
+use crate::config::Config;
 use crate::dispatch::{self, alerts};
 use crate::health::Role;
 use crate::node::{ChainInfo, RpcClient};
@@ -25,11 +25,7 @@ pub(super) async fn lead(
     mut first: Option<ChainInfo>,
     ctx: &dispatch::Context,
 ) -> anyhow::Result<()> {
-    let lease = match &cfg.store {
-        StoreConfig::Postgres { leader_lease, .. } => *leader_lease,
-        StoreConfig::Sqlite => unreachable!("a SQLite store has no lease"),
-    };
-    let holder = backend.instance.clone();
+    let (holder, lease) = (backend.instance.clone(), backend.leader_lease);
     let store = SharedStore::new(store);
     loop {
         let Some((epoch, previous)) = stand_by(&store, &holder, lease, ctx).await else {
@@ -38,78 +34,98 @@ pub(super) async fn lead(
         tracing::info!(epoch, instance = %holder, "took the leader lease; following the chain");
         set_role(ctx, true, epoch);
         announce(&store, epoch, &holder, previous, ctx).await;
+        let fence = Fence {
+            holder: holder.clone(),
+            epoch,
+        };
+        let opened = {
+            let backend = backend.clone();
+            tokio::task::spawn_blocking(move || backend.open().map(|s| s.fenced(fence))).await?
+        };
+        let fenced = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the follower's store connection; giving the lease up");
+                let h = holder.clone();
+                let _ = store.run(move |s| s.resign(&h, epoch)).await;
+                set_role(ctx, false, epoch);
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(lease / 4) => continue,
+                }
+            }
+        };
         let term = ctx.shutdown.child_token();
         let term_ctx = dispatch::Context {
             shutdown: term.clone(),
             ..ctx.clone()
         };
-        let fenced = {
-            let (backend, fence) = (
-                backend.clone(),
-                Fence {
-                    holder: holder.clone(),
-                    epoch,
-                },
-            );
-            tokio::task::spawn_blocking(move || {
-                crate::daemon::Backend::open(&backend).map(|s| s.fenced(fence))
-            })
-            .await?
-        };
-        let fenced = match fenced {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot open the follower's store connection; giving the lease up");
-                let _ = store.run(move |s| s.resign(s.instance(), epoch)).await;
-                set_role(ctx, false, epoch);
-                tokio::time::sleep(lease / 4).await;
-                continue;
-            }
-        };
         let follower = follow(cfg, fenced, rpc.clone(), first.take(), &term_ctx);
         tokio::pin!(follower);
-        let mut renewed = Instant::now();
-        let lost = loop {
-            tokio::select! {
-                r = &mut follower => {
-                    if ctx.shutdown.is_cancelled() {
-                        let h = holder.clone();
-                        let _ = store.run(move |s| s.resign(&h, epoch)).await;
-                        tracing::info!(epoch, "leader lease given up on shutdown");
-                    }
-                    return r;
+        let lost = match hold(&store, &holder, epoch, lease, follower.as_mut(), ctx).await {
+            Held::FollowerEnded(r) => {
+                if ctx.shutdown.is_cancelled() {
+                    let h = holder.clone();
+                    let _ = store.run(move |s| s.resign(&h, epoch)).await;
+                    tracing::info!(epoch, "leader lease given up on shutdown");
                 }
-                _ = tokio::time::sleep(lease / 4) => {}
+                return r;
             }
-            let h = holder.clone();
-            // A renewal that hangs (a vanished server) counts as failed, so a whole lease
-            // without one still ends the term.
-            let renewal =
-                tokio::time::timeout(lease / 4, store.run(move |s| s.try_lead(&h, lease)))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(crate::store::StoreError::Postgres(
-                            "renewing the lease timed out".into(),
-                        ))
-                    });
-            match renewal {
-                Ok(Some(e)) if e == epoch => {
-                    renewed = Instant::now();
-                    ctx.health.store_ok(WHO);
-                }
-                Ok(_) => break "another instance holds it now".to_string(),
-                Err(e) => {
-                    ctx.health.store_failed(WHO, &e.to_string());
-                    if renewed.elapsed() >= lease {
-                        break format!("it could not be renewed for {lease:?}: {e}");
-                    }
-                }
-            }
+            Held::Lost(why) => why,
         };
         tracing::warn!(epoch, why = %lost, "lost the leader lease: stopping the follower and standing by");
         term.cancel();
         let _ = follower.await;
         set_role(ctx, false, epoch);
+    }
+}
+
+/// How a term as leader ended.
+enum Held {
+    /// The follower stopped (shutdown, or a fault that ends the daemon).
+    FollowerEnded(anyhow::Result<()>),
+    /// The lease is no longer this instance's, for this reason.
+    Lost(String),
+}
+
+/// Renews the lease every quarter of it while `follower` runs, until one of them ends.
+async fn hold(
+    store: &SharedStore<PgStore>,
+    holder: &str,
+    epoch: i64,
+    lease: Duration,
+    mut follower: std::pin::Pin<&mut impl std::future::Future<Output = anyhow::Result<()>>>,
+    ctx: &dispatch::Context,
+) -> Held {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut follower => return Held::FollowerEnded(r),
+            _ = tokio::time::sleep(lease / 4) => {}
+        }
+        let h = holder.to_string();
+        // A renewal that hangs (a vanished server) counts as failed, so a whole lease
+        // without one still ends the term.
+        let renewal = tokio::time::timeout(lease / 4, store.run(move |s| s.try_lead(&h, lease)))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::store::StoreError::Postgres(
+                    "renewing the lease timed out".into(),
+                ))
+            });
+        match renewal {
+            Ok(Some(e)) if e == epoch => {
+                renewed = Instant::now();
+                ctx.health.store_ok(WHO);
+            }
+            Ok(_) => return Held::Lost("another instance holds it now".into()),
+            Err(e) => {
+                ctx.health.store_failed(WHO, &e.to_string());
+                if renewed.elapsed() >= lease {
+                    return Held::Lost(format!("it could not be renewed for {lease:?}: {e}"));
+                }
+            }
+        }
     }
 }
 

@@ -194,8 +194,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             let backend = SqliteBackend::new(&cfg);
             run_with(cfg, backend, shutdown).await
         }
-        StoreConfig::Postgres { url, .. } => {
-            let backend = PgBackend::new(&cfg, url);
+        StoreConfig::Postgres { url, leader_lease } => {
+            let backend = PgBackend::new(&cfg, url, *leader_lease);
             run_with(cfg, backend, shutdown).await
         }
     }

@@ -26,11 +26,7 @@ async fn setup(
     Store,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::builder()
-        .ids_only()
-        .bind_loopback(0)
-        .await
-        .unwrap();
+    let receiver = common::ids_receiver().await;
     let cfg = endpoint_config(dir.path(), &receiver.url, ordered);
     let mut store = Store::open(dir.path()).unwrap();
     store.check_network("regtest").unwrap();

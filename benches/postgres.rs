@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use chainwatch::changeset::ChangeSet;
 use chainwatch::pg::PgStore;
 use chainwatch::store::{OutboxStore, Store};
-use chainwatch::testkit::Receiver;
 
 use common::blocks::commit_blocks;
 use common::{endpoint_config, events, median, wait_requests};
@@ -55,11 +54,7 @@ fn bench_commit(url: &str) {
 /// a connection of its own under its own instance name (as separate processes would be).
 async fn bench_delivery(url: &str, instances: usize, n: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::builder()
-        .ids_only()
-        .bind_loopback(0)
-        .await
-        .unwrap();
+    let receiver = common::ids_receiver().await;
     let cfg = endpoint_config(dir.path(), &receiver.url, false);
     let key = dir.path().join("audit.key");
     let mut store = pg_store(url, &key, "writer", &cfg);

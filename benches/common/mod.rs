@@ -143,6 +143,15 @@ pub fn endpoint_config(
         .unwrap()
 }
 
+/// A receiver on a free loopback port that keeps only ids and arrival times.
+pub async fn ids_receiver() -> Receiver {
+    Receiver::builder()
+        .ids_only()
+        .bind_loopback(0)
+        .await
+        .unwrap()
+}
+
 /// `n` tx.pending events with ids from `tag`.
 pub fn events(n: usize, tag: &str) -> Vec<chainwatch::event::NewEvent> {
     chainwatch::testkit::sample_events(n, tag)

@@ -72,7 +72,7 @@ impl PgStore {
         let conn = PgConn::open(url)?;
         schema::migrate(&conn)?;
         let audit_key = AuditKey::load_or_create(key_file)?;
-        let store = PgStore {
+        let mut store = PgStore {
             conn,
             filters: vec![],
             keep_blocks: 110,
@@ -82,7 +82,6 @@ impl PgStore {
             claim: Duration::from_secs(60),
         };
         store.bind_key()?;
-        let mut store = store;
         store.load_filters()?;
         Ok(store)
     }
@@ -266,9 +265,7 @@ impl PgStore {
     }
 
     fn wants_kind(&self, kind: &str) -> bool {
-        self.filters
-            .iter()
-            .any(|(_, globs)| globs.iter().any(|g| crate::event::type_matches(g, kind)))
+        crate::store::wanted(&self.filters, kind)
     }
 
     /// Checks, inside the caller's transaction, that this store's lease is still held, and

@@ -26,11 +26,21 @@ pub trait EventLog {
     fn set_head(&mut self, head: &str) -> Result<()>;
 }
 
+/// Endpoint name → event-type globs, as each backend keeps them.
+pub type Filters = [(String, Vec<String>)];
+
+/// Whether any endpoint's filter takes events of type `kind`.
+pub fn wanted(filters: &Filters, kind: &str) -> bool {
+    filters
+        .iter()
+        .any(|(_, globs)| globs.iter().any(|g| type_matches(g, kind)))
+}
+
 /// Appends `events` after the newest row, each with a delivery per endpoint whose filter
 /// takes its type (`filters`: endpoint name and event-type globs).
 pub fn append_events(
     log: &mut impl EventLog,
-    filters: &[(String, Vec<String>)],
+    filters: &Filters,
     key: &AuditKey,
     events: &[NewEvent],
     now_ms: i64,

@@ -22,7 +22,7 @@ pub use audit::{
     checkpoint, parse_checkpoint, AuditKey, AuditReport, AuditWalk, ChainedRow, AUDIT_KEY_FILE,
 };
 pub use interface::{AdminStore, ChainStore, OutboxStore, RetentionStore};
-pub use log::{append_events, EventLog};
+pub use log::{append_events, wanted, EventLog};
 pub use outbox::{
     AttemptOutcome, AttemptRow, DeliveryResult, DeliveryRow, DueDelivery, EndpointRow,
     EndpointState,
@@ -32,7 +32,6 @@ pub use retention::{Pruned, RetentionPolicy};
 pub use shared::SharedStore;
 
 use crate::changeset::ChangeSet;
-use crate::event::type_matches;
 pub use crate::tip::StoredBlock;
 use crate::tip::{TipChange, TipChanges};
 
@@ -335,9 +334,7 @@ impl Store {
     /// Whether any endpoint's filter takes events of this type (chain events and alerts are
     /// recorded only then).
     pub fn wants(&self, kind: &str) -> bool {
-        self.filters
-            .iter()
-            .any(|(_, globs)| globs.iter().any(|g| type_matches(g, kind)))
+        log::wanted(&self.filters, kind)
     }
 
     /// How many times a block was disconnected.

@@ -229,7 +229,21 @@ async fn a_descriptor_added_with_the_cli_while_running_catches_the_next_payment(
     assert!(id.starts_with("wch_"));
     let addr = addresses(SHOP_WPKH, 0, 3)[2].clone();
     let txid = h.node.pay(&addr, 3_000).to_string();
-    let got = h.receiver.wait_accepted(1, WAIT).await;
+    wait_for("the payment's tx.pending", WAIT, || {
+        if h.receiver.accepted_count() >= 1 {
+            return Ok(());
+        }
+        let requests: Vec<String> = h
+            .receiver
+            .all()
+            .iter()
+            .map(|c| format!("{} answered {} {:?}", c.kind(), c.answered, c.verdict))
+            .collect();
+        let stored = h.store().events_after(0, 10).map(|e| e.len());
+        Err(format!("requests {requests:?}; events stored {stored:?}"))
+    })
+    .await;
+    let got = h.receiver.accepted();
     daemon.stop().await;
     assert_eq!(history(&got, &txid), expect_history(&[("tx.pending", 0)]));
     assert_eq!(got[0].data()["watch"]["id"], id.as_str());

@@ -76,6 +76,10 @@ impl<St: OutboxStore> Worker<St> {
                 if let Err(e) = self.record().await {
                     tracing::error!(endpoint = %self.ep.name, error = %e, "stopping with attempts unrecorded; their deliveries will be sent again");
                 }
+                let name = self.ep.name.clone();
+                if let Err(e) = self.store.run(move |s| s.release(&name)).await {
+                    tracing::warn!(endpoint = %self.ep.name, error = %e, "could not give up this instance's hold on the endpoint; another takes it when the hold runs out");
+                }
                 return;
             }
             let wait = match self.step(&mut in_flight, stopping).await {

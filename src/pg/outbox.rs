@@ -275,6 +275,14 @@ impl OutboxStore for PgStore {
         )?;
         Ok(())
     }
+    fn release(&mut self, endpoint: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE endpoints SET order_holder = NULL, order_until = NULL
+              WHERE name = $1 AND order_holder = $2",
+            &[&endpoint, &self.instance],
+        )?;
+        Ok(())
+    }
     fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
         // Alerts and endpoint changes: any instance records them, unfenced.
         let fence = self.fence.take();

@@ -88,6 +88,12 @@ pub trait OutboxStore: Send + 'static {
     fn endpoint_state(&self, name: &str) -> Result<EndpointState>;
     fn set_endpoint_backoff(&mut self, name: &str, step: u32, until: Option<i64>) -> Result<()>;
     fn set_failing_alerted(&mut self, name: &str) -> Result<()>;
+    /// Gives up what this instance holds of `endpoint` as its worker stops (a shared store's
+    /// hold on an ordered endpoint), so the next instance serves it at once rather than after
+    /// the hold runs out.
+    fn release(&mut self, _endpoint: &str) -> Result<()> {
+        Ok(())
+    }
     /// Alerts and endpoint changes, in one transaction.
     fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>>;
     /// Runs `f` in one transaction: everything it writes is committed together, or nothing.

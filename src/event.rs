@@ -5,6 +5,7 @@ use bitcoin::{BlockHash, Txid};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::senders::Senders;
 use crate::watch::{MatchedInput, MatchedOutput, Watch};
 
 pub const TX_PENDING: &str = "tx.pending";
@@ -82,10 +83,23 @@ pub struct TxEventFacts<'a> {
     pub block: Option<BlockRef>,
     pub outputs: &'a [MatchedOutput],
     pub inputs: &'a [MatchedInput],
+    /// `None`: not known (see `senders_json`).
+    pub senders: Option<&'a Senders>,
     pub amount_sat: i64,
     pub tip: TipRef,
     /// Type-specific fields: `previous_block`, `replaced_by`, `reason`, `conflicting_txid`.
     pub extra: Map<String, Value>,
+}
+
+/// `senders` and `coinbase` as events carry them. Unknown senders are null: the node could not
+/// describe the coins (a transaction whose parents left the mempool and chainstate before we
+/// asked; an answer that did not match the inputs), or the transaction was tracked before
+/// chainwatch recorded senders.
+pub fn senders_json(senders: Option<&Senders>) -> (Value, Value) {
+    match senders {
+        Some(s) => (json!(s.inputs), json!(s.coinbase)),
+        None => (Value::Null, json!(false)),
+    }
 }
 
 pub fn block_json(b: &BlockRef) -> Value {
@@ -114,6 +128,9 @@ impl TxEventFacts<'_> {
         );
         data.insert("outputs".into(), json!(self.outputs));
         data.insert("inputs".into(), json!(self.inputs));
+        let (senders, coinbase) = senders_json(self.senders);
+        data.insert("senders".into(), senders);
+        data.insert("coinbase".into(), coinbase);
         data.insert("amount_sat".into(), json!(self.amount_sat));
         data.insert(
             "tip".into(),

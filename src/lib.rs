@@ -18,6 +18,7 @@ pub mod node;
 pub mod pg;
 pub mod proof;
 pub mod schemas;
+pub mod senders;
 pub mod sign;
 pub mod simnode;
 pub mod store;

@@ -59,18 +59,19 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         };
         self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)
             .await?;
-        self.match_mempool_tx(&tx)
+        self.match_mempool_tx(&tx).await
     }
 
     /// Matches a mempool transaction the node has just vouched for. If its step cannot be
     /// committed, the transaction is kept and matched again before anything later (its block
     /// included), so a store outage does not turn its tx.pending into nothing.
-    fn match_mempool_tx(&mut self, tx: &Transaction) -> Result<(), FollowError> {
+    async fn match_mempool_tx(&mut self, tx: &Transaction) -> Result<(), FollowError> {
         let txid = tx.compute_txid();
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
         };
-        let step = self.tracker.mempool_add(&self.index, tx, tip);
+        let mut step = self.tracker.mempool_add(&self.index, tx, tip);
+        self.fill_mempool_senders(&mut step, tx).await?;
         let matched = !step.events.is_empty();
         if let Err(e) = self.commit_step(step) {
             if matched {
@@ -203,12 +204,13 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     }
 
     /// Matches again, in their order, mempool transactions whose step could not be committed.
-    pub(super) fn replay_deferred(&mut self) -> Result<(), FollowError> {
+    pub(super) async fn replay_deferred(&mut self) -> Result<(), FollowError> {
         while let Some(tx) = self.mempool.deferred.first().cloned() {
             let Some(tip) = self.tip_ref()? else {
                 return Ok(());
             };
-            let step = self.tracker.mempool_add(&self.index, &tx, tip);
+            let mut step = self.tracker.mempool_add(&self.index, &tx, tip);
+            self.fill_mempool_senders(&mut step, &tx).await?;
             self.commit_step(step)?;
             self.mempool.deferred.remove(0);
         }
@@ -254,7 +256,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         for tx in &fresh {
             if failed.is_some() {
                 self.defer_if_matched(tx)?;
-            } else if let Err(e) = self.match_mempool_tx(tx) {
+            } else if let Err(e) = self.match_mempool_tx(tx).await {
                 failed = Some(e);
             }
         }

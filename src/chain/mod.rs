@@ -10,6 +10,7 @@
 mod mempool;
 mod report;
 mod rescan;
+mod senders;
 pub mod source;
 mod support;
 mod sync;
@@ -292,7 +293,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// Brings chain and mempool up to date with the node.
     pub async fn resync(&mut self) -> Result<(), FollowError> {
         self.refresh_watches()?;
-        self.replay_deferred()?;
+        self.replay_deferred().await?;
         self.sync_chain().await?;
         if self.opts.zmq_mempool && self.state != SyncState::Stale {
             self.state = SyncState::Synced;
@@ -313,10 +314,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         }
         // Payments seen while the store failed come before anything announced since; if the
         // store still fails, what this batch announces is kept for later too.
-        let mut failed = self
-            .refresh_watches()
-            .and_then(|()| self.replay_deferred())
-            .err();
+        let mut failed = match self.refresh_watches() {
+            Ok(()) => self.replay_deferred().await.err(),
+            Err(e) => Some(e),
+        };
         for ev in news.sequence {
             match (&failed, ev) {
                 (None, ev) => {

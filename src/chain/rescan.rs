@@ -154,7 +154,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 height: h,
                 time: block.header.time,
             };
-            let step = job.tracker.connect_block(&job.index, &block, at);
+            let mut step = job.tracker.connect_block(&job.index, &block, at);
+            self.fill_block_senders(&mut step, &block, at).await?;
             let mut changes = labelled(&job.index, step)?;
             changes.rescan = RescanChanges::next(&job.watch_id, Some(h + 1));
             let committed = self.store_commit(&changes)?;

@@ -26,7 +26,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 }
             };
             let tip_after = change.tip_height_after();
-            let applied = self.apply_change(change);
+            let applied = self.apply_change(change).await;
             if applied.is_err() {
                 // What the store holds is the truth: the next try plans afresh from it and the
                 // node's best chain then, not from a plan the node may have left meanwhile.
@@ -45,7 +45,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         Ok(())
     }
 
-    fn apply_change(&mut self, change: ChainChange) -> Result<(), FollowError> {
+    async fn apply_change(&mut self, change: ChainChange) -> Result<(), FollowError> {
         match change {
             ChainChange::Base(b) => {
                 self.store.init_tip(b)?;
@@ -69,7 +69,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 best_height,
             } => self.too_deep(tip, lowest, best, best_height),
             ChainChange::Disconnected { block, new_tip } => self.disconnect(block, new_tip),
-            ChainChange::Connected { block, at } => self.connect(&block, at),
+            ChainChange::Connected { block, at } => self.connect(&block, at).await,
         }
     }
 
@@ -138,8 +138,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         )
     }
 
-    fn connect(&mut self, block: &Block, at: BlockRef) -> Result<(), FollowError> {
-        let step = self.tracker.connect_block(&self.index, block, at);
+    async fn connect(&mut self, block: &Block, at: BlockRef) -> Result<(), FollowError> {
+        let mut step = self.tracker.connect_block(&self.index, block, at);
+        self.fill_block_senders(&mut step, block, at).await?;
         let mut changes = labelled(&self.index, step)?;
         changes.tip =
             TipChanges::connect(at, block.header.prev_blockhash, block.txdata.len() as u32);

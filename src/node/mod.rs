@@ -1,15 +1,19 @@
 //! Access to bitcoind: the `ChainSource` trait the follower uses, its JSON-RPC implementation,
 //! and the ZMQ subscriber.
 
+pub mod coins;
 pub mod rpc;
 pub mod zmq_sub;
 pub mod zmq_wire;
 
+use std::collections::HashMap;
 use std::future::Future;
 
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 
 pub use rpc::RpcClient;
+
+use crate::senders::SpentCoin;
 
 /// Why a node call failed, and whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -106,4 +110,19 @@ pub trait ChainSource: Send + Sync + 'static {
         &self,
         outpoints: &[OutPoint],
     ) -> impl Future<Output = NodeResult<Option<Txid>>> + Send;
+    /// The coins spent by each input of the transactions `txids` of block `hash`, in input
+    /// order (`getblock HASH 3`, which reads the block's undo data: no `-txindex` needed).
+    /// A txid the block does not hold is absent from the answer.
+    fn block_spent_coins(
+        &self,
+        hash: BlockHash,
+        txids: &[Txid],
+    ) -> impl Future<Output = NodeResult<HashMap<Txid, Vec<SpentCoin>>>> + Send;
+    /// The coins `outpoints` name, as a mempool transaction spending them sees them: from the
+    /// chainstate, where a coin spent only in the mempool is still unspent (`gettxout … false`),
+    /// else from the mempool transaction that created it; `None` where neither holds it.
+    fn spent_coins(
+        &self,
+        outpoints: &[OutPoint],
+    ) -> impl Future<Output = NodeResult<Vec<Option<SpentCoin>>>> + Send;
 }

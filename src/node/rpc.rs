@@ -1,6 +1,7 @@
 //! JSON-RPC over HTTP to bitcoind, async. Re-reads the cookie after a 401 or a lost connection,
 //! because bitcoind writes a new cookie every time it starts.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -8,10 +9,12 @@ use std::time::Duration;
 
 use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
 use crate::config::RpcAuth;
+use crate::senders::SpentCoin;
 
 /// The largest JSON-RPC answer read: a 4 MB block is 8 MB of hex, and a mainnet
 /// `getrawmempool` of 300,000 txids about 21 MB. Anything larger is refused, not buffered.
@@ -70,25 +73,84 @@ impl RpcClient {
 
     /// One JSON-RPC call; `result` on success.
     pub async fn call(&self, method: &str, params: Value) -> NodeResult<Value> {
-        match self.call_once(method, &params).await {
+        let (status, body) = self.exchange(method, &params).await?;
+        parse_response(method, status, &body)
+    }
+
+    /// One call whose answer is read straight into `T`, without a `Value` tree in between:
+    /// `getblock … 3` of a full block is tens of megabytes of JSON.
+    pub async fn call_typed<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> NodeResult<T> {
+        let (status, body) = self.exchange(method, &params).await?;
+        parse_typed(method, status, &body)
+    }
+
+    /// Several calls in one request (a JSON-RPC batch); the answers in the order asked.
+    pub async fn call_batch(&self, calls: &[(&str, Value)]) -> NodeResult<Vec<NodeResult<Value>>> {
+        if calls.is_empty() {
+            return Ok(vec![]);
+        }
+        let label = calls[0].0;
+        let first = self
+            .next_id
+            .fetch_add(calls.len() as u64, Ordering::Relaxed);
+        let requests: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, (method, params))| {
+                json!({ "jsonrpc": "1.0", "id": first + i as u64, "method": method, "params": params })
+            })
+            .collect();
+        let (status, body) = self.post_retrying(label, &Value::Array(requests)).await?;
+        let bad = |reason: String| NodeError::BadResponse {
+            method: format!("{label} (batch)"),
+            reason,
+        };
+        let answers: Vec<Value> = serde_json::from_slice(&body)
+            .map_err(|e| bad(format!("HTTP {status}, not a JSON list ({e})")))?;
+        let mut out: Vec<Option<NodeResult<Value>>> = (0..calls.len()).map(|_| None).collect();
+        for a in answers {
+            let i = a
+                .get("id")
+                .and_then(Value::as_u64)
+                .and_then(|id| id.checked_sub(first))
+                .map(|i| i as usize)
+                .filter(|i| *i < calls.len())
+                .ok_or_else(|| bad("an answer with an id we did not send".into()))?;
+            out[i] = Some(parse_value(calls[i].0, 200, a));
+        }
+        out.into_iter()
+            .map(|a| a.ok_or_else(|| bad("a call got no answer".into())))
+            .collect()
+    }
+
+    async fn exchange(&self, method: &str, params: &Value) -> NodeResult<(u16, Vec<u8>)> {
+        tracing::debug!(method, "rpc call");
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = json!({ "jsonrpc": "1.0", "id": id, "method": method, "params": params });
+        self.post_retrying(method, &request).await
+    }
+
+    async fn post_retrying(&self, method: &str, request: &Value) -> NodeResult<(u16, Vec<u8>)> {
+        match self.post(method, request).await {
             // A restarted bitcoind wrote a new cookie: read it and try again at once.
             Err(NodeError::Auth(_)) if matches!(self.auth, RpcAuth::Cookie(_)) => {
-                self.call_once(method, &params).await
+                self.post(method, request).await
             }
             other => other,
         }
     }
 
-    async fn call_once(&self, method: &str, params: &Value) -> NodeResult<Value> {
-        tracing::debug!(method, "rpc call");
+    async fn post(&self, method: &str, request: &Value) -> NodeResult<(u16, Vec<u8>)> {
         let (user, password) = self.credentials()?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let request = json!({ "jsonrpc": "1.0", "id": id, "method": method, "params": params });
         let resp = self
             .http
             .post(&self.url)
             .basic_auth(user, Some(password))
-            .json(&request)
+            .json(request)
             .send()
             .await
             .map_err(|e| {
@@ -101,7 +163,7 @@ impl RpcClient {
             return Err(NodeError::Auth(format!("HTTP 401 from {}", self.shown_url)));
         }
         let body = self.read_bounded(method, resp).await?;
-        parse_response(method, status.as_u16(), &body)
+        Ok((status.as_u16(), body))
     }
 
     fn unreachable(&self, e: reqwest::Error) -> NodeError {
@@ -165,38 +227,89 @@ fn read_cookie(path: &PathBuf) -> NodeResult<(String, String)> {
 
 /// Bitcoin Core answers errors with HTTP 500 (404 for unknown methods) and a JSON body.
 pub fn parse_response(method: &str, status: u16, body: &[u8]) -> NodeResult<Value> {
-    let bad = |reason: String| NodeError::BadResponse {
+    let v: Value = serde_json::from_slice(body).map_err(|e| not_json(method, status, body, e))?;
+    parse_value(method, status, v)
+}
+
+fn not_json(method: &str, status: u16, body: &[u8], e: serde_json::Error) -> NodeError {
+    NodeError::BadResponse {
         method: method.to_string(),
-        reason,
-    };
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        bad(format!(
+        reason: format!(
             "HTTP {status}, body is not JSON ({e}): {:?}",
             String::from_utf8_lossy(&body[..body.len().min(200)])
-        ))
-    })?;
+        ),
+    }
+}
+
+/// One answer object (`result`, `error`, `id`) made a result.
+fn parse_value(method: &str, status: u16, mut v: Value) -> NodeResult<Value> {
     if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
-        let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
-        let message = err
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if code == -28 {
-            return Err(NodeError::WarmingUp(message));
-        }
-        return Err(NodeError::Rpc {
-            method: method.to_string(),
-            code,
-            message,
-        });
+        return Err(error_of(method, err));
     }
     if !(200..300).contains(&status) {
-        return Err(bad(format!("HTTP {status} without an error object")));
+        return Err(NodeError::BadResponse {
+            method: method.to_string(),
+            reason: format!("HTTP {status} without an error object"),
+        });
     }
-    v.get("result")
-        .cloned()
-        .ok_or_else(|| bad("no result field".into()))
+    v.get_mut("result")
+        .map(Value::take)
+        .ok_or_else(|| NodeError::BadResponse {
+            method: method.to_string(),
+            reason: "no result field".into(),
+        })
+}
+
+fn error_of(method: &str, err: &Value) -> NodeError {
+    let code = err.get("code").and_then(Value::as_i64).unwrap_or(0);
+    let message = err
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if code == -28 {
+        return NodeError::WarmingUp(message);
+    }
+    NodeError::Rpc {
+        method: method.to_string(),
+        code,
+        message,
+    }
+}
+
+/// An answer read into `T`; an error answer is told as `parse_response` tells it.
+fn parse_typed<T: DeserializeOwned>(method: &str, status: u16, body: &[u8]) -> NodeResult<T> {
+    #[derive(serde::Deserialize)]
+    struct Envelope<T> {
+        result: Option<T>,
+        error: Option<Value>,
+    }
+    let e: Envelope<T> = match serde_json::from_slice(body) {
+        Ok(e) => e,
+        // An error answer's `result` is null, which T may not accept: read it untyped.
+        Err(err) => {
+            return match parse_response(method, status, body) {
+                Err(told) => Err(told),
+                Ok(_) => Err(NodeError::BadResponse {
+                    method: method.to_string(),
+                    reason: format!("unexpected answer: {err}"),
+                }),
+            }
+        }
+    };
+    if let Some(err) = e.error.filter(|e| !e.is_null()) {
+        return Err(error_of(method, &err));
+    }
+    if !(200..300).contains(&status) {
+        return Err(NodeError::BadResponse {
+            method: method.to_string(),
+            reason: format!("HTTP {status} without an error object"),
+        });
+    }
+    e.result.ok_or_else(|| NodeError::BadResponse {
+        method: method.to_string(),
+        reason: "no result".into(),
+    })
 }
 
 fn field<'a>(method: &str, v: &'a Value, key: &str) -> NodeResult<&'a Value> {
@@ -383,6 +496,18 @@ impl ChainSource for RpcClient {
             }
         }
         Ok(None)
+    }
+
+    async fn block_spent_coins(
+        &self,
+        hash: BlockHash,
+        txids: &[Txid],
+    ) -> NodeResult<HashMap<Txid, Vec<SpentCoin>>> {
+        self.verbose_block_coins(hash, txids).await
+    }
+
+    async fn spent_coins(&self, outpoints: &[OutPoint]) -> NodeResult<Vec<Option<SpentCoin>>> {
+        self.mempool_coins(outpoints).await
     }
 
     async fn zmq_notifications(&self) -> NodeResult<Vec<ZmqNotification>> {

@@ -152,16 +152,18 @@ impl PgStore {
             |f: fn(&TrackedColumns) -> Option<i64>| rows.iter().map(f).collect::<Vec<_>>();
         let int = |f: fn(&TrackedColumns) -> i64| rows.iter().map(f).collect::<Vec<_>>();
         let hashes: Vec<Option<&str>> = rows.iter().map(|c| c.block_hash.as_deref()).collect();
+        let senders: Vec<Option<&str>> = rows.iter().map(|c| c.senders.as_deref()).collect();
         self.conn.execute(
             "INSERT INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
-               reorg_count, fired, outputs, inputs, spends)
+               reorg_count, fired, outputs, inputs, spends, senders)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-               $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[])
+               $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[],
+               $12::text[])
              ON CONFLICT (txid, watch_id) DO UPDATE SET status = excluded.status,
                block_hash = excluded.block_hash, block_height = excluded.block_height,
                block_time = excluded.block_time, reorg_count = excluded.reorg_count,
                fired = excluded.fired, outputs = excluded.outputs, inputs = excluded.inputs,
-               spends = excluded.spends",
+               spends = excluded.spends, senders = excluded.senders",
             &[
                 &text(|c| &c.txid),
                 &text(|c| &c.watch_id),
@@ -174,6 +176,7 @@ impl PgStore {
                 &text(|c| &c.outputs),
                 &text(|c| &c.inputs),
                 &text(|c| &c.spends),
+                &senders,
             ],
         )?;
         Ok(())
@@ -379,7 +382,7 @@ impl ChainStore for PgStore {
     }
     fn load_tracked(&self) -> Result<Vec<Tracked>> {
         self.conn
-            .query("SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs, spends FROM tracked", &[])?
+            .query("SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs, spends, senders FROM tracked", &[])?
             .into_iter()
             .map(|r| {
                 TrackedColumns {
@@ -394,6 +397,7 @@ impl ChainStore for PgStore {
                     outputs: r.get(8),
                     inputs: r.get(9),
                     spends: r.get(10),
+                    senders: r.get(11),
                 }
                 .parse()
             })

@@ -63,6 +63,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("outputs", Text),
             ("inputs", Text),
             ("spends", Text),
+            ("senders", Text),
         ],
     ),
     (

@@ -123,6 +123,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE watches ADD COLUMN endpoints TEXT;
     ALTER TABLE watches ADD COLUMN min_amount_sat BIGINT NOT NULL DEFAULT 0;
     "#,
+    // 3: where a tracked transaction's money came from (SQLite's ninth).
+    r#"
+    ALTER TABLE tracked ADD COLUMN senders TEXT;
+    "#,
 ];
 
 /// Applies the migrations this database lacks.

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use bitcoin::consensus::serialize;
-use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, TxOut, Txid};
 
 use crate::node::zmq_wire::{hash_body, sequence_body, SequenceEvent};
 
@@ -30,6 +30,16 @@ pub enum SimError {
     Orphan(BlockHash),
     #[error("transaction {0} is already in the mempool")]
     Duplicate(Txid),
+}
+
+/// An output of the active chain, as the undo data and the chainstate know it.
+#[derive(Debug, Clone)]
+pub struct ChainCoin {
+    pub output: TxOut,
+    pub height: u32,
+    pub coinbase: bool,
+    /// Whether a block of the active chain spends it (then `gettxout` does not find it).
+    pub spent: bool,
 }
 
 #[derive(Clone)]
@@ -164,6 +174,28 @@ impl SimChain {
                 .find(|t| t.compute_txid() == *txid)
                 .cloned()
         })
+    }
+
+    /// An output created in the active chain, whatever spent it since.
+    pub fn chain_coin(&self, outpoint: &OutPoint) -> Option<ChainCoin> {
+        let mut found = None;
+        for (height, hash) in self.active.iter().enumerate() {
+            let block = &self.blocks[hash].block;
+            for tx in &block.txdata {
+                if found.is_none() && tx.compute_txid() == outpoint.txid {
+                    let output = tx.output.get(outpoint.vout as usize)?.clone();
+                    found = Some(ChainCoin {
+                        output,
+                        height: height as u32,
+                        coinbase: tx.is_coinbase(),
+                        spent: false,
+                    });
+                } else if let Some(c) = found.as_mut() {
+                    c.spent |= tx.input.iter().any(|i| i.previous_output == *outpoint);
+                }
+            }
+        }
+        found
     }
 
     pub fn mempool_tx(&self, txid: &Txid) -> Result<&Transaction, SimError> {

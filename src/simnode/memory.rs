@@ -2,11 +2,14 @@
 //! ZMQ sockets in between: the follower's core runs against it in unit tests, with the same
 //! chain, mempool and reorg helpers the socket-served node has.
 
-use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
+use std::collections::HashMap;
+
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, TxOut, Txid};
 
 use super::{SimError, SimNode, State};
 use crate::node::zmq_wire::{decode_body, ZmqMessage};
 use crate::node::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
+use crate::senders::SpentCoin;
 
 fn rpc_error(method: &str, e: SimError) -> NodeError {
     let code = match e {
@@ -96,6 +99,14 @@ fn header(s: &State, hash: BlockHash) -> Result<HeaderInfo, SimError> {
     })
 }
 
+fn spent(outpoint: OutPoint, output: &TxOut) -> SpentCoin {
+    SpentCoin {
+        outpoint,
+        script: output.script_pubkey.clone(),
+        amount: output.value,
+    }
+}
+
 impl ChainSource for SimNode {
     async fn chain_info(&self) -> NodeResult<ChainInfo> {
         self.answer("getblockchaininfo", |s| {
@@ -145,6 +156,48 @@ impl ChainSource for SimNode {
 
     async fn in_mempool(&self, txid: Txid) -> NodeResult<bool> {
         self.answer("getmempoolentry", |s| Ok(s.chain.mempool_tx(&txid).is_ok()))
+    }
+
+    async fn block_spent_coins(
+        &self,
+        hash: BlockHash,
+        txids: &[Txid],
+    ) -> NodeResult<HashMap<Txid, Vec<SpentCoin>>> {
+        self.answer("getblock", |s| {
+            let (block, _) = s.chain.block(&hash)?;
+            let mut out = HashMap::new();
+            for tx in block.txdata.iter().filter(|t| !t.is_coinbase()) {
+                let txid = tx.compute_txid();
+                if !txids.contains(&txid) {
+                    continue;
+                }
+                let coins: Option<Vec<SpentCoin>> = tx
+                    .input
+                    .iter()
+                    .map(|i| {
+                        let c = s.chain.chain_coin(&i.previous_output)?;
+                        Some(spent(i.previous_output, &c.output))
+                    })
+                    .collect();
+                out.insert(txid, coins.ok_or(SimError::TxNotFound)?);
+            }
+            Ok(out)
+        })
+    }
+
+    async fn spent_coins(&self, outpoints: &[OutPoint]) -> NodeResult<Vec<Option<SpentCoin>>> {
+        self.answer("gettxout", |s| {
+            Ok(outpoints
+                .iter()
+                .map(|o| match s.chain.chain_coin(o) {
+                    Some(c) if !c.spent => Some(spent(*o, &c.output)),
+                    _ => {
+                        let parent = s.chain.mempool_tx(&o.txid).ok()?;
+                        Some(spent(*o, parent.output.get(o.vout as usize)?))
+                    }
+                })
+                .collect())
+        })
     }
 
     async fn mempool_spender(&self, outpoints: &[OutPoint]) -> NodeResult<Option<Txid>> {

@@ -4,9 +4,11 @@
 //! `chainwatch demo` drive it with helpers: pay, mine, reorg, restart.
 
 pub mod chain;
+mod described;
 mod memory;
 pub mod mining;
 mod rpc;
+pub mod verbose;
 mod zmq_pub;
 
 use std::net::SocketAddr;

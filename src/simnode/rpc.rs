@@ -12,7 +12,8 @@ use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
 use bitcoin::{Address, BlockHash, Network, Txid};
 use serde_json::{json, Value};
 
-use super::{mine_one, SimError, SimNode, State, PAYMENT_FEE};
+use super::verbose::Json;
+use super::{described, mine_one, SimError, SimNode, State, PAYMENT_FEE};
 
 pub fn router(node: SimNode) -> Router {
     let handler = move |headers: HeaderMap, body: Bytes| {
@@ -24,12 +25,12 @@ pub fn router(node: SimNode) -> Router {
         .route("/wallet/{name}", post(handler))
 }
 
-struct RpcError {
+pub(super) struct RpcError {
     code: i64,
     message: String,
 }
 
-fn err(code: i64, message: impl Into<String>) -> RpcError {
+pub(super) fn err(code: i64, message: impl Into<String>) -> RpcError {
     RpcError {
         code,
         message: message.into(),
@@ -80,26 +81,27 @@ fn handle(node: &SimNode, headers: &HeaderMap, body: &[u8]) -> Response {
         Err(_) => {
             return reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"result": null, "error": {"code": -32700, "message": "Parse error"}, "id": null}),
+                json!({"result": null, "error": {"code": -32700, "message": "Parse error"}, "id": null})
+                    .to_string(),
             )
         }
     };
     if let Value::Array(batch) = request {
-        let answers: Vec<Value> = batch.iter().map(|r| answer(node, r).1).collect();
-        return reply(StatusCode::OK, Value::Array(answers));
+        let answers: Vec<String> = batch.iter().map(|r| answer(node, r).1).collect();
+        return reply(StatusCode::OK, format!("[{}]", answers.join(",")));
     }
-    let (status, v) = answer(node, &request);
-    reply(status, v)
+    let (status, text) = answer(node, &request);
+    reply(status, text)
 }
 
-fn reply(status: StatusCode, v: Value) -> Response {
-    let mut text = v.to_string();
+fn reply(status: StatusCode, mut text: String) -> Response {
     text.push('\n');
     (status, [("content-type", "application/json")], text).into_response()
 }
 
-fn answer(node: &SimNode, req: &Value) -> (StatusCode, Value) {
-    let id = req.get("id").cloned().unwrap_or(Value::Null);
+/// One answer's JSON text, keys in Core's order.
+fn answer(node: &SimNode, req: &Value) -> (StatusCode, String) {
+    let id = Json::Raw(req.get("id").cloned().unwrap_or(Value::Null).to_string());
     let v2 = req.get("jsonrpc").and_then(Value::as_str) == Some("2.0");
     let method = req.get("method").and_then(Value::as_str).unwrap_or("");
     let params = req.get("params").cloned().unwrap_or(json!([]));
@@ -109,23 +111,36 @@ fn answer(node: &SimNode, req: &Value) -> (StatusCode, Value) {
             s.warmup_calls -= 1;
             Err(err(-28, "Loading P2P addresses…"))
         } else {
-            call(node, &mut s, method, &params)
+            match described::call(&s, method, &params) {
+                Some(r) => r,
+                None => call(node, &mut s, method, &params).map(|v| Json::Raw(v.to_string())),
+            }
         };
         s.flush();
         r
     };
-    match (result, v2) {
+    let null = || Json::Raw("null".into());
+    let error = |e: &RpcError| Json::Raw(json!({"code": e.code, "message": e.message}).to_string());
+    let (status, fields) = match (result, v2) {
         (Ok(r), false) => (
             StatusCode::OK,
-            json!({"result": r, "error": null, "id": id}),
+            vec![("result", r), ("error", null()), ("id", id)],
         ),
         (Ok(r), true) => (
             StatusCode::OK,
-            json!({"jsonrpc": "2.0", "result": r, "id": id}),
+            vec![
+                ("jsonrpc", Json::Str("2.0".into())),
+                ("result", r),
+                ("id", id),
+            ],
         ),
         (Err(e), true) => (
             StatusCode::OK,
-            json!({"jsonrpc": "2.0", "error": {"code": e.code, "message": e.message}, "id": id}),
+            vec![
+                ("jsonrpc", Json::Str("2.0".into())),
+                ("error", error(&e)),
+                ("id", id),
+            ],
         ),
         (Err(e), false) => {
             let status = if e.code == -32601 {
@@ -135,17 +150,18 @@ fn answer(node: &SimNode, req: &Value) -> (StatusCode, Value) {
             };
             (
                 status,
-                json!({"result": null, "error": {"code": e.code, "message": e.message}, "id": id}),
+                vec![("result", null()), ("error", error(&e)), ("id", id)],
             )
         }
-    }
+    };
+    (status, Json::Obj(fields).text())
 }
 
-fn param(params: &Value, i: usize) -> Option<&Value> {
+pub(super) fn param(params: &Value, i: usize) -> Option<&Value> {
     params.get(i).filter(|v| !v.is_null())
 }
 
-fn block_hash_param(params: &Value) -> Result<BlockHash, RpcError> {
+pub(super) fn block_hash_param(params: &Value) -> Result<BlockHash, RpcError> {
     let s = param(params, 0)
         .and_then(Value::as_str)
         .ok_or_else(|| err(-1, "blockhash is required"))?;
@@ -166,7 +182,7 @@ fn block_hash_param(params: &Value) -> Result<BlockHash, RpcError> {
     })
 }
 
-fn txid_param(params: &Value) -> Result<Txid, RpcError> {
+pub(super) fn txid_param(params: &Value) -> Result<Txid, RpcError> {
     let s = param(params, 0)
         .and_then(Value::as_str)
         .ok_or_else(|| err(-1, "txid is required"))?;
@@ -196,7 +212,7 @@ fn chainwork(height: u32) -> String {
     format!("{:064x}", (height as u128 + 1) * 2)
 }
 
-fn header_json(s: &State, hash: &BlockHash) -> Result<Value, RpcError> {
+pub(super) fn header_json(s: &State, hash: &BlockHash) -> Result<Value, RpcError> {
     let (block, height) = s.chain.block(hash)?;
     let h = &block.header;
     let active = s.chain.is_active(hash);
@@ -267,25 +283,7 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                 header_json(s, &hash)?
             }
         }
-        "getblock" => {
-            let hash = block_hash_param(params)?;
-            match param(params, 1).and_then(Value::as_i64).unwrap_or(1) {
-                0 => json!(serialize_hex(s.chain.block(&hash)?.0)),
-                _ => {
-                    let mut v = header_json(s, &hash)?;
-                    let txids: Vec<String> = s
-                        .chain
-                        .block(&hash)?
-                        .0
-                        .txdata
-                        .iter()
-                        .map(|t| t.compute_txid().to_string())
-                        .collect();
-                    v["tx"] = json!(txids);
-                    v
-                }
-            }
-        }
+        "getblock" => json!(serialize_hex(s.chain.block(&block_hash_param(params)?)?.0)),
         "getrawmempool" => {
             let txids: Vec<String> = s
                 .chain

@@ -131,6 +131,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE watches ADD COLUMN endpoints TEXT;
     ALTER TABLE watches ADD COLUMN min_amount_sat INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 9: where a tracked transaction's money came from (JSON; NULL: not known).
+    r#"
+    ALTER TABLE tracked ADD COLUMN senders TEXT;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -47,6 +47,8 @@ pub(crate) struct TrackedColumns {
     pub outputs: String,
     pub inputs: String,
     pub spends: String,
+    /// JSON of `Senders`; NULL while unknown.
+    pub senders: Option<String>,
 }
 
 impl TrackedColumns {
@@ -69,6 +71,10 @@ impl TrackedColumns {
             outputs: serde_json::to_string(&t.outputs).expect("outputs serialise"),
             inputs: serde_json::to_string(&t.inputs).expect("inputs serialise"),
             spends: serde_json::to_string(&spends).expect("spends serialise"),
+            senders: t
+                .senders
+                .as_ref()
+                .map(|s| serde_json::to_string(s).expect("senders serialise")),
         }
     }
 
@@ -103,6 +109,11 @@ impl TrackedColumns {
                 .map(|o| o.parse())
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| corrupt("spends", e))?,
+            senders: self
+                .senders
+                .map(|s| serde_json::from_str(&s))
+                .transpose()
+                .map_err(|e| corrupt("senders", e))?,
         })
     }
 }
@@ -155,7 +166,8 @@ pub(crate) fn floor_of(v: i64) -> Result<u64> {
 pub(super) fn write_tracked(tx: &rusqlite::Connection, changes: &TrackedChanges) -> Result<()> {
     let mut upsert = tx.prepare_cached(
         "INSERT OR REPLACE INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
-         reorg_count, fired, outputs, inputs, spends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+         reorg_count, fired, outputs, inputs, spends, senders)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
     for t in changes.upserts() {
         let c = TrackedColumns::of(t);
@@ -171,6 +183,7 @@ pub(super) fn write_tracked(tx: &rusqlite::Connection, changes: &TrackedChanges)
             c.outputs,
             c.inputs,
             c.spends,
+            c.senders,
         ])?;
     }
     let mut remove = tx.prepare_cached("DELETE FROM tracked WHERE txid = ?1 AND watch_id = ?2")?;
@@ -213,7 +226,7 @@ pub(super) fn write_index(tx: &rusqlite::Connection, changes: &IndexChanges) -> 
 impl Store {
     pub fn load_tracked(&self) -> Result<Vec<Tracked>> {
         let mut stmt = self.conn.prepare(
-            "SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs, spends FROM tracked",
+            "SELECT txid, watch_id, status, block_hash, block_height, block_time, reorg_count, fired, outputs, inputs, spends, senders FROM tracked",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(TrackedColumns {
@@ -228,6 +241,7 @@ impl Store {
                 outputs: r.get(8)?,
                 inputs: r.get(9)?,
                 spends: r.get(10)?,
+                senders: r.get(11)?,
             })
         })?;
         rows.map(|row| row?.parse()).collect()

@@ -22,6 +22,8 @@ pub fn sample_event(tag: &str) -> NewEvent {
         "watch": { "id": format!("wch_{}", &hex_of(tag)[..24]), "label": null, "metadata": {} },
         "outputs": [{ "vout": 0, "address": "bcrt1q5nrgwcwrnyy904s3vhlpnlmpkjypk9alphelkp", "amount_sat": 1000 }],
         "inputs": [],
+        "senders": [{ "prevout": format!("{}:1", hex_of(&format!("parent|{tag}"))), "address": "n3iet9u1ki76AoPrk9p6NUhjqxeyQfihSg", "amount_sat": 1500 }],
+        "coinbase": false,
         "amount_sat": 1000,
         "tip": { "hash": hex_of("tip"), "height": 130 },
     });

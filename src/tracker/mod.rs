@@ -2,7 +2,7 @@
 //! transactions into a `TrackerStep` (its change sets, and events naming the watch) that the
 //! follower commits; only after the commit succeeds is it applied to memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
 
@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{self, BlockRef, NewEvent, TipRef, TxEventFacts, TxEventIdentity};
 use crate::merge::Merge;
+use crate::senders::Senders;
 use crate::watch::{net_amount, IndexChanges, MatchedInput, MatchedOutput, Overlay, WatchIndex};
 
 /// Where a tracked transaction stands.
@@ -38,6 +39,8 @@ pub struct Tracked {
     pub inputs: Vec<MatchedInput>,
     /// Every outpoint the transaction spends, to recognise replacements and conflicts.
     pub spends: Vec<OutPoint>,
+    /// Where its money came from; `None` until the node has described the coins it spends.
+    pub senders: Option<Senders>,
 }
 
 /// Why a transaction left the mempool without being mined.
@@ -119,6 +122,44 @@ impl TrackerStep {
     pub fn is_empty(&self) -> bool {
         self.tracked.is_empty() && self.index.is_empty() && self.events.is_empty()
     }
+
+    /// Transactions this step leaves at `status` whose senders are not known yet, once each:
+    /// those the node can describe now (in the mempool, or in the block just connected).
+    pub fn unknown_senders(&self, status: TxStatus) -> Vec<Txid> {
+        let mut txids: Vec<Txid> = self
+            .tracked
+            .upserts()
+            .filter(|t| t.senders.is_none() && t.status == status)
+            .map(|t| t.txid)
+            .collect();
+        txids.dedup();
+        txids
+    }
+
+    /// Takes in the senders the node described: into the rows, and into the events about
+    /// those transactions, which were built before they were known.
+    pub fn fill_senders(&mut self, found: &HashMap<Txid, Senders>) {
+        for t in self.tracked.0.values_mut().flatten() {
+            if t.senders.is_none() {
+                t.senders = found.get(&t.txid).cloned();
+            }
+        }
+        for e in &mut self.events {
+            let data = &mut e.event.data;
+            let txid = data.get("txid").and_then(|v| v.as_str());
+            let Some(s) = txid
+                .and_then(|t| t.parse::<Txid>().ok())
+                .and_then(|t| found.get(&t))
+            else {
+                continue;
+            };
+            if data.get("senders").is_some_and(|v| v.is_null()) {
+                let (senders, coinbase) = event::senders_json(Some(s));
+                data.insert("senders".into(), senders);
+                data.insert("coinbase".into(), coinbase);
+            }
+        }
+    }
 }
 
 /// The tracked transactions, keyed by (txid, watch id).
@@ -187,6 +228,7 @@ impl Tracker {
                         outputs: m.outputs,
                         inputs: m.inputs,
                         spends: spends_of(tx),
+                        senders: None,
                     };
                     self.event(
                         index,
@@ -241,6 +283,7 @@ impl Tracker {
                         outputs: m.outputs,
                         inputs: m.inputs,
                         spends: spends_of(tx),
+                        senders: tx.is_coinbase().then(Senders::coinbase),
                     },
                 };
                 changed.insert(key, t);
@@ -416,6 +459,7 @@ impl Tracker {
             block: shape.block,
             outputs: &t.outputs,
             inputs: &t.inputs,
+            senders: t.senders.as_ref(),
             amount_sat: t.amount_sat(),
             tip: shape.tip,
             extra: shape.extra,

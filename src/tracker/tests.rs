@@ -137,6 +137,7 @@ fn a_mempool_payment_is_pending_with_its_tracked_row_and_coin() {
         outputs: vec![output(1, 0, 50_000)],
         inputs: vec![],
         spends: vec![OutPoint::new(Txid::from_byte_array([1; 32]), 0)],
+        senders: None,
     };
     assert_eq!(
         step.tracked,
@@ -272,6 +273,7 @@ fn a_tracked_transaction_found_deep_announces_every_depth_in_order() {
         outputs: vec![output(1, 0, 1_000)],
         inputs: vec![],
         spends: vec![],
+        senders: None,
     };
     let t = Tracker::new("regtest", FINALITY, [row]);
     let (b, b5) = block(BlockHash::from_byte_array([4; 32]), 5, vec![]);
@@ -602,4 +604,49 @@ fn merged_tracked_changes_keep_the_later_state_of_each_row() {
     a.merge(c);
     assert_eq!((a.upserts().count(), a.removals().count()), (1, 0));
     assert!(TrackedChanges::default().is_empty());
+}
+
+#[test]
+fn senders_told_after_the_step_fill_its_rows_and_events_and_a_coinbase_needs_none() {
+    let w = watch(1, 1);
+    let index = index_of(std::slice::from_ref(&w));
+    let tx = payment(1, &[pays(1, 50_000)]);
+    let txid = tx.compute_txid();
+    let mut step = tracker().mempool_add(&index, &tx, tip_of(&genesis()));
+    assert_eq!(step.events[0].event.data["senders"], json!(null));
+    assert_eq!(step.events[0].event.data["coinbase"], json!(false));
+    assert_eq!(step.unknown_senders(TxStatus::Mempool), vec![txid]);
+    assert!(
+        step.unknown_senders(TxStatus::Unconfirmed).is_empty(),
+        "only the status asked for"
+    );
+    let senders = Senders {
+        coinbase: false,
+        inputs: vec![crate::senders::Sender {
+            prevout: tx.input[0].previous_output.to_string(),
+            address: None,
+            amount_sat: 60_000,
+        }],
+    };
+    step.fill_senders(&HashMap::from([(txid, senders.clone())]));
+    assert_eq!(
+        step.events[0].event.data["senders"],
+        json!([{"prevout": tx.input[0].previous_output.to_string(), "address": null, "amount_sat": 60_000}]),
+        "the event built before they were known carries them"
+    );
+    assert_eq!(
+        step.tracked.upserts().next().unwrap().senders,
+        Some(senders),
+        "and so does the row"
+    );
+    assert!(step.unknown_senders(TxStatus::Mempool).is_empty());
+
+    // A coinbase paying the watch: known to spend nothing, nothing to ask.
+    let (b, at) = block(genesis().hash, 1, vec![]);
+    let mut b = b;
+    b.txdata[0].output[0].script_pubkey = address(1).script_pubkey();
+    let step = tracker().connect_block(&index, &b, at);
+    assert!(step.unknown_senders(TxStatus::Confirmed(at)).is_empty());
+    assert_eq!(step.events[0].event.data["coinbase"], json!(true));
+    assert_eq!(step.events[0].event.data["senders"], json!([]));
 }

@@ -4,7 +4,7 @@ use base64::Engine;
 use bitcoin::consensus::serialize;
 use bitcoin::{BlockHash, Txid};
 use chainwatch::node::zmq_wire::{self, SequenceEvent, ZmqBody};
-use chainwatch::simnode::SimNode;
+use chainwatch::simnode::{verbose, SimNode};
 use serde_json::Value;
 
 use crate::captures::{self, Bodies};
@@ -223,4 +223,107 @@ fn malformed_frames_are_refused_with_a_reason() {
         "{e}"
     );
     assert!(zmq_wire::decode(&[b"rawtx".to_vec()]).is_err(), "one frame");
+}
+
+/// The result's JSON text inside a captured answer (`{"result":…,"error":null,"id":N}`).
+fn captured_result(ex: &Value) -> String {
+    let body = ex["body"].as_str().unwrap();
+    let end = body.rfind(",\"error\":null").expect("a successful answer");
+    body["{\"result\":".len()..end].to_string()
+}
+
+/// The coins a captured `getblock … 3` or `getrawtransaction … 2 BLOCKHASH` says `tx` spends.
+fn captured_coins(described_tx: &Value) -> Vec<verbose::Coin> {
+    described_tx["vin"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("prevout"))
+        .map(|p| verbose::Coin {
+            output: bitcoin::TxOut {
+                value: bitcoin::Amount::from_btc(p["value"].as_f64().unwrap()).unwrap(),
+                script_pubkey: bitcoin::ScriptBuf::from_hex(
+                    p["scriptPubKey"]["hex"].as_str().unwrap(),
+                )
+                .unwrap(),
+            },
+            height: p["height"].as_u64().unwrap() as u32,
+            coinbase: p["generated"].as_bool().unwrap(),
+        })
+        .collect()
+}
+
+/// Given the facts a node holds (the block, the coins its transactions spend, where the block
+/// is), simnode describes transactions, blocks and scripts in Bitcoin Core's exact text: key
+/// order, eight-decimal amounts, assembly with sighash types, inferred descriptors with their
+/// checksums, P2PKH, P2SH-P2WPKH and P2TR inputs, an OP_RETURN output and a coinbase.
+#[test]
+fn simnode_describes_transactions_blocks_and_coins_like_bitcoin_core() {
+    let ex: std::collections::HashMap<String, Value> = captures::lines("rpc-senders.jsonl")
+        .into_iter()
+        .map(|l| (l["step"].as_str().unwrap().to_string(), l))
+        .collect();
+    let raw: Value = serde_json::from_str(ex["block-raw"]["body"].as_str().unwrap()).unwrap();
+    let block: bitcoin::Block =
+        bitcoin::consensus::encode::deserialize_hex(raw["result"].as_str().unwrap()).unwrap();
+    let payment = &block.txdata[1];
+    let net = bitcoin::Network::Regtest;
+
+    for step in ["mempool-payment-verbose1", "mempool-payment-verbose2"] {
+        assert_eq!(
+            verbose::transaction(payment, None, false, net).text(),
+            captured_result(&ex[step]),
+            "{step}: a mempool transaction, described without prevouts or fee"
+        );
+    }
+
+    let v3: Value = serde_json::from_str(&captured_result(&ex["block-verbose3"])).unwrap();
+    let coins: Vec<Option<Vec<verbose::Coin>>> =
+        vec![Some(vec![]), Some(captured_coins(&v3["tx"][1]))];
+    assert_eq!(coins[1].as_ref().unwrap().len(), 3, "three coins spent");
+    for (step, verbosity) in [("block-verbose3", 3), ("block-verbose2", 2)] {
+        let text = captured_result(&ex[step]);
+        let details = text
+            .find(",\"strippedsize\"")
+            .expect("block details follow the header");
+        let ours = verbose::block_details(&block, &coins, verbosity, net).text();
+        assert_eq!(
+            format!("{{{}", &text[details + 1..]),
+            ours,
+            "{step}: sizes, coinbase summary and transactions"
+        );
+    }
+
+    let ours = verbose::transaction_in_block(
+        payment,
+        coins[1].as_deref(),
+        &verbose::Place {
+            block: block.block_hash(),
+            active: true,
+            confirmations: 1,
+            time: block.header.time,
+            asked: true,
+        },
+        net,
+    );
+    assert_eq!(
+        ours.text(),
+        captured_result(&ex["confirmed-payment-verbose2-with-blockhash"]),
+        "a confirmed transaction asked for with its block hash"
+    );
+}
+
+/// Without -txindex a confirmed transaction asked for without its block is refused as Core
+/// refuses it: HTTP 500, code -5, the same message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simnode_refuses_a_confirmed_transaction_without_its_block_like_bitcoin_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = SimNode::start(dir.path()).await.unwrap();
+    let ex = captures::lines("rpc-senders.jsonl")
+        .into_iter()
+        .find(|l| l["step"] == "confirmed-payment-verbose2-no-txindex")
+        .unwrap();
+    let (status, text) = send(&node, "/", "cookie", &ex["request"]).await;
+    assert_eq!(status, 500, "HTTP status");
+    assert_eq!(text, ex["body"].as_str().unwrap(), "body");
 }

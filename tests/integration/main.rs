@@ -19,6 +19,7 @@ mod pipeline;
 mod real_node;
 mod rescan;
 mod secrets;
+mod senders;
 mod shops;
 mod store_faults;
 mod tls_kit;

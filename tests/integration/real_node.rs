@@ -290,7 +290,47 @@ async fn real_node_every_address_type_pending_confirmations_confirmed() {
             .unwrap();
         assert_eq!(c.data()["outputs"][0]["address"], addr.as_str());
         assert_eq!(c.data()["amount_sat"], 100_000);
+        let block = got
+            .iter()
+            .find(|c| c.data()["txid"] == txid.as_str() && c.kind() == "tx.confirmed")
+            .unwrap()
+            .data()["block"]["hash"]
+            .clone();
+        let expected = senders_by_core(&node, block.as_str().unwrap(), txid).await;
+        for c in got.iter().filter(|c| c.data()["txid"] == txid.as_str()) {
+            assert_eq!(
+                c.data()["senders"],
+                expected,
+                "{} of {txid}: the senders Core's getblock 3 names",
+                c.kind()
+            );
+        }
     }
+}
+
+/// What Bitcoin Core's own `getblock HASH 3` says `txid`'s inputs spend, as `senders` shows it.
+async fn senders_by_core(node: &RealNode, block: &str, txid: &str) -> Value {
+    let b = node.call("getblock", json!([block, 3])).await;
+    let tx = b["tx"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["txid"] == txid)
+        .expect("the transaction is in its block");
+    let senders = tx["vin"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let prevout = &i["prevout"];
+            json!({
+                "prevout": format!("{}:{}", i["txid"].as_str().unwrap(), i["vout"]),
+                "address": prevout["scriptPubKey"].get("address").cloned().unwrap_or(Value::Null),
+                "amount_sat": (prevout["value"].as_f64().unwrap() * 1e8).round() as u64,
+            })
+        })
+        .collect();
+    Value::Array(senders)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,95 @@
+//! Where the money came from: before a step that tracks transactions anew is committed, the
+//! node describes the coins they spend (`getblock HASH 3` for a block, `gettxout` for a mempool
+//! transaction) and `Senders::of` checks that description against the inputs. Only matched
+//! transactions are asked about, so a block with no payment to a watch costs nothing more.
+
+use std::collections::HashMap;
+
+use bitcoin::{Block, Transaction, Txid};
+
+use super::{FollowError, Follower};
+use crate::event::BlockRef;
+use crate::node::{ChainSource, NodeError};
+use crate::senders::{Senders, SpentCoin};
+use crate::store::ChainStore;
+use crate::tracker::{TrackerStep, TxStatus};
+
+impl<S: ChainSource, St: ChainStore> Follower<S, St> {
+    /// Senders of a mempool transaction `step` tracks anew. (`&mut self`: a `&Follower` held
+    /// across an await would need the store to be `Sync`.)
+    pub(super) async fn fill_mempool_senders(
+        &mut self,
+        step: &mut TrackerStep,
+        tx: &Transaction,
+    ) -> Result<(), FollowError> {
+        if step.unknown_senders(TxStatus::Mempool).is_empty() {
+            return Ok(());
+        }
+        let outpoints: Vec<_> = tx.input.iter().map(|i| i.previous_output).collect();
+        let coins = match self.source.node().spent_coins(&outpoints).await {
+            Ok(c) => c,
+            Err(e) => return self.unknown(e, tx.compute_txid()),
+        };
+        // A parent neither the chainstate nor the mempool holds: the transaction was mined or
+        // dropped meanwhile; its block, if any, tells its senders.
+        let Some(coins) = coins.into_iter().collect::<Option<Vec<SpentCoin>>>() else {
+            tracing::info!(txid = %tx.compute_txid(), "a coin this mempool transaction spends is gone; senders unknown for now");
+            return Ok(());
+        };
+        self.take_senders(step, [(tx, coins)]);
+        Ok(())
+    }
+
+    /// Senders of the transactions of `block` that `step` tracks anew, in one call.
+    pub(super) async fn fill_block_senders(
+        &mut self,
+        step: &mut TrackerStep,
+        block: &Block,
+        at: BlockRef,
+    ) -> Result<(), FollowError> {
+        let wanted = step.unknown_senders(TxStatus::Confirmed(at));
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut coins = match self.source.node().block_spent_coins(at.hash, &wanted).await {
+            Ok(c) => c,
+            Err(e) => return self.unknown(e, wanted[0]),
+        };
+        let txs = block.txdata.iter().filter_map(|tx| {
+            let coins = coins.remove(&tx.compute_txid())?;
+            Some((tx, coins))
+        });
+        self.take_senders(step, txs);
+        Ok(())
+    }
+
+    fn take_senders<'t>(
+        &self,
+        step: &mut TrackerStep,
+        described: impl IntoIterator<Item = (&'t Transaction, Vec<SpentCoin>)>,
+    ) {
+        let mut found: HashMap<Txid, Senders> = HashMap::new();
+        for (tx, coins) in described {
+            let txid = tx.compute_txid();
+            match Senders::of(tx, &coins, self.network) {
+                Ok(s) => {
+                    found.insert(txid, s);
+                }
+                Err(e) => {
+                    tracing::warn!(%txid, error = %e, "the node's description of the coins spent does not fit the transaction; senders unknown")
+                }
+            }
+        }
+        step.fill_senders(&found);
+    }
+
+    /// A node that cannot be reached fails the step, which is retried; any other failure
+    /// (an answer we cannot use) leaves the senders unknown rather than holding up the chain.
+    fn unknown(&self, e: NodeError, txid: Txid) -> Result<(), FollowError> {
+        if e.is_transient() {
+            return Err(e.into());
+        }
+        tracing::warn!(%txid, error = %e, "could not learn where the money came from; senders unknown");
+        Ok(())
+    }
+}

@@ -1,0 +1,256 @@
+//! The coins a transaction spends, as bitcoind describes them without `-txindex`: for a block,
+//! `getblock HASH 3` (every input carries `prevout`, read from the block's undo data); for a
+//! mempool transaction, `gettxout PARENT N false` in one batch (the chainstate, where a coin
+//! spent only in the mempool is still unspent), then the mempool parent itself for coins an
+//! unconfirmed transaction created. `senders::Senders::of` checks the coins against the inputs.
+
+use std::collections::{HashMap, HashSet};
+
+use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::{Amount, BlockHash, OutPoint, ScriptBuf, Transaction, Txid};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{NodeError, NodeResult, RpcClient};
+use crate::senders::SpentCoin;
+
+/// Calls per JSON-RPC batch: a transaction with thousands of inputs is asked about in parts.
+const BATCH: usize = 500;
+
+#[derive(Deserialize)]
+struct VerboseBlock {
+    hash: BlockHash,
+    tx: Vec<VerboseTx>,
+}
+
+#[derive(Deserialize)]
+struct VerboseTx {
+    txid: Txid,
+    vin: Vec<VerboseInput>,
+}
+
+/// A coinbase input has neither `txid` nor `prevout`.
+#[derive(Deserialize)]
+struct VerboseInput {
+    txid: Option<Txid>,
+    vout: Option<u32>,
+    prevout: Option<CoinJson>,
+}
+
+/// A coin as `prevout` and `gettxout` describe it.
+#[derive(Deserialize)]
+struct CoinJson {
+    value: f64,
+    #[serde(rename = "scriptPubKey")]
+    script_pubkey: ScriptJson,
+}
+
+#[derive(Deserialize)]
+struct ScriptJson {
+    hex: String,
+}
+
+fn bad(method: &str, reason: impl Into<String>) -> NodeError {
+    NodeError::BadResponse {
+        method: method.into(),
+        reason: reason.into(),
+    }
+}
+
+impl CoinJson {
+    fn coin(self, method: &str, outpoint: OutPoint) -> NodeResult<SpentCoin> {
+        let amount = Amount::from_btc(self.value)
+            .map_err(|e| bad(method, format!("{outpoint}: amount {}: {e}", self.value)))?;
+        let script = ScriptBuf::from_hex(&self.script_pubkey.hex)
+            .map_err(|e| bad(method, format!("{outpoint}: script: {e}")))?;
+        Ok(SpentCoin {
+            outpoint,
+            script,
+            amount,
+        })
+    }
+}
+
+impl RpcClient {
+    pub(super) async fn verbose_block_coins(
+        &self,
+        hash: BlockHash,
+        txids: &[Txid],
+    ) -> NodeResult<HashMap<Txid, Vec<SpentCoin>>> {
+        const M: &str = "getblock";
+        let block: VerboseBlock = self.call_typed(M, json!([hash.to_string(), 3])).await?;
+        if block.hash != hash {
+            return Err(bad(M, format!("asked for {hash}, got {}", block.hash)));
+        }
+        let wanted: HashSet<&Txid> = txids.iter().collect();
+        let mut out = HashMap::new();
+        for tx in block.tx.into_iter().filter(|t| wanted.contains(&t.txid)) {
+            let mut coins = Vec::with_capacity(tx.vin.len());
+            for input in tx.vin {
+                let (Some(txid), Some(vout)) = (input.txid, input.vout) else {
+                    // The coinbase: it spends nothing.
+                    continue;
+                };
+                let outpoint = OutPoint::new(txid, vout);
+                let prevout = input.prevout.ok_or_else(|| {
+                    bad(
+                        M,
+                        format!(
+                            "input {outpoint} of {} has no prevout (a node older than v23?)",
+                            tx.txid
+                        ),
+                    )
+                })?;
+                coins.push(prevout.coin(M, outpoint)?);
+            }
+            out.insert(tx.txid, coins);
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn mempool_coins(
+        &self,
+        outpoints: &[OutPoint],
+    ) -> NodeResult<Vec<Option<SpentCoin>>> {
+        let mut coins = Vec::with_capacity(outpoints.len());
+        for part in outpoints.chunks(BATCH) {
+            let calls: Vec<(&str, Value)> = part
+                .iter()
+                .map(|o| ("gettxout", json!([o.txid.to_string(), o.vout, false])))
+                .collect();
+            for (o, answer) in part.iter().zip(self.call_batch(&calls).await?) {
+                coins.push(match answer? {
+                    Value::Null => None,
+                    v => Some(coin_from(v, *o)?),
+                });
+            }
+        }
+        let parents: Vec<Txid> = outpoints
+            .iter()
+            .zip(&coins)
+            .filter(|(_, c)| c.is_none())
+            .map(|(o, _)| o.txid)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let found = self.mempool_parents(&parents).await?;
+        for (o, c) in outpoints.iter().zip(coins.iter_mut()) {
+            if c.is_none() {
+                *c = found.get(&o.txid).and_then(|tx| {
+                    let out = tx.output.get(o.vout as usize)?;
+                    Some(SpentCoin {
+                        outpoint: *o,
+                        script: out.script_pubkey.clone(),
+                        amount: out.value,
+                    })
+                });
+            }
+        }
+        Ok(coins)
+    }
+
+    /// Unconfirmed parents from the mempool, each proven by its txid; those the node does not
+    /// hold are absent.
+    async fn mempool_parents(&self, txids: &[Txid]) -> NodeResult<HashMap<Txid, Transaction>> {
+        const M: &str = "getrawtransaction";
+        let mut found = HashMap::new();
+        for part in txids.chunks(BATCH) {
+            let calls: Vec<(&str, Value)> =
+                part.iter().map(|t| (M, json!([t.to_string()]))).collect();
+            for (txid, answer) in part.iter().zip(self.call_batch(&calls).await?) {
+                let hex = match answer {
+                    Ok(Value::String(hex)) => hex,
+                    Ok(other) => return Err(bad(M, format!("expected hex, got {other}"))),
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => return Err(e),
+                };
+                let tx: Transaction = deserialize_hex(&hex)
+                    .map_err(|e| bad(M, format!("cannot decode {txid}: {e}")))?;
+                crate::proof::check_transaction(&tx, *txid).map_err(|e| bad(M, e.to_string()))?;
+                found.insert(*txid, tx);
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn coin_from(v: Value, outpoint: OutPoint) -> NodeResult<SpentCoin> {
+    let c: CoinJson =
+        serde_json::from_value(v).map_err(|e| bad("gettxout", format!("{outpoint}: {e}")))?;
+    c.coin("gettxout", outpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RpcAuth;
+    use bitcoin::hashes::Hash;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A node that answers every request with `body`.
+    async fn answering(body: String) -> RpcClient {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let _ = s.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                });
+            }
+        });
+        let auth = RpcAuth::UserPass {
+            user: "u".into(),
+            password: "p".into(),
+        };
+        RpcClient::new(&url, auth)
+    }
+
+    fn op() -> OutPoint {
+        OutPoint::new(Txid::from_byte_array([7; 32]), 1)
+    }
+
+    #[tokio::test]
+    async fn a_block_description_of_another_block_is_refused() {
+        let other = BlockHash::from_byte_array([2; 32]);
+        let node = answering(format!(
+            r#"{{"result":{{"hash":"{other}","tx":[]}},"error":null,"id":1}}"#
+        ))
+        .await;
+        let e = node
+            .verbose_block_coins(BlockHash::from_byte_array([1; 32]), &[])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("asked for"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_answer_with_an_id_we_did_not_send_is_refused() {
+        let node = answering(r#"[{"result":null,"error":null,"id":999999}]"#.into()).await;
+        let e = node.mempool_coins(&[op()]).await.unwrap_err();
+        assert!(e.to_string().contains("did not send"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_negative_or_unparseable_coin_is_refused() {
+        let node = answering(
+            r#"[{"result":{"value":-1.0,"scriptPubKey":{"hex":"51"}},"error":null,"id":1}]"#.into(),
+        )
+        .await;
+        let e = node.mempool_coins(&[op()]).await.unwrap_err();
+        assert!(matches!(e, NodeError::BadResponse { .. }), "{e}");
+        let node = answering(
+            r#"[{"result":{"value":1.0,"scriptPubKey":{"hex":"zz"}},"error":null,"id":1}]"#.into(),
+        )
+        .await;
+        let e = node.mempool_coins(&[op()]).await.unwrap_err();
+        assert!(e.to_string().contains("script"), "{e}");
+    }
+}

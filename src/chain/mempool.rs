@@ -79,6 +79,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             }
             return Err(e);
         }
+        self.rescan_mempool_tx(tx, tip).await?;
         // Only once handled: a failure above leaves it for the resync to pick up.
         self.mempool.seen.insert(txid);
         Ok(())
@@ -128,11 +129,19 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if self.source.still_in_mempool(txid).await? {
             return Ok(());
         }
-        let spends = self.tracker.spends_of(txid);
+        let mut spends = self.tracker.spends_of(txid);
+        if spends.is_empty() {
+            spends = self.rescan_spends_of(txid);
+        }
         let why = self.removal_cause(&spends, incoming).await?;
+        if why == Removal::Conflict(txid) {
+            // Mined: its block confirms it (the rescan's, when it is the rescan's).
+            return Ok(());
+        }
         tracing::info!(%txid, ?why, "tracked transaction left the mempool");
         let step = self.tracker.mempool_removed(&self.index, txid, why, tip);
-        self.commit_step(step)
+        self.commit_step(step)?;
+        self.rescan_mempool_removed(txid, why, tip)
     }
 
     /// Replaced if a mempool transaction (one just announced, or one the node names) spends the
@@ -158,10 +167,11 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         })
     }
 
-    /// ZMQ `R`: a tracked unconfirmed transaction left; why is told once what follows shows it.
+    /// ZMQ `R`: a tracked unconfirmed transaction left (never published for one mined); why is
+    /// told once what follows shows it.
     pub(super) fn mempool_removed(&mut self, txid: Txid) {
         self.mempool.forget(&txid);
-        if self.tracker.is_unconfirmed(txid) {
+        if self.tracker.is_unconfirmed(txid) || self.rescan_in_mempool().contains(&txid) {
             self.mempool.note_removal(txid);
         }
     }
@@ -212,6 +222,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             let mut step = self.tracker.mempool_add(&self.index, &tx, tip);
             self.fill_mempool_senders(&mut step, &tx).await?;
             self.commit_step(step)?;
+            self.rescan_mempool_tx(&tx, tip).await?;
             self.mempool.deferred.remove(0);
         }
         Ok(())
@@ -244,6 +255,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 fresh.push(tx);
             }
         }
+        // Not the rescan's: gone from a snapshot may mean mined in a block it has not reached.
         for txid in self.tracker.in_mempool() {
             if !current.contains(&txid) {
                 self.mempool.note_removal(txid);

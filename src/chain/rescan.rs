@@ -2,16 +2,24 @@
 //! height, beside live following, with a tracker of its own, so it emits exactly the events a
 //! watcher running since then would have emitted (the same ids). Progress is stored with each
 //! block, so a crash resumes where it stopped. At the tip the watch joins live following.
+//!
+//! Its mempool is followed live from the start, by the rescan's own tracker: a payment made
+//! during a long rescan is pending at once, and when the rescan reaches its block it confirms
+//! the transaction it already tracks, so nothing is announced twice. Blocks stay the rescan's
+//! alone until it reaches the tip: two trackers confirming one watch's transactions would
+//! announce them twice, with different ids after a reorg.
 
 use std::time::Instant;
 
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
-use crate::event::BlockRef;
+use bitcoin::{OutPoint, Transaction, Txid};
+
+use crate::event::{BlockRef, TipRef};
 use crate::node::ChainSource;
 use crate::store::ChainStore;
-use crate::tracker::Tracker;
+use crate::tracker::{Removal, Tracker};
 use crate::watch::{RescanChanges, WatchIndex};
 
 /// Blocks scanned between two looks at live news.
@@ -66,6 +74,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             .filter(|t| t.watch_id == watch_id);
         let tracker = Tracker::new(self.tracker.network, self.tracker.finality_depth, entries);
         tracing::info!(watch = %watch_id, from = next, "rescan started");
+        // What the mempool already holds for the watch is matched by the rescan's tracker too.
+        self.mempool.forget_all();
+        self.state = self.state.max(super::SyncState::Stale);
         self.rescan = Some(RescanJob {
             watch_id,
             next,
@@ -76,6 +87,86 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             backfilled: false,
         });
         Ok(())
+    }
+
+    /// Matches a mempool transaction against the watch being rescanned, and commits what it
+    /// finds in the rescan's tracker.
+    pub(super) async fn rescan_mempool_tx(
+        &mut self,
+        tx: &Transaction,
+        tip: TipRef,
+    ) -> Result<(), FollowError> {
+        let Some(mut job) = self.rescan.take() else {
+            return Ok(());
+        };
+        let done = self.rescan_mempool_step(&mut job, tx, tip).await;
+        self.rescan = Some(job);
+        done
+    }
+
+    async fn rescan_mempool_step(
+        &mut self,
+        job: &mut RescanJob,
+        tx: &Transaction,
+        tip: TipRef,
+    ) -> Result<(), FollowError> {
+        let mut step = job.tracker.mempool_add(&job.index, tx, tip);
+        if step.is_empty() {
+            return Ok(());
+        }
+        self.fill_mempool_senders(&mut step, tx).await?;
+        let changes = labelled(&job.index, step)?;
+        let committed = self.store_commit(&changes)?;
+        job.tracker.apply(&changes.tracked);
+        job.index.apply(&changes.index);
+        self.announce(&committed, "event recorded (rescanned watch, live mempool)");
+        Ok(())
+    }
+
+    /// Tracked mempool transactions of the watch being rescanned.
+    pub(super) fn rescan_in_mempool(&self) -> Vec<Txid> {
+        self.rescan
+            .as_ref()
+            .map(|j| j.tracker.in_mempool())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn rescan_spends_of(&self, txid: Txid) -> Vec<OutPoint> {
+        self.rescan
+            .as_ref()
+            .map(|j| j.tracker.spends_of(txid))
+            .unwrap_or_default()
+    }
+
+    /// A transaction the rescan tracks in the mempool left it: told as live following tells it.
+    pub(super) fn rescan_mempool_removed(
+        &mut self,
+        txid: Txid,
+        why: Removal,
+        tip: TipRef,
+    ) -> Result<(), FollowError> {
+        let Some(mut job) = self.rescan.take() else {
+            return Ok(());
+        };
+        let step = job.tracker.mempool_removed(&job.index, txid, why, tip);
+        let done = labelled(&job.index, step).and_then(|changes| {
+            let committed = self.store_commit(&changes)?;
+            job.tracker.apply(&changes.tracked);
+            self.announce(&committed, "event recorded (rescanned watch, live mempool)");
+            Ok(())
+        });
+        self.rescan = Some(job);
+        done
+    }
+
+    fn announce(&self, committed: &[crate::store::CommittedEvent], what: &'static str) {
+        for e in committed {
+            tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "{what}");
+            self.metrics.event(&e.kind);
+        }
+        if !committed.is_empty() {
+            self.wake_dispatch.notify_waiters();
+        }
     }
 
     pub(super) fn rescanning(&self) -> bool {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitcoin::{BlockHash, Txid};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::{FollowError, Follower, FollowerOptions};
@@ -682,4 +682,97 @@ async fn a_step_whose_aftermath_fails_is_planned_afresh_against_the_node() {
         "104 went and came back; 103, on the node's chain again, was never disconnected"
     );
     assert_eq!(f.store.inner.tip().unwrap().unwrap().hash, a104);
+}
+
+#[tokio::test]
+async fn a_payment_during_a_rescan_is_pending_at_once_and_the_rescan_announces_nothing_twice() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.mine(40);
+    r.sync().await;
+    let seen = r.log().len();
+    // Already in the mempool when the watch is added.
+    let early = r.node.pay(&address(2).to_string(), 60_000);
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    r.follower.rescan_batch().await.unwrap();
+    assert!(r.follower.rescanning(), "41 blocks take two batches");
+    r.node.take_zmq();
+    let during = r.node.pay(&address(2).to_string(), 70_000);
+    r.deliver_zmq().await;
+    assert_eq!(
+        r.log_after(seen),
+        [
+            ev(TX_PENDING, Some(early), 0),
+            ev(TX_PENDING, Some(during), 0)
+        ],
+        "both pending before the rescan ends"
+    );
+    // Replaced during the rescan: told then, as live following tells it.
+    let replaced = r.node.pay(&address(2).to_string(), 80_000);
+    r.deliver_zmq().await;
+    let by = r
+        .node
+        .replace(replaced, &[(address(3).script_pubkey(), 70_000)]);
+    r.deliver_zmq().await;
+    let told: Vec<Ev> = r
+        .log_after(seen)
+        .into_iter()
+        .filter(|e| e.1 == replaced.to_string())
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ev(TX_PENDING, Some(replaced), 0),
+            ev(TX_REPLACED, Some(replaced), 0)
+        ]
+    );
+    assert_eq!(
+        r.bodies().pop().unwrap()["data"]["replaced_by"],
+        by.to_string()
+    );
+    assert!(r.follower.rescanning(), "all of it while the rescan runs");
+    // Mined while the rescan is still behind: the rescan confirms it when it gets there.
+    r.node.mine(1);
+    r.deliver_zmq().await;
+    assert!(r.follower.rescanning());
+    while r.follower.rescanning() {
+        r.follower.rescan_batch().await.unwrap();
+    }
+    r.node.mine(1);
+    r.sync().await;
+    let bodies = r.bodies();
+    for txid in [early, during] {
+        let events: Vec<Ev> = r
+            .log_after(seen)
+            .into_iter()
+            .filter(|e| e.1 == txid.to_string())
+            .collect();
+        assert_eq!(
+            events,
+            [
+                ev(TX_PENDING, Some(txid), 0),
+                ev(TX_CONFIRMATION, Some(txid), 1),
+                ev(TX_CONFIRMED, Some(txid), 2)
+            ],
+            "{txid}: each event once"
+        );
+        let ids: Vec<&Value> = bodies
+            .iter()
+            .filter(|b| b["data"]["txid"] == txid.to_string())
+            .map(|b| &b["data"]["id"])
+            .collect();
+        let block = r.node.block_hash(142);
+        assert_eq!(
+            ids,
+            [
+                &json!(tx_event_id(TX_PENDING, txid, &late, None, 0, 0)),
+                &json!(tx_event_id(TX_CONFIRMATION, txid, &late, Some(block), 1, 0)),
+                &json!(tx_event_id(TX_CONFIRMED, txid, &late, Some(block), 2, 0)),
+            ],
+            "the ids a watcher running all along would have given"
+        );
+    }
 }

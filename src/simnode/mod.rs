@@ -35,6 +35,8 @@ pub(crate) struct State {
     pub down: bool,
     /// RPC calls still to answer with a malformed body.
     pub garbage_calls: u32,
+    /// How long each `getblock` takes, as on a node reading blocks from a slow disk.
+    pub block_read_delay: std::time::Duration,
     /// `-txindex`: `getrawtransaction` also answers for confirmed transactions.
     pub txindex: bool,
     /// Outpoints the simulated wallet has spent.
@@ -127,6 +129,7 @@ impl SimNode {
             warmup_calls: 0,
             down: false,
             garbage_calls: 0,
+            block_read_delay: std::time::Duration::ZERO,
             txindex: false,
             spent: Default::default(),
             miner,
@@ -206,6 +209,11 @@ impl SimNode {
 
     pub fn set_garbage_calls(&self, n: u32) {
         self.lock().garbage_calls = n;
+    }
+
+    /// Every `getblock` answer waits `delay` first (a long rescan, on a small chain).
+    pub fn set_block_read_delay(&self, delay: std::time::Duration) {
+        self.lock().block_read_delay = delay;
     }
 
     /// Publishes an arbitrary message on a topic's socket (with the topic's next counter), to

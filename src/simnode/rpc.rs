@@ -18,11 +18,23 @@ use super::{described, mine_one, SimError, SimNode, State, PAYMENT_FEE};
 pub fn router(node: SimNode) -> Router {
     let handler = move |headers: HeaderMap, body: Bytes| {
         let node = node.clone();
-        async move { handle(&node, &headers, &body) }
+        async move {
+            let delay = node.lock().block_read_delay;
+            if !delay.is_zero() && asks_for_a_block(&body) {
+                tokio::time::sleep(delay).await;
+            }
+            handle(&node, &headers, &body)
+        }
     };
     Router::new()
         .route("/", post(handler.clone()))
         .route("/wallet/{name}", post(handler))
+}
+
+fn asks_for_a_block(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("method").and_then(Value::as_str) == Some("getblock"))
 }
 
 pub(super) struct RpcError {

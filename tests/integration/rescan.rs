@@ -313,3 +313,78 @@ async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
         "the rescan reorged what it had found, then found the payment again"
     );
 }
+
+/// A watch added with a long rescan is followed in the mempool at once: a payment made while
+/// the rescan runs is pending before it ends, and the rescan confirms that same transaction
+/// (one event of each kind, no second tx.pending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_during_a_long_rescan_is_pending_at_once_and_announced_once() {
+    let h = Harness::new(&[]).await;
+    h.node.mine(300);
+    let from = (h.node.height() - 299).to_string();
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    // 300 blocks at 20 ms each: the rescan takes about six seconds.
+    h.node.set_block_read_delay(Duration::from_millis(20));
+    let mut add = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .args([
+            "watch",
+            "add",
+            P2WPKH,
+            "--confirmations",
+            "2",
+            "--rescan-from",
+            &from,
+            "--config",
+        ])
+        .arg(&h.config_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let store = chainwatch::store::Store::open(&h.data_dir()).unwrap();
+    wait_until("the rescan to start", WAIT, || {
+        store.rescans().unwrap().first().is_some_and(|r| r.1 > 10)
+    })
+    .await;
+    let txid = h.node.pay(P2WPKH, 42_000).to_string();
+    let got = h.receiver.wait_accepted(1, WAIT).await;
+    let running = store.rescans().unwrap();
+    assert!(
+        !running.is_empty(),
+        "tx.pending arrived while the rescan was still running"
+    );
+    assert_eq!(got[0].kind(), "tx.pending");
+    assert_eq!(got[0].data()["txid"], txid.as_str());
+    // Mined while the rescan is behind; confirmed once by the rescan, then by live following.
+    h.node.mine(1);
+    wait_until("the rescan to finish", Duration::from_secs(60), || {
+        store.rescans().unwrap().is_empty()
+    })
+    .await;
+    h.node.set_block_read_delay(Duration::ZERO);
+    h.node.mine(1);
+    h.receiver.wait_accepted(3, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kinds: Vec<(String, u64)> = h
+        .receiver
+        .accepted()
+        .iter()
+        .filter(|c| c.data()["txid"] == txid.as_str())
+        .map(|c| {
+            let n = c.data()["confirmations"].as_u64().unwrap();
+            (c.kind().to_string(), n)
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("tx.pending".to_string(), 0),
+            ("tx.confirmation".to_string(), 1),
+            ("tx.confirmed".to_string(), 2)
+        ],
+        "each event once"
+    );
+    add.wait().unwrap();
+    daemon.stop().await;
+}

@@ -17,7 +17,7 @@ use chainwatch::store::Store;
 use chainwatch::testkit::{
     Api, Bitcoind, ConfigBuilder, Endpoint, Receiver, Retention, WatchEntry,
 };
-use rand::Rng;
+use rand::RngExt;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const WATCHED: [&str; 4] = [

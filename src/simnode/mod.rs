@@ -58,7 +58,7 @@ impl State {
             log.extend(msgs.iter().cloned());
         }
         if let Some((p, rng)) = &mut self.drop {
-            use rand::Rng;
+            use rand::RngExt;
             msgs.retain(|_| !rng.random_bool(*p));
         }
         if let Some(p) = &self.publisher {
@@ -79,7 +79,7 @@ pub struct SimNode {
 }
 
 fn new_cookie() -> String {
-    use rand::Rng;
+    use rand::RngExt;
     let bytes: [u8; 32] = rand::rng().random();
     format!("__cookie__:{}", hex::encode(bytes))
 }

@@ -150,6 +150,7 @@ fn op_name(op: Opcode) -> String {
         OP_CLTV => "OP_CHECKLOCKTIMEVERIFY".into(),
         OP_CSV => "OP_CHECKSEQUENCEVERIFY".into(),
         OP_CHECKSIGADD => "OP_CHECKSIGADD".into(),
+        _ if code == 0xff => "OP_INVALIDOPCODE".into(),
         _ if code > OP_CHECKSIGADD.to_u8() => "OP_UNKNOWN".into(),
         _ => op.to_string(),
     }
@@ -234,7 +235,11 @@ fn descriptor(s: &Script, address: Option<&str>) -> String {
     } else {
         format!("raw({})", hex::encode(s.as_bytes()))
     };
-    let sum = miniscript::descriptor::checksum::desc_checksum(&body).unwrap_or_default();
+    let mut engine = miniscript::descriptor::checksum::Engine::new();
+    let sum = match engine.input(&body) {
+        Ok(()) => engine.checksum(),
+        Err(_) => String::new(),
+    };
     format!("{body}#{sum}")
 }
 
@@ -321,7 +326,7 @@ pub fn transaction(
     let mut o = Json::Obj(vec![
         ("txid", Json::Str(tx.compute_txid().to_string())),
         ("hash", Json::Str(tx.compute_wtxid().to_string())),
-        ("version", num(tx.version.0)),
+        ("version", num(tx.version.0 as u32)),
         ("size", num(tx.total_size())),
         ("vsize", num(weight.div_ceil(4))),
         ("weight", num(weight)),
@@ -394,8 +399,11 @@ pub fn transaction_in_block(
     }
     fields.push(("blockhash", Json::Str(at.block.to_string())));
     fields.push(("confirmations", num(at.confirmations)));
-    fields.push(("time", num(at.time)));
-    fields.push(("blocktime", num(at.time)));
+    // Core tells the time of blocks on the active chain only.
+    if at.active {
+        fields.push(("time", num(at.time)));
+        fields.push(("blocktime", num(at.time)));
+    }
     Json::Obj(fields)
 }
 
@@ -403,7 +411,7 @@ pub fn transaction_in_block(
 pub fn coinbase_summary(coinbase: &Transaction) -> Json {
     let input = &coinbase.input[0];
     let mut o = Json::Obj(vec![
-        ("version", num(coinbase.version.0)),
+        ("version", num(coinbase.version.0 as u32)),
         ("locktime", num(coinbase.lock_time.to_consensus_u32())),
         ("sequence", num(input.sequence.0)),
         ("coinbase", hex(input.script_sig.as_bytes())),

@@ -85,6 +85,8 @@ pub struct TxEventFacts<'a> {
     pub inputs: &'a [MatchedInput],
     /// `None`: not known (see `senders_json`).
     pub senders: Option<&'a Senders>,
+    /// Whether it spends nothing: true only of a coinbase, told even when senders are not.
+    pub coinbase: bool,
     pub amount_sat: i64,
     pub tip: TipRef,
     /// Type-specific fields: `previous_block`, `replaced_by`, `reason`, `conflicting_txid`.
@@ -128,9 +130,9 @@ impl TxEventFacts<'_> {
         );
         data.insert("outputs".into(), json!(self.outputs));
         data.insert("inputs".into(), json!(self.inputs));
-        let (senders, coinbase) = senders_json(self.senders);
+        let (senders, _) = senders_json(self.senders);
         data.insert("senders".into(), senders);
-        data.insert("coinbase".into(), coinbase);
+        data.insert("coinbase".into(), json!(self.coinbase));
         data.insert("amount_sat".into(), json!(self.amount_sat));
         data.insert(
             "tip".into(),

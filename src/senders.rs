@@ -45,6 +45,8 @@ pub enum SendersError {
     Amount { index: usize, amount: Amount },
     #[error("the spent coins add up to more than can exist")]
     Total,
+    #[error("the spent coins ({spent}) add up to less than the outputs pay ({paid})")]
+    LessThanPaid { spent: Amount, paid: Amount },
 }
 
 impl Senders {
@@ -96,6 +98,14 @@ impl Senders {
                 address: address_of(&coin.script, network),
                 amount_sat: coin.amount.to_sat(),
             });
+        }
+        let paid = tx
+            .output
+            .iter()
+            .try_fold(Amount::ZERO, |t, o| t.checked_add(o.value))
+            .unwrap_or(Amount::MAX);
+        if total < paid {
+            return Err(SendersError::LessThanPaid { spent: total, paid });
         }
         Ok(Senders {
             coinbase: false,

@@ -71,8 +71,14 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             return Ok(());
         };
         let mut step = self.tracker.mempool_add(&self.index, tx, tip);
-        self.fill_mempool_senders(&mut step, tx).await?;
         let matched = !step.events.is_empty();
+        // Kept for later on any failure, the node's included: its tx.pending is owed.
+        if let Err(e) = self.fill_mempool_senders(&mut step, tx).await {
+            if matched {
+                self.defer(tx);
+            }
+            return Err(e);
+        }
         if let Err(e) = self.commit_step(step) {
             if matched {
                 self.defer(tx);

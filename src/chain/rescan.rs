@@ -18,9 +18,10 @@ use bitcoin::{OutPoint, Transaction, Txid};
 
 use crate::event::{BlockRef, TipRef};
 use crate::node::ChainSource;
+use crate::senders::SpentCoin;
 use crate::store::ChainStore;
 use crate::tracker::{Removal, Tracker};
-use crate::watch::{RescanChanges, WatchIndex};
+use crate::watch::{RescanChanges, WatchIndex, WatchedCoin};
 
 /// Blocks scanned between two looks at live news.
 const BATCH: u32 = 25;
@@ -114,7 +115,21 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if step.is_empty() {
             return Ok(());
         }
-        self.fill_mempool_senders(&mut step, tx).await?;
+        // The rescan has not reached every block: a coin of the watch it has not found yet may
+        // be spent here (a spend with change back to the watch). The node names the coins the
+        // transaction spends; those paying the watch are its coins, as the rescan will find.
+        let coins = self.mempool_spent_coins(tx).await?;
+        if let Some(coins) = &coins {
+            let found = unfound_watch_coins(&job.index, coins);
+            if !found.is_empty() {
+                job.index.coins.extend(found.iter().cloned());
+                step = job.tracker.mempool_add(&job.index, tx, tip);
+                step.index.add_coins(found);
+            }
+        }
+        if let Some(coins) = coins {
+            self.take_senders(&mut step, [(tx, coins)]);
+        }
         let changes = labelled(&job.index, step)?;
         let committed = self.store_commit(&changes)?;
         job.tracker.apply(&changes.tracked);
@@ -149,6 +164,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             return Ok(());
         };
         let step = job.tracker.mempool_removed(&job.index, txid, why, tip);
+        if step.is_empty() {
+            self.rescan = Some(job);
+            return Ok(());
+        }
         let done = labelled(&job.index, step).and_then(|changes| {
             let committed = self.store_commit(&changes)?;
             job.tracker.apply(&changes.tracked);
@@ -325,4 +344,31 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         self.state = super::SyncState::Stale;
         Ok(())
     }
+}
+
+/// The coins among `spent` that pay a watch of `index` and that it does not know yet.
+fn unfound_watch_coins(index: &WatchIndex, spent: &[SpentCoin]) -> Vec<(OutPoint, WatchedCoin)> {
+    spent
+        .iter()
+        .filter(|c| !index.coins.contains_key(&c.outpoint))
+        .flat_map(|c| {
+            let probe = Transaction {
+                version: bitcoin::transaction::Version::TWO,
+                lock_time: bitcoin::absolute::LockTime::ZERO,
+                input: vec![],
+                output: vec![bitcoin::TxOut {
+                    value: c.amount,
+                    script_pubkey: c.script.clone(),
+                }],
+            };
+            index.match_tx(&probe).into_iter().map(move |m| {
+                let coin = WatchedCoin {
+                    watch_id: m.watch_id,
+                    address: m.outputs[0].address.clone(),
+                    amount_sat: c.amount.to_sat(),
+                };
+                (c.outpoint, coin)
+            })
+        })
+        .collect()
 }

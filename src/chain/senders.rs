@@ -25,19 +25,30 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if step.unknown_senders(TxStatus::Mempool).is_empty() {
             return Ok(());
         }
+        if let Some(coins) = self.mempool_spent_coins(tx).await? {
+            self.take_senders(step, [(tx, coins)]);
+        }
+        Ok(())
+    }
+
+    /// The coins a mempool transaction spends, as the node describes them; `None` when they
+    /// cannot be learned (told in the log), an error only when the node cannot be reached.
+    pub(super) async fn mempool_spent_coins(
+        &mut self,
+        tx: &Transaction,
+    ) -> Result<Option<Vec<SpentCoin>>, FollowError> {
         let outpoints: Vec<_> = tx.input.iter().map(|i| i.previous_output).collect();
         let coins = match self.source.node().spent_coins(&outpoints).await {
             Ok(c) => c,
-            Err(e) => return self.unknown(e, tx.compute_txid()),
+            Err(e) => return self.unknown(e, tx.compute_txid()).map(|()| None),
         };
         // A parent neither the chainstate nor the mempool holds: the transaction was mined or
         // dropped meanwhile; its block, if any, tells its senders.
-        let Some(coins) = coins.into_iter().collect::<Option<Vec<SpentCoin>>>() else {
+        let coins = coins.into_iter().collect::<Option<Vec<SpentCoin>>>();
+        if coins.is_none() {
             tracing::info!(txid = %tx.compute_txid(), "a coin this mempool transaction spends is gone; senders unknown for now");
-            return Ok(());
-        };
-        self.take_senders(step, [(tx, coins)]);
-        Ok(())
+        }
+        Ok(coins)
     }
 
     /// Senders of the transactions of `block` that `step` tracks anew, in one call.
@@ -55,15 +66,22 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             Ok(c) => c,
             Err(e) => return self.unknown(e, wanted[0]),
         };
-        let txs = block.txdata.iter().filter_map(|tx| {
-            let coins = coins.remove(&tx.compute_txid())?;
-            Some((tx, coins))
-        });
+        let txs: Vec<_> = block
+            .txdata
+            .iter()
+            .filter_map(|tx| {
+                let coins = coins.remove(&tx.compute_txid())?;
+                Some((tx, coins))
+            })
+            .collect();
+        if txs.len() < wanted.len() {
+            tracing::warn!(block = %at.hash, asked = wanted.len(), described = txs.len(), "the node's description of the block leaves out transactions it holds; their senders are unknown");
+        }
         self.take_senders(step, txs);
         Ok(())
     }
 
-    fn take_senders<'t>(
+    pub(super) fn take_senders<'t>(
         &self,
         step: &mut TrackerStep,
         described: impl IntoIterator<Item = (&'t Transaction, Vec<SpentCoin>)>,

@@ -776,3 +776,62 @@ async fn a_payment_during_a_rescan_is_pending_at_once_and_the_rescan_announces_n
         );
     }
 }
+
+#[tokio::test]
+async fn a_spend_during_a_rescan_of_a_coin_it_has_not_reached_yet_counts_that_coin() {
+    let late = watch(2, 1);
+    let mut r = rig(&[]).await;
+    r.node.mine(30);
+    // The watch's coin, received at 132: beyond the rescan's first batch (101..=125).
+    let funding = r.node.pay(&address(2).to_string(), 90_000);
+    r.node.mine(1);
+    r.node.mine(10);
+    r.sync().await;
+    let seen = r.log().len();
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    r.follower.rescan_batch().await.unwrap();
+    assert!(r.follower.rescanning());
+    r.node.take_zmq();
+    // Spent with change back to the watch while the rescan is behind.
+    let coin = bitcoin::OutPoint::new(funding, 0);
+    let spend = r.node.spend(
+        &[(coin, 90_000)],
+        &[
+            (address(2).script_pubkey(), 30_000),
+            (address(3).script_pubkey(), 50_000),
+        ],
+    );
+    r.deliver_zmq().await;
+    let pending = r.bodies().pop().unwrap();
+    assert_eq!(pending["type"], TX_PENDING);
+    assert_eq!(pending["data"]["txid"], spend.to_string());
+    assert_eq!(
+        pending["data"]["inputs"],
+        json!([{"prevout": coin.to_string(), "address": address(2).to_string(), "amount_sat": 90_000}]),
+        "the coin the rescan has not reached yet is the watch's"
+    );
+    assert_eq!(
+        pending["data"]["amount_sat"], -60_000,
+        "30,000 back of 90,000 spent"
+    );
+    while r.follower.rescanning() {
+        r.follower.rescan_batch().await.unwrap();
+    }
+    r.node.mine(1);
+    r.sync().await;
+    let spend_events: Vec<Value> = r
+        .bodies()
+        .into_iter()
+        .skip(seen)
+        .filter(|b| b["data"]["txid"] == spend.to_string())
+        .collect();
+    assert_eq!(
+        spend_events.len(),
+        2,
+        "pending and confirmed: {spend_events:?}"
+    );
+    assert_eq!(spend_events[1]["type"], TX_CONFIRMED);
+    assert_eq!(spend_events[1]["data"]["amount_sat"], -60_000);
+}

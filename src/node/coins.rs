@@ -239,6 +239,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn two_answers_to_one_call_are_refused() {
+        let node = answering(
+            r#"[{"result":null,"error":null,"id":1},{"result":{"value":1.0,"scriptPubKey":{"hex":"51"}},"error":null,"id":1}]"#.into(),
+        )
+        .await;
+        let e = node.mempool_coins(&[op()]).await.unwrap_err();
+        assert!(e.to_string().contains("two answers"), "{e}");
+    }
+
+    #[tokio::test]
     async fn a_negative_or_unparseable_coin_is_refused() {
         let node = answering(
             r#"[{"result":{"value":-1.0,"scriptPubKey":{"hex":"51"}},"error":null,"id":1}]"#.into(),

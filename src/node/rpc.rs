@@ -120,6 +120,9 @@ impl RpcClient {
                 .map(|i| i as usize)
                 .filter(|i| *i < calls.len())
                 .ok_or_else(|| bad("an answer with an id we did not send".into()))?;
+            if out[i].is_some() {
+                return Err(bad(format!("two answers to call {}", first + i as u64)));
+            }
             out[i] = Some(parse_value(calls[i].0, 200, a));
         }
         out.into_iter()
@@ -161,6 +164,13 @@ impl RpcClient {
         if status == reqwest::StatusCode::UNAUTHORIZED {
             self.forget_cookie();
             return Err(NodeError::Auth(format!("HTTP 401 from {}", self.shown_url)));
+        }
+        // bitcoind's answer when its RPC work queue is full: busy, not broken.
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            return Err(NodeError::Unreachable {
+                url: self.shown_url.clone(),
+                reason: "HTTP 503: the node's RPC work queue is full".into(),
+            });
         }
         let body = self.read_bounded(method, resp).await?;
         Ok((status.as_u16(), body))
@@ -284,17 +294,24 @@ fn parse_typed<T: DeserializeOwned>(method: &str, status: u16, body: &[u8]) -> N
         result: Option<T>,
         error: Option<Value>,
     }
+    /// The error alone: `result` is skipped, not built into a tree.
+    #[derive(serde::Deserialize)]
+    struct ErrorOnly {
+        error: Option<Value>,
+    }
     let e: Envelope<T> = match serde_json::from_slice(body) {
         Ok(e) => e,
-        // An error answer's `result` is null, which T may not accept: read it untyped.
+        // An error answer's `result` is null, which T may not accept.
         Err(err) => {
-            return match parse_response(method, status, body) {
-                Err(told) => Err(told),
-                Ok(_) => Err(NodeError::BadResponse {
+            let told = serde_json::from_slice::<ErrorOnly>(body)
+                .map_err(|e| not_json(method, status, body, e))?;
+            return Err(match told.error.filter(|e| !e.is_null()) {
+                Some(e) => error_of(method, &e),
+                None => NodeError::BadResponse {
                     method: method.to_string(),
                     reason: format!("unexpected answer: {err}"),
-                }),
-            }
+                },
+            });
         }
     };
     if let Some(err) = e.error.filter(|e| !e.is_null()) {

@@ -460,6 +460,7 @@ impl Tracker {
             outputs: &t.outputs,
             inputs: &t.inputs,
             senders: t.senders.as_ref(),
+            coinbase: t.spends.is_empty(),
             amount_sat: t.amount_sat(),
             tip: shape.tip,
             extra: shape.extra,

@@ -252,3 +252,63 @@ fn counter_family(
         let _ = writeln!(o, "{name}{{{key}=\"{}\"}} {n}", label(k));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// Every `chainwatch_*` name in `text`.
+    fn names_in(text: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("chainwatch_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            out.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_and_the_alert_rules_name_is_exported() {
+        let m = Metrics::default();
+        m.set_role(true, 3);
+        let queues = [QueueState {
+            endpoint: "shop".into(),
+            waiting: 1,
+            oldest_age_seconds: 2.0,
+        }];
+        let rendered = m.render(&queues);
+        let mut exported = BTreeSet::new();
+        for line in rendered.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split(' ');
+                let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+                exported.insert(name.to_string());
+                if kind == "histogram" {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        exported.insert(format!("{name}{suffix}"));
+                    }
+                }
+            }
+        }
+        let dir = env!("CARGO_MANIFEST_DIR");
+        for file in [
+            "contrib/grafana/chainwatch.json",
+            "contrib/prometheus/alerts.yml",
+        ] {
+            let text = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+            let named = names_in(&text);
+            assert!(named.len() >= 8, "{file} names {named:?}");
+            let missing: Vec<_> = named.difference(&exported).collect();
+            assert!(
+                missing.is_empty(),
+                "{file} names metrics /metrics lacks: {missing:?}"
+            );
+        }
+    }
+}

@@ -17,6 +17,7 @@ mod mempool;
 mod outbox;
 mod pipeline;
 mod real_node;
+mod receivers;
 mod rescan;
 mod secrets;
 mod senders;

@@ -282,6 +282,7 @@ pub fn deliveries_list(
     cfg: &Config,
     status: Option<&str>,
     endpoint: Option<&str>,
+    json: bool,
 ) -> anyhow::Result<()> {
     let status = match status {
         None => None,
@@ -291,6 +292,16 @@ pub fn deliveries_list(
     };
     let store = stored(cfg)?;
     for d in store.list_deliveries(status, endpoint, i64::MAX)? {
+        if json {
+            let v = serde_json::json!({
+                "event_seq": d.event_seq, "event_type": d.event_type, "event_id": d.event_id,
+                "endpoint": d.endpoint, "status": d.status.as_str(), "attempts": d.attempts,
+                "next_attempt_at_ms": d.next_attempt_at, "last_status": d.last_status,
+                "last_error": d.last_error,
+            });
+            println!("{v}");
+            continue;
+        }
         println!(
             "{:>6}  {:<17} {}  {:<10} {:<9} attempts={} last={}",
             d.event_seq,
@@ -321,9 +332,17 @@ pub fn redeliver(
     Ok(())
 }
 
-pub fn endpoints_list(cfg: &Config) -> anyhow::Result<()> {
+pub fn endpoints_list(cfg: &Config, json: bool) -> anyhow::Result<()> {
     let store = configured(cfg)?;
     for e in store.list_endpoints()? {
+        if json {
+            let v = serde_json::json!({
+                "name": e.name, "url": crate::net::redact_url(&e.url), "enabled": e.enabled,
+                "disabled_reason": e.disabled_reason, "waiting": e.pending, "dead": e.dead,
+            });
+            println!("{v}");
+            continue;
+        }
         let state = if e.enabled {
             "enabled".to_string()
         } else {
@@ -331,7 +350,11 @@ pub fn endpoints_list(cfg: &Config) -> anyhow::Result<()> {
         };
         println!(
             "{:<12} {:<40} {}  waiting={} dead={}",
-            e.name, e.url, state, e.pending, e.dead
+            e.name,
+            crate::net::redact_url(&e.url),
+            state,
+            e.pending,
+            e.dead
         );
     }
     Ok(())
@@ -548,5 +571,50 @@ pub fn store_migrate(cfg: &Config, to: &str) -> anyhow::Result<()> {
         None => println!("done: the store had no events yet"),
     }
     println!("now set [store] url (or url_env) to the new database and start chainwatch");
+    Ok(())
+}
+
+/// `chainwatch simnode`: the simulated node on its own, for trying `run` and `check` without
+/// bitcoind. Prints the `[bitcoind]` section that reaches it; mines every `mine_every` if given.
+pub async fn simnode(dir: &std::path::Path, mine_every: Option<&str>) -> anyhow::Result<()> {
+    let every = mine_every
+        .map(|t| {
+            crate::config::parse_duration(t)
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--mine-every {t:?}: expected a duration such as 10s"))
+        })
+        .transpose()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let node = crate::simnode::SimNode::start(dir)
+        .await
+        .context("starting the simulated node")?;
+    // A wallet with mature coins, as `chainwatch demo` has.
+    node.mine(101);
+    println!("# chainwatch simnode: a simulated regtest node (not bitcoind), at height 101.");
+    println!(
+        "# Its ZMQ publishers are announced over RPC (getzmqnotifications). For watcher.toml:"
+    );
+    println!("[bitcoind]");
+    println!("rpc_url = {:?}", node.rpc_url());
+    println!(
+        "cookie_file = {:?}",
+        node.cookie_path().display().to_string()
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let stop = shutdown_on_signals();
+    match every {
+        None => stop.cancelled().await,
+        Some(every) => loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(every) => {
+                    node.mine(1);
+                    eprintln!("mined block {}", node.height());
+                }
+            }
+        },
+    }
+    node.stop();
     Ok(())
 }

@@ -28,7 +28,24 @@ enum Command {
     /// Validate the config, reach the node, report ZMQ topics and lag.
     Check,
     /// The whole pipeline against a built-in simulated regtest node.
-    Demo,
+    Demo {
+        /// Show the daemon's log beside the narrative.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// A simulated regtest node (JSON-RPC and ZMQ as bitcoind serves them), to try `run` and
+    /// `check` without bitcoind: prints the `[bitcoind]` section to use, runs until stopped.
+    Simnode {
+        /// Where its cookie goes (DIR/regtest/.cookie).
+        #[arg(long, default_value = "./simnode")]
+        dir: std::path::PathBuf,
+        /// Mine a block this often (e.g. 10s); never by default.
+        #[arg(long)]
+        mine_every: Option<String>,
+    },
+    /// Print the man page (roff) on stdout.
+    #[command(hide = true)]
+    Manpage,
     /// Manage watches.
     #[command(subcommand)]
     Watch(WatchCmd),
@@ -130,12 +147,19 @@ enum DeliveriesCmd {
         status: Option<String>,
         #[arg(long)]
         endpoint: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
 #[derive(Subcommand)]
 enum EndpointsCmd {
-    List,
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     Enable {
         name: String,
     },
@@ -181,9 +205,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             commands::run(c).await
         }
         Command::Check => commands::check(cfg()?).await,
-        Command::Demo => {
-            commands::init_logging(false);
+        Command::Demo { verbose } => {
+            if verbose {
+                commands::init_logging(false);
+            }
             chainwatch::demo::run().await
+        }
+        Command::Simnode { dir, mine_every } => {
+            commands::simnode(&dir, mine_every.as_deref()).await
+        }
+        Command::Manpage => {
+            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command());
+            man.render(&mut std::io::stdout())?;
+            Ok(())
         }
         Command::Watch(WatchCmd::Add {
             target,
@@ -212,9 +246,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Events(EventsCmd::List { after, kind, json }) => {
             commands::events_list(&cfg()?, after, kind.as_deref(), json)
         }
-        Command::Deliveries(DeliveriesCmd::List { status, endpoint }) => {
-            commands::deliveries_list(&cfg()?, status.as_deref(), endpoint.as_deref())
-        }
+        Command::Deliveries(DeliveriesCmd::List {
+            status,
+            endpoint,
+            json,
+        }) => commands::deliveries_list(&cfg()?, status.as_deref(), endpoint.as_deref(), json),
         Command::Redeliver {
             event_id,
             dead,
@@ -225,7 +261,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             commands::redeliver(&cfg()?, event_id.as_deref(), endpoint.as_deref())
         }
-        Command::Endpoints(EndpointsCmd::List) => commands::endpoints_list(&cfg()?),
+        Command::Endpoints(EndpointsCmd::List { json }) => commands::endpoints_list(&cfg()?, json),
         Command::Endpoints(EndpointsCmd::Enable { name }) => {
             commands::endpoints_enable(&cfg()?, &name)
         }

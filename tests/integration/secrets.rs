@@ -73,7 +73,9 @@ async fn no_listing_log_line_stored_error_or_api_answer_shows_a_secret() {
     let mut seen = Vec::new();
     for args in [
         vec!["endpoints", "list"],
+        vec!["endpoints", "list", "--json"],
         vec!["deliveries", "list"],
+        vec!["deliveries", "list", "--json"],
         vec!["deliveries", "list", "--status", "failed"],
         vec!["events", "list"],
         vec!["events", "list", "--json"],
@@ -85,6 +87,14 @@ async fn no_listing_log_line_stored_error_or_api_answer_shows_a_secret() {
     ] {
         let (code, out, err) = cli(&h, &args);
         assert_eq!(code, 0, "{args:?}: {err}");
+        if args.contains(&"--json") {
+            for line in out.lines() {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{args:?}: a line that is not JSON ({e}): {line}"));
+                assert!(v.is_object() || v.is_array(), "{args:?}: {line}");
+            }
+            assert!(!out.trim().is_empty(), "{args:?} printed nothing");
+        }
         seen.push((
             format!("chainwatch {}", args.join(" ")),
             format!("{out}{err}"),

@@ -483,7 +483,8 @@ pub fn describe(r: &Captured) -> String {
     let d = r.data();
     let mark = if r.verified() { "verified" } else { "REJECTED" };
     let kind = r.json()["type"].as_str().unwrap_or("?");
-    let mut line = format!("{mark} #{:<3} {:<16} {}", d["sequence"], kind, r.id);
+    let seq = format!("#{}", d["sequence"].as_u64().unwrap_or(0));
+    let mut line = format!("{mark} {seq:<4} {kind:<16} {}", r.id);
     if let Some(txid) = d["txid"].as_str() {
         let label = d["watch"]["label"].as_str().unwrap_or("");
         line.push_str(&format!(
@@ -495,6 +496,19 @@ pub fn describe(r: &Captured) -> String {
         ));
         if let Some(prev) = d["previous_block"]["height"].as_u64() {
             line.push_str(&format!(" (was in block {prev})"));
+        }
+        if let Some(first) = d["senders"].as_array().and_then(|s| s.first()) {
+            let from = first["address"].as_str().unwrap_or("a script");
+            let more = d["senders"].as_array().map_or(0, |s| s.len() - 1);
+            let short = if from.len() > 16 {
+                format!("{}…", &from[..14])
+            } else {
+                from.to_string()
+            };
+            match more {
+                0 => line.push_str(&format!(" from {short}")),
+                n => line.push_str(&format!(" from {short} +{n}")),
+            }
         }
     }
     if let Err(e) = &r.verdict {

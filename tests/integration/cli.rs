@@ -178,3 +178,47 @@ async fn an_unreadable_cookie_is_refused_at_start_naming_the_key() {
         );
     }
 }
+
+/// `chainwatch demo` prints its narrative, the verified webhooks and a summary, and no log
+/// lines unless asked for them.
+#[test]
+fn the_demo_tells_its_story_and_ends_with_a_summary() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "no log without --verbose: {stderr}"
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with("verified #"))
+            .count(),
+        28,
+        "{stdout}"
+    );
+    for want in [
+        "== summary",
+        "28 received, every signature verified: tx.pending 4, tx.confirmation 16, tx.reorged 4, tx.confirmed 4",
+        "28 delivered in 28 attempts (0 failed)",
+        "commit to answered: p50 ",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
+    }
+    let verbose = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .args(["demo", "--verbose"])
+        .output()
+        .unwrap();
+    assert!(verbose.status.success());
+    assert!(
+        String::from_utf8_lossy(&verbose.stderr).contains("INFO"),
+        "--verbose shows the daemon's log"
+    );
+}

@@ -248,6 +248,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             tries += 1;
             self.sync_chain().await?;
         };
+        // A watch added since this resync began (a CLI or API add racing it) must match what
+        // the snapshot holds: its writes came before any payment the snapshot shows.
+        self.refresh_watches()?;
         let current: HashSet<Txid> = txids.iter().copied().collect();
         self.mempool.seen.retain(|t| current.contains(t));
         let mut fresh = Vec::new();

@@ -835,3 +835,20 @@ async fn a_spend_during_a_rescan_of_a_coin_it_has_not_reached_yet_counts_that_co
     assert_eq!(spend_events[1]["type"], TX_CONFIRMED);
     assert_eq!(spend_events[1]["data"]["amount_sat"], -60_000);
 }
+
+#[tokio::test]
+async fn a_watch_added_while_a_resync_runs_matches_what_the_mempool_snapshot_shows() {
+    let mut r = rig(&[]).await;
+    r.sync().await;
+    // The resync read the watches before this add (a CLI or API add racing it); the payment,
+    // made after the add, is in the snapshot the same resync then takes.
+    let late = watch(2, 1);
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    let txid = r.node.pay(&address(2).to_string(), 40_000);
+    r.follower.sync_mempool().await.unwrap();
+    assert_eq!(
+        r.log(),
+        [ev(TX_PENDING, Some(txid), 0)],
+        "the payment to the watch just added is pending"
+    );
+}

@@ -194,10 +194,24 @@ fn strict_der(sig: &[u8]) -> bool {
         && !(len_s > 1 && sig[len_r + 6] == 0 && sig[len_r + 7] & 0x80 == 0)
 }
 
+/// The key of a pay-to-pubkey script whose key has a valid size and header (`CPubKey::ValidSize`,
+/// which is all `Solver` asks; the descriptor needs a point on the curve too).
+fn p2pk_key(s: &Script) -> Option<&[u8]> {
+    if !s.is_p2pk() {
+        return None;
+    }
+    let key = &s.as_bytes()[1..s.len() - 1];
+    let header_ok = match key.len() {
+        33 => matches!(key[0], 0x02 | 0x03),
+        _ => matches!(key[0], 0x04 | 0x06 | 0x07),
+    };
+    header_ok.then_some(key)
+}
+
 /// `Solver`'s type name, as `scriptPubKey.type` shows it.
 fn script_type(s: &Script) -> &'static str {
     let witness_version = s.witness_version();
-    if s.is_p2pk() {
+    if p2pk_key(s).is_some() {
         "pubkey"
     } else if s.is_p2pkh() {
         "pubkeyhash"
@@ -211,12 +225,15 @@ fn script_type(s: &Script) -> &'static str {
         "witness_v1_taproot"
     } else if s.as_bytes() == [0x51, 0x02, 0x4e, 0x73] {
         "anchor"
-    } else if witness_version.is_some() {
+    } else if witness_version.is_some_and(|v| v.to_num() != 0) {
         "witness_unknown"
     } else if s.is_op_return()
-        && s.instructions()
-            .skip(1)
-            .all(|i| matches!(i, Ok(Instruction::PushBytes(_))))
+        && s.instructions().skip(1).all(|i| match i {
+            // `IsPushOnly`: pushes and the small-number opcodes up to OP_16.
+            Ok(Instruction::PushBytes(_)) => true,
+            Ok(Instruction::Op(op)) => op.to_u8() <= OP_PUSHNUM_16.to_u8(),
+            Err(_) => false,
+        })
     {
         "nulldata"
     } else {
@@ -226,10 +243,14 @@ fn script_type(s: &Script) -> &'static str {
 
 /// `InferDescriptor` with no key information, checksum appended.
 fn descriptor(s: &Script, address: Option<&str>) -> String {
-    let body = if s.is_p2pk() {
-        format!("pk({})", hex::encode(&s.as_bytes()[1..s.len() - 1]))
-    } else if s.is_p2tr() {
-        format!("rawtr({})", hex::encode(&s.as_bytes()[2..]))
+    let on_curve = p2pk_key(s).filter(|k| bitcoin::PublicKey::from_slice(k).is_ok());
+    let x_only = Some(&s.as_bytes()[2.min(s.len())..])
+        .filter(|_| s.is_p2tr())
+        .filter(|k| bitcoin::XOnlyPublicKey::from_slice(k).is_ok());
+    let body = if let Some(key) = on_curve {
+        format!("pk({})", hex::encode(key))
+    } else if let Some(key) = x_only {
+        format!("rawtr({})", hex::encode(key))
     } else if let Some(a) = address {
         format!("addr({a})")
     } else {
@@ -461,6 +482,51 @@ mod tests {
         );
         assert_eq!(amount(Amount::ZERO).text(), "0.00000000");
         assert_eq!(signed_amount(-1).text(), "-0.00000001");
+    }
+
+    fn described(hex_script: &str) -> (String, String) {
+        let s = ScriptBuf::from_hex(hex_script).unwrap();
+        let j = script_pubkey(&s, Network::Regtest).text();
+        let v: serde_json::Value = serde_json::from_str(&j).unwrap();
+        let desc = v["desc"].as_str().unwrap().to_string();
+        let (body, sum) = desc.split_once('#').unwrap();
+        let mut engine = miniscript::descriptor::checksum::Engine::new();
+        engine.input(body).unwrap();
+        assert_eq!(sum, engine.checksum(), "{desc}: checksum");
+        (v["type"].as_str().unwrap().to_string(), body.to_string())
+    }
+
+    #[test]
+    fn scripts_get_cores_type_and_inferred_descriptor() {
+        let g = "0279be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798";
+        // A key on the curve; a valid header off the curve; a bad header.
+        assert_eq!(
+            described(&format!("21{g}ac")),
+            ("pubkey".into(), format!("pk({g})"))
+        );
+        let off = format!("02{}", "00".repeat(32));
+        assert_eq!(
+            described(&format!("21{off}ac")),
+            ("pubkey".into(), format!("raw(21{off}ac)"))
+        );
+        let bad = format!("05{}", "11".repeat(32));
+        assert_eq!(described(&format!("21{bad}ac")).0, "nonstandard");
+        // OP_RETURN followed by small numbers is push-only, so nulldata.
+        assert_eq!(described("6a5152").0, "nulldata");
+        assert_eq!(described("6aac").0, "nonstandard");
+        // A v0 witness program of neither 20 nor 32 bytes is no witness type at all.
+        assert_eq!(
+            described(&format!("0019{}", "11".repeat(25))).0,
+            "nonstandard"
+        );
+        assert_eq!(
+            described(&format!("5119{}", "11".repeat(25))).0,
+            "witness_unknown"
+        );
+        // Taproot with an x-only key off the curve has no rawtr(): its address instead.
+        let (kind, body) = described(&format!("5120{}", "00".repeat(32)));
+        assert_eq!(kind, "witness_v1_taproot");
+        assert!(body.starts_with("addr(bcrt1p"), "{body}");
     }
 
     #[test]

@@ -365,19 +365,24 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let committed = self.store_commit(&changes)?;
         self.tracker.apply(&changes.tracked);
         self.index.apply(&changes.index);
-        for e in &committed {
-            tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded");
-            self.metrics.event(&e.kind);
-        }
         if let Some(h) = changes.tip.new_height() {
             self.metrics
                 .tip_height
                 .store(h as i64, std::sync::atomic::Ordering::Relaxed);
         }
+        self.announce(&committed, "event recorded");
+        Ok(())
+    }
+
+    /// Logs and counts events just committed, and wakes the delivery workers for them.
+    fn announce(&self, committed: &[crate::store::CommittedEvent], what: &'static str) {
+        for e in committed {
+            tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "{what}");
+            self.metrics.event(&e.kind);
+        }
         if !committed.is_empty() {
             self.wake_dispatch.notify_waiters();
         }
-        Ok(())
     }
 
     /// Writes a change set (the one place the follower writes one).

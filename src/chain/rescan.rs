@@ -20,7 +20,7 @@ use crate::event::{BlockRef, TipRef};
 use crate::node::ChainSource;
 use crate::senders::SpentCoin;
 use crate::store::ChainStore;
-use crate::tracker::{Removal, Tracker};
+use crate::tracker::{Removal, Tracker, TrackerStep};
 use crate::watch::{RescanChanges, WatchIndex, WatchedCoin};
 
 /// Blocks scanned between two looks at live news.
@@ -130,11 +130,23 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if let Some(coins) = coins {
             self.take_senders(&mut step, [(tx, coins)]);
         }
-        let changes = labelled(&job.index, step)?;
+        self.commit_rescan(job, step, RescanChanges::default())
+    }
+
+    /// Commits a step of the rescan's own tracker, with where the rescan stands (`next`), and
+    /// applies it to the job.
+    fn commit_rescan(
+        &mut self,
+        job: &mut RescanJob,
+        step: TrackerStep,
+        next: RescanChanges,
+    ) -> Result<(), FollowError> {
+        let mut changes = labelled(&job.index, step)?;
+        changes.rescan = next;
         let committed = self.store_commit(&changes)?;
         job.tracker.apply(&changes.tracked);
         job.index.apply(&changes.index);
-        self.announce(&committed, "event recorded (rescanned watch, live mempool)");
+        self.announce(&committed, "event recorded (rescan)");
         Ok(())
     }
 
@@ -164,28 +176,13 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             return Ok(());
         };
         let step = job.tracker.mempool_removed(&job.index, txid, why, tip);
-        if step.is_empty() {
-            self.rescan = Some(job);
-            return Ok(());
-        }
-        let done = labelled(&job.index, step).and_then(|changes| {
-            let committed = self.store_commit(&changes)?;
-            job.tracker.apply(&changes.tracked);
-            self.announce(&committed, "event recorded (rescanned watch, live mempool)");
+        let done = if step.is_empty() {
             Ok(())
-        });
+        } else {
+            self.commit_rescan(&mut job, step, RescanChanges::default())
+        };
         self.rescan = Some(job);
         done
-    }
-
-    fn announce(&self, committed: &[crate::store::CommittedEvent], what: &'static str) {
-        for e in committed {
-            tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "{what}");
-            self.metrics.event(&e.kind);
-        }
-        if !committed.is_empty() {
-            self.wake_dispatch.notify_waiters();
-        }
     }
 
     pub(super) fn rescanning(&self) -> bool {
@@ -245,9 +242,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let Some(tip) = self.store.tip()? else {
             return Ok(false);
         };
-        let progress = job
-            .progress
-            .get_or_insert_with(|| Progress::new(job.next, tip.height));
+        if job.progress.is_none() {
+            job.progress = Some(Progress::new(job.next, tip.height));
+        }
         for _ in 0..BATCH {
             if job.next > tip.height {
                 return Ok(true);
@@ -266,20 +263,12 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             };
             let mut step = job.tracker.connect_block(&job.index, &block, at);
             self.fill_block_senders(&mut step, &block, at).await?;
-            let mut changes = labelled(&job.index, step)?;
-            changes.rescan = RescanChanges::next(&job.watch_id, Some(h + 1));
-            let committed = self.store_commit(&changes)?;
-            job.tracker.apply(&changes.tracked);
-            job.index.apply(&changes.index);
-            for e in &committed {
-                tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
-                self.metrics.event(&e.kind);
-            }
-            if !committed.is_empty() {
-                self.wake_dispatch.notify_waiters();
-            }
+            let next = RescanChanges::next(&job.watch_id, Some(h + 1));
+            self.commit_rescan(job, step, next)?;
             job.next = h + 1;
-            progress.tick(h);
+            if let Some(p) = job.progress.as_mut() {
+                p.tick(h);
+            }
         }
         Ok(job.next > tip.height)
     }
@@ -294,34 +283,19 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let Some(mut job) = self.rescan.take() else {
             return Ok(());
         };
-        if job.next <= block.height {
-            self.rescan = Some(job);
-            return Ok(());
-        }
-        let step = job.tracker.disconnect_block(&job.index, block, new_tip);
-        let changes = labelled(&job.index, step).map(|mut c| {
-            c.rescan = RescanChanges::next(&job.watch_id, Some(block.height));
-            c
-        });
-        let committed = changes.and_then(|c| self.store_commit(&c).map(|done| (c, done)));
-        let (changes, committed) = match committed {
-            Ok(done) => done,
-            Err(e) => {
-                self.rescan = Some(job);
-                return Err(e);
+        let done = if job.next <= block.height {
+            Ok(())
+        } else {
+            let step = job.tracker.disconnect_block(&job.index, block, new_tip);
+            let next = RescanChanges::next(&job.watch_id, Some(block.height));
+            let done = self.commit_rescan(&mut job, step, next);
+            if done.is_ok() {
+                job.next = block.height;
             }
+            done
         };
-        job.tracker.apply(&changes.tracked);
-        job.index.apply(&changes.index);
-        job.next = block.height;
         self.rescan = Some(job);
-        for e in &committed {
-            tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "event recorded (rescan)");
-        }
-        if !committed.is_empty() {
-            self.wake_dispatch.notify_waiters();
-        }
-        Ok(())
+        done
     }
 
     /// The watch joins live following: its tracked state moves to the main tracker.

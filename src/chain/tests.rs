@@ -131,6 +131,22 @@ impl Rig {
         self.log().split_off(n)
     }
 
+    /// Events about `txid` after the first `n`.
+    fn log_of(&self, n: usize, txid: Txid) -> Vec<Ev> {
+        let txid = txid.to_string();
+        self.log_after(n)
+            .into_iter()
+            .filter(|e| e.1 == txid)
+            .collect()
+    }
+
+    /// Scans until the running rescan reaches the tip.
+    async fn finish_rescan(&mut self) {
+        while self.follower.rescanning() {
+            self.follower.rescan_batch().await.unwrap();
+        }
+    }
+
     /// Feeds what the node published since last time to the follower, as the subscriber would.
     async fn deliver_zmq(&mut self) {
         let batch = self.node.take_zmq();
@@ -598,14 +614,8 @@ async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
     let old_block = r.node.block_hash(120);
     r.node.reorg(22, true);
     r.sync().await;
-    while r.follower.rescanning() {
-        r.follower.rescan_batch().await.unwrap();
-    }
-    let late_events: Vec<Ev> = r
-        .log_after(seen)
-        .into_iter()
-        .filter(|e| e.1 == txid.to_string())
-        .collect();
+    r.finish_rescan().await;
+    let late_events = r.log_of(seen, txid);
     assert_eq!(
         late_events,
         [
@@ -717,11 +727,7 @@ async fn a_payment_during_a_rescan_is_pending_at_once_and_the_rescan_announces_n
         .node
         .replace(replaced, &[(address(3).script_pubkey(), 70_000)]);
     r.deliver_zmq().await;
-    let told: Vec<Ev> = r
-        .log_after(seen)
-        .into_iter()
-        .filter(|e| e.1 == replaced.to_string())
-        .collect();
+    let told = r.log_of(seen, replaced);
     assert_eq!(
         told,
         [
@@ -738,18 +744,12 @@ async fn a_payment_during_a_rescan_is_pending_at_once_and_the_rescan_announces_n
     r.node.mine(1);
     r.deliver_zmq().await;
     assert!(r.follower.rescanning());
-    while r.follower.rescanning() {
-        r.follower.rescan_batch().await.unwrap();
-    }
+    r.finish_rescan().await;
     r.node.mine(1);
     r.sync().await;
     let bodies = r.bodies();
     for txid in [early, during] {
-        let events: Vec<Ev> = r
-            .log_after(seen)
-            .into_iter()
-            .filter(|e| e.1 == txid.to_string())
-            .collect();
+        let events = r.log_of(seen, txid);
         assert_eq!(
             events,
             [
@@ -816,9 +816,7 @@ async fn a_spend_during_a_rescan_of_a_coin_it_has_not_reached_yet_counts_that_co
         pending["data"]["amount_sat"], -60_000,
         "30,000 back of 90,000 spent"
     );
-    while r.follower.rescanning() {
-        r.follower.rescan_batch().await.unwrap();
-    }
+    r.finish_rescan().await;
     r.node.mine(1);
     r.sync().await;
     let spend_events: Vec<Value> = r

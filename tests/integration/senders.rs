@@ -1,7 +1,7 @@
 //! Where the money came from: `senders` and `coinbase` on transaction events, taken from the
 //! node without `-txindex` and checked against the inputs.
 
-use bitcoin::{Address, Amount, OutPoint, ScriptBuf};
+use bitcoin::{Amount, OutPoint, ScriptBuf};
 use chainwatch::simnode::mining;
 use serde_json::{json, Value};
 
@@ -14,14 +14,6 @@ const PAYERS: [&str; 3] = [
     "2MyTruS9wmkc5rkGrdHZ2AgcGQjF9tJDWey",
     "bcrt1pjn9pgdg8mnjyx5afndfvzz3lj8dgjygcqgenl0ukkzd58u20sqaqhhshew",
 ];
-
-fn script(address: &str) -> ScriptBuf {
-    address
-        .parse::<Address<_>>()
-        .unwrap()
-        .assume_checked()
-        .script_pubkey()
-}
 
 /// The event of `kind` about `txid` the receiver accepted.
 fn event_of(r: &Receiver, kind: &str, txid: &str) -> Value {

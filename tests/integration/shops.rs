@@ -4,19 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use bitcoin::Address;
-
 use crate::harness::*;
 
 const OTHER: &str = "other";
-
-fn script(address: &str) -> bitcoin::ScriptBuf {
-    address
-        .parse::<Address<_>>()
-        .unwrap()
-        .assume_checked()
-        .script_pubkey()
-}
 
 /// The txids each receiver was told about.
 fn txids(r: &Receiver) -> BTreeSet<String> {

@@ -165,14 +165,16 @@ impl SimChain {
 
     /// A transaction of the active chain (what `-txindex` finds).
     pub fn confirmed_tx(&self, txid: &Txid) -> Option<Transaction> {
+        self.confirmed(txid).map(|(_, tx)| tx)
+    }
+
+    /// A transaction of the active chain and the block holding it.
+    pub fn confirmed(&self, txid: &Txid) -> Option<(BlockHash, Transaction)> {
         (0..=self.height()).rev().find_map(|h| {
             let hash = self.block_hash(h).ok()?;
             let (block, _) = self.block(&hash).ok()?;
-            block
-                .txdata
-                .iter()
-                .find(|t| t.compute_txid() == *txid)
-                .cloned()
+            let tx = block.txdata.iter().find(|t| t.compute_txid() == *txid)?;
+            Some((hash, tx.clone()))
         })
     }
 

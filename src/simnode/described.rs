@@ -1,13 +1,13 @@
-//! The simulated node's answers that describe transactions and coins rather than hand out raw
-//! bytes: `getblock` verbosity 1 to 3, `getrawtransaction` verbosity 1 and 2 or with a block
-//! hash, and `gettxout`. The spent coins come from the simulated chain, as Core's undo data
+//! The simulated node's answers about transactions and coins: `getblock` verbosity 1 to 3,
+//! `getrawtransaction` at every verbosity (from the mempool, with `-txindex`, or with a block
+//! hash), and `gettxout`. The spent coins come from the simulated chain, as Core's undo data
 //! would give them.
 
 use bitcoin::consensus::encode::serialize_hex;
-use bitcoin::{BlockHash, Network, OutPoint, Transaction};
+use bitcoin::{Network, OutPoint, Transaction};
 use serde_json::Value;
 
-use super::rpc::{block_hash_param, err, header_json, param, txid_param, RpcError};
+use super::rpc::{block_hash_at, block_hash_param, err, header_json, param, txid_param, RpcError};
 use super::verbose::{self, Coin, Json};
 use super::State;
 
@@ -20,11 +20,7 @@ pub(super) fn call(s: &State, method: &str, params: &Value) -> Option<Result<Jso
             let verbosity = verbosity(param(params, 1), 1);
             (verbosity > 0).then(|| block(s, params, verbosity))
         }
-        "getrawtransaction" => {
-            let verbosity = verbosity(param(params, 1), 0);
-            let in_block = param(params, 2).is_some();
-            (verbosity > 0 || in_block).then(|| transaction(s, params, verbosity))
-        }
+        "getrawtransaction" => Some(transaction(s, params, verbosity(param(params, 1), 0))),
         "gettxout" => Some(txout(s, params)),
         _ => None,
     }
@@ -66,21 +62,11 @@ fn block(s: &State, params: &Value, verbosity: i64) -> Result<Json, RpcError> {
     Ok(verbose::extend(&head, more))
 }
 
-/// The active block holding `txid`, and the transaction.
-fn confirmed(s: &State, txid: &bitcoin::Txid) -> Option<(BlockHash, Transaction)> {
-    (0..=s.chain.height()).rev().find_map(|h| {
-        let hash = s.chain.block_hash(h).ok()?;
-        let (block, _) = s.chain.block(&hash).ok()?;
-        let tx = block.txdata.iter().find(|t| t.compute_txid() == *txid)?;
-        Some((hash, tx.clone()))
-    })
-}
-
 fn transaction(s: &State, params: &Value, verbosity: i64) -> Result<Json, RpcError> {
     let txid = txid_param(params)?;
     let (tx, hash) = match param(params, 2) {
         Some(_) => {
-            let hash = block_hash_param(&Value::Array(vec![params[2].clone()]))?;
+            let hash = block_hash_at(params, 2)?;
             let (block, _) = s
                 .chain
                 .block(&hash)
@@ -94,7 +80,7 @@ fn transaction(s: &State, params: &Value, verbosity: i64) -> Result<Json, RpcErr
             Ok(tx) => (tx.clone(), None),
             Err(e) if !s.txindex => return Err(e.into()),
             Err(_) => {
-                let (hash, tx) = confirmed(s, &txid).ok_or_else(|| {
+                let (hash, tx) = s.chain.confirmed(&txid).ok_or_else(|| {
                     err(-5, "No such mempool or blockchain transaction. Use gettransaction for wallet transactions.")
                 })?;
                 (tx, Some(hash))

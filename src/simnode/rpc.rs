@@ -174,7 +174,11 @@ pub(super) fn param(params: &Value, i: usize) -> Option<&Value> {
 }
 
 pub(super) fn block_hash_param(params: &Value) -> Result<BlockHash, RpcError> {
-    let s = param(params, 0)
+    block_hash_at(params, 0)
+}
+
+pub(super) fn block_hash_at(params: &Value, i: usize) -> Result<BlockHash, RpcError> {
+    let s = param(params, i)
         .and_then(Value::as_str)
         .ok_or_else(|| err(-1, "blockhash is required"))?;
     if s.len() != 64 {
@@ -307,14 +311,6 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                 json!({"txids": txids, "mempool_sequence": s.chain.mempool_sequence})
             } else {
                 json!(txids)
-            }
-        }
-        "getrawtransaction" => {
-            let txid = txid_param(params)?;
-            match s.chain.mempool_tx(&txid) {
-                Ok(tx) => json!(serialize_hex(tx)),
-                Err(e) if !s.txindex => return Err(e.into()),
-                Err(e) => json!(serialize_hex(&s.chain.confirmed_tx(&txid).ok_or(e)?)),
             }
         }
         "getmempoolentry" => {

@@ -6,11 +6,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::{Amount, BlockHash, OutPoint, ScriptBuf, Transaction, Txid};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::rpc::proven_transaction;
 use super::{NodeError, NodeResult, RpcClient};
 use crate::senders::SpentCoin;
 
@@ -50,19 +50,13 @@ struct ScriptJson {
     hex: String,
 }
 
-fn bad(method: &str, reason: impl Into<String>) -> NodeError {
-    NodeError::BadResponse {
-        method: method.into(),
-        reason: reason.into(),
-    }
-}
-
 impl CoinJson {
     fn coin(self, method: &str, outpoint: OutPoint) -> NodeResult<SpentCoin> {
-        let amount = Amount::from_btc(self.value)
-            .map_err(|e| bad(method, format!("{outpoint}: amount {}: {e}", self.value)))?;
+        let amount = Amount::from_btc(self.value).map_err(|e| {
+            NodeError::bad(method, format!("{outpoint}: amount {}: {e}", self.value))
+        })?;
         let script = ScriptBuf::from_hex(&self.script_pubkey.hex)
-            .map_err(|e| bad(method, format!("{outpoint}: script: {e}")))?;
+            .map_err(|e| NodeError::bad(method, format!("{outpoint}: script: {e}")))?;
         Ok(SpentCoin {
             outpoint,
             script,
@@ -80,7 +74,10 @@ impl RpcClient {
         const M: &str = "getblock";
         let block: VerboseBlock = self.call_typed(M, json!([hash.to_string(), 3])).await?;
         if block.hash != hash {
-            return Err(bad(M, format!("asked for {hash}, got {}", block.hash)));
+            return Err(NodeError::bad(
+                M,
+                format!("asked for {hash}, got {}", block.hash),
+            ));
         }
         let wanted: HashSet<&Txid> = txids.iter().collect();
         let mut out = HashMap::new();
@@ -93,7 +90,7 @@ impl RpcClient {
                 };
                 let outpoint = OutPoint::new(txid, vout);
                 let prevout = input.prevout.ok_or_else(|| {
-                    bad(
+                    NodeError::bad(
                         M,
                         format!(
                             "input {outpoint} of {} has no prevout (a node older than v23?)",
@@ -158,15 +155,11 @@ impl RpcClient {
             let calls: Vec<(&str, Value)> =
                 part.iter().map(|t| (M, json!([t.to_string()]))).collect();
             for (txid, answer) in part.iter().zip(self.call_batch(&calls).await?) {
-                let hex = match answer {
-                    Ok(Value::String(hex)) => hex,
-                    Ok(other) => return Err(bad(M, format!("expected hex, got {other}"))),
+                let tx = match answer {
+                    Ok(v) => proven_transaction(&v, *txid)?,
                     Err(e) if e.is_not_found() => continue,
                     Err(e) => return Err(e),
                 };
-                let tx: Transaction = deserialize_hex(&hex)
-                    .map_err(|e| bad(M, format!("cannot decode {txid}: {e}")))?;
-                crate::proof::check_transaction(&tx, *txid).map_err(|e| bad(M, e.to_string()))?;
                 found.insert(*txid, tx);
             }
         }
@@ -175,8 +168,8 @@ impl RpcClient {
 }
 
 fn coin_from(v: Value, outpoint: OutPoint) -> NodeResult<SpentCoin> {
-    let c: CoinJson =
-        serde_json::from_value(v).map_err(|e| bad("gettxout", format!("{outpoint}: {e}")))?;
+    let c: CoinJson = serde_json::from_value(v)
+        .map_err(|e| NodeError::bad("gettxout", format!("{outpoint}: {e}")))?;
     c.coin("gettxout", outpoint)
 }
 

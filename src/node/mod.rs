@@ -41,6 +41,14 @@ pub enum NodeError {
 }
 
 impl NodeError {
+    /// An answer from `method` we cannot use, and why.
+    pub fn bad(method: &str, reason: impl Into<String>) -> NodeError {
+        NodeError::BadResponse {
+            method: method.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// Transient errors are retried with backoff; the others need a person.
     pub fn is_transient(&self) -> bool {
         matches!(

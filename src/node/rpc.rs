@@ -105,10 +105,8 @@ impl RpcClient {
             })
             .collect();
         let (status, body) = self.post_retrying(label, &Value::Array(requests)).await?;
-        let bad = |reason: String| NodeError::BadResponse {
-            method: format!("{label} (batch)"),
-            reason,
-        };
+        let batch = format!("{label} (batch)");
+        let bad = |reason: String| NodeError::bad(&batch, reason);
         let answers: Vec<Value> = serde_json::from_slice(&body)
             .map_err(|e| bad(format!("HTTP {status}, not a JSON list ({e})")))?;
         let mut out: Vec<Option<NodeResult<Value>>> = (0..calls.len()).map(|_| None).collect();
@@ -253,21 +251,27 @@ fn not_json(method: &str, status: u16, body: &[u8], e: serde_json::Error) -> Nod
 
 /// One answer object (`result`, `error`, `id`) made a result.
 fn parse_value(method: &str, status: u16, mut v: Value) -> NodeResult<Value> {
-    if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+    let result = v.get_mut("result").map(Value::take);
+    result_of(method, status, v.get("error"), result)
+}
+
+/// What one answer's `error` and `result` (and the HTTP status) say, typed or not.
+fn result_of<T>(
+    method: &str,
+    status: u16,
+    error: Option<&Value>,
+    result: Option<T>,
+) -> NodeResult<T> {
+    if let Some(err) = error.filter(|e| !e.is_null()) {
         return Err(error_of(method, err));
     }
     if !(200..300).contains(&status) {
-        return Err(NodeError::BadResponse {
-            method: method.to_string(),
-            reason: format!("HTTP {status} without an error object"),
-        });
+        return Err(NodeError::bad(
+            method,
+            format!("HTTP {status} without an error object"),
+        ));
     }
-    v.get_mut("result")
-        .map(Value::take)
-        .ok_or_else(|| NodeError::BadResponse {
-            method: method.to_string(),
-            reason: "no result field".into(),
-        })
+    result.ok_or_else(|| NodeError::bad(method, "no result field"))
 }
 
 fn error_of(method: &str, err: &Value) -> NodeError {
@@ -307,26 +311,19 @@ fn parse_typed<T: DeserializeOwned>(method: &str, status: u16, body: &[u8]) -> N
                 .map_err(|e| not_json(method, status, body, e))?;
             return Err(match told.error.filter(|e| !e.is_null()) {
                 Some(e) => error_of(method, &e),
-                None => NodeError::BadResponse {
-                    method: method.to_string(),
-                    reason: format!("unexpected answer: {err}"),
-                },
+                None => NodeError::bad(method, format!("unexpected answer: {err}")),
             });
         }
     };
-    if let Some(err) = e.error.filter(|e| !e.is_null()) {
-        return Err(error_of(method, &err));
-    }
-    if !(200..300).contains(&status) {
-        return Err(NodeError::BadResponse {
-            method: method.to_string(),
-            reason: format!("HTTP {status} without an error object"),
-        });
-    }
-    e.result.ok_or_else(|| NodeError::BadResponse {
-        method: method.to_string(),
-        reason: "no result".into(),
-    })
+    result_of(method, status, e.error.as_ref(), e.result)
+}
+
+/// A `getrawtransaction` answer decoded and proven to be `txid`.
+pub(super) fn proven_transaction(v: &Value, txid: Txid) -> NodeResult<Transaction> {
+    const M: &str = "getrawtransaction";
+    let tx: Transaction = decode(M, v)?;
+    crate::proof::check_transaction(&tx, txid).map_err(|e| NodeError::bad(M, e.to_string()))?;
+    Ok(tx)
 }
 
 fn field<'a>(method: &str, v: &'a Value, key: &str) -> NodeResult<&'a Value> {
@@ -480,17 +477,10 @@ impl ChainSource for RpcClient {
     }
 
     async fn mempool_transaction(&self, txid: Txid) -> NodeResult<Transaction> {
-        let tx: Transaction = decode(
-            "getrawtransaction",
-            &self
-                .call("getrawtransaction", json!([txid.to_string()]))
-                .await?,
-        )?;
-        crate::proof::check_transaction(&tx, txid).map_err(|e| NodeError::BadResponse {
-            method: "getrawtransaction".into(),
-            reason: e.to_string(),
-        })?;
-        Ok(tx)
+        let v = self
+            .call("getrawtransaction", json!([txid.to_string()]))
+            .await?;
+        proven_transaction(&v, txid)
     }
 
     async fn mempool_spender(&self, outpoints: &[OutPoint]) -> NodeResult<Option<Txid>> {

@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use chainwatch::sign::{signature_header, Secret};
-use chainwatch::testkit::free_port;
+use chainwatch::testkit::{free_port, KillOnDrop};
 
 use crate::harness::*;
 
@@ -112,15 +112,6 @@ fn actions(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn healthy(url: &str) {
     let http = http_client();
     poll(
@@ -183,7 +174,7 @@ async fn example_receiver_against_the_pipeline(example: Example) {
     std::fs::create_dir_all(&dir).unwrap();
     let daemon = h.start_daemon();
     h.wait_synced().await;
-    let mut receiver = Running(example.start(&dir, port, &api));
+    let mut receiver = KillOnDrop(example.start(&dir, port, &api));
     healthy(&url).await;
 
     let recorded = || -> Vec<(String, String)> {
@@ -252,7 +243,7 @@ async fn example_receiver_against_the_pipeline(example: Example) {
     drop(receiver);
     h.node.pay(P2WPKH, 23_000);
     wait_until("the fifth event recorded", WAIT, || recorded().len() == 5).await;
-    receiver = Running(example.start(&dir, port, &api));
+    receiver = KillOnDrop(example.start(&dir, port, &api));
     healthy(&url).await;
     let fifth = recorded()[4].0.clone();
     let stored = example.stored(&dir);

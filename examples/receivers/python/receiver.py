@@ -31,6 +31,8 @@ TOKEN = os.environ.get("CHAINWATCH_API_TOKEN")
 # Refuses a bad signature and a timestamp more than five minutes off (a replayed request).
 webhook = Webhook(SECRET)
 app = Flask(__name__)
+# chainwatch's bodies are a few kilobytes; anything far larger is refused (413) unread.
+app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
 local = threading.local()
 work = threading.Event()
 

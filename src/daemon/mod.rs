@@ -315,6 +315,43 @@ async fn retain<St: RetentionStore>(store: St, policy: RetentionPolicy, ctx: dis
     }
 }
 
+/// Reads what is tracked, retrying with back-off while the store refuses (locked, full,
+/// unreachable) and saying so in `/health`: a daemon that ended here would stay down until a
+/// supervisor restarted it. `None` on shutdown.
+async fn load_tracked<St: ChainStore>(
+    mut store: St,
+    ctx: &dispatch::Context,
+) -> anyhow::Result<Option<(St, Vec<crate::tracker::Tracked>)>> {
+    const WHO: &str = "follower";
+    let mut delay = Duration::from_millis(250);
+    loop {
+        // Off the runtime's threads: the API and the deliveries are already running on them.
+        let (back, loaded) = tokio::task::spawn_blocking(move || {
+            let loaded = store.load_tracked();
+            (store, loaded)
+        })
+        .await?;
+        store = back;
+        match loaded {
+            Ok(tracked) => {
+                ctx.health.store_ok(WHO);
+                return Ok(Some((store, tracked)));
+            }
+            Err(e) => {
+                ctx.metrics.store_error(WHO);
+                if ctx.health.store_failed(WHO, &e.to_string()) == crate::health::Change::Started {
+                    tracing::error!(error = %e, "cannot load the tracked transactions; retrying with back-off");
+                }
+            }
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// Waits for the node, subscribes to ZMQ and follows the chain until shutdown. The follower
 /// runs on a thread of its own: its store work may block (busy timeouts, a slow disk) without
 /// stalling the API or the deliveries.
@@ -341,6 +378,9 @@ async fn follow<St: ChainStore>(
     };
     tracing::info!(chain = %info.chain, height = info.blocks, "connected to bitcoind");
 
+    let Some((store, tracked)) = load_tracked(store, ctx).await? else {
+        return Ok(());
+    };
     let announced = match rpc.zmq_notifications().await {
         Ok(n) => n,
         Err(e) => {
@@ -361,13 +401,7 @@ async fn follow<St: ChainStore>(
         (None, None)
     };
 
-    // Off the runtime's threads: the API and the deliveries are already running on them.
-    let (store, tracked) = tokio::task::spawn_blocking(move || {
-        let tracked = store.load_tracked();
-        (store, tracked)
-    })
-    .await?;
-    let tracker = Tracker::new(network_name(cfg.network), cfg.finality_depth, tracked?);
+    let tracker = Tracker::new(network_name(cfg.network), cfg.finality_depth, tracked);
     tracing::info!(tracked = tracker.len(), "state loaded");
     let opts = FollowerOptions {
         start_height: cfg.start_height,

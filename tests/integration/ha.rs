@@ -166,6 +166,35 @@ impl Instance {
     }
 }
 
+/// As `wait_until`, showing what the instances logged if it times out: a failover that did
+/// not happen on a loaded CI machine must say why.
+async fn wait_logged(
+    what: &str,
+    limit: Duration,
+    instances: &[&Instance],
+    mut cond: impl FnMut() -> bool,
+) {
+    wait_for(what, limit, || {
+        if cond() {
+            return Ok(());
+        }
+        Err(instances
+            .iter()
+            .map(|i| {
+                let log = std::fs::read_to_string(&i.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!(
+                    "\n--- instance {} log (last 40 lines):\n{}",
+                    i.name,
+                    tail.join("\n")
+                )
+            })
+            .collect())
+    })
+    .await
+}
+
 /// The event log as stored: (seq, id, type, body) in sequence order.
 fn stored_events(url: &str) -> Vec<(i64, String, String, String)> {
     let conn = PgConn::open(url).unwrap();
@@ -231,13 +260,18 @@ async fn killing_the_leader_ten_times_loses_nothing_and_sends_each_id_with_one_b
     net.mine(&h);
 
     // Every confirmation recorded, then every recorded event delivered.
-    wait_until("ten tx.confirmed in the shared log", WAIT, || {
-        stored_events(&url)
-            .iter()
-            .filter(|e| e.2 == "tx.confirmed")
-            .count()
-            == 10
-    })
+    wait_logged(
+        "ten tx.confirmed in the shared log",
+        WAIT,
+        &[&a, &b],
+        || {
+            stored_events(&url)
+                .iter()
+                .filter(|e| e.2 == "tx.confirmed")
+                .count()
+                == 10
+        },
+    )
     .await;
     let log = stored_events(&url);
     let ids: BTreeSet<String> = log.iter().map(|e| e.1.clone()).collect();
@@ -348,17 +382,22 @@ async fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes_and_says_so
     // The chain moves on while a sleeps: b records it.
     let paid = net.pay(&h, P2WPKH, 25_000).to_string();
     net.mine(&h);
-    wait_until("b records the payment's confirmation", WAIT, || {
-        stored_events(&url)
-            .iter()
-            .any(|e| e.2 == "tx.confirmed" && e.3.contains(&paid))
-    })
+    wait_logged(
+        "b records the payment's confirmation",
+        WAIT,
+        &[&a, &b],
+        || {
+            stored_events(&url)
+                .iter()
+                .any(|e| e.2 == "tx.confirmed" && e.3.contains(&paid))
+        },
+    )
     .await;
     signal(&a, "-CONT");
     // a wakes with a follower that believes it leads; within a renewal it must know better.
     a.wait_role("standby", LEASE * 2).await;
     net.mine(&h);
-    wait_until("b records the next block", WAIT, || {
+    wait_logged("b records the next block", WAIT, &[&a, &b], || {
         stored_events(&url)
             .iter()
             .filter(|e| e.2 == "block.connected")

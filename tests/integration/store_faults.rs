@@ -12,23 +12,22 @@ use crate::harness::*;
 
 const TOKEN: &str = "store-fault-tests-token-0123456789abcdef";
 
-/// `/health`: status code and body.
-async fn health(port: u16) -> (u16, Value) {
-    let resp = http_client()
-        .get(format!("http://127.0.0.1:{port}/health"))
-        .send()
-        .await
-        .expect("/health answers whatever the store does");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.unwrap_or(Value::Null))
-}
-
+/// Waits for `/health` to answer `code`; a daemon still starting (nothing listening yet) is
+/// waited for too.
 async fn wait_health(port: u16, code: u16, what: &str, limit: Duration) -> Value {
     let what = format!("/health {code} ({what})");
     poll(&what, limit, Duration::from_millis(200), || async move {
-        match health(port).await {
-            (c, body) if c == code => Ok(body),
-            (c, body) => Err(format!("last {c} {body}")),
+        let resp = http_client()
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+            .map_err(|e| format!("no answer: {e}"))?;
+        let c = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        if c == code {
+            Ok(body)
+        } else {
+            Err(format!("last {c} {body}"))
         }
     })
     .await
@@ -292,5 +291,65 @@ async fn a_failing_watch_lookup_never_loses_a_tracked_transactions_later_events(
             ("tx.confirmed".to_string(), Value::from("lookup")),
         ],
         "the later events came once the lookup worked again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_load_the_tracked_transactions_at_start_is_said_and_waited_for() {
+    let port = free_port();
+    let h = Harness::with(
+        &[watch(P2WPKH, 1, "shop")],
+        api_config(port, Some(&["tx.*"])),
+    )
+    .await;
+    let first = KillOnDrop(h.spawn_binary());
+    h.wait_synced().await;
+    let txid = h.node.pay(P2WPKH, 12_000).to_string();
+    h.wait_events(1).await;
+    drop(first);
+
+    // The tracked table is out of reach when the next run starts (a restore half done, a
+    // permission taken away): the daemon must wait for it, not exit.
+    let db = chainwatch::store::db_path(&h.data_dir());
+    let hide = |from: &str, to: &str| {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(&format!("ALTER TABLE {from} RENAME TO {to}"))
+            .unwrap();
+    };
+    hide("tracked", "tracked_away");
+    let mut daemon = KillOnDrop(h.spawn_binary());
+    let body = wait_health(port, 503, "the follower cannot load", WAIT).await;
+    assert!(
+        body.to_string().contains("tracked"),
+        "/health names what fails: {body}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon waits for its store instead of exiting"
+    );
+
+    hide("tracked_away", "tracked");
+    wait_health(port, 200, "the store answers again", WAIT).await;
+    h.node.mine(1);
+    h.wait_events(2).await;
+    let events: Vec<(String, String)> = h
+        .store()
+        .events_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let v: Value = serde_json::from_str(&e.body).unwrap();
+            (e.kind, v["data"]["txid"].as_str().unwrap_or("").to_string())
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("tx.pending".to_string(), txid.clone()),
+            ("tx.confirmed".to_string(), txid),
+        ],
+        "the payment tracked before the restart is confirmed once its record could be read"
     );
 }

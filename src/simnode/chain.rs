@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use bitcoin::consensus::serialize;
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, TxOut, Txid};
 
+use super::pool::Mempool;
 use crate::node::zmq_wire::{hash_body, sequence_body, SequenceEvent};
 
 pub const TOPICS: [&str; 5] = ["hashblock", "hashtx", "rawblock", "rawtx", "sequence"];
@@ -56,8 +57,12 @@ pub struct SimChain {
     /// The active chain; index = height.
     active: Vec<BlockHash>,
     invalid: HashSet<BlockHash>,
-    /// Insertion-ordered mempool.
-    mempool: Vec<Transaction>,
+    mempool: Mempool,
+    /// Where each transaction of the active chain is (height, position), and the height of the
+    /// block of the active chain spending each outpoint: what `-txindex` and the chainstate
+    /// answer without reading every block.
+    located: HashMap<Txid, (u32, u32)>,
+    spent_at: HashMap<OutPoint, u32>,
     /// `getrawmempool`'s `mempool_sequence`: bumped on every add and every removal.
     pub mempool_sequence: u64,
     counters: HashMap<&'static str, u32>,
@@ -74,8 +79,10 @@ impl SimChain {
             blocks: HashMap::new(),
             active: vec![hash],
             invalid: HashSet::new(),
-            mempool: vec![],
+            mempool: Mempool::default(),
             mempool_sequence: 1,
+            located: HashMap::new(),
+            spent_at: HashMap::new(),
             counters: HashMap::new(),
             outbox: vec![],
         };
@@ -84,6 +91,7 @@ impl SimChain {
             "sequence",
             sequence_body(&SequenceEvent::BlockConnected(hash)),
         );
+        c.index_block(&genesis, 0);
         c.blocks.insert(
             hash,
             Entry {
@@ -159,7 +167,7 @@ impl SimChain {
             .is_some_and(|e| self.active.get(e.height as usize) == Some(hash))
     }
 
-    pub fn mempool(&self) -> &[Transaction] {
+    pub fn mempool(&self) -> &Mempool {
         &self.mempool
     }
 
@@ -170,41 +178,62 @@ impl SimChain {
 
     /// A transaction of the active chain and the block holding it.
     pub fn confirmed(&self, txid: &Txid) -> Option<(BlockHash, Transaction)> {
-        (0..=self.height()).rev().find_map(|h| {
-            let hash = self.block_hash(h).ok()?;
-            let (block, _) = self.block(&hash).ok()?;
-            let tx = block.txdata.iter().find(|t| t.compute_txid() == *txid)?;
-            Some((hash, tx.clone()))
-        })
+        let (hash, tx, _) = self.locate(txid)?;
+        Some((hash, tx.clone()))
+    }
+
+    /// A transaction of the active chain, its block and height.
+    fn locate(&self, txid: &Txid) -> Option<(BlockHash, &Transaction, u32)> {
+        let &(height, at) = self.located.get(txid)?;
+        let hash = self.active[height as usize];
+        let tx = self.blocks[&hash].block.txdata.get(at as usize)?;
+        Some((hash, tx, height))
     }
 
     /// An output created in the active chain, whatever spent it since.
     pub fn chain_coin(&self, outpoint: &OutPoint) -> Option<ChainCoin> {
-        let mut found = None;
-        for (height, hash) in self.active.iter().enumerate() {
-            let block = &self.blocks[hash].block;
-            for tx in &block.txdata {
-                if found.is_none() && tx.compute_txid() == outpoint.txid {
-                    let output = tx.output.get(outpoint.vout as usize)?.clone();
-                    found = Some(ChainCoin {
-                        output,
-                        height: height as u32,
-                        coinbase: tx.is_coinbase(),
-                        spent: false,
-                    });
-                } else if let Some(c) = found.as_mut() {
-                    c.spent |= tx.input.iter().any(|i| i.previous_output == *outpoint);
+        let (_, tx, height) = self.locate(&outpoint.txid)?;
+        Some(ChainCoin {
+            output: tx.output.get(outpoint.vout as usize)?.clone(),
+            height,
+            coinbase: tx.is_coinbase(),
+            spent: self.spent_at.contains_key(outpoint),
+        })
+    }
+
+    /// Records where the transactions of `block`, now at `height` of the active chain, are
+    /// and what they spend.
+    fn index_block(&mut self, block: &Block, height: u32) {
+        for (at, tx) in block.txdata.iter().enumerate() {
+            self.located
+                .entry(tx.compute_txid())
+                .or_insert((height, at as u32));
+            if !tx.is_coinbase() {
+                for i in &tx.input {
+                    self.spent_at.entry(i.previous_output).or_insert(height);
                 }
             }
         }
-        found
+    }
+
+    /// Forgets what `index_block` recorded for the block at `height`, as it leaves the active
+    /// chain.
+    fn unindex_block(&mut self, block: &Block, height: u32) {
+        for tx in &block.txdata {
+            let txid = tx.compute_txid();
+            if self.located.get(&txid).is_some_and(|l| l.0 == height) {
+                self.located.remove(&txid);
+            }
+            for i in &tx.input {
+                if self.spent_at.get(&i.previous_output) == Some(&height) {
+                    self.spent_at.remove(&i.previous_output);
+                }
+            }
+        }
     }
 
     pub fn mempool_tx(&self, txid: &Txid) -> Result<&Transaction, SimError> {
-        self.mempool
-            .iter()
-            .find(|t| t.compute_txid() == *txid)
-            .ok_or(SimError::TxNotFound)
+        self.mempool.get(txid).ok_or(SimError::TxNotFound)
     }
 
     /// Median of the last eleven block times, as bitcoind computes `mediantime`.
@@ -225,17 +254,13 @@ impl SimChain {
     /// Accepts a transaction into the mempool: hashtx, rawtx, then sequence A.
     pub fn accept_tx(&mut self, tx: Transaction) -> Result<Txid, SimError> {
         let txid = tx.compute_txid();
-        if self.mempool.iter().any(|t| t.compute_txid() == txid) {
+        if self.mempool.contains(&txid) {
             return Err(SimError::Duplicate(txid));
         }
         // A replacement: what it conflicts with leaves first (R), then it enters (A).
-        let spends: HashSet<OutPoint> = tx.input.iter().map(|i| i.previous_output).collect();
-        let replaced: Vec<Txid> = self
+        let replaced = self
             .mempool
-            .iter()
-            .filter(|m| m.input.iter().any(|i| spends.contains(&i.previous_output)))
-            .map(|m| m.compute_txid())
-            .collect();
+            .spenders_of(tx.input.iter().map(|i| &i.previous_output));
         for t in replaced {
             self.remove_tx(t);
         }
@@ -256,19 +281,15 @@ impl SimChain {
         let mut removed = vec![];
         let mut queue = vec![txid];
         while let Some(t) = queue.pop() {
-            let Some(pos) = self.mempool.iter().position(|m| m.compute_txid() == t) else {
+            let children = self.mempool.children(&t);
+            if self.mempool.remove(&t).is_none() {
                 continue;
-            };
-            self.mempool.remove(pos);
+            }
             let seq = self.mempool_sequence;
             self.mempool_sequence += 1;
             self.publish("sequence", sequence_body(&SequenceEvent::TxRemoved(t, seq)));
             removed.push(t);
-            for m in &self.mempool {
-                if m.input.iter().any(|i| i.previous_output.txid == t) {
-                    queue.push(m.compute_txid());
-                }
-            }
+            queue.extend(children);
         }
         removed
     }
@@ -349,8 +370,10 @@ impl SimChain {
         let fork_height = self.blocks[&h].height;
         let mut returned: Vec<Transaction> = vec![];
         while self.height() > fork_height {
+            let height = self.height();
             let hash = self.active.pop().expect("above fork");
             let block = self.blocks[&hash].block.clone();
+            self.unindex_block(&block, height);
             self.publish_txs(&block);
             self.publish(
                 "sequence",
@@ -375,30 +398,29 @@ impl SimChain {
 
     fn connect(&mut self, hash: BlockHash, returned: &mut Vec<Transaction>) {
         let block = self.blocks[&hash].block.clone();
-        let spent: HashSet<OutPoint> = block
-            .txdata
-            .iter()
-            .flat_map(|t| t.input.iter().map(|i| i.previous_output))
-            .collect();
         let in_block: HashSet<Txid> = block.txdata.iter().map(|t| t.compute_txid()).collect();
         returned.retain(|t| !in_block.contains(&t.compute_txid()));
         // Conflicts leave with R before the block is announced; included ones leave silently.
         let conflicts: Vec<Txid> = self
             .mempool
-            .iter()
-            .filter(|t| {
-                !in_block.contains(&t.compute_txid())
-                    && t.input.iter().any(|i| spent.contains(&i.previous_output))
-            })
-            .map(|t| t.compute_txid())
+            .spenders_of(
+                block
+                    .txdata
+                    .iter()
+                    .flat_map(|t| t.input.iter().map(|i| &i.previous_output)),
+            )
+            .into_iter()
+            .filter(|t| !in_block.contains(t))
             .collect();
         for t in conflicts {
             self.remove_tx(t);
         }
-        let before = self.mempool.len();
-        self.mempool
-            .retain(|t| !in_block.contains(&t.compute_txid()));
-        self.mempool_sequence += (before - self.mempool.len()) as u64;
+        for t in &in_block {
+            if self.mempool.remove(t).is_some() {
+                self.mempool_sequence += 1;
+            }
+        }
+        self.index_block(&block, self.height() + 1);
         self.active.push(hash);
         self.publish_txs(&block);
         self.publish(

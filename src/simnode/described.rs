@@ -126,12 +126,7 @@ fn txout(s: &State, params: &Value) -> Result<Json, RpcError> {
     let outpoint = OutPoint::new(txid, vout);
     let include_mempool = param(params, 2).and_then(Value::as_bool).unwrap_or(true);
     let null = Ok(Json::Raw("null".into()));
-    if include_mempool
-        && s.chain
-            .mempool()
-            .iter()
-            .any(|t| t.input.iter().any(|i| i.previous_output == outpoint))
-    {
+    if include_mempool && s.chain.mempool().spender(&outpoint).is_some() {
         return null;
     }
     let tip = s.chain.tip();

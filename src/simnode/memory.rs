@@ -137,7 +137,7 @@ impl ChainSource for SimNode {
 
     async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {
         self.answer("getrawmempool", |s| {
-            let txids = s.chain.mempool().iter().map(|t| t.compute_txid()).collect();
+            let txids = s.chain.mempool().txids().collect();
             Ok((txids, s.chain.mempool_sequence))
         })
     }
@@ -204,13 +204,9 @@ impl ChainSource for SimNode {
         self.answer("gettxspendingprevout", |s| {
             Ok(s.chain
                 .mempool()
-                .iter()
-                .find(|t| {
-                    t.input
-                        .iter()
-                        .any(|i| outpoints.contains(&i.previous_output))
-                })
-                .map(|t| t.compute_txid()))
+                .spenders_of(outpoints.iter())
+                .first()
+                .copied())
         })
     }
 }

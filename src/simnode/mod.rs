@@ -7,6 +7,7 @@ pub mod chain;
 mod described;
 mod memory;
 pub mod mining;
+pub mod pool;
 mod rpc;
 pub mod verbose;
 mod zmq_pub;
@@ -332,7 +333,7 @@ impl SimNode {
     pub fn next_block(&self, with_mempool: bool) -> bitcoin::Block {
         let s = self.lock();
         let txs: Vec<Transaction> = if with_mempool {
-            s.chain.mempool().to_vec()
+            s.chain.mempool().iter().cloned().collect()
         } else {
             vec![]
         };
@@ -472,7 +473,7 @@ fn mine_one(s: &mut State, to: &ScriptBuf, with_mempool: bool) -> BlockHash {
     let height = s.chain.height() + 1;
     s.clock += 1;
     let txs: Vec<Transaction> = if with_mempool {
-        s.chain.mempool().to_vec()
+        s.chain.mempool().iter().cloned().collect()
     } else {
         vec![]
     };

@@ -301,12 +301,7 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
         }
         "getblock" => json!(serialize_hex(s.chain.block(&block_hash_param(params)?)?.0)),
         "getrawmempool" => {
-            let txids: Vec<String> = s
-                .chain
-                .mempool()
-                .iter()
-                .map(|t| t.compute_txid().to_string())
-                .collect();
+            let txids: Vec<String> = s.chain.mempool().txids().map(|t| t.to_string()).collect();
             if param(params, 1).and_then(Value::as_bool) == Some(true) {
                 json!({"txids": txids, "mempool_sequence": s.chain.mempool_sequence})
             } else {
@@ -353,13 +348,8 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                     as u32;
                 let op = bitcoin::OutPoint::new(txid, vout);
                 let mut entry = json!({"txid": txid.to_string(), "vout": vout});
-                if let Some(spender) = s
-                    .chain
-                    .mempool()
-                    .iter()
-                    .find(|t| t.input.iter().any(|i| i.previous_output == op))
-                {
-                    entry["spendingtxid"] = json!(spender.compute_txid().to_string());
+                if let Some(spender) = s.chain.mempool().spender(&op) {
+                    entry["spendingtxid"] = json!(spender.to_string());
                 }
                 out.push(entry);
             }

@@ -56,6 +56,29 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
+/// One figure with its target: `resync: 12.3 s (target <= 30 s): met`.
+pub fn verdict(figure: &str, shown: &str, target: &str, met: bool) {
+    println!(
+        "{figure}: {shown} (target {target}): {}",
+        if met { "met" } else { "NOT MET" }
+    );
+}
+
+/// The highest resident size since the last `reset_peak_rss`, in MB (`VmHWM`).
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb * 1024.0 / 1e6)
+}
+
+/// Starts measuring `peak_rss_mb` afresh from the current resident size (Linux 4.0+).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 pub fn rss_mb() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: f64 = statm

@@ -12,6 +12,9 @@ use crate::node::ChainSource;
 use crate::store::ChainStore;
 use crate::tracker::Removal;
 
+/// Mempool transactions fetched per JSON-RPC batch in a resync.
+const RESYNC_BATCH: usize = 500;
+
 /// A tracked transaction announced as removed, and when.
 type Removed = (Txid, Instant);
 
@@ -54,7 +57,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if self.mempool.seen.contains(&txid) {
             return Ok(());
         }
-        let Some(tx) = self.source.mempool_body(txid, false).await? else {
+        let Some(tx) = self.source.mempool_body(txid).await? else {
             return Ok(());
         };
         self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)
@@ -185,7 +188,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// A transaction announced while the store fails: kept for later if the node holds it
     /// and it matches; anything that goes wrong here is left to the resync.
     pub(super) async fn defer_announced(&mut self, txid: Txid) {
-        if let Ok(Some(tx)) = self.source.mempool_body(txid, false).await {
+        if let Ok(Some(tx)) = self.source.mempool_body(txid).await {
             let _ = self.defer_if_matched(&tx);
         }
     }
@@ -235,7 +238,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     }
 
     /// Reconciles with `getrawmempool`: classifies tracked transactions that left while we were
-    /// not listening, then matches every transaction not seen yet, in the node's order.
+    /// not listening, then matches every transaction not seen yet, in the node's order. Bodies
+    /// are fetched in JSON-RPC batches and matched as they arrive; only those that concern a
+    /// watch (or may have replaced a tracked one) are kept, so a mainnet-sized mempool costs
+    /// a batch's memory, not the mempool's.
     pub async fn sync_mempool(&mut self) -> Result<(), FollowError> {
         // A transaction mined between our chain sync and this snapshot would look evicted:
         // trust the snapshot only if the best block is still the one we stored.
@@ -251,30 +257,45 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         // A watch added since this resync began (a CLI or API add racing it) must match what
         // the snapshot holds: its writes came before any payment the snapshot shows.
         self.refresh_watches()?;
-        let current: HashSet<Txid> = txids.iter().copied().collect();
-        self.mempool.seen.retain(|t| current.contains(t));
-        let mut fresh = Vec::new();
-        for txid in txids
-            .iter()
-            .filter(|t| !self.mempool.seen.contains(*t))
-            .copied()
-            .collect::<Vec<_>>()
-        {
-            if let Some(tx) = self.source.mempool_body(txid, true).await? {
-                fresh.push(tx);
+        let fresh = {
+            let current: HashSet<Txid> = txids.iter().copied().collect();
+            self.mempool.seen.retain(|t| current.contains(t));
+            // Not the rescan's: gone from a snapshot may mean mined in a block it has not reached.
+            for txid in self.tracker.in_mempool() {
+                if !current.contains(&txid) {
+                    self.mempool.note_removal(txid);
+                }
+            }
+            let seen = &self.mempool.seen;
+            txids
+                .into_iter()
+                .filter(|t| !seen.contains(t))
+                .collect::<Vec<_>>()
+        };
+        let began = Instant::now();
+        if fresh.len() >= RESYNC_BATCH {
+            tracing::info!(transactions = fresh.len(), "reading the node's mempool");
+        }
+        let replacing = self.removed_spends();
+        let mut kept = Vec::new();
+        for part in fresh.chunks(RESYNC_BATCH) {
+            for tx in self.source.mempool_bodies(part).await? {
+                if self.concerns_us(&tx, &replacing)? {
+                    kept.push(tx);
+                } else {
+                    // Nothing to do for it, now or later (a new watch forgets every one).
+                    self.mempool.seen.insert(tx.compute_txid());
+                }
             }
         }
-        // Not the rescan's: gone from a snapshot may mean mined in a block it has not reached.
-        for txid in self.tracker.in_mempool() {
-            if !current.contains(&txid) {
-                self.mempool.note_removal(txid);
-            }
+        if fresh.len() >= RESYNC_BATCH {
+            tracing::info!(transactions = fresh.len(), kept = kept.len(), took = ?began.elapsed(), "mempool read");
         }
-        self.classify_pending(&fresh, Duration::ZERO).await?;
+        self.classify_pending(&kept, Duration::ZERO).await?;
         // These came from a getrawmempool validated against the tip: the node vouched for them.
         // Once a commit fails, the rest that match are kept for later without trying each.
         let mut failed = None;
-        for tx in &fresh {
+        for tx in &kept {
             if failed.is_some() {
                 self.defer_if_matched(tx)?;
             } else if let Err(e) = self.match_mempool_tx(tx).await {
@@ -282,5 +303,45 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             }
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// The outpoints spent by tracked transactions waiting to be told why they left: a
+    /// transaction spending one of them replaced it.
+    fn removed_spends(&self) -> HashSet<OutPoint> {
+        self.mempool
+            .removals
+            .iter()
+            .flat_map(|(txid, _)| {
+                let spends = self.tracker.spends_of(*txid);
+                if spends.is_empty() {
+                    self.rescan_spends_of(*txid)
+                } else {
+                    spends
+                }
+            })
+            .collect()
+    }
+
+    /// Whether a mempool transaction pays or spends a watch (the live one's or the rescan's),
+    /// or spends what a removed tracked transaction spent.
+    fn concerns_us(
+        &self,
+        tx: &Transaction,
+        replacing: &HashSet<OutPoint>,
+    ) -> Result<bool, FollowError> {
+        let Some(tip) = self.tip_ref()? else {
+            return Ok(false);
+        };
+        if tx
+            .input
+            .iter()
+            .any(|i| replacing.contains(&i.previous_output))
+        {
+            return Ok(true);
+        }
+        if !self.tracker.mempool_add(&self.index, tx, tip).is_empty() {
+            return Ok(true);
+        }
+        Ok(self.rescan_concerns(tx, tip))
     }
 }

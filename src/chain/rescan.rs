@@ -158,6 +158,13 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             .unwrap_or_default()
     }
 
+    /// Whether the rescan's watches would match a mempool transaction.
+    pub(super) fn rescan_concerns(&self, tx: &Transaction, tip: TipRef) -> bool {
+        self.rescan
+            .as_ref()
+            .is_some_and(|j| !j.tracker.mempool_add(&j.index, tx, tip).is_empty())
+    }
+
     pub(super) fn rescan_spends_of(&self, txid: Txid) -> Vec<OutPoint> {
         self.rescan
             .as_ref()

@@ -416,17 +416,12 @@ enum Fork {
 /// The mempool side: what the node holds, proven.
 impl<S: ChainSource> NodeSource<S> {
     /// The body of a mempool transaction the node holds; `None` if it is not (or no longer)
-    /// in the node's mempool. A txid the node listed itself (`vouched`) needs no proof; one
-    /// that only ZMQ announced is proven with `getmempoolentry` (which, unlike
-    /// `getrawtransaction` on a node with `-txindex`, never answers for a confirmed
-    /// transaction). A relayed body is used only under the txid it hashes to, which commits to
-    /// its outputs.
-    pub async fn mempool_body(
-        &self,
-        txid: Txid,
-        vouched: bool,
-    ) -> Result<Option<Transaction>, NodeError> {
-        if !vouched && !self.node.in_mempool(txid).await? {
+    /// in the node's mempool. A txid only ZMQ announced is proven with `getmempoolentry`
+    /// (which, unlike `getrawtransaction` on a node with `-txindex`, never answers for a
+    /// confirmed transaction). A relayed body is used only under the txid it hashes to, which
+    /// commits to its outputs.
+    pub async fn mempool_body(&self, txid: Txid) -> Result<Option<Transaction>, NodeError> {
+        if !self.node.in_mempool(txid).await? {
             if self.cache.txs.contains_key(&txid) && !self.cache.in_recent_block(txid) {
                 tracing::warn!(%txid, "ZMQ announced a transaction the node does not hold; ignored");
             }
@@ -441,6 +436,26 @@ impl<S: ChainSource> NodeSource<S> {
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The bodies of `txids`, which a `getrawmempool` answer just listed (so the node vouched
+    /// for them), in that order: from what ZMQ brought where it did, the rest in JSON-RPC
+    /// batches. Those gone since (mined, replaced) are left out.
+    pub async fn mempool_bodies(&self, txids: &[Txid]) -> Result<Vec<Transaction>, NodeError> {
+        let missing: Vec<Txid> = txids
+            .iter()
+            .filter(|t| !self.cache.txs.contains_key(*t))
+            .copied()
+            .collect();
+        let mut fetched: HashMap<Txid, Transaction> = missing
+            .iter()
+            .zip(self.node.mempool_transactions(&missing).await?)
+            .filter_map(|(t, tx)| Some((*t, tx?)))
+            .collect();
+        Ok(txids
+            .iter()
+            .filter_map(|t| fetched.remove(t).or_else(|| self.cache.txs.get(t).cloned()))
+            .collect())
     }
 
     /// Whether the node still holds a transaction announced as removed: a forged `R` (or one

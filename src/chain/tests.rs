@@ -850,3 +850,52 @@ async fn a_watch_added_while_a_resync_runs_matches_what_the_mempool_snapshot_sho
         "the payment to the watch just added is pending"
     );
 }
+
+#[tokio::test]
+async fn a_resync_reads_a_large_mempool_in_batches_and_tells_a_replacement_before_new_payments() {
+    use bitcoin::hashes::Hash;
+    let w = watch(1, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.sync().await;
+    // While the follower is away: 1,500 transactions arrive (three batches), the payment is
+    // replaced by one paying elsewhere in the middle of them, and two new payments come after.
+    let elsewhere = address(3).script_pubkey();
+    let mut by = None;
+    let mut paid = vec![];
+    for i in 0..1_500u32 {
+        let mut coin = [0u8; 32];
+        coin[..4].copy_from_slice(&i.to_le_bytes());
+        let coin = bitcoin::OutPoint::new(Txid::from_byte_array(coin), 0);
+        r.node
+            .spend(&[(coin, 100_000)], &[(elsewhere.clone(), 90_000)]);
+        match i {
+            700 => {
+                by = Some(
+                    r.node
+                        .replace(txid, &[(address(2).script_pubkey(), 40_000)]),
+                )
+            }
+            900 | 1_499 => paid.push(r.node.pay(&address(1).to_string(), 30_000 + i as u64)),
+            _ => {}
+        }
+    }
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(TX_PENDING, Some(txid), 0),
+            ev(TX_REPLACED, Some(txid), 0),
+            ev(TX_PENDING, Some(paid[0]), 0),
+            ev(TX_PENDING, Some(paid[1]), 0),
+        ],
+        "the replacement is told first, then the new payments in the node's order"
+    );
+    assert_eq!(
+        r.bodies()[1]["data"]["replaced_by"],
+        by.unwrap().to_string(),
+        "replaced by the transaction found in the second batch"
+    );
+    r.sync().await;
+    assert_eq!(r.log().len(), 4, "a second resync tells nothing again");
+}

@@ -149,21 +149,45 @@ impl RpcClient {
     /// Unconfirmed parents from the mempool, each proven by its txid; those the node does not
     /// hold are absent.
     async fn mempool_parents(&self, txids: &[Txid]) -> NodeResult<HashMap<Txid, Transaction>> {
+        let found = self.transactions(txids).await?;
+        Ok(txids
+            .iter()
+            .zip(found)
+            .filter_map(|(t, tx)| Some((*t, tx?)))
+            .collect())
+    }
+
+    /// `getrawtransaction` for each of `txids`, in batches of `BATCH`, each answer proven by
+    /// its txid; `None` where the node does not hold it. A batch whose answer is over the size
+    /// limit (large transactions) is asked for again in halves, down to one transaction.
+    pub(super) async fn transactions(
+        &self,
+        txids: &[Txid],
+    ) -> NodeResult<Vec<Option<Transaction>>> {
         const M: &str = "getrawtransaction";
-        let mut found = HashMap::new();
-        for part in txids.chunks(BATCH) {
+        let mut out = Vec::with_capacity(txids.len());
+        let mut parts: Vec<&[Txid]> = txids.chunks(BATCH).rev().collect();
+        while let Some(part) = parts.pop() {
             let calls: Vec<(&str, Value)> =
                 part.iter().map(|t| (M, json!([t.to_string()]))).collect();
-            for (txid, answer) in part.iter().zip(self.call_batch(&calls).await?) {
-                let tx = match answer {
-                    Ok(v) => proven_transaction(&v, *txid)?,
-                    Err(e) if e.is_not_found() => continue,
+            let answers = match self.call_batch(&calls).await {
+                Err(NodeError::TooLarge { .. }) if part.len() > 1 => {
+                    let (a, b) = part.split_at(part.len() / 2);
+                    parts.push(b);
+                    parts.push(a);
+                    continue;
+                }
+                answers => answers?,
+            };
+            for (txid, answer) in part.iter().zip(answers) {
+                out.push(match answer {
+                    Ok(v) => Some(proven_transaction(&v, *txid)?),
+                    Err(e) if e.is_not_found() => None,
                     Err(e) => return Err(e),
-                };
-                found.insert(*txid, tx);
+                });
             }
         }
-        Ok(found)
+        Ok(out)
     }
 }
 
@@ -255,5 +279,116 @@ mod tests {
         .await;
         let e = node.mempool_coins(&[op()]).await.unwrap_err();
         assert!(e.to_string().contains("script"), "{e}");
+    }
+
+    /// A node holding `txs` whose answer to any batch of more than one call is over the size
+    /// limit; it counts the requests it answered.
+    async fn holding(
+        txs: Vec<Transaction>,
+    ) -> (RpcClient, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let answered = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = answered.clone();
+        let txs: HashMap<String, String> = txs
+            .iter()
+            .map(|t| {
+                let hex = bitcoin::consensus::encode::serialize_hex(t);
+                (t.compute_txid().to_string(), hex)
+            })
+            .collect();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut req = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                let body = loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break None;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_string();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(body.to_string());
+                    }
+                };
+                let Some(body) = body else { continue };
+                let calls: Vec<Value> = serde_json::from_str(&body).unwrap();
+                let head = if calls.len() > 1 {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\n\r\n".to_string()
+                } else {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let c = &calls[0];
+                    let answer = match txs.get(c["params"][0].as_str().unwrap()) {
+                        Some(hex) => json!([{"result": hex, "error": null, "id": c["id"]}]),
+                        None => json!([{"result": null, "error": {"code": -5, "message": "No such mempool or blockchain transaction"}, "id": c["id"]}]),
+                    }
+                    .to_string();
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}", answer.len())
+                };
+                let _ = s.write_all(head.as_bytes()).await;
+            }
+        });
+        let auth = RpcAuth::UserPass {
+            user: "u".into(),
+            password: "p".into(),
+        };
+        (RpcClient::new(&url, auth), answered)
+    }
+
+    fn payment(n: u8) -> Transaction {
+        Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::ZERO,
+            input: vec![bitcoin::TxIn {
+                previous_output: OutPoint::new(Txid::from_byte_array([n; 32]), 0),
+                ..Default::default()
+            }],
+            output: vec![bitcoin::TxOut {
+                value: Amount::from_sat(1000 + n as u64),
+                script_pubkey: ScriptBuf::new(),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_answer_over_the_limit_is_asked_for_again_in_halves_keeping_order() {
+        let txs: Vec<Transaction> = (1..=3).map(payment).collect();
+        let (node, answered) = holding(txs.clone()).await;
+        let gone = Txid::from_byte_array([9; 32]);
+        let asked = [
+            txs[0].compute_txid(),
+            gone,
+            txs[2].compute_txid(),
+            txs[1].compute_txid(),
+        ];
+        let got = node.transactions(&asked).await.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Some(txs[0].clone()),
+                None,
+                Some(txs[2].clone()),
+                Some(txs[1].clone())
+            ],
+            "each answer in the order asked; the one the node does not hold is None"
+        );
+        assert_eq!(
+            answered.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "split down to single calls, each asked once"
+        );
     }
 }

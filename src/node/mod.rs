@@ -38,6 +38,9 @@ pub enum NodeError {
     },
     #[error("bitcoind sent a malformed answer to {method}: {reason}")]
     BadResponse { method: String, reason: String },
+    /// An answer over our size limit: not read. A batch this large is asked for in parts.
+    #[error("bitcoind's answer to {method} is larger than {limit} bytes; not read")]
+    TooLarge { method: String, limit: usize },
 }
 
 impl NodeError {
@@ -109,6 +112,12 @@ pub trait ChainSource: Send + Sync + 'static {
         &self,
         txid: Txid,
     ) -> impl Future<Output = NodeResult<Transaction>> + Send;
+    /// The mempool transactions `txids`, in that order, each proven by its txid, asked for in
+    /// JSON-RPC batches; `None` for one the node does not hold (mined or replaced since).
+    fn mempool_transactions(
+        &self,
+        txids: &[Txid],
+    ) -> impl Future<Output = NodeResult<Vec<Option<Transaction>>>> + Send;
     fn zmq_notifications(&self) -> impl Future<Output = NodeResult<Vec<ZmqNotification>>> + Send;
     /// Whether the node's mempool holds `txid` now (`getmempoolentry`): unlike
     /// `getrawtransaction`, never true for a confirmed transaction on a node with `-txindex`.

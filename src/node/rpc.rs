@@ -183,9 +183,9 @@ impl RpcClient {
 
     /// Reads an answer of at most `MAX_RPC_RESPONSE` bytes.
     async fn read_bounded(&self, method: &str, mut resp: reqwest::Response) -> NodeResult<Vec<u8>> {
-        let too_big = || NodeError::BadResponse {
+        let too_big = || NodeError::TooLarge {
             method: method.to_string(),
-            reason: format!("answer larger than {MAX_RPC_RESPONSE} bytes; not read"),
+            limit: MAX_RPC_RESPONSE,
         };
         if resp.content_length().unwrap_or(0) > MAX_RPC_RESPONSE as u64 {
             return Err(too_big());
@@ -396,18 +396,12 @@ pub fn header_from(v: &Value) -> NodeResult<HeaderInfo> {
     })
 }
 
-pub fn mempool_from(v: &Value) -> NodeResult<(Vec<Txid>, u64)> {
-    let m = "getrawmempool";
-    let txids = field(m, v, "txids")?
-        .as_array()
-        .ok_or_else(|| NodeError::BadResponse {
-            method: m.into(),
-            reason: "txids is not a list".into(),
-        })?
-        .iter()
-        .map(|t| parse_hex(m, t))
-        .collect::<NodeResult<Vec<Txid>>>()?;
-    Ok((txids, as_u64(m, field(m, v, "mempool_sequence")?)?))
+/// `getrawmempool false true`, read straight into txids: a mainnet mempool lists 100,000 or
+/// more, and a `Value` tree of them would cost several times the answer's size.
+#[derive(serde::Deserialize)]
+struct MempoolListing {
+    txids: Vec<Txid>,
+    mempool_sequence: u64,
 }
 
 pub fn zmq_from(v: &Value) -> NodeResult<Vec<ZmqNotification>> {
@@ -473,7 +467,10 @@ impl ChainSource for RpcClient {
     }
 
     async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {
-        mempool_from(&self.call("getrawmempool", json!([false, true])).await?)
+        let m: MempoolListing = self
+            .call_typed("getrawmempool", json!([false, true]))
+            .await?;
+        Ok((m.txids, m.mempool_sequence))
     }
 
     async fn mempool_transaction(&self, txid: Txid) -> NodeResult<Transaction> {
@@ -481,6 +478,10 @@ impl ChainSource for RpcClient {
             .call("getrawtransaction", json!([txid.to_string()]))
             .await?;
         proven_transaction(&v, txid)
+    }
+
+    async fn mempool_transactions(&self, txids: &[Txid]) -> NodeResult<Vec<Option<Transaction>>> {
+        self.transactions(txids).await
     }
 
     async fn mempool_spender(&self, outpoints: &[OutPoint]) -> NodeResult<Option<Txid>> {
@@ -584,7 +585,7 @@ mod tests {
         let url = server("HTTP/1.1 200 OK\r\ncontent-length: 999999999\r\n\r\n", 0).await;
         let e = client(&url).call("getblock", json!([])).await.unwrap_err();
         assert!(
-            matches!(&e, NodeError::BadResponse { reason, .. } if reason.contains("larger than")),
+            matches!(&e, NodeError::TooLarge { method, limit } if method == "getblock" && *limit == MAX_RPC_RESPONSE),
             "{e}"
         );
     }
@@ -599,7 +600,7 @@ mod tests {
         .await;
         let e = client(&url).call("getblock", json!([])).await.unwrap_err();
         assert!(
-            matches!(&e, NodeError::BadResponse { reason, .. } if reason.contains("larger than")),
+            matches!(&e, NodeError::TooLarge { method, limit } if method == "getblock" && *limit == MAX_RPC_RESPONSE),
             "{e}"
         );
     }

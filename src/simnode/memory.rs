@@ -150,6 +150,15 @@ impl ChainSource for SimNode {
         })
     }
 
+    async fn mempool_transactions(&self, txids: &[Txid]) -> NodeResult<Vec<Option<Transaction>>> {
+        self.answer("getrawtransaction", |s| {
+            Ok(txids
+                .iter()
+                .map(|t| s.chain.mempool_tx(t).ok().cloned())
+                .collect())
+        })
+    }
+
     async fn zmq_notifications(&self) -> NodeResult<Vec<ZmqNotification>> {
         self.answer("getzmqnotifications", |_| Ok(vec![]))
     }

@@ -225,6 +225,11 @@ impl SimNode {
         s.flush();
     }
 
+    /// A transaction the mempool holds.
+    pub fn mempool_entry(&self, txid: Txid) -> Option<Transaction> {
+        self.lock().chain.mempool_tx(&txid).ok().cloned()
+    }
+
     /// Drops a transaction from the mempool for no visible reason (limits, expiry): R only.
     pub fn evict(&self, txid: Txid) {
         let mut s = self.lock();

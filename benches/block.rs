@@ -9,7 +9,7 @@ use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::{Address, Block, Network, ScriptBuf, Transaction};
 use chainwatch::watch::Overlay;
 
-use common::{compact_index, median};
+use common::{compact_index, median, verdict};
 
 const BLOCK: &[u8] = include_bytes!(
     "data/block_000000000000000000000c835b2adcaedc20fdf6ee440009c249452c726dafae.raw"
@@ -44,29 +44,51 @@ fn bench_block_and_mempool(run_block: bool, run_mempool: bool) {
         index.script_count()
     );
     if run_block {
-        let mut decode = vec![];
-        let mut both = vec![];
+        let hash = block.block_hash();
+        let (mut decode, mut checked, mut both, mut all) = (vec![], vec![], vec![], vec![]);
         let mut matched = 0;
-        for _ in 0..40 {
-            let t = Instant::now();
-            let b: Block = deserialize(BLOCK).unwrap();
-            decode.push(t.elapsed().as_secs_f64() * 1e3);
-            std::hint::black_box(&b);
-            let t = Instant::now();
-            let b: Block = deserialize(BLOCK).unwrap();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        let match_all = |b: &Block| -> usize {
             let mut overlay = Overlay::default();
-            matched = b
-                .txdata
+            b.txdata
                 .iter()
                 .map(|tx| index.match_tx_in(tx, &mut overlay).len())
-                .sum::<usize>();
-            both.push(t.elapsed().as_secs_f64() * 1e3);
+                .sum()
+        };
+        for _ in 0..40 {
+            let t = Instant::now();
+            std::hint::black_box(deserialize::<Block>(BLOCK).unwrap());
+            decode.push(ms(t));
+            let t = Instant::now();
+            let b: Block = deserialize(BLOCK).unwrap();
+            chainwatch::proof::check_block(&b, hash).unwrap();
+            checked.push(ms(t));
+            let t = Instant::now();
+            let b: Block = deserialize(BLOCK).unwrap();
+            matched = match_all(&b);
+            both.push(ms(t));
+            let t = Instant::now();
+            let b: Block = deserialize(BLOCK).unwrap();
+            chainwatch::proof::check_block(&b, hash).unwrap();
+            std::hint::black_box(match_all(&b));
+            all.push(ms(t));
         }
-        let (d, b) = (median(decode), median(both));
+        let (d, c, b, a) = (median(decode), median(checked), median(both), median(all));
         println!(
-            "block: decode {d:.2} ms, decode+match {b:.2} ms against 1M watches ({matched} matches, {} txs): {:.2}x decode (target <= 1.5x)",
+            "block: decode {d:.2} ms; decode+check (merkle root, witness commitment, amounts) {c:.2} ms; decode+match {b:.2} ms; all three {a:.2} ms ({matched} matches against 1M watches, {} txs)",
             block.txdata.len(),
-            b / d
+        );
+        verdict(
+            "block, decode+match",
+            &format!("{:.2}x decode", b / d),
+            "<= 1.5x (first round)",
+            b / d <= 1.5,
+        );
+        verdict(
+            "block, decode+check+match",
+            &format!("{:.2}x decode", a / d),
+            "<= 1.25x",
+            a / d <= 1.25,
         );
     }
     if run_mempool {
@@ -87,10 +109,15 @@ fn bench_block_and_mempool(run_block: bool, run_mempool: bool) {
             }
             rates.push(raws.len() as f64 / t.elapsed().as_secs_f64());
         }
-        println!(
-            "mempool: decode+match {:.0} tx/s on one core against 1M watches (decode alone {:.0} tx/s; target >= 300,000)",
-            median(rates),
-            median(decode_rates)
+        let rate = median(rates);
+        verdict(
+            "mempool, decode+match",
+            &format!(
+                "{rate:.0} tx/s on one core against 1M watches (decode alone {:.0} tx/s)",
+                median(decode_rates)
+            ),
+            ">= 300,000 tx/s",
+            rate >= 300_000.0,
         );
     }
 }

@@ -6,7 +6,9 @@
 
 use std::collections::HashSet;
 
-use bitcoin::{Amount, Block, BlockHash, Transaction, Txid};
+use bitcoin::hashes::Hash;
+use bitcoin::{merkle_tree, Amount, Block, BlockHash, Transaction, TxMerkleNode, Txid};
+use bitcoin::{WitnessMerkleNode, Wtxid};
 
 /// Why a block or transaction body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,21 +63,69 @@ fn check_block_body(block: &Block) -> Result<(), ProofError> {
     if !first.is_coinbase() || block.txdata[1..].iter().any(|t| t.is_coinbase()) {
         return Err(ProofError::Coinbase);
     }
-    let mut seen = HashSet::with_capacity(block.txdata.len());
-    for tx in &block.txdata {
-        let txid = tx.compute_txid();
-        if !seen.insert(txid) {
-            return Err(ProofError::Duplicate(txid));
+    // Hashing is most of this check's cost: each transaction is hashed once for its txid, and
+    // once more for its wtxid only if it has a witness (without one, the two are the same).
+    let txids: Vec<Txid> = block.txdata.iter().map(|t| t.compute_txid()).collect();
+    let mut seen = HashSet::with_capacity(txids.len());
+    for (tx, txid) in block.txdata.iter().zip(&txids) {
+        if !seen.insert(*txid) {
+            return Err(ProofError::Duplicate(*txid));
         }
-        check_amounts(tx, txid)?;
+        check_amounts(tx, *txid)?;
     }
-    if !block.check_merkle_root() {
+    let root = merkle_tree::calculate_root(txids.iter().map(|t| t.to_raw_hash()));
+    if root.map(TxMerkleNode::from) != Some(block.header.merkle_root) {
         return Err(ProofError::MerkleRoot);
     }
-    if !block.check_witness_commitment() {
+    if !witness_commitment_holds(block, &txids) {
         return Err(ProofError::WitnessCommitment);
     }
     Ok(())
+}
+
+/// BIP 141's commitment, as `Block::check_witness_commitment` checks it, reusing `txids` for
+/// the transactions without a witness.
+fn witness_commitment_holds(block: &Block, txids: &[Txid]) -> bool {
+    const MAGIC: [u8; 6] = [0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed];
+    let has_witness = |t: &Transaction| t.input.iter().any(|i| !i.witness.is_empty());
+    // Optional when no transaction has a witness.
+    if !block.txdata.iter().any(has_witness) {
+        return true;
+    }
+    let coinbase = &block.txdata[0];
+    // The last output starting with the magic bytes holds it.
+    let Some(out) = coinbase.output.iter().rev().find(|o| {
+        let b = o.script_pubkey.as_bytes();
+        b.len() >= 38 && b[..6] == MAGIC
+    }) else {
+        return false;
+    };
+    let reserved: Vec<&[u8]> = coinbase.input[0].witness.iter().collect();
+    let [reserved] = reserved.as_slice() else {
+        return false;
+    };
+    if reserved.len() != 32 {
+        return false;
+    }
+    let wtxids = block
+        .txdata
+        .iter()
+        .zip(txids)
+        .enumerate()
+        .map(|(i, (t, txid))| {
+            if i == 0 {
+                Wtxid::all_zeros().to_raw_hash()
+            } else if has_witness(t) {
+                t.compute_wtxid().to_raw_hash()
+            } else {
+                txid.to_raw_hash()
+            }
+        });
+    let Some(root) = merkle_tree::calculate_root(wtxids) else {
+        return false;
+    };
+    let commitment = Block::compute_witness_commitment(&WitnessMerkleNode::from(root), reserved);
+    commitment.as_byte_array()[..] == out.script_pubkey.as_bytes()[6..38]
 }
 
 /// Checks a transaction body against the txid it was asked for, and its amounts.
@@ -205,6 +255,43 @@ mod tests {
             })
             .collect();
         tx
+    }
+
+    #[test]
+    fn the_witness_check_agrees_with_rust_bitcoins_on_every_tampering() {
+        let txids =
+            |b: &Block| -> Vec<Txid> { b.txdata.iter().map(|t| t.compute_txid()).collect() };
+        let real = mainnet_block();
+        let mut cases: Vec<(&str, Block)> = vec![("the real block", real.clone())];
+        let mut b = real.clone();
+        let plain = b
+            .txdata
+            .iter()
+            .position(|t| !t.is_coinbase() && t.input.iter().all(|i| i.witness.is_empty()));
+        let plain = plain.expect("the block has a transaction without witness");
+        b.txdata[plain].input[0].witness.push([1u8; 2]);
+        cases.push((
+            "a witness given to a transaction without one (same txid)",
+            b,
+        ));
+        let mut b = real.clone();
+        b.txdata[0].output.retain(|o| {
+            !o.script_pubkey
+                .as_bytes()
+                .starts_with(&[0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed])
+        });
+        cases.push(("the commitment output removed", b));
+        let mut b = real.clone();
+        b.txdata[0].input[0].witness = bitcoin::Witness::from_slice(&[[0u8; 31]]);
+        cases.push(("a reserved value of 31 bytes", b));
+        let mut b = real.clone();
+        b.txdata[0].input[0].witness.push([0u8; 32]);
+        cases.push(("two reserved values", b));
+        for (what, b) in cases {
+            let ours = witness_commitment_holds(&b, &txids(&b));
+            assert_eq!(ours, b.check_witness_commitment(), "{what}");
+            assert_eq!(ours, what == "the real block", "{what}");
+        }
     }
 
     #[test]

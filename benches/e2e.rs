@@ -74,12 +74,16 @@ async fn bench_end_to_end() {
                 .map(|a| a.saturating_duration_since(*t).as_secs_f64() * 1e3)
         })
         .collect();
-    println!(
-        "end to end: rawtx published by simnode to webhook received p50 {:.2} ms, p99 {:.2} ms ({} of {} payments)",
-        percentile(lat.clone(), 0.5),
-        percentile(lat.clone(), 0.99),
-        lat.len(),
-        sent.len()
+    let (p50, p99) = (percentile(lat.clone(), 0.5), percentile(lat.clone(), 0.99));
+    common::verdict(
+        "end to end",
+        &format!(
+            "rawtx published by simnode to webhook received p50 {p50:.2} ms, p99 {p99:.2} ms ({} of {} payments; proof, senders and commit included)",
+            lat.len(),
+            sent.len()
+        ),
+        "p50 <= 2.5 ms, p99 <= 6 ms",
+        p50 <= 2.5 && p99 <= 6.0,
     );
 }
 

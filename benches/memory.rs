@@ -17,7 +17,14 @@ fn bench_memory() {
         let before = rss_mb();
         let index = compact_index(n, Network::Bitcoin, &[]);
         let after = rss_mb();
-        println!("memory: {:.0} MB resident for the index of {} watched addresses (target < 150 MB for 1M)", after - before, n);
+        let mb = after - before;
+        let limit = if n == 1_000_000 { 150.0 } else { 400.0 };
+        common::verdict(
+            "memory, index",
+            &format!("{mb:.0} MB resident for the index of {n} watched addresses"),
+            &format!("<= {limit:.0} MB for {n}"),
+            mb <= limit,
+        );
         drop(index);
     }
 }
@@ -87,10 +94,14 @@ async fn bench_daemon_memory() {
     let total = rss_mb();
     token.cancel();
     daemon.await.unwrap().unwrap();
-    println!(
-        "memory: the running daemon with {n} watched addresses in its store: {:.0} MB resident ({:.0} MB above the process before it started; store filled in {fill_secs:.0}s, watches loaded in {load_secs:.1}s)",
-        total,
-        total - baseline
+    common::verdict(
+        "memory, daemon",
+        &format!(
+            "the running daemon with {n} watched addresses in its store: {total:.0} MB resident ({:.0} MB above the process before it started; store filled in {fill_secs:.0}s, watches loaded in {load_secs:.1}s)",
+            total - baseline
+        ),
+        "<= 100 MB",
+        total <= 100.0,
     );
 }
 

@@ -40,12 +40,17 @@ fn bench_commit(url: &str) {
         ("PostgreSQL", commit_blocks(&mut pg, 12)),
     ] {
         let steady: Vec<f64> = blocks[2..].iter().map(|b| b.ms).collect();
-        println!(
-            "postgres: {name:<10} commit of a block paying 1,000 watched outputs ({} events): first {:.1} ms, steady median {:.1} ms ({} events per block)",
-            blocks[0].events,
-            blocks[0].ms,
-            median(steady),
-            blocks[5].events
+        common::verdict(
+            &format!("postgres, commit, {name}"),
+            &format!(
+                "a block paying 1,000 watched outputs ({} events): first {:.1} ms, steady median {:.1} ms ({} events per block)",
+                blocks[0].events,
+                blocks[0].ms,
+                median(steady),
+                blocks[5].events
+            ),
+            "first < 50 ms",
+            blocks[0].ms < 50.0,
         );
     }
 }
@@ -109,8 +114,18 @@ fn main() {
     let n = 10_000;
     for instances in [1, 2] {
         let rate = rt.block_on(bench_delivery(&fresh("bench_delivery"), instances, n));
-        println!(
-            "postgres: delivery, {instances} instance(s) sharing the outbox, unordered (concurrency 32 each): {rate:.0} deliveries/s, {n} events to a local receiver"
+        let shown = format!(
+            "{instances} instance(s) sharing the outbox, unordered (concurrency 32 each): {rate:.0} deliveries/s, {n} events to a local receiver"
         );
+        if instances == 2 {
+            common::verdict(
+                "postgres, delivery",
+                &shown,
+                ">= 10,000/s with two instances",
+                rate >= 10_000.0,
+            );
+        } else {
+            println!("postgres, delivery: {shown}");
+        }
     }
 }

@@ -1,13 +1,14 @@
 //! A private PKI as production has one: a root CA, an intermediate that signs the receiver's
 //! certificate (served with its chain), and a client certificate for mutual TLS. Generated
 //! fresh per test with rcgen; nothing is checked in. And the TLS glue of the testkit's
-//! receiver (the library has no TLS server of its own).
+//! receiver (the library has no TLS server of its own). The delivery bench includes this file
+//! too, so it imports nothing of the test harness.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use chainwatch::testkit::Receiver;
+use chainwatch::testkit::{Receiver, ReceiverBuilder};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -113,7 +114,7 @@ impl TestPki {
     }
 }
 
-/// The harness's verifying receiver behind TLS, counting handshakes.
+/// A receiver behind TLS, counting handshakes.
 pub struct TlsReceiver {
     pub receiver: Receiver,
     /// TLS handshakes completed and failed.
@@ -129,15 +130,15 @@ impl std::ops::Deref for TlsReceiver {
 }
 
 impl TlsReceiver {
-    /// An https receiver at `https://localhost:PORT/hooks` serving `tls`.
-    pub async fn start(tls: Arc<rustls::ServerConfig>) -> TlsReceiver {
+    /// `receiver` as an https receiver at `https://localhost:PORT/hooks` serving `tls`.
+    pub async fn start(receiver: ReceiverBuilder, tls: Arc<rustls::ServerConfig>) -> TlsReceiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (handshakes, failed_handshakes) =
             (Arc::<AtomicU64>::default(), Arc::<AtomicU64>::default());
         let (ok, failed) = (handshakes.clone(), failed_handshakes.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-        let receiver = crate::harness::verifying().serve_with(
+        let receiver = receiver.serve_with(
             listener,
             format!("https://localhost:{port}/hooks"),
             move |tcp| {

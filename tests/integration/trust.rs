@@ -27,7 +27,11 @@ async fn tls_harness(
 ) -> (Harness, TlsReceiver, tempfile::TempDir) {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(pki_dir.path());
-    let receiver = TlsReceiver::start(pki.server_config(require_client_cert)).await;
+    let receiver = TlsReceiver::start(
+        crate::harness::verifying(),
+        pki.server_config(require_client_cert),
+    )
+    .await;
     let url = receiver.url.clone();
     let h = Harness::with(&[watch(P2WPKH, 1, "tls-order")], |c| {
         c.map_endpoint(SHOP, |mut e| {

@@ -57,6 +57,16 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if self.mempool.seen.contains(&txid) {
             return Ok(());
         }
+        // A relayed body that pays, spends or replaces nothing of ours changes nothing: the
+        // node need not be asked about it. Most of a busy mempool's traffic ends here.
+        let idle = match self.source.relayed(&txid) {
+            Some(tx) => !self.concerns_us(tx, &self.removed_spends())?,
+            None => false,
+        };
+        if idle {
+            self.mempool.seen.insert(txid);
+            return Ok(());
+        }
         let Some(tx) = self.source.mempool_body(txid).await? else {
             return Ok(());
         };

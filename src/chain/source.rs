@@ -438,6 +438,11 @@ impl<S: ChainSource> NodeSource<S> {
         }
     }
 
+    /// A transaction body ZMQ relayed, under the txid it hashes to.
+    pub fn relayed(&self, txid: &Txid) -> Option<&Transaction> {
+        self.cache.txs.get(txid)
+    }
+
     /// The bodies of `txids`, which a `getrawmempool` answer just listed (so the node vouched
     /// for them), in that order: from what ZMQ brought where it did, the rest in JSON-RPC
     /// batches. Those gone since (mined, replaced) are left out.

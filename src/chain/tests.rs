@@ -899,3 +899,22 @@ async fn a_resync_reads_a_large_mempool_in_batches_and_tells_a_replacement_befor
     r.sync().await;
     assert_eq!(r.log().len(), 4, "a second resync tells nothing again");
 }
+
+#[tokio::test]
+async fn relayed_transactions_that_concern_no_watch_cost_no_call_to_the_node() {
+    let mut r = rig(&[watch(1, 1)]).await;
+    r.node.take_zmq();
+    let elsewhere = address(3).script_pubkey();
+    for i in 0..50 {
+        r.node.pay_script(&[(elsewhere.clone(), 10_000 + i)]);
+    }
+    let paid = r.node.pay(&address(1).to_string(), 20_000);
+    let before = r.node.calls("getmempoolentry");
+    r.deliver_zmq().await;
+    assert_eq!(
+        r.node.calls("getmempoolentry") - before,
+        1,
+        "only the payment to the watch is proven with the node"
+    );
+    assert_eq!(r.log(), [ev(TX_PENDING, Some(paid), 0)]);
+}

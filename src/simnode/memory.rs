@@ -33,6 +33,7 @@ impl SimNode {
         f: impl FnOnce(&State) -> Result<T, SimError>,
     ) -> NodeResult<T> {
         let mut s = self.lock();
+        *s.calls.entry(method.to_string()).or_default() += 1;
         if s.down {
             return Err(NodeError::Unreachable {
                 url: "memory".into(),

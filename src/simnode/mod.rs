@@ -50,6 +50,8 @@ pub(crate) struct State {
     pub log: Option<Vec<Published>>,
     /// Drops published ZMQ messages at random: (probability, RNG).
     pub drop: Option<(f64, rand::rngs::StdRng)>,
+    /// Calls answered in memory, by method: what a follower asked of the node.
+    pub calls: std::collections::HashMap<String, u32>,
 }
 
 impl State {
@@ -138,6 +140,7 @@ impl SimNode {
             publisher,
             log: record.then(Vec::new),
             drop: None,
+            calls: Default::default(),
         };
         state.flush();
         state
@@ -223,6 +226,11 @@ impl SimNode {
         let mut s = self.lock();
         s.chain.publish_raw(topic, body);
         s.flush();
+    }
+
+    /// How many `method` calls the in-memory node answered (not counting its HTTP server).
+    pub fn calls(&self, method: &str) -> u32 {
+        self.lock().calls.get(method).copied().unwrap_or(0)
     }
 
     /// A transaction the mempool holds.

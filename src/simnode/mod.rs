@@ -233,6 +233,14 @@ impl SimNode {
         self.lock().calls.get(method).copied().unwrap_or(0)
     }
 
+    /// The serialized size of a block the node holds (0 for one it does not).
+    pub fn block_size(&self, hash: BlockHash) -> usize {
+        self.lock()
+            .chain
+            .block(&hash)
+            .map_or(0, |(b, _)| bitcoin::consensus::serialize(b).len())
+    }
+
     /// A transaction the mempool holds.
     pub fn mempool_entry(&self, txid: Txid) -> Option<Transaction> {
         self.lock().chain.mempool_tx(&txid).ok().cloned()

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bitcoin::{Address, Network, OutPoint, Script, Transaction, Txid};
 
 use super::descriptor::WatchedDescriptor;
+use super::slots::SlotsById;
 use super::{IndexChanges, MatchedInput, MatchedOutput, Target, TxMatch, Watch};
 
 /// An output a watch received, kept to recognise its spends.
@@ -132,7 +133,7 @@ pub struct WatchIndex {
     descriptors: HashMap<Slot, DescState>,
     /// Slot → the watch id's 12 bytes (`wch_` + hex).
     ids: Vec<[u8; 12]>,
-    slot_of: HashMap<[u8; 12], Slot>,
+    slot_of: SlotsById,
     /// Full records: all of them without a loader, a cache of recent ones with one.
     details: Mutex<HashMap<String, Arc<Watch>>>,
     loader: Option<WatchLoader>,
@@ -188,7 +189,7 @@ impl WatchIndex {
             derived: HashMap::with_hasher(PassThrough),
             descriptors: HashMap::new(),
             ids: Vec::new(),
-            slot_of: HashMap::new(),
+            slot_of: SlotsById::default(),
             details: Mutex::new(HashMap::new()),
             loader,
             confirmations: Vec::new(),
@@ -212,7 +213,6 @@ impl WatchIndex {
         idx.by_key.reserve(expected);
         idx.ids.reserve(expected);
         idx.confirmations.reserve(expected);
-        idx.slot_of.reserve(expected);
         idx
     }
 
@@ -241,16 +241,16 @@ impl WatchIndex {
             tracing::error!(watch = %id, "stored watch has a malformed id; skipped");
             return;
         };
-        let slot = match self.slot_of.get(&idb) {
+        let slot = match self.slot_of.get(&self.ids, &idb) {
             Some(s) => {
-                self.confirmations[*s as usize] = confirmations;
-                *s
+                self.confirmations[s as usize] = confirmations;
+                s
             }
             None => {
                 self.ids.push(idb);
                 self.confirmations.push(confirmations);
                 let s = (self.ids.len() - 1) as Slot;
-                self.slot_of.insert(idb, s);
+                self.slot_of.insert(&self.ids, s);
                 s
             }
         };
@@ -361,7 +361,7 @@ impl WatchIndex {
     }
 
     fn slot(&self, id: &str) -> Option<Slot> {
-        id_bytes(id).and_then(|b| self.slot_of.get(&b).copied())
+        id_bytes(id).and_then(|b| self.slot_of.get(&self.ids, &b))
     }
 
     /// Outputs below `sat` do not pay the watch `id` (0: no floor).

@@ -4,6 +4,7 @@
 mod changes;
 mod descriptor;
 mod index;
+mod slots;
 
 use bitcoin::hashes::{sha256, Hash};
 use bitcoin::{Address, Network};

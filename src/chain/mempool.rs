@@ -23,6 +23,10 @@ type Removed = (Txid, Instant);
 pub(super) struct MempoolState {
     /// Mempool txids already matched, so a resync fetches only new ones.
     seen: HashSet<Txid>,
+    /// Relayed over ZMQ and concerning nothing of ours when announced, never asked about: a
+    /// resync need not fetch them, but an announcement of one is looked at again (a forged
+    /// early copy must not hide the real replacement of a tracked transaction).
+    idle: HashSet<Txid>,
     /// Matched mempool transactions whose commit failed, to be matched again first.
     deferred: Vec<Transaction>,
     /// Tracked transactions announced as removed, classified by what comes next.
@@ -43,11 +47,13 @@ impl MempoolState {
     /// Mined: no longer in the mempool, and to be matched anew if it comes back after a reorg.
     pub(super) fn forget(&mut self, txid: &Txid) {
         self.seen.remove(txid);
+        self.idle.remove(txid);
     }
 
     /// Everything is matched anew (a watch joined live following).
     pub(super) fn forget_all(&mut self) {
         self.seen.clear();
+        self.idle.clear();
     }
 }
 
@@ -60,11 +66,11 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         // A relayed body that pays, spends or replaces nothing of ours changes nothing: the
         // node need not be asked about it. Most of a busy mempool's traffic ends here.
         let idle = match self.source.relayed(&txid) {
-            Some(tx) => !self.concerns_us(tx, &self.removed_spends())?,
+            Some(tx) => !self.concerns_us(tx, &self.removed_spends(), &HashSet::new())?,
             None => false,
         };
         if idle {
-            self.mempool.seen.insert(txid);
+            self.mempool.idle.insert(txid);
             return Ok(());
         }
         let Some(tx) = self.source.mempool_body(txid).await? else {
@@ -264,42 +270,69 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             tries += 1;
             self.sync_chain().await?;
         };
+        if self.tip_ref()?.is_none() {
+            // Nothing can be matched before the chain has a base.
+            return Ok(());
+        }
         // A watch added since this resync began (a CLI or API add racing it) must match what
         // the snapshot holds: its writes came before any payment the snapshot shows.
         self.refresh_watches()?;
-        let fresh = {
+        let mut fresh = {
             let current: HashSet<Txid> = txids.iter().copied().collect();
             self.mempool.seen.retain(|t| current.contains(t));
+            self.mempool.idle.retain(|t| current.contains(t));
             // Not the rescan's: gone from a snapshot may mean mined in a block it has not reached.
             for txid in self.tracker.in_mempool() {
                 if !current.contains(&txid) {
                     self.mempool.note_removal(txid);
                 }
             }
-            let seen = &self.mempool.seen;
+            let m = &self.mempool;
             txids
                 .into_iter()
-                .filter(|t| !seen.contains(t))
+                .filter(|t| !m.seen.contains(t) && !m.idle.contains(t))
                 .collect::<Vec<_>>()
         };
         let began = Instant::now();
         if fresh.len() >= RESYNC_BATCH {
             tracing::info!(transactions = fresh.len(), "reading the node's mempool");
         }
+        // Matching a kept transaction can derive new addresses of a descriptor watch, which a
+        // transaction passed over may pay: those are read again, until nothing new is derived.
+        loop {
+            let derived = self.derived_scripts();
+            let passed = self.sync_mempool_pass(&fresh).await?;
+            if passed.is_empty() || self.derived_scripts() == derived {
+                self.mempool.seen.extend(passed);
+                break;
+            }
+            fresh = passed;
+        }
+        if began.elapsed() > Duration::from_secs(1) {
+            tracing::info!(took = ?began.elapsed(), "mempool read");
+        }
+        Ok(())
+    }
+
+    /// One reading of `txids`' bodies: those that concern us are classified and matched in
+    /// the node's order; the txids of the others are returned.
+    async fn sync_mempool_pass(&mut self, txids: &[Txid]) -> Result<Vec<Txid>, FollowError> {
         let replacing = self.removed_spends();
         let mut kept = Vec::new();
-        for part in fresh.chunks(RESYNC_BATCH) {
+        // Outputs of kept transactions may be watched coins once these are matched: a
+        // transaction spending one (a sweep of an unconfirmed deposit) is kept too.
+        let mut kept_txids = HashSet::new();
+        let mut passed = Vec::new();
+        for part in txids.chunks(RESYNC_BATCH) {
             for tx in self.source.mempool_bodies(part).await? {
-                if self.concerns_us(&tx, &replacing)? {
+                let txid = tx.compute_txid();
+                if self.concerns_us(&tx, &replacing, &kept_txids)? {
+                    kept_txids.insert(txid);
                     kept.push(tx);
                 } else {
-                    // Nothing to do for it, now or later (a new watch forgets every one).
-                    self.mempool.seen.insert(tx.compute_txid());
+                    passed.push(txid);
                 }
             }
-        }
-        if fresh.len() >= RESYNC_BATCH {
-            tracing::info!(transactions = fresh.len(), kept = kept.len(), took = ?began.elapsed(), "mempool read");
         }
         self.classify_pending(&kept, Duration::ZERO).await?;
         // These came from a getrawmempool validated against the tip: the node vouched for them.
@@ -312,7 +345,13 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 failed = Some(e);
             }
         }
-        failed.map_or(Ok(()), Err)
+        failed.map_or(Ok(passed), Err)
+    }
+
+    /// How many scripts the live index and a running rescan's watch: a change means matching
+    /// derived new addresses.
+    fn derived_scripts(&self) -> usize {
+        self.index.script_count() + self.rescan_script_count()
     }
 
     /// The outpoints spent by tracked transactions waiting to be told why they left: a
@@ -333,20 +372,20 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     }
 
     /// Whether a mempool transaction pays or spends a watch (the live one's or the rescan's),
-    /// or spends what a removed tracked transaction spent.
+    /// spends what a removed tracked transaction spent, or spends an output of `parents`.
     fn concerns_us(
         &self,
         tx: &Transaction,
         replacing: &HashSet<OutPoint>,
+        parents: &HashSet<Txid>,
     ) -> Result<bool, FollowError> {
+        // Without a base block nothing is matched, and nothing may be passed over either.
         let Some(tip) = self.tip_ref()? else {
-            return Ok(false);
+            return Ok(true);
         };
-        if tx
-            .input
-            .iter()
-            .any(|i| replacing.contains(&i.previous_output))
-        {
+        if tx.input.iter().any(|i| {
+            replacing.contains(&i.previous_output) || parents.contains(&i.previous_output.txid)
+        }) {
             return Ok(true);
         }
         if !self.tracker.mempool_add(&self.index, tx, tip).is_empty() {

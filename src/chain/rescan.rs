@@ -158,6 +158,11 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             .unwrap_or_default()
     }
 
+    /// How many scripts a running rescan's index watches.
+    pub(super) fn rescan_script_count(&self) -> usize {
+        self.rescan.as_ref().map_or(0, |j| j.index.script_count())
+    }
+
     /// Whether the rescan's watches would match a mempool transaction.
     pub(super) fn rescan_concerns(&self, tx: &Transaction, tip: TipRef) -> bool {
         self.rescan

@@ -918,3 +918,122 @@ async fn relayed_transactions_that_concern_no_watch_cost_no_call_to_the_node() {
     );
     assert_eq!(r.log(), [ev(TX_PENDING, Some(paid), 0)]);
 }
+
+/// `n` transactions paying no watch, from coins nobody checks.
+fn unrelated(node: &SimNode, n: u32, tag: u8) {
+    use bitcoin::hashes::Hash;
+    for i in 0..n {
+        let mut coin = [tag; 32];
+        coin[..4].copy_from_slice(&i.to_le_bytes());
+        let coin = bitcoin::OutPoint::new(Txid::from_byte_array(coin), 0);
+        node.spend(&[(coin, 100_000)], &[(address(3).script_pubkey(), 90_000)]);
+    }
+}
+
+#[tokio::test]
+async fn a_resync_matches_the_sweep_of_a_payment_it_finds_in_the_same_mempool() {
+    let mut r = rig(&[watch(1, 1)]).await;
+    // While the follower is away: a payment to the watch, 600 others, then the payment's
+    // output swept elsewhere (its spend of a watched coin, found in a later batch).
+    let paid = r.node.pay(&address(1).to_string(), 50_000);
+    unrelated(&r.node, 600, 0x31);
+    let coin = bitcoin::OutPoint::new(paid, 0);
+    let sweep = r
+        .node
+        .spend(&[(coin, 50_000)], &[(address(3).script_pubkey(), 45_000)]);
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(TX_PENDING, Some(paid), 0),
+            ev(TX_PENDING, Some(sweep), 0)
+        ],
+        "the sweep spends a coin the same resync found: it is the watch's spend"
+    );
+    assert_eq!(
+        r.bodies()[1]["data"]["inputs"][0]["prevout"],
+        coin.to_string()
+    );
+}
+
+#[tokio::test]
+async fn a_payment_relayed_before_the_first_base_block_is_matched_by_the_next_resync() {
+    let node = SimNode::in_memory();
+    node.mine(101);
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path(), &[watch(1, 1)]);
+    let mut f = follower_over(&node, store);
+    node.take_zmq();
+    let paid = node.pay(&address(1).to_string(), 50_000);
+    // Announced before the follower stored any block (its first resync failed, say).
+    f.on_zmq_batch(node.take_zmq()).await.unwrap();
+    f.resync().await.unwrap();
+    let kinds: Vec<String> = f
+        .store
+        .events_after(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [TX_PENDING],
+        "the payment is pending once there is a base: {paid}"
+    );
+}
+
+#[tokio::test]
+async fn a_forged_early_copy_of_a_replacement_does_not_hide_the_real_one() {
+    let w = watch(1, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    r.node.take_zmq();
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.deliver_zmq().await;
+    // Someone who can publish on the ZMQ ports announces the replacement before it exists.
+    let replacement = r
+        .node
+        .double_spend(txid, &[(address(2).script_pubkey(), 40_000)]);
+    let by = replacement.compute_txid();
+    r.node
+        .publish_raw("rawtx", bitcoin::consensus::serialize(&replacement));
+    r.node.publish_raw(
+        "sequence",
+        crate::node::zmq_wire::sequence_body(&crate::node::zmq_wire::SequenceEvent::TxAdded(
+            by, 999,
+        )),
+    );
+    r.deliver_zmq().await;
+    assert_eq!(r.log(), [ev(TX_PENDING, Some(txid), 0)], "nothing yet");
+    // Now it is broadcast for real: R for the payment, then A for the replacement.
+    r.node.send_raw(replacement).unwrap();
+    r.deliver_zmq().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(TX_PENDING, Some(txid), 0),
+            ev(TX_REPLACED, Some(txid), 0)
+        ],
+        "the real announcement tells the replacement at once"
+    );
+    assert_eq!(r.bodies()[1]["data"]["replaced_by"], by.to_string());
+}
+
+#[tokio::test]
+async fn a_resync_reads_again_what_addresses_derived_by_its_own_matches_make_payments() {
+    let w = descriptor_watch(2, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    // While the follower is away: index 1 is paid (within the gap of 2), then index 3, which
+    // is derived only once index 1 counts as used.
+    let first = r.node.pay_script(&[(derived_script(1), 1_000)]);
+    unrelated(&r.node, 50, 0x32);
+    let second = r.node.pay_script(&[(derived_script(3), 3_000)]);
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [
+            ev(TX_PENDING, Some(first), 0),
+            ev(TX_PENDING, Some(second), 0)
+        ],
+        "the payment to the address derived meanwhile is found in the same resync"
+    );
+}

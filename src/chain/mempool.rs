@@ -298,15 +298,17 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             tracing::info!(transactions = fresh.len(), "reading the node's mempool");
         }
         // Matching a kept transaction can derive new addresses of a descriptor watch, which a
-        // transaction passed over may pay: those are read again, until nothing new is derived.
+        // later transaction passed over may pay: those are read again, until nothing new is
+        // derived. (An earlier one is not: it paid an address nobody watched yet, as when
+        // announced one by one.)
+        // One pass at least: it also tells why tracked transactions left.
         loop {
-            let derived = self.derived_scripts();
-            let passed = self.sync_mempool_pass(&fresh).await?;
-            if passed.is_empty() || self.derived_scripts() == derived {
-                self.mempool.seen.extend(passed);
+            let (passed, again) = self.sync_mempool_pass(&fresh).await?;
+            self.mempool.seen.extend(passed);
+            if again.is_empty() {
                 break;
             }
-            fresh = passed;
+            fresh = again;
         }
         if began.elapsed() > Duration::from_secs(1) {
             tracing::info!(took = ?began.elapsed(), "mempool read");
@@ -314,9 +316,13 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         Ok(())
     }
 
-    /// One reading of `txids`' bodies: those that concern us are classified and matched in
-    /// the node's order; the txids of the others are returned.
-    async fn sync_mempool_pass(&mut self, txids: &[Txid]) -> Result<Vec<Txid>, FollowError> {
+    /// One reading of `txids`' bodies (in the node's order): those that concern us are
+    /// classified and matched in that order. Returns the txids of the others: those done with,
+    /// and those to read again because they come after a match that derived new addresses.
+    async fn sync_mempool_pass(
+        &mut self,
+        txids: &[Txid],
+    ) -> Result<(Vec<Txid>, Vec<Txid>), FollowError> {
         let replacing = self.removed_spends();
         let mut kept = Vec::new();
         // Outputs of kept transactions may be watched coins once these are matched: a
@@ -325,27 +331,42 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let mut passed = Vec::new();
         for part in txids.chunks(RESYNC_BATCH) {
             for tx in self.source.mempool_bodies(part).await? {
+                let at = kept.len() + passed.len();
                 let txid = tx.compute_txid();
                 if self.concerns_us(&tx, &replacing, &kept_txids)? {
                     kept_txids.insert(txid);
-                    kept.push(tx);
+                    kept.push((at, tx));
                 } else {
-                    passed.push(txid);
+                    passed.push((at, txid));
                 }
             }
         }
-        self.classify_pending(&kept, Duration::ZERO).await?;
+        let incoming: Vec<Transaction> = kept.iter().map(|(_, tx)| tx.clone()).collect();
+        self.classify_pending(&incoming, Duration::ZERO).await?;
+        drop(incoming);
         // These came from a getrawmempool validated against the tip: the node vouched for them.
         // Once a commit fails, the rest that match are kept for later without trying each.
         let mut failed = None;
-        for tx in &kept {
+        let mut derived_after = None;
+        for (at, tx) in &kept {
+            let before = self.derived_scripts();
             if failed.is_some() {
                 self.defer_if_matched(tx)?;
             } else if let Err(e) = self.match_mempool_tx(tx).await {
                 failed = Some(e);
             }
+            if derived_after.is_none() && self.derived_scripts() != before {
+                derived_after = Some(*at);
+            }
         }
-        failed.map_or(Ok(passed), Err)
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let (again, done): (Vec<_>, Vec<_>) = passed
+            .into_iter()
+            .partition(|(at, _)| derived_after.is_some_and(|d| *at > d));
+        let txids = |v: Vec<(usize, Txid)>| v.into_iter().map(|(_, t)| t).collect();
+        Ok((txids(done), txids(again)))
     }
 
     /// How many scripts the live index and a running rescan's watch: a change means matching

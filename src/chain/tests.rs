@@ -1037,3 +1037,19 @@ async fn a_resync_reads_again_what_addresses_derived_by_its_own_matches_make_pay
         "the payment to the address derived meanwhile is found in the same resync"
     );
 }
+
+#[tokio::test]
+async fn a_resync_does_not_match_what_paid_an_address_before_it_was_derived() {
+    let w = descriptor_watch(2, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    // Index 3 is paid before index 1 makes it watched: as when announced one by one, and as
+    // in a block, it paid an address nobody watched yet.
+    let early = r.node.pay_script(&[(derived_script(3), 3_000)]);
+    let first = r.node.pay_script(&[(derived_script(1), 1_000)]);
+    r.sync().await;
+    assert_eq!(
+        r.log(),
+        [ev(TX_PENDING, Some(first), 0)],
+        "only the payment to an address watched when it came: {early} is not"
+    );
+}

@@ -5,16 +5,12 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bitcoin::hashes::Hash;
 use bitcoin::{OutPoint, ScriptBuf, Txid};
-use chainwatch::chain::{Follower, FollowerOptions};
-use chainwatch::config::{RpcAuth, StartHeight};
-use chainwatch::node::RpcClient;
+use chainwatch::config::StartHeight;
 use chainwatch::simnode::SimNode;
-use chainwatch::tracker::Tracker;
 
 use common::*;
 
@@ -29,37 +25,16 @@ fn main() {
         return;
     }
     header("mempool resync");
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(bench_resync());
+    on_two_threads(bench_resync());
 }
 
 async fn bench_resync() {
     let dir = tempfile::tempdir().unwrap();
     let node = SimNode::start(&dir.path().join("node")).await.unwrap();
     node.mine(1);
-    let cfg = endpoint_config(&dir.path().join("data"), "http://127.0.0.1:9/hooks", false);
-    let mut store = chainwatch::daemon::open_store(&cfg).unwrap();
     let watched: Vec<ScriptBuf> = random_scripts(WATCHED).collect();
-    store
-        .upsert_watches(&watches(WATCHED, bitcoin::Network::Regtest), "bench", 0)
-        .unwrap();
-    let tracker = Tracker::new("regtest", 6, store.load_tracked().unwrap());
-    let rpc = Arc::new(RpcClient::new(
-        &node.rpc_url(),
-        RpcAuth::Cookie(node.cookie_path()),
-    ));
-    let opts = FollowerOptions {
-        start_height: StartHeight::Tip,
-        poll_interval: Duration::from_secs(3600),
-        zmq_mempool: false,
-        alert_reorg_depth: 3,
-        node_unreachable_after: Duration::from_secs(60),
-    };
-    let mut follower = Follower::new(rpc, store, tracker, opts, Default::default());
+    let (mut follower, cfg) =
+        rpc_follower(&node, &dir.path().join("data"), WATCHED, StartHeight::Tip);
 
     let t = Instant::now();
     let mut bytes = 0;

@@ -207,3 +207,45 @@ pub async fn wait_requests(receiver: &Receiver, n: usize, limit: Duration) {
     )
     .await
 }
+
+/// Runs `bench` on a two-thread runtime, as the daemon's machine has two cores.
+pub fn on_two_threads(bench: impl std::future::Future<Output = ()>) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench);
+}
+
+/// A follower of `node` over JSON-RPC from `start_height`, its store in `data` watching
+/// `watches(n)` (one endpoint, so events are recorded), and the config of that store.
+pub fn rpc_follower(
+    node: &chainwatch::simnode::SimNode,
+    data: &std::path::Path,
+    n: usize,
+    start_height: chainwatch::config::StartHeight,
+) -> (
+    chainwatch::chain::Follower<chainwatch::node::RpcClient>,
+    chainwatch::config::Config,
+) {
+    let cfg = endpoint_config(data, "http://127.0.0.1:9/hooks", false);
+    let mut store = chainwatch::daemon::open_store(&cfg).unwrap();
+    store
+        .upsert_watches(&watches(n, Network::Regtest), "bench", 0)
+        .unwrap();
+    let tracker = chainwatch::tracker::Tracker::new("regtest", 6, store.load_tracked().unwrap());
+    let rpc = Arc::new(chainwatch::node::RpcClient::new(
+        &node.rpc_url(),
+        chainwatch::config::RpcAuth::Cookie(node.cookie_path()),
+    ));
+    let opts = chainwatch::chain::FollowerOptions {
+        start_height,
+        poll_interval: Duration::from_secs(3600),
+        zmq_mempool: false,
+        alert_reorg_depth: 3,
+        node_unreachable_after: Duration::from_secs(60),
+    };
+    let follower = chainwatch::chain::Follower::new(rpc, store, tracker, opts, Default::default());
+    (follower, cfg)
+}

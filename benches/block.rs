@@ -50,9 +50,11 @@ fn bench_block_and_mempool(run_block: bool, run_mempool: bool) {
         let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         let match_all = |b: &Block| -> usize {
             let mut overlay = Overlay::default();
+            let probe = index.probe(&b.txdata);
             b.txdata
                 .iter()
-                .map(|tx| index.match_tx_in(tx, &mut overlay).len())
+                .enumerate()
+                .map(|(i, tx)| index.match_tx_probed(tx, probe.of(i), &mut overlay).len())
                 .sum()
         };
         for _ in 0..40 {

@@ -145,6 +145,7 @@ pub fn compact_index(n: usize, network: Network, extra: &[ScriptBuf]) -> WatchIn
             add(&mut index, s);
         }
     }
+    index.settle();
     index
 }
 

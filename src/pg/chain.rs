@@ -440,6 +440,7 @@ impl ChainStore for PgStore {
             index.insert_target(&id, &target, small(r.get(3), "confirmations")?);
             index.set_min_amount(&id, floor_of(r.get(4))?);
         }
+        index.settle();
         index.coins.extend(self.load_coins()?);
         for d in self.load_derivations()? {
             index.set_used(&d);

@@ -365,6 +365,7 @@ impl Store {
             index.insert_target(&id, &target_of(target, gap), confirmations);
             index.set_min_amount(&id, floor_of(r.get(4)?)?);
         }
+        index.settle();
         index.coins.extend(self.load_coins()?);
         for d in self.load_derivations()? {
             index.set_used(&d);

@@ -260,9 +260,10 @@ impl Tracker {
         let mut step = TrackerStep::default();
         let mut changed: BTreeMap<TrackedKey, Tracked> = BTreeMap::new();
         let mut overlay = Overlay::default();
-        for tx in &block.txdata {
+        let probe = index.probe(&block.txdata);
+        for (i, tx) in block.txdata.iter().enumerate() {
             let txid = tx.compute_txid();
-            for m in index.match_tx_in(tx, &mut overlay) {
+            for m in index.match_tx_probed(tx, probe.of(i), &mut overlay) {
                 let coins = WatchIndex::coins_of(txid, &m);
                 overlay.coins.extend(coins.iter().cloned());
                 step.index.add_coins(coins);

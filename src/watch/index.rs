@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bitcoin::{Address, Network, OutPoint, Script, Transaction, Txid};
 
 use super::descriptor::WatchedDescriptor;
+use super::scripts::{PassThrough, ScriptTable};
 use super::slots::SlotsById;
 use super::{IndexChanges, MatchedInput, MatchedOutput, Target, TxMatch, Watch};
 
@@ -42,33 +43,6 @@ type DerivedOwner = (Slot, u32, u32);
 /// Loads a watch's full record: `Ok(None)` when the store has no such watch, `Err` when it
 /// could not say (an error must never pass for "removed").
 pub type WatchLoader = Arc<dyn Fn(&str) -> Result<Option<Watch>, String> + Send + Sync>;
-
-/// The keys are already uniformly random: hash tables may use them as they are.
-#[derive(Clone, Copy, Default)]
-struct PassThrough;
-
-struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes.iter().take(8) {
-            self.0 = (self.0 << 8) | *b as u64;
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 ^= v;
-    }
-}
-
-impl BuildHasher for PassThrough {
-    type Hasher = PassThroughHasher;
-    fn build_hasher(&self) -> PassThroughHasher {
-        PassThroughHasher(0)
-    }
-}
 
 struct DescState {
     desc: WatchedDescriptor,
@@ -117,17 +91,28 @@ impl Overlay {
     }
 }
 
+/// Which outputs of a run of transactions the address table may hold.
+pub struct Probe {
+    maybe: Vec<bool>,
+    starts: Vec<usize>,
+}
+
+impl Probe {
+    /// The outputs of the run's `i`-th transaction.
+    pub fn of(&self, i: usize) -> Option<&[bool]> {
+        let (start, end) = (*self.starts.get(i)?, *self.starts.get(i + 1)?);
+        Some(&self.maybe[start..end])
+    }
+}
+
 pub struct WatchIndex {
     network: Network,
     /// Seed of the fast first-half hash, and the SipHash keys of the second half.
     seed: u64,
     check_keys: RandomState,
-    /// Address watches: first half of the script key → (32 bits of the second half, slot): 96
-    /// bits must agree before an output counts. The second half is computed only when the first
-    /// hits. Keys whose first half collides go to `overflow`, with the whole key.
-    by_key: HashMap<u64, (u32, Slot), PassThrough>,
-    overflow: HashMap<Key, Slot>,
-    same_script: HashMap<Slot, Slot>,
+    /// Address watches, by the script's two hashes. The second is computed only when the
+    /// first hits.
+    scripts: ScriptTable,
     /// Descriptor-derived scripts.
     derived: HashMap<Key, Vec<DerivedOwner>, PassThrough>,
     descriptors: HashMap<Slot, DescState>,
@@ -183,9 +168,7 @@ impl WatchIndex {
                 h.finish() | 1
             },
             check_keys: RandomState::new(),
-            by_key: HashMap::with_hasher(PassThrough),
-            overflow: HashMap::new(),
-            same_script: HashMap::new(),
+            scripts: ScriptTable::default(),
             derived: HashMap::with_hasher(PassThrough),
             descriptors: HashMap::new(),
             ids: Vec::new(),
@@ -204,13 +187,13 @@ impl WatchIndex {
         for w in watches {
             idx.insert(w);
         }
+        idx.settle();
         idx
     }
 
     /// An index that keeps only what matching needs, and loads records with `loader`.
     pub fn with_loader(network: Network, loader: WatchLoader, expected: usize) -> WatchIndex {
         let mut idx = WatchIndex::empty(network, Some(loader));
-        idx.by_key.reserve(expected);
         idx.ids.reserve(expected);
         idx.confirmations.reserve(expected);
         idx
@@ -265,16 +248,7 @@ impl WatchIndex {
                     return;
                 };
                 let key = self.key(&a.script_pubkey());
-                let prev = match self.by_key.get(&key[0]) {
-                    Some(&(check, _)) if check != key[1] as u32 => self.overflow.insert(key, slot),
-                    _ => self
-                        .by_key
-                        .insert(key[0], (key[1] as u32, slot))
-                        .map(|(_, s)| s),
-                };
-                if let Some(prev) = prev.filter(|p| *p != slot) {
-                    self.same_script.insert(slot, prev);
-                }
+                self.scripts.insert(key[0], key[1] as u32, slot);
             }
             Target::Descriptor {
                 descriptor,
@@ -389,6 +363,12 @@ impl WatchIndex {
         }
     }
 
+    /// Packs the scripts inserted since the last merge: called after a bulk load, so that
+    /// every probe finds them in one place.
+    pub fn settle(&mut self) {
+        self.scripts.settle();
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -399,10 +379,7 @@ impl WatchIndex {
 
     /// How many scripts are watched (addresses, and derived descriptor addresses).
     pub fn script_count(&self) -> usize {
-        self.by_key.len()
-            + self.overflow.len()
-            + self.same_script.len()
-            + self.derived.values().map(Vec::len).sum::<usize>()
+        self.scripts.len() + self.derived.values().map(Vec::len).sum::<usize>()
     }
 
     /// The watches a transaction touches, in watch-id order (so events come out deterministically).
@@ -418,6 +395,33 @@ impl WatchIndex {
 
     /// As `match_tx`, seeing and updating what earlier transactions of the step changed.
     pub fn match_tx_in(&self, tx: &Transaction, overlay: &mut Overlay) -> Vec<TxMatch> {
+        self.match_tx_probed(tx, None, overlay)
+    }
+
+    /// Probes the address table for every output of `txs` at once (see `ScriptTable::may_hold`),
+    /// for `match_tx_probed` to skip the outputs it cannot hold.
+    pub fn probe(&self, txs: &[Transaction]) -> Probe {
+        let mut starts = Vec::with_capacity(txs.len() + 1);
+        let mut fasts = Vec::new();
+        for tx in txs {
+            starts.push(fasts.len());
+            let hashes = tx.output.iter();
+            fasts.extend(hashes.map(|o| fast_hash(self.seed, o.script_pubkey.as_bytes())));
+        }
+        starts.push(fasts.len());
+        Probe {
+            maybe: self.scripts.may_hold(&fasts),
+            starts,
+        }
+    }
+
+    /// As `match_tx_in`; `maybe`, from `probe`, says which outputs the address table may hold.
+    pub fn match_tx_probed(
+        &self,
+        tx: &Transaction,
+        maybe: Option<&[bool]>,
+        overlay: &mut Overlay,
+    ) -> Vec<TxMatch> {
         let mut found: Vec<TxMatch> = Vec::new();
         let may_spend_watched = !(self.coins.is_empty() && overlay.coins.is_empty());
         if may_spend_watched && !tx.is_coinbase() {
@@ -436,7 +440,8 @@ impl WatchIndex {
         let mut used_now = Vec::new();
         let any_derived = !(self.derived.is_empty() && overlay.derived.is_empty());
         for (vout, out) in tx.output.iter().enumerate() {
-            let owners = self.owners(&out.script_pubkey, any_derived, overlay);
+            let in_table = maybe.is_none_or(|m| m.get(vout).copied().unwrap_or(true));
+            let owners = self.owners(&out.script_pubkey, in_table, any_derived, overlay);
             if owners.is_empty() {
                 continue;
             }
@@ -482,34 +487,33 @@ impl WatchIndex {
     fn owners(
         &self,
         script: &Script,
+        in_table: bool,
         any_derived: bool,
         overlay: &Overlay,
     ) -> Vec<(Slot, Option<(u32, u32)>)> {
         let mut owners = Vec::new();
-        let first = fast_hash(self.seed, script.as_bytes());
-        let probe = self.by_key.get(&first).copied();
-        if probe.is_none() && self.overflow.is_empty() && !any_derived {
+        if !in_table && !any_derived {
             return owners;
         }
-        let key = self.key(script);
-        let mut next = match probe {
-            Some((check, slot)) if check == key[1] as u32 => Some(slot),
-            _ => self.overflow.get(&key).copied(),
-        };
-        while let Some(slot) = next {
-            owners.push((slot, None));
-            next = self.same_script.get(&slot).copied();
+        let first = fast_hash(self.seed, script.as_bytes());
+        let mut second = None;
+        let mut keyed = || *second.get_or_insert_with(|| check_hash(&self.check_keys, script));
+        if in_table {
+            self.scripts
+                .for_each(first, || keyed() as u32, |slot| owners.push((slot, None)));
         }
-        if any_derived {
-            for (slot, path, index) in self
-                .derived
-                .get(&key)
-                .into_iter()
-                .chain(overlay.derived.get(&key))
-                .flatten()
-            {
-                owners.push((*slot, Some((*path, *index))));
-            }
+        if !any_derived {
+            return owners;
+        }
+        let key = [first, keyed()];
+        for (slot, path, index) in self
+            .derived
+            .get(&key)
+            .into_iter()
+            .chain(overlay.derived.get(&key))
+            .flatten()
+        {
+            owners.push((*slot, Some((*path, *index))));
         }
         owners
     }
@@ -724,6 +728,45 @@ mod tests {
             None,
             "not in the index: not loaded"
         );
+    }
+
+    #[test]
+    fn a_probed_block_matches_exactly_as_one_transaction_at_a_time() {
+        let mut second = watch(2, 1);
+        second.id = crate::watch::watch_id("address:another watch of address 2");
+        let d = descriptor_watch(2, 1);
+        let mut index = index_of(&[watch(1, 1), watch(2, 1), second, d]);
+        // Inserted after the bulk load: waits in the table's map, not its array.
+        index.insert(watch(3, 1));
+        let txs = vec![
+            payment(1, &[(address(9).script_pubkey(), 1)]),
+            payment(
+                2,
+                &[(address(1).script_pubkey(), 2), (derived_script(1), 3)],
+            ),
+            // Index 3 is watched only once index 1 is used, by the transaction before.
+            payment(
+                3,
+                &[(derived_script(3), 4), (address(2).script_pubkey(), 5)],
+            ),
+            payment(4, &[(address(3).script_pubkey(), 6)]),
+        ];
+        let one_by_one: Vec<Vec<TxMatch>> = {
+            let mut overlay = Overlay::default();
+            txs.iter()
+                .map(|t| index.match_tx_in(t, &mut overlay))
+                .collect()
+        };
+        let probe = index.probe(&txs);
+        let mut overlay = Overlay::default();
+        let probed: Vec<Vec<TxMatch>> = txs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| index.match_tx_probed(t, probe.of(i), &mut overlay))
+            .collect();
+        assert_eq!(probed, one_by_one, "the probe changes nothing matched");
+        let counts: Vec<usize> = probed.iter().map(Vec::len).collect();
+        assert_eq!(counts, [0, 2, 3, 1], "watches matched by each transaction");
     }
 
     #[test]

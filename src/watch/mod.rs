@@ -4,6 +4,7 @@
 mod changes;
 mod descriptor;
 mod index;
+mod scripts;
 mod slots;
 
 use bitcoin::hashes::{sha256, Hash};
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use changes::{IndexChanges, RescanChanges};
 pub use descriptor::{DescriptorError, WatchedDescriptor};
-pub use index::{Derivation, Overlay, WatchIndex, WatchLoader, WatchedCoin};
+pub use index::{Derivation, Overlay, Probe, WatchIndex, WatchLoader, WatchedCoin};
 
 pub const MAX_METADATA_BYTES: usize = 4096;
 pub const DEFAULT_GAP_LIMIT: u32 = 20;

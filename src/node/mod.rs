@@ -128,7 +128,8 @@ pub trait ChainSource: Send + Sync + 'static {
         outpoints: &[OutPoint],
     ) -> impl Future<Output = NodeResult<Option<Txid>>> + Send;
     /// The coins spent by each input of the transactions `txids` of block `hash`, in input
-    /// order (`getblock HASH 3`, which reads the block's undo data: no `-txindex` needed).
+    /// order (`getrawtransaction TXID 2 HASH` for a few, `getblock HASH 3` for many: both read
+    /// the block's undo data, so no `-txindex` is needed).
     /// A txid the block does not hold is absent from the answer.
     fn block_spent_coins(
         &self,

@@ -136,13 +136,18 @@ impl RpcClient {
     }
 
     async fn post_retrying(&self, method: &str, request: &Value) -> NodeResult<(u16, Vec<u8>)> {
-        match self.post(method, request).await {
+        let started = std::time::Instant::now();
+        let answer = match self.post(method, request).await {
             // A restarted bitcoind wrote a new cookie: read it and try again at once.
             Err(NodeError::Auth(_)) if matches!(self.auth, RpcAuth::Cookie(_)) => {
                 self.post(method, request).await
             }
             other => other,
-        }
+        };
+        // At debug level, how long the node took: where the hot path's time goes.
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(method, ms, "rpc answered");
+        answer
     }
 
     async fn post(&self, method: &str, request: &Value) -> NodeResult<(u16, Vec<u8>)> {
@@ -511,7 +516,7 @@ impl ChainSource for RpcClient {
         hash: BlockHash,
         txids: &[Txid],
     ) -> NodeResult<HashMap<Txid, Vec<SpentCoin>>> {
-        self.verbose_block_coins(hash, txids).await
+        self.block_coins(hash, txids).await
     }
 
     async fn spent_coins(&self, outpoints: &[OutPoint]) -> NodeResult<Vec<Option<SpentCoin>>> {

@@ -36,6 +36,10 @@ use mempool::MempoolState;
 use source::{NodeSource, SourceError};
 use support::RecentSpends;
 
+/// How often the store is asked whether watches were added or removed (by the CLI, which
+/// writes to the store directly): one cheap read, so a new watch or rescan starts within it.
+const WATCH_CHECK: Duration = Duration::from_millis(250);
+
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
     #[error(transparent)]
@@ -221,6 +225,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let mut backoff = Duration::from_millis(250);
         let mut poll = tokio::time::interval(self.opts.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch_check = tokio::time::interval(WATCH_CHECK);
+        watch_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.state != SyncState::Synced {
                 match self.resync().await {
@@ -269,6 +275,12 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                     if let Err(e) = self.rescan_batch().await {
                         self.sync_failed(&e);
                         tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                _ = watch_check.tick() => {
+                    if let Err(e) = self.refresh_watches() {
+                        self.sync_failed(&e);
+                        self.state = self.state.max(SyncState::ChainStale);
                     }
                 }
                 _ = poll.tick() => {

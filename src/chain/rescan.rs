@@ -11,10 +11,12 @@
 
 use std::time::Instant;
 
+use futures_util::future::try_join_all;
+
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
-use bitcoin::{OutPoint, Transaction, Txid};
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 
 use crate::event::{BlockRef, TipRef};
 use crate::node::ChainSource;
@@ -25,6 +27,8 @@ use crate::watch::{RescanChanges, WatchIndex, WatchedCoin};
 
 /// Blocks scanned between two looks at live news.
 const BATCH: u32 = 25;
+/// Blocks asked of the node at once: few, as each may be a few megabytes.
+const AHEAD: u32 = 4;
 
 pub(super) struct RescanJob {
     watch_id: String,
@@ -220,6 +224,15 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         }
     }
 
+    /// The hashes of heights `from..=to` within the blocks we keep; `None` below them.
+    fn kept_hashes(&self, from: u32, to: u32) -> Result<Vec<Option<BlockHash>>, FollowError> {
+        let mut kept = Vec::new();
+        for h in from..=to {
+            kept.push(self.store.block_at(h)?.map(|b| b.hash));
+        }
+        Ok(kept)
+    }
+
     /// Stores the chain from just below the rescan's start up to the lowest block kept (within
     /// the kept window), so a reorg reaching into the rescanned range is found like any other.
     async fn backfill(&mut self, job: &mut RescanJob) -> Result<(), FollowError> {
@@ -257,29 +270,26 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if job.progress.is_none() {
             job.progress = Some(Progress::new(job.next, tip.height));
         }
-        for _ in 0..BATCH {
-            if job.next > tip.height {
-                return Ok(true);
-            }
-            let h = job.next;
+        let last = tip.height.min(job.next.saturating_add(BATCH - 1));
+        while job.next <= last {
+            let upto = last.min(job.next.saturating_add(AHEAD - 1));
             // Below what we keep, the node's chain is the truth; within it, our own chain is.
-            let hash = match self.store.block_at(h)? {
-                Some(b) => b.hash,
-                None => self.source.node().block_hash(h).await?,
-            };
-            let block = self.source.node().block(hash).await?;
-            let at = BlockRef {
-                hash,
-                height: h,
-                time: block.header.time,
-            };
-            let mut step = job.tracker.connect_block(&job.index, &block, at);
-            self.fill_block_senders(&mut step, &block, at).await?;
-            let next = RescanChanges::next(&job.watch_id, Some(h + 1));
-            self.commit_rescan(job, step, next)?;
-            job.next = h + 1;
-            if let Some(p) = job.progress.as_mut() {
-                p.tick(h);
+            let kept = self.kept_hashes(job.next, upto)?;
+            for (hash, block) in fetch_blocks(self.source.node(), job.next, kept).await? {
+                let h = job.next;
+                let at = BlockRef {
+                    hash,
+                    height: h,
+                    time: block.header.time,
+                };
+                let mut step = job.tracker.connect_block(&job.index, &block, at);
+                self.fill_block_senders(&mut step, &block, at).await?;
+                let next = RescanChanges::next(&job.watch_id, Some(h + 1));
+                self.commit_rescan(job, step, next)?;
+                job.next = h + 1;
+                if let Some(p) = job.progress.as_mut() {
+                    p.tick(h);
+                }
             }
         }
         Ok(job.next > tip.height)
@@ -357,4 +367,23 @@ fn unfound_watch_coins(index: &WatchIndex, spent: &[SpentCoin]) -> Vec<(OutPoint
             })
         })
         .collect()
+}
+
+/// The blocks at heights `from..`, by the hash `kept` has for each or else the node's: asked
+/// for all at once, as a node answers several requests in parallel and one at a time the
+/// rescan mostly waits on round trips.
+async fn fetch_blocks<S: ChainSource>(
+    node: &S,
+    from: u32,
+    kept: Vec<Option<BlockHash>>,
+) -> Result<Vec<(BlockHash, Block)>, FollowError> {
+    let hashes = try_join_all((from..).zip(kept).map(|(h, kept)| async move {
+        match kept {
+            Some(hash) => Ok(hash),
+            None => node.block_hash(h).await,
+        }
+    }))
+    .await?;
+    let blocks = try_join_all(hashes.iter().map(|hash| node.block(*hash))).await?;
+    Ok(hashes.into_iter().zip(blocks).collect())
 }

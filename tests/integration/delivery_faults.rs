@@ -85,10 +85,10 @@ async fn with_the_node_down_at_start_the_api_answers_and_queued_deliveries_go_ou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_port_for_100000_queued_events_costs_one_attempt_per_step() {
     const EVENTS: usize = 100_000;
-    let closed = free_port();
+    let closed = chainwatch::testkit::refusing_address();
     let h = Harness::with(&[], |c| {
         c.map_endpoint(SHOP, |e| {
-            e.url(&format!("http://127.0.0.1:{closed}/hooks"))
+            e.url(&format!("http://{closed}/hooks"))
                 .events(["*"])
                 .ordered(false)
                 .retry_schedule(["1s", "2s", "3s", "3s", "3s", "3s", "3s", "3s", "3s", "3s"])
@@ -128,7 +128,7 @@ async fn a_closed_port_for_100000_queued_events_costs_one_attempt_per_step() {
         "memory flat while waiting: {rss_early} kB then {rss_late} kB"
     );
 
-    let receiver = receiver_on(closed).await;
+    let receiver = verifying().serve(tokio::net::TcpListener::bind(&closed).await.unwrap());
     // Every half second: counting 100,000 requests is not free.
     poll(
         &format!("{EVENTS} deliveries once the port opened"),

@@ -240,7 +240,7 @@ fn cli(h: &Harness, args: &[&str]) -> (bool, String) {
 async fn endpoints_test_reports_what_each_endpoint_answered() {
     let other = receiver().await;
     let other_url = other.url.clone();
-    let closed = format!("http://127.0.0.1:{}/hooks", free_port());
+    let closed = format!("http://{}/hooks", chainwatch::testkit::refusing_address());
     let port = free_port();
     let h = Harness::with(&[], |c| {
         c.endpoint(Endpoint::new(OTHER, &other_url).secret(SECRET))

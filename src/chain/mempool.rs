@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use bitcoin::{OutPoint, Transaction, Txid};
 
 use super::{FollowError, Follower};
-use crate::node::ChainSource;
+use crate::node::{ChainSource, NodeResult};
+use crate::senders::SpentCoin;
 use crate::store::ChainStore;
 use crate::tracker::Removal;
 
@@ -65,26 +66,46 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         }
         // A relayed body that pays, spends or replaces nothing of ours changes nothing: the
         // node need not be asked about it. Most of a busy mempool's traffic ends here.
-        let idle = match self.source.relayed(&txid) {
-            Some(tx) => !self.concerns_us(tx, &self.removed_spends(), &HashSet::new())?,
-            None => false,
+        let concerning = match self.source.relayed(&txid) {
+            Some(tx) if !self.concerns_us(tx, &self.removed_spends(), &HashSet::new())? => {
+                self.mempool.idle.insert(txid);
+                return Ok(());
+            }
+            Some(tx) => Some(
+                tx.input
+                    .iter()
+                    .map(|i| i.previous_output)
+                    .collect::<Vec<_>>(),
+            ),
+            None => None,
         };
-        if idle {
-            self.mempool.idle.insert(txid);
-            return Ok(());
-        }
-        let Some(tx) = self.source.mempool_body(txid).await? else {
+        // One that does: the node's word that it holds it, and the coins it spends (for its
+        // senders), asked for together, as each round trip to a busy node counts.
+        let (body, coins) = match concerning {
+            Some(spent) => {
+                let node = self.source.node();
+                let (body, coins) =
+                    tokio::join!(self.source.mempool_body(txid), node.spent_coins(&spent));
+                (body?, Some(coins))
+            }
+            None => (self.source.mempool_body(txid).await?, None),
+        };
+        let Some(tx) = body else {
             return Ok(());
         };
         self.classify_pending(std::slice::from_ref(&tx), Duration::ZERO)
             .await?;
-        self.match_mempool_tx(&tx).await
+        self.match_mempool_tx(&tx, coins).await
     }
 
     /// Matches a mempool transaction the node has just vouched for. If its step cannot be
     /// committed, the transaction is kept and matched again before anything later (its block
     /// included), so a store outage does not turn its tx.pending into nothing.
-    async fn match_mempool_tx(&mut self, tx: &Transaction) -> Result<(), FollowError> {
+    async fn match_mempool_tx(
+        &mut self,
+        tx: &Transaction,
+        coins: Option<NodeResult<Vec<Option<SpentCoin>>>>,
+    ) -> Result<(), FollowError> {
         let txid = tx.compute_txid();
         let Some(tip) = self.tip_ref()? else {
             return Ok(());
@@ -92,7 +113,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let mut step = self.tracker.mempool_add(&self.index, tx, tip);
         let matched = !step.events.is_empty();
         // Kept for later on any failure, the node's included: its tx.pending is owed.
-        if let Err(e) = self.fill_mempool_senders(&mut step, tx).await {
+        if let Err(e) = self.fill_mempool_senders(&mut step, tx, coins).await {
             if matched {
                 self.defer(tx);
             }
@@ -245,7 +266,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 return Ok(());
             };
             let mut step = self.tracker.mempool_add(&self.index, &tx, tip);
-            self.fill_mempool_senders(&mut step, &tx).await?;
+            self.fill_mempool_senders(&mut step, &tx, None).await?;
             self.commit_step(step)?;
             self.rescan_mempool_tx(&tx, tip).await?;
             self.mempool.deferred.remove(0);
@@ -352,7 +373,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             let before = self.derived_scripts();
             if failed.is_some() {
                 self.defer_if_matched(tx)?;
-            } else if let Err(e) = self.match_mempool_tx(tx).await {
+            } else if let Err(e) = self.match_mempool_tx(tx, None).await {
                 failed = Some(e);
             }
             if derived_after.is_none() && self.derived_scripts() != before {

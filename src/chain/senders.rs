@@ -1,6 +1,6 @@
 //! Where the money came from: before a step that tracks transactions anew is committed, the
-//! node describes the coins they spend (`getblock HASH 3` for a block, `gettxout` for a mempool
-//! transaction) and `Senders::of` checks that description against the inputs. Only matched
+//! node describes the coins they spend (`getrawtransaction` or `getblock HASH 3` for a block,
+//! `gettxout` for a mempool transaction) and `Senders::of` checks that description against the inputs. Only matched
 //! transactions are asked about, so a block with no payment to a watch costs nothing more.
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use bitcoin::{Block, Transaction, Txid};
 
 use super::{FollowError, Follower};
 use crate::event::BlockRef;
-use crate::node::{ChainSource, NodeError};
+use crate::node::{ChainSource, NodeError, NodeResult};
 use crate::senders::{Senders, SpentCoin};
 use crate::store::ChainStore;
 use crate::tracker::{TrackerStep, TxStatus};
@@ -21,11 +21,16 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         &mut self,
         step: &mut TrackerStep,
         tx: &Transaction,
+        asked: Option<NodeResult<Vec<Option<SpentCoin>>>>,
     ) -> Result<(), FollowError> {
         if step.unknown_senders(TxStatus::Mempool).is_empty() {
             return Ok(());
         }
-        if let Some(coins) = self.mempool_spent_coins(tx).await? {
+        let coins = match asked {
+            Some(answer) => self.judge_spent_coins(tx, answer)?,
+            None => self.mempool_spent_coins(tx).await?,
+        };
+        if let Some(coins) = coins {
             self.take_senders(step, [(tx, coins)]);
         }
         Ok(())
@@ -38,7 +43,17 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         tx: &Transaction,
     ) -> Result<Option<Vec<SpentCoin>>, FollowError> {
         let outpoints: Vec<_> = tx.input.iter().map(|i| i.previous_output).collect();
-        let coins = match self.source.node().spent_coins(&outpoints).await {
+        let answer = self.source.node().spent_coins(&outpoints).await;
+        self.judge_spent_coins(tx, answer)
+    }
+
+    /// What the node's description of the coins `tx` spends tells: see `mempool_spent_coins`.
+    fn judge_spent_coins(
+        &self,
+        tx: &Transaction,
+        answer: NodeResult<Vec<Option<SpentCoin>>>,
+    ) -> Result<Option<Vec<SpentCoin>>, FollowError> {
+        let coins = match answer {
             Ok(c) => c,
             Err(e) => return self.unknown(e, tx.compute_txid()).map(|()| None),
         };

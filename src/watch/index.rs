@@ -395,7 +395,8 @@ impl WatchIndex {
 
     /// As `match_tx`, seeing and updating what earlier transactions of the step changed.
     pub fn match_tx_in(&self, tx: &Transaction, overlay: &mut Overlay) -> Vec<TxMatch> {
-        self.match_tx_probed(tx, None, overlay)
+        let probe = self.probe(std::slice::from_ref(tx));
+        self.match_tx_probed(tx, probe.of(0), overlay)
     }
 
     /// Probes the address table for every output of `txs` at once (see `ScriptTable::may_hold`),

@@ -1,7 +1,8 @@
 //! Rescans: a watch added with `--rescan-from HEIGHT` is scanned block by block from that
 //! height, beside live following, with a tracker of its own, so it emits exactly the events a
 //! watcher running since then would have emitted (the same ids). Progress is stored with each
-//! block, so a crash resumes where it stopped. At the tip the watch joins live following.
+//! block that changes something and at the end of every batch of blocks, so a crash resumes
+//! at most a batch before where it stopped. At the tip the watch joins live following.
 //!
 //! Its mempool is followed live from the start, by the rescan's own tracker: a payment made
 //! during a long rescan is pending at once, and when the rescan reaches its block it confirms
@@ -33,6 +34,9 @@ const AHEAD: u32 = 4;
 pub(super) struct RescanJob {
     watch_id: String,
     next: u32,
+    /// The next height as the store has it: blocks that change nothing are not committed one
+    /// by one, only their progress, at the end of a batch.
+    stored: u32,
     tracker: Tracker,
     index: WatchIndex,
     progress: Option<Progress>,
@@ -85,6 +89,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         self.rescan = Some(RescanJob {
             watch_id,
             next,
+            stored: next,
             tracker,
             index,
             progress: None,
@@ -284,13 +289,26 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 };
                 let mut step = job.tracker.connect_block(&job.index, &block, at);
                 self.fill_block_senders(&mut step, &block, at).await?;
-                let next = RescanChanges::next(&job.watch_id, Some(h + 1));
-                self.commit_rescan(job, step, next)?;
+                // Most blocks of a rescan change nothing: a commit (an fsync) each would be
+                // most of the rescan's time. A crash rescans them again, finding nothing.
+                if !step.is_empty() {
+                    let next = RescanChanges::next(&job.watch_id, Some(h + 1));
+                    self.commit_rescan(job, step, next)?;
+                    job.stored = h + 1;
+                }
                 job.next = h + 1;
                 if let Some(p) = job.progress.as_mut() {
                     p.tick(h);
                 }
             }
+        }
+        if job.stored != job.next {
+            let progress = ChangeSet {
+                rescan: RescanChanges::next(&job.watch_id, Some(job.next)),
+                ..ChangeSet::default()
+            };
+            self.store_commit(&progress)?;
+            job.stored = job.next;
         }
         Ok(job.next > tip.height)
     }
@@ -313,6 +331,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             let done = self.commit_rescan(&mut job, step, next);
             if done.is_ok() {
                 job.next = block.height;
+                job.stored = block.height;
             }
             done
         };

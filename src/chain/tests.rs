@@ -583,6 +583,32 @@ async fn an_unreachable_node_is_a_transient_failure_and_following_resumes() {
 }
 
 #[tokio::test]
+async fn a_rescan_of_blocks_that_change_nothing_stores_its_progress_at_the_end_of_each_batch() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.mine(40);
+    r.sync().await;
+    let seen = r.log().len();
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    r.follower.rescan_batch().await.unwrap();
+    assert_eq!(
+        r.follower.store.rescans().unwrap(),
+        vec![(late.id.clone(), 126)],
+        "25 empty blocks scanned, none committed alone: their progress is stored once"
+    );
+    assert_eq!(r.log_after(seen), [], "nothing to announce");
+    r.finish_rescan().await;
+    assert_eq!(
+        r.follower.store.rescans().unwrap(),
+        vec![],
+        "the rescan finished"
+    );
+}
+
+#[tokio::test]
 async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
     let live = watch(1, 1);
     let late = watch(2, 2);

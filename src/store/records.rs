@@ -321,13 +321,17 @@ impl Store {
 
     /// Asks for a watch's past to be scanned from `height` (the running watcher picks it up).
     pub fn request_rescan(&self, watch_id: &str, height: u32) -> Result<bool> {
-        let n = self.conn.execute(
+        // One transaction with the version bump: a change the follower is never told of
+        // would never be picked up.
+        let tx = self.conn.unchecked_transaction()?;
+        let n = tx.execute(
             "UPDATE watches SET rescan_next = ?2 WHERE id = ?1",
             params![watch_id, height],
         )?;
         if n > 0 {
             self.bump_watch_version()?;
         }
+        tx.commit()?;
         Ok(n > 0)
     }
 
@@ -431,13 +435,14 @@ impl Store {
     }
 
     pub fn remove_watch(&self, id: &str) -> Result<bool> {
-        let removed = self
-            .conn
-            .execute("DELETE FROM watches WHERE id = ?1", [id])?
-            > 0;
+        // One transaction with the version bump: a watch deleted without it would stay in the
+        // running follower's index, and keep firing.
+        let tx = self.conn.unchecked_transaction()?;
+        let removed = tx.execute("DELETE FROM watches WHERE id = ?1", [id])? > 0;
         if removed {
             self.bump_watch_version()?;
         }
+        tx.commit()?;
         Ok(removed)
     }
 

@@ -177,7 +177,8 @@ impl ScriptTable {
     /// Moves whatever waits in the map into the array: after a bulk load, so probes find
     /// everything in one place.
     pub fn settle(&mut self) {
-        if !(self.recent.is_empty() && self.extra.is_empty()) {
+        // A few entries stay in the map: the array's directory alone is 4 MB.
+        if self.len() >= MERGE_MIN && !(self.recent.is_empty() && self.extra.is_empty()) {
             self.merge();
         }
     }

@@ -215,11 +215,12 @@ async fn a_watch_added_while_running_catches_the_next_payment() {
     h.node.mine(1);
     tokio::time::sleep(Duration::from_millis(800)).await;
     daemon.stop().await;
-    assert_eq!(
-        h.receiver.accepted().len(),
-        1,
-        "a removed watch fires nothing more"
-    );
+    let got = h.receiver.accepted();
+    let what: Vec<(String, String)> = got
+        .iter()
+        .map(|c| (c.kind().to_string(), c.id.clone()))
+        .collect();
+    assert_eq!(got.len(), 1, "a removed watch fires nothing more: {what:?}");
 }
 
 /// Every sample line of a Prometheus text exposition: (name with labels, value).

@@ -224,7 +224,7 @@ fn show_rescan_progress(store: &dyn AdminStore, watch_id: &str, from: u32) {
             eprintln!("\nno progress for 15s: is `chainwatch run` going? The rescan is stored and resumes when it runs.");
             return;
         }
-        std::thread::sleep(std::time::Duration::from_millis(250));
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

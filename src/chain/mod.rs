@@ -38,7 +38,7 @@ use support::RecentSpends;
 
 /// How often the store is asked whether watches were added or removed (by the CLI, which
 /// writes to the store directly): one cheap read, so a new watch or rescan starts within it.
-const WATCH_CHECK: Duration = Duration::from_millis(250);
+const WATCH_CHECK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {

@@ -71,12 +71,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 self.mempool.idle.insert(txid);
                 return Ok(());
             }
-            Some(tx) => Some(
-                tx.input
-                    .iter()
-                    .map(|i| i.previous_output)
-                    .collect::<Vec<_>>(),
-            ),
+            Some(tx) => Some(super::senders::spent_outpoints(tx)),
             None => None,
         };
         // One that does: the node's word that it holds it, and the coins it spends (for its
@@ -345,31 +340,31 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         txids: &[Txid],
     ) -> Result<(Vec<Txid>, Vec<Txid>), FollowError> {
         let replacing = self.removed_spends();
-        let mut kept = Vec::new();
+        // Kept transactions, and where each stood among `txids`.
+        let (mut kept, mut kept_at) = (Vec::new(), Vec::new());
         // Outputs of kept transactions may be watched coins once these are matched: a
         // transaction spending one (a sweep of an unconfirmed deposit) is kept too.
         let mut kept_txids = HashSet::new();
         let mut passed = Vec::new();
         for part in txids.chunks(RESYNC_BATCH) {
             for tx in self.source.mempool_bodies(part).await? {
-                let at = kept.len() + passed.len();
+                let at = kept_at.len() + passed.len();
                 let txid = tx.compute_txid();
                 if self.concerns_us(&tx, &replacing, &kept_txids)? {
                     kept_txids.insert(txid);
-                    kept.push((at, tx));
+                    kept.push(tx);
+                    kept_at.push(at);
                 } else {
                     passed.push((at, txid));
                 }
             }
         }
-        let incoming: Vec<Transaction> = kept.iter().map(|(_, tx)| tx.clone()).collect();
-        self.classify_pending(&incoming, Duration::ZERO).await?;
-        drop(incoming);
+        self.classify_pending(&kept, Duration::ZERO).await?;
         // These came from a getrawmempool validated against the tip: the node vouched for them.
         // Once a commit fails, the rest that match are kept for later without trying each.
         let mut failed = None;
         let mut derived_after = None;
-        for (at, tx) in &kept {
+        for (at, tx) in kept_at.iter().zip(&kept) {
             let before = self.derived_scripts();
             if failed.is_some() {
                 self.defer_if_matched(tx)?;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use bitcoin::{Block, Transaction, Txid};
+use bitcoin::{Block, OutPoint, Transaction, Txid};
 
 use super::{FollowError, Follower};
 use crate::event::BlockRef;
@@ -42,8 +42,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         &mut self,
         tx: &Transaction,
     ) -> Result<Option<Vec<SpentCoin>>, FollowError> {
-        let outpoints: Vec<_> = tx.input.iter().map(|i| i.previous_output).collect();
-        let answer = self.source.node().spent_coins(&outpoints).await;
+        let answer = self.source.node().spent_coins(&spent_outpoints(tx)).await;
         self.judge_spent_coins(tx, answer)
     }
 
@@ -125,4 +124,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         tracing::warn!(%txid, error = %e, "could not learn where the money came from; senders unknown");
         Ok(())
     }
+}
+
+/// The coins `tx` spends, as the node is asked about them.
+pub(super) fn spent_outpoints(tx: &Transaction) -> Vec<OutPoint> {
+    tx.input.iter().map(|i| i.previous_output).collect()
 }

@@ -270,48 +270,13 @@ mod tests {
     use bitcoin::hashes::Hash;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A node that answers every request with `body`.
-    async fn answering(body: String) -> RpcClient {
+    /// A node that reads each request whole and answers it with the JSON text `reply(request)`.
+    async fn serving(reply: impl Fn(&Value) -> String + Clone + Send + 'static) -> RpcClient {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65536];
-                    let _ = s.read(&mut buf).await;
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = s.write_all(head.as_bytes()).await;
-                    let _ = s.write_all(body.as_bytes()).await;
-                });
-            }
-        });
-        let auth = RpcAuth::UserPass {
-            user: "u".into(),
-            password: "p".into(),
-        };
-        RpcClient::new(&url, auth)
-    }
-
-    fn op() -> OutPoint {
-        OutPoint::new(Txid::from_byte_array([7; 32]), 1)
-    }
-
-    /// A node that answers each call (alone or in a batch) with `result(call)`, and counts
-    /// the calls by method.
-    async fn scripted(
-        result: fn(&Value) -> Value,
-    ) -> (RpcClient, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let log = log.clone();
+                let reply = reply.clone();
                 tokio::spawn(async move {
                     let mut req = Vec::new();
                     let mut buf = vec![0u8; 65536];
@@ -337,18 +302,7 @@ mod tests {
                             break body.to_string();
                         }
                     };
-                    let request: Value = serde_json::from_str(&body).unwrap();
-                    let answer = |call: &Value| {
-                        log.lock()
-                            .unwrap()
-                            .push(call["method"].as_str().unwrap().to_string());
-                        json!({ "result": result(call), "error": null, "id": call["id"] })
-                    };
-                    let out = match &request {
-                        Value::Array(calls) => Value::Array(calls.iter().map(answer).collect()),
-                        call => answer(call),
-                    }
-                    .to_string();
+                    let out = reply(&serde_json::from_str(&body).unwrap());
                     let head = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
                         out.len()
@@ -362,7 +316,40 @@ mod tests {
             user: "u".into(),
             password: "p".into(),
         };
-        (RpcClient::new(&url, auth), seen)
+        RpcClient::new(&url, auth)
+    }
+
+    /// A node that answers every request with `body`.
+    async fn answering(body: String) -> RpcClient {
+        serving(move |_| body.clone()).await
+    }
+
+    fn op() -> OutPoint {
+        OutPoint::new(Txid::from_byte_array([7; 32]), 1)
+    }
+
+    /// A node that answers each call (alone or in a batch) with `result(call)`, and records
+    /// the methods called.
+    async fn scripted(
+        result: fn(&Value) -> Value,
+    ) -> (RpcClient, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let node = serving(move |request| {
+            let answer = |call: &Value| {
+                log.lock()
+                    .unwrap()
+                    .push(call["method"].as_str().unwrap().to_string());
+                json!({ "result": result(call), "error": null, "id": call["id"] })
+            };
+            match request {
+                Value::Array(calls) => Value::Array(calls.iter().map(answer).collect()),
+                call => answer(call),
+            }
+            .to_string()
+        })
+        .await;
+        (node, seen)
     }
 
     #[tokio::test]

@@ -245,6 +245,16 @@ mod tests {
         (fast, (n.wrapping_mul(0xbf58_476d_1ce4_e5b9) >> 32) as u32)
     }
 
+    /// A table holding scripts `ns`, each watched by the slot of its number.
+    fn filled(ns: std::ops::Range<u64>) -> ScriptTable {
+        let mut t = ScriptTable::default();
+        for n in ns {
+            let (f, c) = hashes(n);
+            t.insert(f, c, n as Slot);
+        }
+        t
+    }
+
     fn slots_of(t: &ScriptTable, fast: u64, check: u32) -> Vec<Slot> {
         let mut v = Vec::new();
         t.for_each(fast, || check, |s| v.push(s));
@@ -254,11 +264,7 @@ mod tests {
 
     #[test]
     fn every_script_is_found_across_merges_and_others_are_not() {
-        let mut t = ScriptTable::default();
-        for n in 0..20_000u64 {
-            let (f, c) = hashes(n);
-            t.insert(f, c, n as Slot);
-        }
+        let mut t = filled(0..20_000);
         assert_eq!(t.len(), 20_000, "one entry a script");
         assert!(
             t.entries.len() > 15_000,
@@ -285,11 +291,7 @@ mod tests {
 
     #[test]
     fn a_first_hash_that_agrees_is_not_enough() {
-        let mut t = ScriptTable::default();
-        for n in 0..5_000u64 {
-            let (f, c) = hashes(n);
-            t.insert(f, c, n as Slot);
-        }
+        let t = filled(0..5_000);
         let (f, c) = hashes(42);
         let mut asked = 0;
         let mut found = Vec::new();

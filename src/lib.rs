@@ -1,6 +1,7 @@
 //! chainwatch: follows a Bitcoin Core node and turns chain activity into signed webhooks.
 
 pub mod api;
+pub mod blockfilter;
 pub mod chain;
 pub mod changeset;
 pub mod commands;

@@ -13,6 +13,7 @@ use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 
 pub use rpc::RpcClient;
 
+use crate::blockfilter::CheckedFilter;
 use crate::senders::SpentCoin;
 
 /// Why a node call failed, and whether trying again can help.
@@ -63,6 +64,18 @@ impl NodeError {
         )
     }
 
+    /// The node keeps no block filters: `getblockfilter` unknown (before v0.19) or its index
+    /// off (no `-blockfilterindex`).
+    pub fn is_no_filter_index(&self) -> bool {
+        match self {
+            NodeError::Rpc { code: -32601, .. } => true,
+            NodeError::Rpc {
+                code: -1, message, ..
+            } => message.starts_with("Index is not enabled"),
+            _ => false,
+        }
+    }
+
     /// "Not found" answers (-5 unknown block/tx, -8 height out of range).
     pub fn is_not_found(&self) -> bool {
         matches!(self, NodeError::Rpc { code: -5 | -8, .. })
@@ -106,6 +119,19 @@ pub trait ChainSource: Send + Sync + 'static {
     fn block_hash(&self, height: u32) -> impl Future<Output = NodeResult<BlockHash>> + Send;
     fn block_header(&self, hash: BlockHash) -> impl Future<Output = NodeResult<HeaderInfo>> + Send;
     fn block(&self, hash: BlockHash) -> impl Future<Output = NodeResult<Block>> + Send;
+    /// The hashes of heights `from..from + count` of the active chain, asked in one batch.
+    fn block_hashes(
+        &self,
+        from: u32,
+        count: u32,
+    ) -> impl Future<Output = NodeResult<Vec<BlockHash>>> + Send;
+    /// The BIP 158 basic filters of blocks `hashes` (`getblockfilter`), checked, asked in one
+    /// batch. An entry fails where the node has no filter for its block: a node started
+    /// without `-blockfilterindex` fails them all with code -1.
+    fn block_filters(
+        &self,
+        hashes: &[BlockHash],
+    ) -> impl Future<Output = NodeResult<Vec<NodeResult<CheckedFilter>>>> + Send;
     /// Mempool txids and the mempool sequence they are valid at.
     fn raw_mempool(&self) -> impl Future<Output = NodeResult<(Vec<Txid>, u64)>> + Send;
     fn mempool_transaction(

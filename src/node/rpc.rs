@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
+use crate::blockfilter::CheckedFilter;
 use crate::config::RpcAuth;
 use crate::senders::SpentCoin;
 
@@ -409,6 +410,14 @@ struct MempoolListing {
     mempool_sequence: u64,
 }
 
+/// A `getblockfilter` answer, checked.
+pub fn filter_from(v: &Value) -> NodeResult<CheckedFilter> {
+    const M: &str = "getblockfilter";
+    let filter = as_str(M, field(M, v, "filter")?)?;
+    let header = as_str(M, field(M, v, "header")?)?;
+    CheckedFilter::from_hex(filter, header).map_err(|e| NodeError::bad(M, e.to_string()))
+}
+
 pub fn zmq_from(v: &Value) -> NodeResult<Vec<ZmqNotification>> {
     let m = "getzmqnotifications";
     let list = v.as_array().ok_or_else(|| NodeError::BadResponse {
@@ -469,6 +478,33 @@ impl ChainSource for RpcClient {
             reason: e.to_string(),
         })?;
         Ok(block)
+    }
+
+    async fn block_hashes(&self, from: u32, count: u32) -> NodeResult<Vec<BlockHash>> {
+        let calls: Vec<(&str, Value)> = (from..from.saturating_add(count))
+            .map(|h| ("getblockhash", json!([h])))
+            .collect();
+        self.call_batch(&calls)
+            .await?
+            .into_iter()
+            .map(|a| parse_hex("getblockhash", &a?))
+            .collect()
+    }
+
+    async fn block_filters(
+        &self,
+        hashes: &[BlockHash],
+    ) -> NodeResult<Vec<NodeResult<CheckedFilter>>> {
+        let calls: Vec<(&str, Value)> = hashes
+            .iter()
+            .map(|h| ("getblockfilter", json!([h.to_string(), "basic"])))
+            .collect();
+        Ok(self
+            .call_batch(&calls)
+            .await?
+            .into_iter()
+            .map(|a| filter_from(&a?))
+            .collect())
     }
 
     async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {

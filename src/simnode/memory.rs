@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, TxOut, Txid};
 
 use super::{SimError, SimNode, State};
+use crate::blockfilter::CheckedFilter;
 use crate::node::zmq_wire::{decode_body, ZmqMessage};
 use crate::node::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
 use crate::senders::SpentCoin;
@@ -30,7 +31,7 @@ impl SimNode {
     fn answer<T>(
         &self,
         method: &str,
-        f: impl FnOnce(&State) -> Result<T, SimError>,
+        f: impl FnOnce(&mut State) -> Result<T, SimError>,
     ) -> NodeResult<T> {
         let mut s = self.lock();
         *s.calls.entry(method.to_string()).or_default() += 1;
@@ -44,7 +45,7 @@ impl SimNode {
             s.warmup_calls -= 1;
             return Err(NodeError::WarmingUp("Loading block index…".into()));
         }
-        f(&s).map_err(|e| rpc_error(method, e))
+        f(&mut s).map_err(|e| rpc_error(method, e))
     }
 
     /// Another in-memory node starting from this one's chain, mempool and wallet (building
@@ -60,6 +61,7 @@ impl SimNode {
             to.spent = from.spent.clone();
             to.change = from.change.clone();
             to.txindex = from.txindex;
+            to.block_filters = from.block_filters.clone();
         }
         node
     }
@@ -134,6 +136,35 @@ impl ChainSource for SimNode {
 
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
         self.answer("getblock", |s| Ok(s.chain.block(&hash)?.0.clone()))
+    }
+
+    async fn block_hashes(&self, from: u32, count: u32) -> NodeResult<Vec<BlockHash>> {
+        self.answer("getblockhash", |s| {
+            (from..from.saturating_add(count))
+                .map(|h| s.chain.block_hash(h))
+                .collect()
+        })
+    }
+
+    async fn block_filters(
+        &self,
+        hashes: &[BlockHash],
+    ) -> NodeResult<Vec<NodeResult<CheckedFilter>>> {
+        self.answer("getblockfilter", |s| {
+            Ok(hashes
+                .iter()
+                .map(|h| {
+                    let (content, header) =
+                        super::filters::filter(s, *h).map_err(|e| NodeError::Rpc {
+                            method: "getblockfilter".into(),
+                            code: e.code,
+                            message: e.message,
+                        })?;
+                    CheckedFilter::new(content, header)
+                        .map_err(|e| NodeError::bad("getblockfilter", e.to_string()))
+                })
+                .collect())
+        })
     }
 
     async fn raw_mempool(&self) -> NodeResult<(Vec<Txid>, u64)> {

@@ -5,6 +5,7 @@
 
 pub mod chain;
 mod described;
+mod filters;
 mod memory;
 pub mod mining;
 pub mod pool;
@@ -40,6 +41,8 @@ pub(crate) struct State {
     pub block_read_delay: std::time::Duration,
     /// `-txindex`: `getrawtransaction` also answers for confirmed transactions.
     pub txindex: bool,
+    /// `-blockfilterindex`: the filters `getblockfilter` has built; `None` when off.
+    pub block_filters: Option<filters::FilterIndex>,
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
@@ -50,7 +53,7 @@ pub(crate) struct State {
     pub log: Option<Vec<Published>>,
     /// Drops published ZMQ messages at random: (probability, RNG).
     pub drop: Option<(f64, rand::rngs::StdRng)>,
-    /// Calls answered in memory, by method: what a follower asked of the node.
+    /// Calls answered, by method (a JSON-RPC batch counts each call): what a follower asked.
     pub calls: std::collections::HashMap<String, u32>,
 }
 
@@ -134,6 +137,7 @@ impl SimNode {
             garbage_calls: 0,
             block_read_delay: std::time::Duration::ZERO,
             txindex: false,
+            block_filters: None,
             spent: Default::default(),
             miner,
             change: vec![],
@@ -206,6 +210,14 @@ impl SimNode {
     }
 
     /// The next `n` RPC calls get HTTP 200 with a body that is not JSON.
+    /// Runs as with `-blockfilterindex`: `getblockfilter` serves BIP 158 basic filters.
+    pub fn set_block_filters(&self, on: bool) {
+        let mut s = self.lock();
+        if on != s.block_filters.is_some() {
+            s.block_filters = on.then(Default::default);
+        }
+    }
+
     /// Runs as with `-txindex`: confirmed transactions are served by `getrawtransaction`.
     pub fn set_txindex(&self, on: bool) {
         self.lock().txindex = on;
@@ -228,7 +240,7 @@ impl SimNode {
         s.flush();
     }
 
-    /// How many `method` calls the in-memory node answered (not counting its HTTP server).
+    /// How many `method` calls the node answered, over JSON-RPC or in memory.
     pub fn calls(&self, method: &str) -> u32 {
         self.lock().calls.get(method).copied().unwrap_or(0)
     }

@@ -38,8 +38,8 @@ fn asks_for_a_block(body: &[u8]) -> bool {
 }
 
 pub(super) struct RpcError {
-    code: i64,
-    message: String,
+    pub(super) code: i64,
+    pub(super) message: String,
 }
 
 pub(super) fn err(code: i64, message: impl Into<String>) -> RpcError {
@@ -119,6 +119,7 @@ fn answer(node: &SimNode, req: &Value) -> (StatusCode, String) {
     let params = req.get("params").cloned().unwrap_or(json!([]));
     let result = {
         let mut s = node.lock();
+        *s.calls.entry(method.to_string()).or_default() += 1;
         let r = if s.warmup_calls > 0 {
             s.warmup_calls -= 1;
             Err(err(-28, "Loading P2P addresses…"))
@@ -299,6 +300,7 @@ fn call(node: &SimNode, s: &mut State, method: &str, params: &Value) -> Result<V
                 header_json(s, &hash)?
             }
         }
+        "getblockfilter" => super::filters::getblockfilter(s, params)?,
         "getblock" => json!(serialize_hex(s.chain.block(&block_hash_param(params)?)?.0)),
         "getrawmempool" => {
             let txids: Vec<String> = s.chain.mempool().txids().map(|t| t.to_string()).collect();

@@ -1079,3 +1079,5 @@ async fn a_resync_does_not_match_what_paid_an_address_before_it_was_derived() {
         "only the payment to an address watched when it came: {early} is not"
     );
 }
+
+mod filters;

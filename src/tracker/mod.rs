@@ -198,6 +198,18 @@ impl Tracker {
         self.entries.is_empty()
     }
 
+    /// Whether a confirmed transaction still has confirmations to announce: then every block
+    /// counts, even one holding nothing of the watches'. Otherwise such a block changes
+    /// nothing that anyone is told, and a rescan may skip it.
+    pub fn awaits_confirmations(&self, index: &WatchIndex) -> bool {
+        self.entries.values().any(|t| {
+            matches!(t.status, TxStatus::Confirmed(_))
+                && index
+                    .confirmations(&t.watch_id)
+                    .is_some_and(|target| t.fired < target)
+        })
+    }
+
     /// Takes in a committed change set.
     pub fn apply(&mut self, changes: &TrackedChanges) {
         for (k, t) in &changes.0 {

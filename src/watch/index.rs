@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::{Arc, Mutex};
 
-use bitcoin::{Address, Network, OutPoint, Script, Transaction, Txid};
+use bitcoin::{Address, Network, OutPoint, Script, ScriptBuf, Transaction, Txid};
 
 use super::descriptor::WatchedDescriptor;
 use super::scripts::{PassThrough, ScriptTable};
@@ -380,6 +380,35 @@ impl WatchIndex {
     /// How many scripts are watched (addresses, and derived descriptor addresses).
     pub fn script_count(&self) -> usize {
         self.scripts.len() + self.derived.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Every script the index watches, for asking outside it (a block's BIP 158 filter):
+    /// addresses, and descriptor addresses as far as they are derived. `None` when a record
+    /// is not at hand (an index with a loader keeps few) or a derivation fails: the list would
+    /// be short, and a short list could skip a block holding a payment.
+    pub fn watched_scripts(&self) -> Option<Vec<ScriptBuf>> {
+        if self.loader.is_some() {
+            return None;
+        }
+        let details = self.details.lock().expect("details lock");
+        let mut out = Vec::new();
+        for w in details.values() {
+            match &w.target {
+                Target::Address { address } => {
+                    let a = address.parse::<Address<_>>().ok()?;
+                    out.push(a.require_network(self.network).ok()?.script_pubkey());
+                }
+                Target::Descriptor { .. } => {
+                    let st = self.descriptors.get(&self.slot(&w.id)?)?;
+                    for (path, derived) in st.derived.iter().enumerate() {
+                        for i in 0..*derived {
+                            out.push(st.desc.derive(path, i).ok()?.0);
+                        }
+                    }
+                }
+            }
+        }
+        Some(out)
     }
 
     /// The watches a transaction touches, in watch-id order (so events come out deterministically).

@@ -215,6 +215,70 @@ async fn watch_add_rescan_from_finds_past_payments_with_live_ids_and_resumes_aft
     );
 }
 
+/// `watch add … --rescan-from FROM` with the CLI, waiting for the rescan to finish.
+fn add_rescanning(
+    path: &std::path::Path,
+    address: &str,
+    confirmations: &str,
+    label: &str,
+    from: u32,
+) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
+        .args(["watch", "add", address, "--confirmations", confirmations])
+        .args([
+            "--label",
+            label,
+            "--rescan-from",
+            &from.to_string(),
+            "--config",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("rescan done"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_over_a_node_with_block_filters_skips_quiet_blocks_and_has_the_live_runs_ids() {
+    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")]).await;
+    h.node.set_block_filters(true);
+    let live = h.start_daemon();
+    h.wait_synced().await;
+    let first = live_history(&h).await;
+    // Quiet blocks after the last payment: the filters prove they hold nothing for either.
+    h.node.mine(100);
+    h.wait_synced().await;
+    live.stop().await;
+    let expected = without_pending(&log(&h.data_dir()));
+    let path = second_config(&h, "late", None, false);
+    let mut late = h.spawn_binary_with(&path);
+    let late_dir = h.dir.path().join("late");
+    h.wait_synced_dir(&late_dir).await;
+    let read_before = h.node.calls("getblock");
+    add_rescanning(&path, P2WPKH, "3", "a", first);
+    add_rescanning(&path, P2TR, "2", "b", first);
+    let read = h.node.calls("getblock") - read_before;
+    late.kill().unwrap();
+    late.wait().unwrap();
+    let (mut have, mut want) = (log(&late_dir), expected);
+    have.sort();
+    want.sort();
+    assert_eq!(
+        have, want,
+        "every past payment's events, with the ids of the live run"
+    );
+    // Each rescan covers the 300 blocks from `first`: the 200 with a payment every 25 are
+    // read (each payment is tracked for its confirmations), the last 100 are skipped.
+    assert!(
+        h.node.calls("getblockfilter") > 0 && read < 2 * 250,
+        "{read} blocks read by two rescans of 300 blocks"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reorg_under_a_running_rescan_reorgs_what_it_found() {
     let h = Harness::new(&[watch(P2WPKH, 2, "a")]).await;

@@ -1,0 +1,136 @@
+//! Rescans over a node serving BIP 158 filters (`-blockfilterindex`): the blocks the filters
+//! prove hold nothing for the watch are skipped, and the events are those of a full read.
+
+use super::*;
+use crate::unit_kit::{derived_script, descriptor_watch};
+
+/// Blocks asked for by `getblock` so far (full blocks, and the senders of matched ones).
+fn blocks_read(r: &Rig) -> u32 {
+    r.node.calls("getblock")
+}
+
+#[tokio::test]
+async fn a_rescan_over_block_filters_reads_only_from_the_paying_block_and_tells_the_same() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    r.node.mine(78);
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    let paid_in = r.node.mine(1)[0];
+    r.node.mine(70);
+    r.sync().await;
+    let seen = r.log().len();
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    let before = blocks_read(&r);
+    r.finish_rescan().await;
+    let bodies = r.bodies();
+    let found: Vec<(String, String)> = bodies[seen..]
+        .iter()
+        .map(|b| {
+            (
+                b["type"].as_str().unwrap().into(),
+                b["data"]["id"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                TX_CONFIRMATION.to_string(),
+                tx_event_id(TX_CONFIRMATION, txid, &late, Some(paid_in), 1, 0)
+            ),
+            (
+                TX_CONFIRMED.to_string(),
+                tx_event_id(TX_CONFIRMED, txid, &late, Some(paid_in), 2, 0)
+            ),
+        ],
+        "the payment at 180 is found and confirmed, with the ids a full read gives"
+    );
+    // 101..=179 and the blocks after the payment's batch are skipped: one batch of blocks is
+    // read from 180 on, and once more for the payment's senders.
+    assert_eq!(
+        blocks_read(&r) - before,
+        super::super::rescan::BATCH + 1,
+        "150 blocks rescanned, only the paying block's batch read"
+    );
+    assert_eq!(
+        r.follower.store.rescans().unwrap(),
+        vec![],
+        "the rescan finished"
+    );
+}
+
+#[tokio::test]
+async fn filters_are_asked_about_the_addresses_a_descriptor_derives_as_the_rescan_finds_payments() {
+    let live = watch(1, 1);
+    let shop = descriptor_watch(2, 1);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    r.node.mine(28);
+    let a = r.node.pay_script(&[(derived_script(1), 1_000)]);
+    r.node.mine(40);
+    // Watched only once index 1 is seen used: 3 is within its gap of 2.
+    let b = r.node.pay_script(&[(derived_script(3), 3_000)]);
+    r.node.mine(40);
+    // Past 3 + gap 2: never watched.
+    let c = r.node.pay_script(&[(derived_script(6), 6_000)]);
+    r.node.mine(40);
+    r.sync().await;
+    r.follower.store.upsert_watch(&shop, "test", 1).unwrap();
+    r.follower.store.request_rescan(&shop.id, 101).unwrap();
+    r.sync().await;
+    r.finish_rescan().await;
+    let confirmed: Vec<String> = r
+        .log()
+        .into_iter()
+        .filter(|e| e.0 == TX_CONFIRMED)
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(
+        confirmed,
+        [a.to_string(), b.to_string()],
+        "the payment to index 3 is found although index 3 was derived during the rescan"
+    );
+    assert!(
+        !r.log().iter().any(|e| e.1 == c.to_string()),
+        "6 is past 3 + gap 2"
+    );
+}
+
+#[tokio::test]
+async fn a_node_without_filters_is_asked_once_and_every_block_is_read() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.mine(78);
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    r.node.mine(71);
+    r.sync().await;
+    let seen = r.log().len();
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    let before = blocks_read(&r);
+    r.finish_rescan().await;
+    assert_eq!(
+        r.log_of(seen, txid),
+        [
+            ev(TX_CONFIRMATION, Some(txid), 1),
+            ev(TX_CONFIRMED, Some(txid), 2)
+        ]
+    );
+    assert_eq!(
+        r.node.calls("getblockfilter"),
+        1,
+        "a node that keeps no filters says so once; the rescan does not ask again"
+    );
+    assert_eq!(
+        blocks_read(&r) - before,
+        150 + 1,
+        "every block of 101..=250 read, and the payment's senders"
+    );
+}

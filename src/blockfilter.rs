@@ -88,7 +88,8 @@ impl CheckedFilter {
     }
 
     /// False only when the filter proves block `hash` holds none of `scripts`, as an output
-    /// or as a coin spent. A filter that cannot be read to the end says "may hold".
+    /// or as a coin spent. A filter that ends before the matcher has read as far as the
+    /// scripts need says "may hold". (Bytes after what it needs are not looked at.)
     pub fn may_hold(&self, hash: &BlockHash, scripts: &[ScriptBuf]) -> bool {
         let query = scripts.iter().map(|s| s.as_bytes());
         self.filter.match_any(hash, query).unwrap_or(true)

@@ -194,7 +194,9 @@ fn a_filter_cut_short_says_may_hold() {
         .collect();
     assert!(!checked(b102).may_hold(&b102.hash, &strangers));
     // Its last byte gone, the filter still has room for its eight elements at their shortest,
-    // so it passes the count check; but the reader runs out before the last one.
+    // so it passes the count check; but the reader runs out before the last one. (Fifty
+    // queries reach past the last element, so it must be read; a query below it would stop
+    // earlier and could still be answered.)
     let cut = &b102.filter[..b102.filter.len() - 2];
     let cut = CheckedFilter::from_hex(cut, &b102.header).expect("passes the count check");
     assert!(

@@ -17,8 +17,8 @@ use futures_util::future::try_join_all;
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
-use bitcoin::bip158::FilterHeader;
-use bitcoin::{Block, BlockHash, OutPoint, ScriptBuf, Transaction, Txid};
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
+use filters::{FilterState, Skipped};
 
 use crate::event::{BlockRef, TipRef};
 use crate::node::ChainSource;
@@ -28,11 +28,11 @@ use crate::tracker::{Removal, Tracker, TrackerStep};
 use crate::watch::{RescanChanges, WatchIndex, WatchedCoin};
 
 /// Blocks scanned between two looks at live news.
-pub(super) const BATCH: u32 = 25;
+const BATCH: u32 = 25;
 /// Blocks asked of the node at once: few, as each may be a few megabytes.
 const AHEAD: u32 = 4;
-/// BIP 158 filters asked for at once: a mainnet block's is some 20 kB, twice that in hex.
-const FILTER_SPAN: u32 = 200;
+
+mod filters;
 
 pub(super) struct RescanJob {
     watch_id: String,
@@ -45,21 +45,7 @@ pub(super) struct RescanJob {
     progress: Option<Progress>,
     started: Instant,
     backfilled: bool,
-    /// Whether to ask for BIP 158 filters: until the node shows it keeps none.
-    filters: bool,
-    /// The watch's scripts, asked of the filters, and the script count they were listed at.
-    query: Option<(usize, Vec<ScriptBuf>)>,
-}
-
-impl RescanJob {
-    /// The scripts to ask the filters about, listed again whenever the watch derived more.
-    fn query_scripts(&mut self) -> Option<Vec<ScriptBuf>> {
-        let count = self.index.script_count();
-        if self.query.as_ref().map(|q| q.0) != Some(count) {
-            self.query = self.index.watched_scripts().map(|s| (count, s));
-        }
-        self.query.as_ref().map(|q| q.1.clone())
-    }
+    filters: FilterState,
 }
 
 impl<S: ChainSource, St: ChainStore> Follower<S, St> {
@@ -113,8 +99,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             progress: None,
             started: Instant::now(),
             backfilled: false,
-            filters: true,
-            query: None,
+            filters: FilterState::new(),
         });
         Ok(())
     }
@@ -295,36 +280,71 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if job.progress.is_none() {
             job.progress = Some(Progress::new(job.next, tip.height));
         }
-        if job.filters && !job.tracker.awaits_confirmations(&job.index) {
-            self.skip_by_filters(job, tip.height).await?;
-        }
-        let last = tip.height.min(job.next.saturating_add(BATCH - 1));
-        while job.next <= last {
-            let upto = last.min(job.next.saturating_add(AHEAD - 1));
+        let mut may_ask = true;
+        let mut read = 0;
+        while job.next <= tip.height && read < BATCH {
+            match self.skip_by_filters(job, tip.height, &mut may_ask).await? {
+                Skipped::Stop => break,
+                Skipped::AtMatch | Skipped::Unfiltered => {}
+            }
+            // Where the filters guide, only the blocks the confirmations need are worth asking
+            // for; elsewhere a few at once.
+            let wanted = match job.filters.guiding() {
+                true => job.tracker.confirmations_owed(&job.index).clamp(1, AHEAD),
+                false => AHEAD,
+            };
+            let upto = tip
+                .height
+                .min(job.next.saturating_add(wanted.min(BATCH - read) - 1));
             // Below what we keep, the node's chain is the truth; within it, our own chain is.
-            let kept = self.kept_hashes(job.next, upto)?;
+            let mut kept = self.kept_hashes(job.next, upto)?;
+            for (i, hash) in kept.iter_mut().enumerate() {
+                *hash = hash.or(job.filters.hash_at(i));
+            }
             for (hash, block) in fetch_blocks(self.source.node(), job.next, kept).await? {
-                let h = job.next;
-                let at = BlockRef {
-                    hash,
-                    height: h,
-                    time: block.header.time,
-                };
-                let mut step = job.tracker.connect_block(&job.index, &block, at);
-                self.fill_block_senders(&mut step, &block, at).await?;
-                // Most blocks of a rescan change nothing: a commit (an fsync) each would be
-                // most of the rescan's time. A crash rescans them again, finding nothing.
-                if !step.is_empty() {
-                    let next = RescanChanges::next(&job.watch_id, Some(h + 1));
-                    self.commit_rescan(job, step, next)?;
-                    job.stored = h + 1;
-                }
-                job.next = h + 1;
-                if let Some(p) = job.progress.as_mut() {
-                    p.tick(h);
-                }
+                self.rescan_block(job, hash, &block).await?;
+                read += 1;
             }
         }
+        self.store_rescan_progress(job, tip.height)
+    }
+
+    /// Connects the rescan's next block to its tracker.
+    async fn rescan_block(
+        &mut self,
+        job: &mut RescanJob,
+        hash: BlockHash,
+        block: &Block,
+    ) -> Result<(), FollowError> {
+        let h = job.next;
+        let at = BlockRef {
+            hash,
+            height: h,
+            time: block.header.time,
+        };
+        let mut step = job.tracker.connect_block(&job.index, block, at);
+        self.fill_block_senders(&mut step, block, at).await?;
+        // Most blocks of a rescan change nothing: a commit (an fsync) each would be most of
+        // the rescan's time. A crash rescans them again, finding nothing.
+        if !step.is_empty() {
+            let next = RescanChanges::next(&job.watch_id, Some(h + 1));
+            self.commit_rescan(job, step, next)?;
+            job.stored = h + 1;
+        }
+        job.next = h + 1;
+        job.filters.passed();
+        if let Some(p) = job.progress.as_mut() {
+            p.tick(h);
+        }
+        Ok(())
+    }
+
+    /// Stores where the rescan stands, if a commit has not; returns whether it reached `tip`.
+    fn store_rescan_progress(
+        &mut self,
+        job: &mut RescanJob,
+        tip: u32,
+    ) -> Result<bool, FollowError> {
         if job.stored != job.next {
             let progress = ChangeSet {
                 rescan: RescanChanges::next(&job.watch_id, Some(job.next)),
@@ -333,59 +353,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             self.store_commit(&progress)?;
             job.stored = job.next;
         }
-        Ok(job.next > tip.height)
-    }
-
-    /// Moves the rescan past the blocks whose BIP 158 filters prove they neither pay nor spend
-    /// the watch, up to `FILTER_SPAN` of them. Only while no transaction awaits confirmations:
-    /// one that does needs every block. (One kept only in case a reorg takes its block needs
-    /// none: its block is read, and is disconnected like any other.) The first block that may
-    /// concern the watch, or whose filter is missing or fails a check, is read as usual.
-    async fn skip_by_filters(&mut self, job: &mut RescanJob, tip: u32) -> Result<(), FollowError> {
-        let to = tip.min(job.next.saturating_add(FILTER_SPAN - 1));
-        let Some(scripts) = job.query_scripts() else {
-            return Ok(());
-        };
-        if job.next > to {
-            return Ok(());
-        }
-        // Below the blocks we keep, the node's chain is the truth; within them, ours is.
-        let lowest = self.store.lowest_block()?.map_or(u32::MAX, |b| b.height);
-        let below = to.saturating_add(1).min(lowest).saturating_sub(job.next);
-        let kept = self.kept_hashes(job.next + below, to)?;
-        let hashes = hashes_of(self.source.node(), job.next, below, kept).await?;
-        let filters = self.source.node().block_filters(&hashes).await?;
-        let mut previous: Option<FilterHeader> = None;
-        for (hash, filter) in hashes.iter().zip(filters) {
-            let filter = match filter {
-                Ok(f) => f,
-                Err(e) if e.is_no_filter_index() => {
-                    tracing::info!(watch = %job.watch_id, "the node keeps no block filters (-blockfilterindex): the rescan reads every block");
-                    job.filters = false;
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(height = job.next, error = %e, "no usable block filter; the block is read");
-                    break;
-                }
-            };
-            if previous.is_some_and(|p| !filter.follows(&p)) {
-                tracing::warn!(
-                    height = job.next,
-                    "the node's block filters do not chain to each other; the block is read"
-                );
-                break;
-            }
-            if filter.may_hold(hash, &scripts) {
-                break;
-            }
-            previous = Some(filter.header);
-            job.next += 1;
-        }
-        if let Some(p) = job.progress.as_mut() {
-            p.tick(job.next.saturating_sub(1));
-        }
-        Ok(())
+        Ok(job.next > tip)
     }
 
     /// A block the rescan already scanned was disconnected: reorg what the rescan confirmed in
@@ -398,6 +366,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let Some(mut job) = self.rescan.take() else {
             return Ok(());
         };
+        job.filters.forget();
         let done = if job.next <= block.height {
             Ok(())
         } else {
@@ -480,26 +449,4 @@ async fn fetch_blocks<S: ChainSource>(
     .await?;
     let blocks = try_join_all(hashes.iter().map(|hash| node.block(*hash))).await?;
     Ok(hashes.into_iter().zip(blocks).collect())
-}
-
-/// The hashes of `below` heights from `from`, asked of the node in one batch, then those of the
-/// heights after them: `kept`'s, or else the node's.
-async fn hashes_of<S: ChainSource>(
-    node: &S,
-    from: u32,
-    below: u32,
-    kept: Vec<Option<BlockHash>>,
-) -> Result<Vec<BlockHash>, FollowError> {
-    let mut hashes = node.block_hashes(from, below).await?;
-    if hashes.len() != below as usize {
-        let e = crate::node::NodeError::bad("getblockhash", "not one answer per height asked");
-        return Err(e.into());
-    }
-    for (h, kept) in (from + below..).zip(kept) {
-        hashes.push(match kept {
-            Some(hash) => hash,
-            None => node.block_hash(h).await?,
-        });
-    }
-    Ok(hashes)
 }

@@ -150,6 +150,17 @@ impl ChainSource for SimNode {
         &self,
         hashes: &[BlockHash],
     ) -> NodeResult<Vec<NodeResult<CheckedFilter>>> {
+        {
+            let mut s = self.lock();
+            if s.broken_filter_calls > 0 {
+                s.broken_filter_calls -= 1;
+                *s.calls.entry("getblockfilter".into()).or_default() += 1;
+                return Err(NodeError::bad(
+                    "getblockfilter (batch)",
+                    "HTTP 403, not a JSON list",
+                ));
+            }
+        }
         self.answer("getblockfilter", |s| {
             Ok(hashes
                 .iter()

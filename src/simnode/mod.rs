@@ -43,6 +43,8 @@ pub(crate) struct State {
     pub txindex: bool,
     /// `-blockfilterindex`: the filters `getblockfilter` has built; `None` when off.
     pub block_filters: Option<filters::FilterIndex>,
+    /// Asks for block filters still to fail as a whole (in memory only).
+    pub broken_filter_calls: u32,
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
@@ -53,7 +55,8 @@ pub(crate) struct State {
     pub log: Option<Vec<Published>>,
     /// Drops published ZMQ messages at random: (probability, RNG).
     pub drop: Option<(f64, rand::rngs::StdRng)>,
-    /// Calls answered, by method (a JSON-RPC batch counts each call): what a follower asked.
+    /// Calls answered, by method: what a follower asked. Over JSON-RPC each call of a batch
+    /// counts; in memory each ask (`block_filters` of many blocks is one).
     pub calls: std::collections::HashMap<String, u32>,
 }
 
@@ -138,6 +141,7 @@ impl SimNode {
             block_read_delay: std::time::Duration::ZERO,
             txindex: false,
             block_filters: None,
+            broken_filter_calls: 0,
             spent: Default::default(),
             miner,
             change: vec![],
@@ -209,7 +213,6 @@ impl SimNode {
         conflicting_tx(&self.lock(), txid, outputs)
     }
 
-    /// The next `n` RPC calls get HTTP 200 with a body that is not JSON.
     /// Runs as with `-blockfilterindex`: `getblockfilter` serves BIP 158 basic filters.
     pub fn set_block_filters(&self, on: bool) {
         let mut s = self.lock();
@@ -218,11 +221,18 @@ impl SimNode {
         }
     }
 
+    /// The next `n` asks for block filters fail as a whole with an answer that is not one (in
+    /// memory only): as a node whose `rpcwhitelist` leaves `getblockfilter` out answers.
+    pub fn set_broken_filter_calls(&self, n: u32) {
+        self.lock().broken_filter_calls = n;
+    }
+
     /// Runs as with `-txindex`: confirmed transactions are served by `getrawtransaction`.
     pub fn set_txindex(&self, on: bool) {
         self.lock().txindex = on;
     }
 
+    /// The next `n` RPC calls get HTTP 200 with a body that is not JSON.
     pub fn set_garbage_calls(&self, n: u32) {
         self.lock().garbage_calls = n;
     }

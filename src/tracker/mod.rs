@@ -198,16 +198,30 @@ impl Tracker {
         self.entries.is_empty()
     }
 
-    /// Whether a confirmed transaction still has confirmations to announce: then every block
-    /// counts, even one holding nothing of the watches'. Otherwise such a block changes
-    /// nothing that anyone is told, and a rescan may skip it.
-    pub fn awaits_confirmations(&self, index: &WatchIndex) -> bool {
-        self.entries.values().any(|t| {
-            matches!(t.status, TxStatus::Confirmed(_))
-                && index
-                    .confirmations(&t.watch_id)
-                    .is_some_and(|target| t.fired < target)
-        })
+    /// How many more blocks the confirmed transactions need to announce all their
+    /// confirmations (the most any one needs). While it is above 0 every block counts, even
+    /// one holding nothing of the watches'; at 0 such a block changes nothing anyone is told,
+    /// and a rescan may skip it.
+    pub fn confirmations_owed(&self, index: &WatchIndex) -> u32 {
+        self.entries
+            .values()
+            .filter(|t| matches!(t.status, TxStatus::Confirmed(_)))
+            .filter_map(|t| Some(index.confirmations(&t.watch_id)?.saturating_sub(t.fired)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Blocks up to `tip` were passed over, known to hold nothing of the watches' (a rescan's
+    /// filters said so) while no confirmation was owed: retires what they made final, as
+    /// connecting them one by one would have. Announces nothing.
+    pub fn passed_over(&self, index: &WatchIndex, tip: TipRef) -> TrackerStep {
+        let mut step = TrackerStep::default();
+        for (key, t) in &self.entries {
+            if matches!(t.status, TxStatus::Confirmed(_)) {
+                self.advance(index, t.clone(), key.clone(), tip, &mut step);
+            }
+        }
+        step
     }
 
     /// Takes in a committed change set.

@@ -105,6 +105,11 @@ impl Probe {
     }
 }
 
+/// How far `WatchIndex::scripts_not_listed` has listed each watch's scripts: per watch id and
+/// descriptor path (`usize::MAX` for an address), how many.
+#[derive(Debug, Default, Clone)]
+pub struct ListedScripts(HashMap<(String, usize), u32>);
+
 pub struct WatchIndex {
     network: Network,
     /// Seed of the fast first-half hash, and the SipHash keys of the second half.
@@ -382,11 +387,11 @@ impl WatchIndex {
         self.scripts.len() + self.derived.values().map(Vec::len).sum::<usize>()
     }
 
-    /// Every script the index watches, for asking outside it (a block's BIP 158 filter):
-    /// addresses, and descriptor addresses as far as they are derived. `None` when a record
-    /// is not at hand (an index with a loader keeps few) or a derivation fails: the list would
-    /// be short, and a short list could skip a block holding a payment.
-    pub fn watched_scripts(&self) -> Option<Vec<ScriptBuf>> {
+    /// The scripts the index watches that `listed` has not listed yet, for asking outside it
+    /// (a block's BIP 158 filter): addresses, and descriptor addresses as far as they are
+    /// derived. `None` when a record is not at hand (an index with a loader keeps few) or a
+    /// derivation fails: the list would be short, and a short list could skip a payment.
+    pub fn scripts_not_listed(&self, listed: &mut ListedScripts) -> Option<Vec<ScriptBuf>> {
         if self.loader.is_some() {
             return None;
         }
@@ -395,15 +400,19 @@ impl WatchIndex {
         for w in details.values() {
             match &w.target {
                 Target::Address { address } => {
-                    let a = address.parse::<Address<_>>().ok()?;
-                    out.push(a.require_network(self.network).ok()?.script_pubkey());
+                    if listed.0.insert((w.id.clone(), usize::MAX), 1).is_none() {
+                        let a = address.parse::<Address<_>>().ok()?;
+                        out.push(a.require_network(self.network).ok()?.script_pubkey());
+                    }
                 }
                 Target::Descriptor { .. } => {
                     let st = self.descriptors.get(&self.slot(&w.id)?)?;
                     for (path, derived) in st.derived.iter().enumerate() {
-                        for i in 0..*derived {
+                        let count = listed.0.entry((w.id.clone(), path)).or_default();
+                        for i in *count..*derived {
                             out.push(st.desc.derive(path, i).ok()?.0);
                         }
+                        *count = (*count).max(*derived);
                     }
                 }
             }

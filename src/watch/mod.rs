@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use changes::{IndexChanges, RescanChanges};
 pub use descriptor::{DescriptorError, WatchedDescriptor};
-pub use index::{Derivation, Overlay, Probe, WatchIndex, WatchLoader, WatchedCoin};
+pub use index::{Derivation, ListedScripts, Overlay, Probe, WatchIndex, WatchLoader, WatchedCoin};
 
 pub const MAX_METADATA_BYTES: usize = 4096;
 pub const DEFAULT_GAP_LIMIT: u32 = 20;

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::unit_kit::{derived_script, descriptor_watch};
+use crate::watch::Watch;
 
 /// Blocks asked for by `getblock` so far (full blocks, and the senders of matched ones).
 fn blocks_read(r: &Rig) -> u32 {
@@ -50,17 +51,113 @@ async fn a_rescan_over_block_filters_reads_only_from_the_paying_block_and_tells_
         ],
         "the payment at 180 is found and confirmed, with the ids a full read gives"
     );
-    // 101..=179 and the blocks after the payment's batch are skipped: one batch of blocks is
-    // read from 180 on, and once more for the payment's senders.
     assert_eq!(
         blocks_read(&r) - before,
-        super::super::rescan::BATCH + 1,
-        "150 blocks rescanned, only the paying block's batch read"
+        3,
+        "of 150 blocks, only the paying one and the one of its 2nd confirmation are read, and \
+         the payment's senders asked for"
     );
     assert_eq!(
         r.follower.store.rescans().unwrap(),
         vec![],
         "the rescan finished"
+    );
+    assert!(
+        r.follower.store.load_tracked().unwrap().is_empty(),
+        "70 blocks deep, past finality: retired while passing over blocks, as reading them would"
+    );
+}
+
+/// Rescans `late` from 101 over `r`'s node; returns the events it stored.
+async fn rescan(r: &mut Rig, late: &Watch) -> Vec<Value> {
+    let seen = r.log().len();
+    r.follower.store.upsert_watch(late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    r.finish_rescan().await;
+    r.bodies().split_off(seen)
+}
+
+#[tokio::test]
+async fn a_payment_owed_confirmations_across_batches_gets_each_at_its_own_block() {
+    let live = watch(1, 1);
+    let late = watch(2, 30);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    r.node.mine(78);
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    let paid_in = r.node.mine(1)[0];
+    r.node.mine(70);
+    r.sync().await;
+    let found = rescan(&mut r, &late).await;
+    let tips: Vec<(u64, u64)> = found
+        .iter()
+        .map(|b| {
+            let d = &b["data"];
+            (
+                d["confirmations"].as_u64().unwrap(),
+                d["tip"]["height"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, u64)> = (1..=30).map(|n| (n, 179 + n)).collect();
+    assert_eq!(
+        tips, want,
+        "30 confirmations span two batches: each is told at the block that brings it"
+    );
+    assert_eq!(
+        found[29]["data"]["id"],
+        tx_event_id(TX_CONFIRMED, txid, &late, Some(paid_in), 30, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_node_whose_filter_answers_fail_is_read_block_by_block_and_asked_no_more() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    r.node.set_broken_filter_calls(100);
+    r.node.mine(78);
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    r.node.mine(71);
+    r.sync().await;
+    let before = blocks_read(&r);
+    let found = rescan(&mut r, &late).await;
+    let kinds: Vec<&str> = found.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [TX_CONFIRMATION, TX_CONFIRMED],
+        "the payment {txid} is found"
+    );
+    assert_eq!(
+        r.node.calls("getblockfilter"),
+        3,
+        "after three failed asks in a row, the rescan stops asking"
+    );
+    assert_eq!(
+        blocks_read(&r) - before,
+        150 + 1,
+        "every block read, and the payment's senders"
+    );
+}
+
+#[tokio::test]
+async fn a_filter_answer_that_fails_once_costs_a_few_blocks_read() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    r.node.set_broken_filter_calls(1);
+    r.node.mine(149);
+    r.sync().await;
+    let before = blocks_read(&r);
+    let found = rescan(&mut r, &late).await;
+    assert_eq!(found, Vec::<Value>::new(), "nothing paid the watch");
+    assert_eq!(
+        blocks_read(&r) - before,
+        4,
+        "one group of blocks is read; the next batch asks again, and the filters skip the rest"
     );
 }
 

@@ -1,0 +1,288 @@
+//! A rescan's use of BIP 158 block filters (`getblockfilter`, on a node started with
+//! `-blockfilterindex`): blocks whose filters prove they neither pay nor spend any of the
+//! watch's scripts are passed over, while no confirmation is owed. Every block that may
+//! concern the watch, or has no usable filter, is read as before.
+
+use std::collections::VecDeque;
+
+use bitcoin::bip158::FilterHeader;
+use bitcoin::{BlockHash, ScriptBuf};
+
+use super::RescanJob;
+use crate::blockfilter::CheckedFilter;
+use crate::chain::{FollowError, Follower};
+use crate::event::TipRef;
+use crate::node::{ChainSource, NodeError, NodeResult};
+use crate::store::ChainStore;
+use crate::watch::{ListedScripts, RescanChanges, WatchIndex};
+
+/// Filters asked for at once: a mainnet block's is some 20 kB, twice that in hex.
+const SPAN: u32 = 200;
+/// Failed asks in a row after which the rescan stops asking and reads every block.
+const MAX_FAILURES: u32 = 3;
+
+pub(super) struct FilterState {
+    /// False once the node shows it keeps no filters, or its answers failed too often.
+    on: bool,
+    /// Filters asked for and not used yet, for heights from the rescan's next one on, each
+    /// with its block's hash; `None` where the node had no usable filter.
+    ahead: VecDeque<(BlockHash, Option<CheckedFilter>)>,
+    /// Filters asked for at once: halved when an answer is too large to read.
+    span: u32,
+    failures: u32,
+    /// The watch's scripts, to ask the filters about: listed at `listed_at` scripts, and
+    /// added to as the rescan derives more.
+    scripts: Vec<ScriptBuf>,
+    listed: ListedScripts,
+    listed_at: usize,
+    /// Whether a missing filter was already reported.
+    told_missing: bool,
+}
+
+impl FilterState {
+    pub(super) fn new() -> FilterState {
+        FilterState {
+            on: true,
+            ahead: VecDeque::new(),
+            span: SPAN,
+            failures: 0,
+            scripts: Vec::new(),
+            listed: ListedScripts::default(),
+            listed_at: 0,
+            told_missing: false,
+        }
+    }
+
+    /// Whether filters are known for the heights ahead: then blocks are read only as needed.
+    pub(super) fn guiding(&self) -> bool {
+        self.on && !self.ahead.is_empty()
+    }
+
+    /// The hash the filters were asked for at `offset` heights past the rescan's next one.
+    pub(super) fn hash_at(&self, offset: usize) -> Option<BlockHash> {
+        self.ahead.get(offset).map(|a| a.0)
+    }
+
+    /// The rescan moved one block on.
+    pub(super) fn passed(&mut self) {
+        self.ahead.pop_front();
+    }
+
+    /// A reorg: what was asked may be of blocks no longer in the chain.
+    pub(super) fn forget(&mut self) {
+        self.ahead.clear();
+    }
+}
+
+/// Where a look at the filters left the rescan.
+pub(super) enum Skipped {
+    /// At a block with no usable filter, or filters are off: it is read.
+    Unfiltered,
+    /// At a block its filter may hold: it is read.
+    AtMatch,
+    /// At the tip, or out of filters for this batch: the batch ends.
+    Stop,
+}
+
+impl FilterState {
+    /// Lists the scripts the watch gained since last time; false (and filters off) when they
+    /// cannot be listed.
+    fn list_scripts(&mut self, index: &WatchIndex, watch_id: &str) -> bool {
+        let count = index.script_count();
+        if count == self.listed_at && !self.scripts.is_empty() {
+            return true;
+        }
+        match index.scripts_not_listed(&mut self.listed) {
+            Some(more) => {
+                self.scripts.extend(more);
+                self.listed_at = count;
+                true
+            }
+            None => {
+                tracing::warn!(watch = %watch_id, "the watch's scripts cannot be listed; the rescan reads every block");
+                self.on = false;
+                false
+            }
+        }
+    }
+}
+
+impl<S: ChainSource, St: ChainStore> Follower<S, St> {
+    /// Moves the rescan past the blocks whose filters prove they hold nothing for the watch.
+    /// Only while no confirmation is owed: a transaction owed one needs every block. Asks the
+    /// node for filters at most once (`may_ask`), then stops.
+    pub(super) async fn skip_by_filters(
+        &mut self,
+        job: &mut RescanJob,
+        tip: u32,
+        may_ask: &mut bool,
+    ) -> Result<Skipped, FollowError> {
+        if !job.filters.on || job.tracker.confirmations_owed(&job.index) > 0 {
+            return Ok(Skipped::Unfiltered);
+        }
+        if !job.filters.list_scripts(&job.index, &job.watch_id) {
+            return Ok(Skipped::Unfiltered);
+        }
+        // Out of the state while it is matched against, and back before any return.
+        let scripts = std::mem::take(&mut job.filters.scripts);
+        let skipped = self.skip_listed(job, tip, may_ask, &scripts).await;
+        job.filters.scripts = scripts;
+        skipped
+    }
+
+    async fn skip_listed(
+        &mut self,
+        job: &mut RescanJob,
+        tip: u32,
+        may_ask: &mut bool,
+        scripts: &[ScriptBuf],
+    ) -> Result<Skipped, FollowError> {
+        let mut passed: Option<TipRef> = None;
+        let skipped = loop {
+            if job.next > tip {
+                break Skipped::Stop;
+            }
+            let Some((hash, filter)) = job.filters.ahead.front() else {
+                if !std::mem::take(may_ask) {
+                    break Skipped::Stop;
+                }
+                self.ask_filters(job, tip).await?;
+                if job.filters.ahead.is_empty() {
+                    break Skipped::Unfiltered;
+                }
+                continue;
+            };
+            match filter {
+                None => break Skipped::Unfiltered,
+                Some(f) if f.may_hold(hash, scripts) => break Skipped::AtMatch,
+                Some(_) => {}
+            }
+            passed = Some(TipRef {
+                hash: *hash,
+                height: job.next,
+            });
+            job.filters.passed();
+            job.next += 1;
+        };
+        if let Some(tip) = passed {
+            self.pass_over(job, tip)?;
+        }
+        Ok(skipped)
+    }
+
+    /// The rescan passed over blocks up to `tip`: what they made final is retired, as reading
+    /// them would have, and where the rescan stands is stored with it.
+    fn pass_over(&mut self, job: &mut RescanJob, tip: TipRef) -> Result<(), FollowError> {
+        if let Some(p) = job.progress.as_mut() {
+            p.tick(tip.height);
+        }
+        let step = job.tracker.passed_over(&job.index, tip);
+        if !step.is_empty() {
+            let next = RescanChanges::next(&job.watch_id, Some(job.next));
+            self.commit_rescan(job, step, next)?;
+            job.stored = job.next;
+        }
+        Ok(())
+    }
+
+    /// Asks for the filters of the next span of heights. A node without filters turns them
+    /// off; an answer that cannot be used is reported, and after a few in a row turns them off
+    /// too. Only an unreachable node is an error: reading blocks would fail the same way.
+    async fn ask_filters(&mut self, job: &mut RescanJob, tip: u32) -> Result<(), FollowError> {
+        let from = job.next;
+        let to = tip.min(from.saturating_add(job.filters.span - 1));
+        // Below the blocks we keep, the node's chain is the truth; within them, ours is.
+        let lowest = self.store.lowest_block()?.map_or(u32::MAX, |b| b.height);
+        let below = to.saturating_add(1).min(lowest).saturating_sub(from);
+        let kept = self.kept_hashes(from + below, to)?;
+        let node = self.source.node();
+        let answer = async {
+            let hashes = hashes_of(node, from, below, kept).await?;
+            let filters = node.block_filters(&hashes).await?;
+            Ok::<_, NodeError>((hashes, filters))
+        };
+        let f = &mut job.filters;
+        match answer.await {
+            Ok((hashes, filters)) => {
+                f.failures = 0;
+                take_filters(f, &job.watch_id, from, hashes, filters);
+            }
+            Err(e) if e.is_transient() => return Err(e.into()),
+            Err(e @ NodeError::TooLarge { .. }) if f.span > 1 => {
+                f.span /= 2;
+                tracing::warn!(error = %e, span = f.span, "block filters asked for in smaller spans");
+            }
+            Err(e) => {
+                f.failures += 1;
+                f.on = f.failures < MAX_FAILURES;
+                tracing::warn!(watch = %job.watch_id, error = %e, reading_every_block = !f.on, "block filters failed; their blocks are read");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the filters of an answer, in height order from `from`, up to where they stop
+/// chaining. Filters the node lacks are kept as `None`, so their blocks are read.
+fn take_filters(
+    f: &mut FilterState,
+    watch_id: &str,
+    from: u32,
+    hashes: Vec<BlockHash>,
+    filters: Vec<NodeResult<CheckedFilter>>,
+) {
+    let mut previous: Option<FilterHeader> = None;
+    for (height, (hash, filter)) in (from..).zip(hashes.into_iter().zip(filters)) {
+        let filter = match filter {
+            Ok(filter) => filter,
+            Err(e) if e.is_no_filter_index() => {
+                tracing::info!(watch = %watch_id, "the node keeps no block filters (-blockfilterindex): the rescan reads every block");
+                f.on = false;
+                f.ahead.clear();
+                return;
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut f.told_missing, true) {
+                    tracing::warn!(height, error = %e, "the node has no usable filter for a block; such blocks are read");
+                }
+                f.ahead.push_back((hash, None));
+                previous = None;
+                continue;
+            }
+        };
+        if previous.is_some_and(|p| !filter.follows(&p)) {
+            tracing::warn!(
+                height,
+                "the node's block filters do not chain to each other; the blocks from here are read"
+            );
+            f.ahead.push_back((hash, None));
+            return;
+        }
+        previous = Some(filter.header);
+        f.ahead.push_back((hash, Some(filter)));
+    }
+}
+
+/// The hashes of `below` heights from `from`, asked of the node in one batch, then those of the
+/// heights after them: `kept`'s, or else the node's.
+async fn hashes_of<S: ChainSource>(
+    node: &S,
+    from: u32,
+    below: u32,
+    kept: Vec<Option<BlockHash>>,
+) -> NodeResult<Vec<BlockHash>> {
+    let mut hashes = node.block_hashes(from, below).await?;
+    if hashes.len() != below as usize {
+        return Err(NodeError::bad(
+            "getblockhash",
+            "not one answer per height asked",
+        ));
+    }
+    for (h, kept) in (from + below..).zip(kept) {
+        hashes.push(match kept {
+            Some(hash) => hash,
+            None => node.block_hash(h).await?,
+        });
+    }
+    Ok(hashes)
+}

@@ -1,7 +1,9 @@
 //! Output descriptors as watches: parsing, network checks and address derivation (miniscript).
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 
+use bitcoin::secp256k1::{Secp256k1, VerifyOnly};
 use bitcoin::{Network, ScriptBuf};
 use miniscript::descriptor::{Descriptor, DescriptorPublicKey};
 use miniscript::ForEachKey;
@@ -97,13 +99,16 @@ impl WatchedDescriptor {
 
     /// The script and address of path `path` at `index`.
     pub fn derive(&self, path: usize, index: u32) -> Result<(ScriptBuf, String), DescriptorError> {
-        let d =
-            self.paths[path]
-                .at_derivation_index(index)
-                .map_err(|e| DescriptorError::Derive {
-                    index,
-                    reason: e.to_string(),
-                })?;
+        // Keys derived once, here: the definite descriptor's own `script_pubkey` and `address`
+        // would each derive them again, each with a context of its own.
+        static SECP: LazyLock<Secp256k1<VerifyOnly>> = LazyLock::new(Secp256k1::verification_only);
+        let d = self.paths[path]
+            .at_derivation_index(index)
+            .map_err(|e| DescriptorError::Derive {
+                index,
+                reason: e.to_string(),
+            })?
+            .derived_descriptor(&SECP);
         let address = d
             .address(self.network)
             .map_err(|e| DescriptorError::Derive {

@@ -195,7 +195,7 @@ fn show_rescan_progress(store: &dyn AdminStore, watch_id: &str, from: u32) {
         let tip = store.tip().ok().flatten().map(|t| t.height).unwrap_or(0);
         let Some(next) = next else {
             eprintln!(
-                "\rrescan done: blocks {from}..={tip} in {:.1}s{}",
+                "\rrescan done: blocks {from}..={tip} in {:.2}s{}",
                 started.elapsed().as_secs_f64(),
                 " ".repeat(20)
             );

@@ -12,7 +12,9 @@
 
 use std::time::Instant;
 
-use futures_util::future::try_join_all;
+use std::collections::HashMap;
+
+use futures_util::future::{join_all, try_join_all};
 
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
@@ -25,7 +27,7 @@ use crate::node::ChainSource;
 use crate::senders::SpentCoin;
 use crate::store::ChainStore;
 use crate::tracker::{Removal, Tracker, TrackerStep};
-use crate::watch::{RescanChanges, WatchIndex, WatchedCoin};
+use crate::watch::{Overlay, RescanChanges, WatchIndex, WatchedCoin};
 
 /// Blocks scanned between two looks at live news.
 const BATCH: u32 = 25;
@@ -257,10 +259,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         if from >= lowest.height {
             return Ok(());
         }
-        let mut blocks = Vec::new();
-        for h in from..lowest.height {
-            blocks.push(self.source.stored_block(h).await?);
-        }
+        let blocks = self
+            .source
+            .stored_blocks(from, lowest.height - from)
+            .await?;
         let linked = blocks.windows(2).all(|w| w[1].prev == w[0].hash)
             && blocks.last().is_some_and(|b| b.hash == lowest.prev);
         if linked {
@@ -290,7 +292,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             // Where the filters guide, only the blocks the confirmations need are worth asking
             // for; elsewhere a few at once.
             let wanted = match job.filters.guiding() {
-                true => job.tracker.confirmations_owed(&job.index).clamp(1, AHEAD),
+                true => (job.tracker.confirmations_owed(&job.index))
+                    .max(job.filters.to_read(AHEAD))
+                    .clamp(1, AHEAD),
                 false => AHEAD,
             };
             let upto = tip
@@ -301,8 +305,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             for (i, hash) in kept.iter_mut().enumerate() {
                 *hash = hash.or(job.filters.hash_at(i));
             }
-            for (hash, block) in fetch_blocks(self.source.node(), job.next, kept).await? {
-                self.rescan_block(job, hash, &block).await?;
+            let blocks = fetch_blocks(self.source.node(), job.next, kept).await?;
+            let asked = spent_coins_of(self.source.node(), &job.index, &blocks).await;
+            for ((hash, block), asked) in blocks.into_iter().zip(asked) {
+                self.rescan_block(job, hash, &block, asked).await?;
                 read += 1;
             }
         }
@@ -315,6 +321,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         job: &mut RescanJob,
         hash: BlockHash,
         block: &Block,
+        asked: Option<HashMap<Txid, Vec<SpentCoin>>>,
     ) -> Result<(), FollowError> {
         let h = job.next;
         let at = BlockRef {
@@ -323,7 +330,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             time: block.header.time,
         };
         let mut step = job.tracker.connect_block(&job.index, block, at);
-        self.fill_block_senders(&mut step, block, at).await?;
+        self.fill_block_senders(&mut step, block, at, asked).await?;
         // Most blocks of a rescan change nothing: a commit (an fsync) each would be most of
         // the rescan's time. A crash rescans them again, finding nothing.
         if !step.is_empty() {
@@ -449,4 +456,29 @@ async fn fetch_blocks<S: ChainSource>(
     .await?;
     let blocks = try_join_all(hashes.iter().map(|hash| node.block(*hash))).await?;
     Ok(hashes.into_iter().zip(blocks).collect())
+}
+
+/// The coins spent by the transactions of `blocks` that concern the watches of `index`, asked
+/// for all blocks at once, before the blocks are connected one after another: one round trip
+/// instead of one per block. `None` for a block with none, or whose answer failed (its
+/// senders are then asked for as usual, with its errors handled there).
+async fn spent_coins_of<S: ChainSource>(
+    node: &S,
+    index: &WatchIndex,
+    blocks: &[(BlockHash, Block)],
+) -> Vec<Option<HashMap<Txid, Vec<SpentCoin>>>> {
+    join_all(blocks.iter().map(|(hash, block)| async move {
+        let probe = index.probe(&block.txdata);
+        let mut overlay = Overlay::default();
+        let txids: Vec<Txid> = (block.txdata.iter().enumerate())
+            .filter(|(_, tx)| !tx.is_coinbase())
+            .filter(|(i, tx)| !(index.match_tx_probed(tx, probe.of(*i), &mut overlay)).is_empty())
+            .map(|(_, tx)| tx.compute_txid())
+            .collect();
+        if txids.is_empty() {
+            return None;
+        }
+        node.block_spent_coins(*hash, &txids).await.ok()
+    }))
+    .await
 }

@@ -65,20 +65,25 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         Ok(coins)
     }
 
-    /// Senders of the transactions of `block` that `step` tracks anew, in one call.
+    /// Senders of the transactions of `block` that `step` tracks anew, in one call, unless
+    /// `asked` (the block's spent coins, asked for ahead) already holds them all.
     pub(super) async fn fill_block_senders(
         &mut self,
         step: &mut TrackerStep,
         block: &Block,
         at: BlockRef,
+        asked: Option<HashMap<Txid, Vec<SpentCoin>>>,
     ) -> Result<(), FollowError> {
         let wanted = step.unknown_senders(TxStatus::Confirmed(at));
         if wanted.is_empty() {
             return Ok(());
         }
-        let mut coins = match self.source.node().block_spent_coins(at.hash, &wanted).await {
-            Ok(c) => c,
-            Err(e) => return self.unknown(e, wanted[0]),
+        let mut coins = match asked {
+            Some(c) if wanted.iter().all(|t| c.contains_key(t)) => c,
+            _ => match self.source.node().block_spent_coins(at.hash, &wanted).await {
+                Ok(c) => c,
+                Err(e) => return self.unknown(e, wanted[0]),
+            },
         };
         let txs: Vec<_> = block
             .txdata

@@ -389,6 +389,33 @@ impl<S: ChainSource> NodeSource<S> {
         }
     }
 
+    /// The node's blocks at heights `from..from + count`, as we store them: hashes and headers
+    /// asked in one batch each.
+    pub async fn stored_blocks(
+        &self,
+        from: u32,
+        count: u32,
+    ) -> Result<Vec<StoredBlock>, NodeError> {
+        let hashes = self.node.block_hashes(from, count).await?;
+        let headers = self.node.block_headers(&hashes).await?;
+        if headers.len() != count as usize {
+            return Err(NodeError::bad(
+                "getblockhash",
+                "not one answer per height asked",
+            ));
+        }
+        Ok(headers
+            .into_iter()
+            .map(|h| StoredBlock {
+                hash: h.hash,
+                height: h.height,
+                prev: h.prev.unwrap_or_else(BlockHash::all_zeros),
+                time: h.time,
+                tx_count: None,
+            })
+            .collect())
+    }
+
     /// The node's block at `height`, as we store it.
     pub async fn stored_block(&self, height: u32) -> Result<StoredBlock, NodeError> {
         let hash = self.node.block_hash(height).await?;

@@ -140,7 +140,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
 
     async fn connect(&mut self, block: &Block, at: BlockRef) -> Result<(), FollowError> {
         let mut step = self.tracker.connect_block(&self.index, block, at);
-        self.fill_block_senders(&mut step, block, at).await?;
+        self.fill_block_senders(&mut step, block, at, None).await?;
         let mut changes = labelled(&self.index, step)?;
         changes.tip =
             TipChanges::connect(at, block.header.prev_blockhash, block.txdata.len() as u32);

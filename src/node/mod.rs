@@ -118,6 +118,11 @@ pub trait ChainSource: Send + Sync + 'static {
     fn best_block_hash(&self) -> impl Future<Output = NodeResult<BlockHash>> + Send;
     fn block_hash(&self, height: u32) -> impl Future<Output = NodeResult<BlockHash>> + Send;
     fn block_header(&self, hash: BlockHash) -> impl Future<Output = NodeResult<HeaderInfo>> + Send;
+    /// The headers of blocks `hashes`, in that order, asked in one batch.
+    fn block_headers(
+        &self,
+        hashes: &[BlockHash],
+    ) -> impl Future<Output = NodeResult<Vec<HeaderInfo>>> + Send;
     fn block(&self, hash: BlockHash) -> impl Future<Output = NodeResult<Block>> + Send;
     /// The hashes of heights `from..from + count` of the active chain, asked in one batch.
     fn block_hashes(

@@ -468,6 +468,26 @@ impl ChainSource for RpcClient {
         Ok(h)
     }
 
+    async fn block_headers(&self, hashes: &[BlockHash]) -> NodeResult<Vec<HeaderInfo>> {
+        let calls: Vec<(&str, Value)> = hashes
+            .iter()
+            .map(|h| ("getblockheader", json!([h.to_string(), true])))
+            .collect();
+        let answers = self.call_batch(&calls).await?;
+        hashes
+            .iter()
+            .zip(answers)
+            .map(|(hash, a)| {
+                let h = header_from(&a?)?;
+                if h.hash != *hash {
+                    let reason = format!("asked for {hash}, got {}", h.hash);
+                    return Err(NodeError::bad("getblockheader", reason));
+                }
+                Ok(h)
+            })
+            .collect()
+    }
+
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
         let block: Block = decode(
             "getblock",

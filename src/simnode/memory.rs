@@ -134,6 +134,12 @@ impl ChainSource for SimNode {
         self.answer("getblockheader", |s| header(s, hash))
     }
 
+    async fn block_headers(&self, hashes: &[BlockHash]) -> NodeResult<Vec<HeaderInfo>> {
+        self.answer("getblockheader", |s| {
+            hashes.iter().map(|h| header(s, *h)).collect()
+        })
+    }
+
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
         self.answer("getblock", |s| Ok(s.chain.block(&hash)?.0.clone()))
     }

@@ -58,6 +58,20 @@ impl FilterState {
         self.on && !self.ahead.is_empty()
     }
 
+    /// How many blocks from the rescan's next one must be read, as far as `max`: those whose
+    /// filters may hold the watch's scripts, or that have none.
+    pub(super) fn to_read(&self, max: u32) -> u32 {
+        let must = |(hash, filter): &(BlockHash, Option<CheckedFilter>)| match filter {
+            Some(f) => f.may_hold(hash, &self.scripts),
+            None => true,
+        };
+        self.ahead
+            .iter()
+            .take(max as usize)
+            .take_while(|a| must(a))
+            .count() as u32
+    }
+
     /// The hash the filters were asked for at `offset` heights past the rescan's next one.
     pub(super) fn hash_at(&self, offset: usize) -> Option<BlockHash> {
         self.ahead.get(offset).map(|a| a.0)

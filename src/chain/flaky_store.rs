@@ -1,4 +1,5 @@
-//! A store that refuses one read of its tip on demand, for the follower's fault tests: SQLite's
+//! A store that refuses one read of its tip or one commit on demand, for the follower's fault
+//! tests: SQLite's
 //! store underneath, reached through `ChainStore` as the follower reaches any store.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,8 @@ pub struct FlakyStore {
     pub fail_next_tip: Arc<AtomicBool>,
     /// Set: arm `fail_next_tip` after the next commit.
     pub fail_tip_after_commit: Arc<AtomicBool>,
+    /// Set: the next commit fails (once), writing nothing.
+    pub fail_next_commit: Arc<AtomicBool>,
 }
 
 impl ChainStore for FlakyStore {
@@ -48,6 +51,9 @@ impl ChainStore for FlakyStore {
         self.inner.wants(kind)
     }
     fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
+        if self.fail_next_commit.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("injected: disk I/O error".into()));
+        }
         let done = self.inner.commit(changes, now_ms)?;
         if self.fail_tip_after_commit.swap(false, Ordering::SeqCst) {
             self.fail_next_tip.store(true, Ordering::SeqCst);

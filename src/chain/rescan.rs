@@ -1,8 +1,9 @@
 //! Rescans: a watch added with `--rescan-from HEIGHT` is scanned block by block from that
 //! height, beside live following, with a tracker of its own, so it emits exactly the events a
-//! watcher running since then would have emitted (the same ids). Progress is stored with each
-//! block that changes something and at the end of every batch of blocks, so a crash resumes
-//! at most a batch before where it stopped. At the tip the watch joins live following.
+//! watcher running since then would have emitted (the same ids). What a batch of blocks finds
+//! is committed at its end with the batch's progress, in one transaction, so a crash resumes at
+//! most a batch before where it stopped and finds the same. At the tip the watch joins live
+//! following.
 //!
 //! Its mempool is followed live from the start, by the rescan's own tracker: a payment made
 //! during a long rescan is pending at once, and when the rescan reaches its block it confirms
@@ -19,6 +20,7 @@ use futures_util::future::{join_all, try_join_all};
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
+use crate::merge::Merge;
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 use filters::{FilterState, Skipped};
 
@@ -42,6 +44,9 @@ pub(super) struct RescanJob {
     /// The next height as the store has it: blocks that change nothing are not committed one
     /// by one, only their progress, at the end of a batch.
     stored: u32,
+    /// What the batch found so far: applied to the tracker and index, committed with the
+    /// batch's progress at its end, all at once.
+    staged: ChangeSet,
     tracker: Tracker,
     index: WatchIndex,
     progress: Option<Progress>,
@@ -96,6 +101,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             watch_id,
             next,
             stored: next,
+            staged: ChangeSet::default(),
             tracker,
             index,
             progress: None,
@@ -157,6 +163,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         step: TrackerStep,
         next: RescanChanges,
     ) -> Result<(), FollowError> {
+        debug_assert!(job.staged.is_empty(), "a batch's staged changes come first");
         let mut changes = labelled(&job.index, step)?;
         changes.rescan = next;
         let committed = self.store_commit(&changes)?;
@@ -229,11 +236,27 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 self.rescan = Some(job);
                 Ok(())
             }
+            // What the batch staged is lost: the job is read again from the store, as after
+            // a restart, and the batch scanned again.
+            Err(e) if !job.staged.is_empty() => {
+                tracing::debug!(watch = %job.watch_id, "rescan batch failed; resuming from the store");
+                self.watch_version = None;
+                Err(e)
+            }
             Err(e) => {
                 self.rescan = Some(job);
                 Err(e)
             }
         }
+    }
+
+    /// Applies a step of the rescan's tracker to the job and stages it for the batch's commit.
+    fn stage_rescan(&mut self, job: &mut RescanJob, step: TrackerStep) -> Result<(), FollowError> {
+        let changes = labelled(&job.index, step)?;
+        job.tracker.apply(&changes.tracked);
+        job.index.apply(&changes.index);
+        job.staged.merge(changes);
+        Ok(())
     }
 
     /// The hashes of heights `from..=to` within the blocks we keep; `None` below them.
@@ -331,12 +354,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         };
         let mut step = job.tracker.connect_block(&job.index, block, at);
         self.fill_block_senders(&mut step, block, at, asked).await?;
-        // Most blocks of a rescan change nothing: a commit (an fsync) each would be most of
-        // the rescan's time. A crash rescans them again, finding nothing.
+        // A commit (an fsync) per block would be most of the rescan's time: the batch commits
+        // once. A crash scans the batch again, finding the same.
         if !step.is_empty() {
-            let next = RescanChanges::next(&job.watch_id, Some(h + 1));
-            self.commit_rescan(job, step, next)?;
-            job.stored = h + 1;
+            self.stage_rescan(job, step)?;
         }
         job.next = h + 1;
         job.filters.passed();
@@ -346,19 +367,26 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         Ok(())
     }
 
-    /// Stores where the rescan stands, if a commit has not; returns whether it reached `tip`.
+    /// Commits what the batch staged with where the rescan stands; returns whether it reached
+    /// `tip`.
     fn store_rescan_progress(
         &mut self,
         job: &mut RescanJob,
         tip: u32,
     ) -> Result<bool, FollowError> {
-        if job.stored != job.next {
-            let progress = ChangeSet {
-                rescan: RescanChanges::next(&job.watch_id, Some(job.next)),
-                ..ChangeSet::default()
+        if job.stored != job.next || !job.staged.is_empty() {
+            let mut changes = std::mem::take(&mut job.staged);
+            changes.rescan = RescanChanges::next(&job.watch_id, Some(job.next));
+            let committed = match self.store_commit(&changes) {
+                Ok(committed) => committed,
+                Err(e) => {
+                    // Still staged: the job is then read again from the store.
+                    job.staged = changes;
+                    return Err(e);
+                }
             };
-            self.store_commit(&progress)?;
             job.stored = job.next;
+            self.announce(&committed, "event recorded (rescan)");
         }
         Ok(job.next > tip)
     }

@@ -678,6 +678,7 @@ async fn a_step_whose_aftermath_fails_is_planned_afresh_against_the_node() {
         inner: open_store(dir.path(), &[]),
         fail_next_tip: Arc::default(),
         fail_tip_after_commit: fail_after.clone(),
+        fail_next_commit: Arc::default(),
     };
     let mut f: Follower<SimNode, FlakyStore> = Follower::new(
         Arc::new(node.clone()),

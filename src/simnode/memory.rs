@@ -171,12 +171,15 @@ impl ChainSource for SimNode {
             Ok(hashes
                 .iter()
                 .map(|h| {
-                    let (content, header) =
+                    let (mut content, header) =
                         super::filters::filter(s, *h).map_err(|e| NodeError::Rpc {
                             method: "getblockfilter".into(),
                             code: e.code,
                             message: e.message,
                         })?;
+                    if s.forged_filter == Some(*h) {
+                        content = vec![0];
+                    }
                     CheckedFilter::new(content, header)
                         .map_err(|e| NodeError::bad("getblockfilter", e.to_string()))
                 })

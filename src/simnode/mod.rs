@@ -45,6 +45,8 @@ pub(crate) struct State {
     pub block_filters: Option<filters::FilterIndex>,
     /// Asks for block filters still to fail as a whole (in memory only).
     pub broken_filter_calls: u32,
+    /// A block whose filter is served emptied, under its true header (in memory only).
+    pub forged_filter: Option<BlockHash>,
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
@@ -142,6 +144,7 @@ impl SimNode {
             txindex: false,
             block_filters: None,
             broken_filter_calls: 0,
+            forged_filter: None,
             spent: Default::default(),
             miner,
             change: vec![],
@@ -225,6 +228,12 @@ impl SimNode {
     /// memory only): as a node whose `rpcwhitelist` leaves `getblockfilter` out answers.
     pub fn set_broken_filter_calls(&self, n: u32) {
         self.lock().broken_filter_calls = n;
+    }
+
+    /// Serves block `hash`'s filter with no elements (so it would hide everything the block
+    /// holds) under its true header (in memory only): a forgery only the header chain shows.
+    pub fn forge_filter(&self, hash: BlockHash) {
+        self.lock().forged_filter = Some(hash);
     }
 
     /// Runs as with `-txindex`: confirmed transactions are served by `getrawtransaction`.

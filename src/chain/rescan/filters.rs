@@ -14,7 +14,7 @@ use crate::chain::{FollowError, Follower};
 use crate::event::TipRef;
 use crate::node::{ChainSource, NodeError, NodeResult};
 use crate::store::ChainStore;
-use crate::watch::{ListedScripts, RescanChanges, WatchIndex};
+use crate::watch::{ListedScripts, WatchIndex};
 
 /// Filters asked for at once: a mainnet block's is some 20 kB, twice that in hex.
 const SPAN: u32 = 200;
@@ -37,6 +37,9 @@ pub(super) struct FilterState {
     listed_at: usize,
     /// Whether a missing filter was already reported.
     told_missing: bool,
+    /// The height and header of the last filter asked for: the next answer's first filter, if
+    /// of the height after, must follow it.
+    last_header: Option<(u32, FilterHeader)>,
 }
 
 impl FilterState {
@@ -50,6 +53,7 @@ impl FilterState {
             listed: ListedScripts::default(),
             listed_at: 0,
             told_missing: false,
+            last_header: None,
         }
     }
 
@@ -85,6 +89,7 @@ impl FilterState {
     /// A reorg: what was asked may be of blocks no longer in the chain.
     pub(super) fn forget(&mut self) {
         self.ahead.clear();
+        self.last_header = None;
     }
 }
 
@@ -160,6 +165,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 if !std::mem::take(may_ask) {
                     break Skipped::Stop;
                 }
+                // Done before asking, which may fail: what was passed over stays consistent.
+                if let Some(tip) = passed.take() {
+                    self.pass_over(job, tip)?;
+                }
                 self.ask_filters(job, tip).await?;
                 if job.filters.ahead.is_empty() {
                     break Skipped::Unfiltered;
@@ -185,16 +194,14 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     }
 
     /// The rescan passed over blocks up to `tip`: what they made final is retired, as reading
-    /// them would have, and where the rescan stands is stored with it.
+    /// them would have.
     fn pass_over(&mut self, job: &mut RescanJob, tip: TipRef) -> Result<(), FollowError> {
         if let Some(p) = job.progress.as_mut() {
             p.tick(tip.height);
         }
         let step = job.tracker.passed_over(&job.index, tip);
         if !step.is_empty() {
-            let next = RescanChanges::next(&job.watch_id, Some(job.next));
-            self.commit_rescan(job, step, next)?;
-            job.stored = job.next;
+            self.stage_rescan(job, step)?;
         }
         Ok(())
     }
@@ -245,7 +252,11 @@ fn take_filters(
     hashes: Vec<BlockHash>,
     filters: Vec<NodeResult<CheckedFilter>>,
 ) {
-    let mut previous: Option<FilterHeader> = None;
+    // The last answer's last filter, if it is of the height just before this answer's first.
+    let mut last = f
+        .last_header
+        .take()
+        .filter(|(h, _)| h.checked_add(1) == Some(from));
     for (height, (hash, filter)) in (from..).zip(hashes.into_iter().zip(filters)) {
         let filter = match filter {
             Ok(filter) => filter,
@@ -260,11 +271,11 @@ fn take_filters(
                     tracing::warn!(height, error = %e, "the node has no usable filter for a block; such blocks are read");
                 }
                 f.ahead.push_back((hash, None));
-                previous = None;
+                last = None;
                 continue;
             }
         };
-        if previous.is_some_and(|p| !filter.follows(&p)) {
+        if last.is_some_and(|(_, header)| !filter.follows(&header)) {
             tracing::warn!(
                 height,
                 "the node's block filters do not chain to each other; the blocks from here are read"
@@ -272,9 +283,10 @@ fn take_filters(
             f.ahead.push_back((hash, None));
             return;
         }
-        previous = Some(filter.header);
+        last = Some((height, filter.header));
         f.ahead.push_back((hash, Some(filter)));
     }
+    f.last_header = last;
 }
 
 /// The hashes of `below` heights from `from`, asked of the node in one batch, then those of the

@@ -231,3 +231,151 @@ async fn a_node_without_filters_is_asked_once_and_every_block_is_read() {
         "every block of 101..=250 read, and the payment's senders"
     );
 }
+
+#[tokio::test]
+async fn a_batch_whose_commit_fails_is_scanned_again_from_the_store_and_tells_each_event_once() {
+    use crate::chain::flaky_store::FlakyStore;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let late = watch(2, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let node = SimNode::in_memory();
+    node.mine(101);
+    let fail_commit = Arc::new(AtomicBool::new(false));
+    let store = FlakyStore {
+        inner: open_store(dir.path(), &[]),
+        fail_next_tip: Arc::default(),
+        fail_tip_after_commit: Arc::default(),
+        fail_next_commit: fail_commit.clone(),
+    };
+    let mut f: Follower<SimNode, FlakyStore> = Follower::new(
+        Arc::new(node.clone()),
+        store,
+        Tracker::new("regtest", FINALITY, vec![]),
+        options(),
+        Arc::new(Notify::new()),
+    );
+    f.resync().await.unwrap();
+    node.mine(8);
+    let txid = node.pay(&address(2).to_string(), 70_000);
+    node.mine(20);
+    f.resync().await.unwrap();
+    f.store.inner.upsert_watch(&late, "test", 1).unwrap();
+    f.store.inner.request_rescan(&late.id, 101).unwrap();
+    f.refresh_watches().unwrap();
+    // The first batch (101..=125) finds the payment at 110 and its 2nd confirmation, then its
+    // commit fails: nothing of it is written.
+    fail_commit.store(true, Ordering::SeqCst);
+    assert!(f.rescan_batch().await.is_err(), "the injected failure");
+    assert!(
+        !f.rescanning(),
+        "the job, ahead of the store, is dropped to be read again from it"
+    );
+    assert_eq!(
+        f.store.inner.rescans().unwrap(),
+        vec![(late.id.clone(), 101)],
+        "nothing of the failed batch is stored"
+    );
+    // Taken up again from the store, as the run loop's next look at the watches does.
+    f.refresh_watches().unwrap();
+    while f.rescanning() {
+        f.rescan_batch().await.unwrap();
+    }
+    let events: Vec<(String, String)> = f
+        .store
+        .inner
+        .events_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.starts_with("tx."))
+        .map(|e| (e.kind, e.id))
+        .collect();
+    let paid_in = node.block_hash(110);
+    assert_eq!(
+        events,
+        [
+            (
+                TX_CONFIRMATION.to_string(),
+                tx_event_id(TX_CONFIRMATION, txid, &late, Some(paid_in), 1, 0)
+            ),
+            (
+                TX_CONFIRMED.to_string(),
+                tx_event_id(TX_CONFIRMED, txid, &late, Some(paid_in), 2, 0)
+            ),
+        ],
+        "each event once, with its id"
+    );
+}
+
+#[tokio::test]
+async fn a_forged_filter_that_would_hide_a_payment_breaks_the_chain_of_headers_and_its_block_is_read(
+) {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    r.node.mine(78);
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    let paid_in = r.node.mine(1)[0];
+    r.node.mine(70);
+    // Emptied, the filter of 180 says the block holds nothing; its header is the true one.
+    r.node.forge_filter(paid_in);
+    r.sync().await;
+    let found = rescan(&mut r, &late).await;
+    let kinds: Vec<&str> = found.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [TX_CONFIRMATION, TX_CONFIRMED],
+        "the payment {txid} in the block with the forged filter is found"
+    );
+}
+
+#[tokio::test]
+async fn a_reorg_under_a_filtered_rescan_drops_the_filters_asked_of_the_old_branch() {
+    let live = watch(1, 1);
+    let late = watch(2, 30);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    // Kept wide enough that the rescanned range is within it: a fork there is found.
+    r.follower.store.set_keep_blocks(60);
+    r.node.mine(8);
+    r.node.pay(&address(2).to_string(), 70_000);
+    r.node.mine(41);
+    r.sync().await;
+    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
+    r.follower.store.request_rescan(&late.id, 101).unwrap();
+    r.sync().await;
+    // The payment at 110 owes 30 confirmations: the first batch reads 110..=134, and keeps
+    // the filters of 135..=150, the last of them of blocks about to go.
+    r.follower.rescan_batch().await.unwrap();
+    assert_eq!(
+        r.follower.store.rescans().unwrap(),
+        vec![(late.id.clone(), 135)]
+    );
+    let seen = r.log().len();
+    // From 147 a new branch, which pays the watch again in its first block.
+    r.node.invalidate(r.node.block_hash(147)).unwrap();
+    let again = r.node.pay(&address(2).to_string(), 80_000);
+    let paid_in = r.node.mine(1)[0];
+    r.node.mine(20);
+    r.sync().await;
+    r.finish_rescan().await;
+    let confirmations: Vec<Ev> = r
+        .log_of(seen, again)
+        .into_iter()
+        .filter(|e| e.0 != TX_PENDING)
+        .collect();
+    let want: Vec<Ev> = (1..=21)
+        .map(|n| ev(TX_CONFIRMATION, Some(again), n))
+        .collect();
+    assert_eq!(
+        confirmations, want,
+        "the payment in the new branch's 147 is found and counted to the tip, 167"
+    );
+    let first = r
+        .bodies()
+        .into_iter()
+        .find(|b| b["data"]["txid"] == again.to_string() && b["type"] == TX_CONFIRMATION)
+        .unwrap();
+    assert_eq!(first["data"]["block"]["hash"], paid_in.to_string());
+}

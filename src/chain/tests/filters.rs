@@ -379,3 +379,82 @@ async fn a_reorg_under_a_filtered_rescan_drops_the_filters_asked_of_the_old_bran
         .unwrap();
     assert_eq!(first["data"]["block"]["hash"], paid_in.to_string());
 }
+
+/// A payment to the watch at 105 and the spend of its coin at 106, fetched in one group: the
+/// senders of both, asked for the group at once, are the node's.
+async fn senders_of_a_payment_and_its_spend(filters: bool) {
+    use crate::simnode::PAYMENT_FEE;
+    let live = watch(1, 1);
+    let late = watch(2, 1);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(filters);
+    r.node.mine(3);
+    let paid = r.node.pay(&address(2).to_string(), 70_000);
+    let paid_in = r.node.mine(1)[0];
+    let block = crate::node::ChainSource::block(&r.node, paid_in)
+        .await
+        .unwrap();
+    let tx = block
+        .txdata
+        .iter()
+        .find(|t| t.compute_txid() == paid)
+        .unwrap()
+        .clone();
+    let vout = tx
+        .output
+        .iter()
+        .position(|o| o.script_pubkey == address(2).script_pubkey())
+        .unwrap() as u32;
+    let coin = bitcoin::OutPoint::new(paid, vout);
+    let spent = r
+        .node
+        .spend(&[(coin, 70_000)], &[(address(3).script_pubkey(), 60_000)]);
+    r.node.mine(1);
+    r.node.mine(10);
+    r.sync().await;
+    let found = rescan(&mut r, &late).await;
+    let senders = |txid: Txid| {
+        found
+            .iter()
+            .find(|b| b["data"]["txid"] == txid.to_string())
+            .unwrap_or_else(|| panic!("no event for {txid}: {found:?}"))["data"]["senders"]
+            .clone()
+    };
+    let paid_senders = senders(paid);
+    let prevouts: Vec<String> = tx
+        .input
+        .iter()
+        .map(|i| i.previous_output.to_string())
+        .collect();
+    let listed: Vec<String> = (paid_senders.as_array().unwrap().iter())
+        .map(|s| s["prevout"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        listed, prevouts,
+        "the payment's senders are its inputs, in order"
+    );
+    let total: u64 = (paid_senders.as_array().unwrap().iter())
+        .map(|s| s["amount_sat"].as_u64().unwrap())
+        .sum();
+    let out: u64 = tx.output.iter().map(|o| o.value.to_sat()).sum();
+    assert_eq!(
+        total,
+        out + PAYMENT_FEE,
+        "what the inputs held: outputs and fee"
+    );
+    assert_eq!(
+        senders(spent),
+        json!([{"prevout": coin.to_string(), "address": address(2).to_string(), "amount_sat": 70_000}]),
+        "the spend's sender is the watch's own coin"
+    );
+}
+
+#[tokio::test]
+async fn senders_asked_for_a_group_of_blocks_at_once_are_each_transaction_s_own() {
+    senders_of_a_payment_and_its_spend(false).await;
+}
+
+#[tokio::test]
+async fn senders_asked_for_a_run_of_blocks_the_filters_match_are_each_transaction_s_own() {
+    senders_of_a_payment_and_its_spend(true).await;
+}

@@ -23,6 +23,11 @@ pub struct RealNode {
 
 impl RealNode {
     pub async fn start() -> RealNode {
+        RealNode::start_with(&[]).await
+    }
+
+    /// As `start`, with more of bitcoind's options.
+    pub async fn start_with(extra: &[&str]) -> RealNode {
         let exe = std::env::var("BITCOIND_EXE").expect("BITCOIND_EXE names a bitcoind");
         let dir = tempfile::tempdir().unwrap();
         let rpc_port = free_port();
@@ -42,6 +47,7 @@ impl RealNode {
         ] {
             args.push(a.into());
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         for topic in ["sequence", "rawtx", "rawblock", "hashtx", "hashblock"] {
             args.push(format!("-zmqpub{topic}=tcp://127.0.0.1:{}", free_port()));
         }
@@ -565,4 +571,85 @@ async fn real_node_descriptor_from_listdescriptors_sees_fresh_addresses_and_spen
         "money left: {}",
         s.body
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
+async fn real_node_block_filters_are_read_checked_and_guide_a_rescan() {
+    use chainwatch::node::ChainSource;
+    let node = RealNode::start_with(&["-blockfilterindex=1"]).await;
+    let receiver = receiver().await;
+    let mut paid = vec![];
+    for kind in ["bech32", "bech32m", "legacy"] {
+        let a = node.shop_address(kind).await;
+        let txid = node.pay(&a, 0.01).await;
+        let block = node.mine(1).await[0].clone();
+        paid.push((a, txid, block));
+        node.mine(20).await;
+    }
+    for _ in 0..200 {
+        let info = node
+            .call("getindexinfo", json!(["basic block filter index"]))
+            .await;
+        if info["basic block filter index"]["synced"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Core's own filters, through our client: well formed, chained, and saying which blocks
+    // may pay each address.
+    let tip = node.node.chain_info().await.unwrap().blocks;
+    let hashes = node.node.block_hashes(111, tip - 110).await.unwrap();
+    let filters: Vec<_> = (node.node.block_filters(&hashes).await.unwrap())
+        .into_iter()
+        .map(|f| f.expect("Core's filter passes the checks"))
+        .collect();
+    assert!(
+        filters.windows(2).all(|w| w[1].follows(&w[0].header)),
+        "Core's filters chain"
+    );
+    for (address, _, block) in &paid {
+        let script = address
+            .parse::<bitcoin::Address<_>>()
+            .unwrap()
+            .assume_checked()
+            .script_pubkey();
+        let holding: Vec<String> = (hashes.iter().zip(&filters))
+            .filter(|(h, f)| f.may_hold(h, std::slice::from_ref(&script)))
+            .map(|(h, _)| h.to_string())
+            .collect();
+        assert_eq!(
+            &holding,
+            std::slice::from_ref(block),
+            "only the block paying {address} may hold it"
+        );
+    }
+    // And a rescan over them finds every payment, in its block.
+    let (token, daemon) = start_watching(&node, &receiver, &[]).await;
+    let data = node.dir.path().join("chainwatch");
+    let mut store = chainwatch::store::Store::open(&data).unwrap();
+    for (address, _, _) in &paid {
+        let w = chainwatch::watch::parse_target(
+            address,
+            bitcoin::Network::Regtest,
+            None,
+            1,
+            Some("shop".into()),
+            json!({}),
+        )
+        .unwrap();
+        store.upsert_watch(&w, "test", 1).unwrap();
+        store.request_rescan(&w.id, 111).unwrap();
+    }
+    let got = receiver.wait_accepted(3, WAIT).await;
+    token.cancel();
+    daemon.await.unwrap().unwrap();
+    for (address, txid, block) in &paid {
+        let c = got
+            .iter()
+            .find(|c| c.data()["txid"] == txid.as_str())
+            .unwrap_or_else(|| panic!("no event for the payment to {address}"));
+        assert_eq!(c.kind(), "tx.confirmed");
+        assert_eq!(c.data()["block"]["hash"], block.as_str());
+    }
 }

@@ -1,8 +1,8 @@
-//! A store that refuses one read of its tip or one commit on demand, for the follower's fault
-//! tests: SQLite's
-//! store underneath, reached through `ChainStore` as the follower reaches any store.
+//! A store that refuses one read of its tip, some commits or one read of the pending rescans on
+//! demand, for the follower's fault tests: SQLite's store underneath, reached through
+//! `ChainStore` as the follower reaches any store.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bitcoin::{BlockHash, Network, OutPoint};
@@ -18,8 +18,12 @@ pub struct FlakyStore {
     pub fail_next_tip: Arc<AtomicBool>,
     /// Set: arm `fail_next_tip` after the next commit.
     pub fail_tip_after_commit: Arc<AtomicBool>,
-    /// Set: the next commit fails (once), writing nothing.
-    pub fail_next_commit: Arc<AtomicBool>,
+    /// The next this many commits fail, writing nothing.
+    pub fail_commits: Arc<AtomicU32>,
+    /// Set: the commit after the next one fails.
+    pub fail_commit_after_next: Arc<AtomicBool>,
+    /// Set: the next read of the pending rescans fails (once).
+    pub fail_next_rescans: Arc<AtomicBool>,
 }
 
 impl ChainStore for FlakyStore {
@@ -51,10 +55,18 @@ impl ChainStore for FlakyStore {
         self.inner.wants(kind)
     }
     fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
-        if self.fail_next_commit.swap(false, Ordering::SeqCst) {
+        let failing = |n: u32| n.checked_sub(1);
+        if self
+            .fail_commits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, failing)
+            .is_ok()
+        {
             return Err(StoreError::Corrupt("injected: disk I/O error".into()));
         }
         let done = self.inner.commit(changes, now_ms)?;
+        if self.fail_commit_after_next.swap(false, Ordering::SeqCst) {
+            self.fail_commits.store(1, Ordering::SeqCst);
+        }
         if self.fail_tip_after_commit.swap(false, Ordering::SeqCst) {
             self.fail_next_tip.store(true, Ordering::SeqCst);
         }
@@ -76,6 +88,9 @@ impl ChainStore for FlakyStore {
         self.inner.watch_version()
     }
     fn rescans(&self) -> Result<Vec<(String, u32)>> {
+        if self.fail_next_rescans.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("injected: database is locked".into()));
+        }
         self.inner.rescans()
     }
     fn build_index(

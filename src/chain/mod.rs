@@ -113,6 +113,12 @@ pub struct Follower<S: ChainSource, St: ChainStore = Store> {
     /// The store's watch version our index reflects (`None`: to be loaded).
     watch_version: Option<i64>,
     rescan: Option<rescan::RescanJob>,
+    /// A rescan the store lists is owed a job: taken up at the next look at the watches (after
+    /// a change of watches, or a job dropped on an error, or a pick-up that failed).
+    rescan_owed: bool,
+    /// A rescanned watch joined live following: the tracker is read again from the store, the
+    /// index rebuilt and the mempool read afresh, at the next look at the watches until done.
+    rescan_joined: bool,
     /// Loads watch records (labels, metadata) for events, over a connection of its own.
     loader: Option<crate::watch::WatchLoader>,
     network: bitcoin::Network,
@@ -148,6 +154,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             state: SyncState::Stale,
             watch_version: None,
             rescan: None,
+            rescan_owed: false,
+            rescan_joined: false,
             loader: None,
             network: bitcoin::Network::Regtest,
             metrics,
@@ -168,10 +176,33 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// Picks up watches added, changed or removed since we last looked (CLI, API), so a watch
     /// takes effect on the next transaction without a restart.
     fn refresh_watches(&mut self) -> Result<(), FollowError> {
-        let version = self.store.watch_version()?;
-        if Some(version) == self.watch_version {
-            return Ok(());
+        if self.rescan_joined {
+            self.tracker = Tracker::new(
+                self.tracker.network,
+                self.tracker.finality_depth,
+                self.store.load_tracked()?,
+            );
+            self.watch_version = None;
         }
+        let version = self.store.watch_version()?;
+        if Some(version) != self.watch_version {
+            self.rebuild_index(version)?;
+        }
+        if self.rescan_joined {
+            // Payments to it that sit in the mempool now were passed over while it was not live.
+            self.mempool.forget_all();
+            self.state = SyncState::Stale;
+            self.rescan_joined = false;
+        }
+        if self.rescan_owed {
+            self.pick_up_rescan()?;
+            self.rescan_owed = false;
+        }
+        Ok(())
+    }
+
+    /// Builds the live index afresh from the store, at watch version `version`.
+    fn rebuild_index(&mut self, version: i64) -> Result<(), FollowError> {
         // A watch still being rescanned joins live following only when its rescan is done.
         let rescanning: Vec<String> = self.store.rescans()?.into_iter().map(|r| r.0).collect();
         let loader = match &self.loader {
@@ -196,7 +227,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             tracing::info!(watches = self.index.len(), "watches changed; reloaded");
         }
         self.watch_version = Some(version);
-        self.pick_up_rescan()
+        self.rescan_owed = true;
+        Ok(())
     }
 
     /// Loads watch records with `loader` instead of a connection of its own (a test can wrap

@@ -236,14 +236,17 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 self.rescan = Some(job);
                 Ok(())
             }
-            // What the batch staged is lost: the job is read again from the store, as after
-            // a restart, and the batch scanned again.
-            Err(e) if !job.staged.is_empty() => {
-                tracing::debug!(watch = %job.watch_id, "rescan batch failed; resuming from the store");
-                self.watch_version = None;
-                Err(e)
-            }
             Err(e) => {
+                // What the batch found up to the failure is kept if it can be stored. If not,
+                // the job, ahead of the store, is dropped and read again from the store, as
+                // after a restart, and the batch scanned again.
+                if !job.staged.is_empty() {
+                    if let Err(also) = self.store_rescan_progress(&mut job, u32::MAX) {
+                        tracing::debug!(watch = %job.watch_id, error = %also, "rescan batch not stored; resuming from the store");
+                        self.rescan_owed = true;
+                        return Err(e);
+                    }
+                }
                 self.rescan = Some(job);
                 Err(e)
             }
@@ -380,7 +383,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             let committed = match self.store_commit(&changes) {
                 Ok(committed) => committed,
                 Err(e) => {
-                    // Still staged: the job is then read again from the store.
+                    // Still staged (progress alone is not: it is stored again at the next
+                    // batch's end).
+                    changes.rescan = RescanChanges::default();
                     job.staged = changes;
                     return Err(e);
                 }
@@ -424,19 +429,14 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             rescan: RescanChanges::next(&job.watch_id, None),
             ..ChangeSet::default()
         };
-        self.store_commit(&changes)?;
+        if let Err(e) = self.store_commit(&changes) {
+            // Taken up again from the store: at the tip, it finishes at once.
+            self.rescan_owed = true;
+            return Err(e);
+        }
         tracing::info!(watch = %job.watch_id, secs = job.started.elapsed().as_secs_f64(), "rescan finished; following the watch live");
-        self.tracker = Tracker::new(
-            self.tracker.network,
-            self.tracker.finality_depth,
-            self.store.load_tracked()?,
-        );
-        self.watch_version = None;
-        self.refresh_watches()?;
-        // Payments to it that sit in the mempool now were passed over while it was not live.
-        self.mempool.forget_all();
-        self.state = super::SyncState::Stale;
-        Ok(())
+        self.rescan_joined = true;
+        self.refresh_watches()
     }
 }
 

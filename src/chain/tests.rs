@@ -678,7 +678,9 @@ async fn a_step_whose_aftermath_fails_is_planned_afresh_against_the_node() {
         inner: open_store(dir.path(), &[]),
         fail_next_tip: Arc::default(),
         fail_tip_after_commit: fail_after.clone(),
-        fail_next_commit: Arc::default(),
+        fail_commits: Arc::default(),
+        fail_commit_after_next: Arc::default(),
+        fail_next_rescans: Arc::default(),
     };
     let mut f: Follower<SimNode, FlakyStore> = Follower::new(
         Arc::new(node.clone()),
@@ -1081,4 +1083,4 @@ async fn a_resync_does_not_match_what_paid_an_address_before_it_was_derived() {
     );
 }
 
-mod filters;
+mod filter_tests;

@@ -278,8 +278,13 @@ fn take_filters(
         if last.is_some_and(|(_, header)| !filter.follows(&header)) {
             tracing::warn!(
                 height,
-                "the node's block filters do not chain to each other; the blocks from here are read"
+                "the node's block filters do not chain to each other; the blocks on both sides are read"
             );
+            // Either side may be the forged one: a filter forged with its header breaks the
+            // chain only at the next.
+            if let Some(before) = f.ahead.back_mut() {
+                before.1 = None;
+            }
             f.ahead.push_back((hash, None));
             return;
         }

@@ -232,23 +232,36 @@ async fn a_node_without_filters_is_asked_once_and_every_block_is_read() {
     );
 }
 
-#[tokio::test]
-async fn a_batch_whose_commit_fails_is_scanned_again_from_the_store_and_tells_each_event_once() {
-    use crate::chain::flaky_store::FlakyStore;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
+/// A follower over a store that fails on demand, with a rescan of `watch(2, 2)` from 101
+/// requested over a chain that pays it at 110; the commits and pending-rescan reads to fail.
+async fn flaky_rescan() -> (
+    Follower<SimNode, crate::chain::flaky_store::FlakyStore>,
+    SimNode,
+    Watch,
+    Txid,
+    Arc<std::sync::atomic::AtomicU32>,
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<std::sync::atomic::AtomicBool>,
+    tempfile::TempDir,
+) {
     let late = watch(2, 2);
     let dir = tempfile::tempdir().unwrap();
     let node = SimNode::in_memory();
     node.mine(101);
-    let fail_commit = Arc::new(AtomicBool::new(false));
-    let store = FlakyStore {
+    let after_next = Arc::<std::sync::atomic::AtomicBool>::default();
+    let (commits, rescans) = (
+        Arc::<std::sync::atomic::AtomicU32>::default(),
+        Arc::default(),
+    );
+    let store = crate::chain::flaky_store::FlakyStore {
         inner: open_store(dir.path(), &[]),
         fail_next_tip: Arc::default(),
         fail_tip_after_commit: Arc::default(),
-        fail_next_commit: fail_commit.clone(),
+        fail_commits: commits.clone(),
+        fail_commit_after_next: Arc::clone(&after_next),
+        fail_next_rescans: Arc::clone(&rescans),
     };
-    let mut f: Follower<SimNode, FlakyStore> = Follower::new(
+    let mut f = Follower::new(
         Arc::new(node.clone()),
         store,
         Tracker::new("regtest", FINALITY, vec![]),
@@ -263,47 +276,135 @@ async fn a_batch_whose_commit_fails_is_scanned_again_from_the_store_and_tells_ea
     f.store.inner.upsert_watch(&late, "test", 1).unwrap();
     f.store.inner.request_rescan(&late.id, 101).unwrap();
     f.refresh_watches().unwrap();
-    // The first batch (101..=125) finds the payment at 110 and its 2nd confirmation, then its
-    // commit fails: nothing of it is written.
-    fail_commit.store(true, Ordering::SeqCst);
-    assert!(f.rescan_batch().await.is_err(), "the injected failure");
+    (f, node, late, txid, commits, rescans, after_next, dir)
+}
+
+#[tokio::test]
+async fn a_rescan_whose_last_commit_fails_finishes_when_taken_up_again() {
+    use std::sync::atomic::Ordering;
+    let (mut f, node, late, txid, _, _, after_next, _dir) = flaky_rescan().await;
+    f.rescan_batch().await.unwrap();
+    // The second batch (126..=129) stores its progress; the commit that ends the rescan fails.
+    after_next.store(true, Ordering::SeqCst);
+    let e = f.rescan_batch().await.unwrap_err();
     assert!(
-        !f.rescanning(),
-        "the job, ahead of the store, is dropped to be read again from it"
+        e.to_string().contains("injected"),
+        "the injected failure: {e}"
     );
+    assert!(!f.rescanning());
+    assert_eq!(
+        f.store.inner.rescans().unwrap(),
+        vec![(late.id.clone(), 130)]
+    );
+    f.refresh_watches().unwrap();
+    assert!(f.rescanning(), "taken up again from the store, at the tip");
+    f.rescan_batch().await.unwrap();
+    assert_eq!(f.store.inner.rescans().unwrap(), vec![], "finished");
+    assert!(!f.rescanning());
+    // Following live now: the next block confirms nothing more (2 of 2 told), and the next
+    // payment to it is pending at once.
+    let next = node.pay(&address(2).to_string(), 1_000);
+    f.resync().await.unwrap();
+    let pending: Vec<String> = (f.store.inner.events_after(0, 1000).unwrap().into_iter())
+        .filter(|e| e.kind == TX_PENDING)
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        pending,
+        [tx_event_id(TX_PENDING, next, &late, None, 0, 0)],
+        "the watch follows live"
+    );
+    assert_eq!(
+        committed_tx_events(&f)[..2],
+        expected_events(&late, txid, node.block_hash(110))
+    );
+}
+
+/// The tx events committed (each commit once: the journal holds what was committed).
+fn committed_tx_events<St: crate::store::ChainStore>(
+    f: &Follower<SimNode, St>,
+) -> Vec<(String, String)> {
+    f.journal
+        .iter()
+        .flat_map(|c| c.events.iter())
+        .filter(|e| e.kind.starts_with("tx."))
+        .map(|e| (e.kind.to_string(), e.id.clone()))
+        .collect()
+}
+
+fn expected_events(late: &Watch, txid: Txid, paid_in: BlockHash) -> Vec<(String, String)> {
+    vec![
+        (
+            TX_CONFIRMATION.to_string(),
+            tx_event_id(TX_CONFIRMATION, txid, late, Some(paid_in), 1, 0),
+        ),
+        (
+            TX_CONFIRMED.to_string(),
+            tx_event_id(TX_CONFIRMED, txid, late, Some(paid_in), 2, 0),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn a_batch_whose_commit_fails_once_is_stored_by_the_retry_and_the_job_goes_on() {
+    use std::sync::atomic::Ordering;
+    let (mut f, node, late, txid, commits, _, _, _dir) = flaky_rescan().await;
+    // The first batch (101..=125) finds the payment at 110 and its 2nd confirmation; its
+    // commit fails, and the retry after the failure stores it.
+    commits.store(1, Ordering::SeqCst);
+    let e = f.rescan_batch().await.unwrap_err();
+    assert!(
+        e.to_string().contains("injected"),
+        "the injected failure: {e}"
+    );
+    assert!(f.rescanning(), "the job is as the store has it: kept");
+    assert_eq!(
+        f.store.inner.rescans().unwrap(),
+        vec![(late.id.clone(), 126)]
+    );
+    while f.rescanning() {
+        f.rescan_batch().await.unwrap();
+    }
+    assert_eq!(
+        committed_tx_events(&f),
+        expected_events(&late, txid, node.block_hash(110)),
+        "each event committed once, with its id"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_that_cannot_be_stored_is_scanned_again_from_the_store_even_after_a_failed_pick_up()
+{
+    use std::sync::atomic::Ordering;
+    let (mut f, node, late, txid, commits, rescans, _, _dir) = flaky_rescan().await;
+    // Both the batch's commit and the retry fail: nothing of it is written, and the job,
+    // ahead of the store, is dropped.
+    commits.store(2, Ordering::SeqCst);
+    let e = f.rescan_batch().await.unwrap_err();
+    assert!(
+        e.to_string().contains("injected"),
+        "the injected failure: {e}"
+    );
+    assert!(!f.rescanning(), "the job, ahead of the store, is dropped");
     assert_eq!(
         f.store.inner.rescans().unwrap(),
         vec![(late.id.clone(), 101)],
         "nothing of the failed batch is stored"
     );
-    // Taken up again from the store, as the run loop's next look at the watches does.
+    // The next look at the watches fails to read the pending rescans; the one after takes the
+    // job up again, as the run loop does every 100 ms.
+    rescans.store(true, Ordering::SeqCst);
+    assert!(f.refresh_watches().is_err(), "the injected read failure");
+    assert!(!f.rescanning());
     f.refresh_watches().unwrap();
+    assert!(f.rescanning(), "taken up again from the store");
     while f.rescanning() {
         f.rescan_batch().await.unwrap();
     }
-    let events: Vec<(String, String)> = f
-        .store
-        .inner
-        .events_after(0, 1000)
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.kind.starts_with("tx."))
-        .map(|e| (e.kind, e.id))
-        .collect();
-    let paid_in = node.block_hash(110);
     assert_eq!(
-        events,
-        [
-            (
-                TX_CONFIRMATION.to_string(),
-                tx_event_id(TX_CONFIRMATION, txid, &late, Some(paid_in), 1, 0)
-            ),
-            (
-                TX_CONFIRMED.to_string(),
-                tx_event_id(TX_CONFIRMED, txid, &late, Some(paid_in), 2, 0)
-            ),
-        ],
-        "each event once, with its id"
+        committed_tx_events(&f),
+        expected_events(&late, txid, node.block_hash(110)),
+        "each event committed once, with its id"
     );
 }
 

@@ -158,6 +158,13 @@ impl ChainSource for SimNode {
     ) -> NodeResult<Vec<NodeResult<CheckedFilter>>> {
         {
             let mut s = self.lock();
+            if s.filter_answer_limit.is_some_and(|n| hashes.len() > n) {
+                *s.calls.entry("getblockfilter".into()).or_default() += 1;
+                return Err(NodeError::TooLarge {
+                    method: "getblockfilter (batch)".into(),
+                    limit: crate::node::rpc::MAX_RPC_RESPONSE,
+                });
+            }
             if s.broken_filter_calls > 0 {
                 s.broken_filter_calls -= 1;
                 *s.calls.entry("getblockfilter".into()).or_default() += 1;

@@ -47,6 +47,8 @@ pub(crate) struct State {
     pub broken_filter_calls: u32,
     /// A block whose filter is served emptied, under its true header (in memory only).
     pub forged_filter: Option<BlockHash>,
+    /// Asks for more filters than this at once are answered "too large" (in memory only).
+    pub filter_answer_limit: Option<usize>,
     /// Outpoints the simulated wallet has spent.
     pub spent: std::collections::HashSet<OutPoint>,
     pub miner: ScriptBuf,
@@ -145,6 +147,7 @@ impl SimNode {
             block_filters: None,
             broken_filter_calls: 0,
             forged_filter: None,
+            filter_answer_limit: None,
             spent: Default::default(),
             miner,
             change: vec![],
@@ -234,6 +237,11 @@ impl SimNode {
     /// holds) under its true header (in memory only): a forgery only the header chain shows.
     pub fn forge_filter(&self, hash: BlockHash) {
         self.lock().forged_filter = Some(hash);
+    }
+
+    /// Answers an ask for more than `n` block filters as too large to read (in memory only).
+    pub fn limit_filter_answers(&self, n: usize) {
+        self.lock().filter_answer_limit = Some(n);
     }
 
     /// Runs as with `-txindex`: confirmed transactions are served by `getrawtransaction`.

@@ -559,3 +559,32 @@ async fn senders_asked_for_a_group_of_blocks_at_once_are_each_transaction_s_own(
 async fn senders_asked_for_a_run_of_blocks_the_filters_match_are_each_transaction_s_own() {
     senders_of_a_payment_and_its_spend(true).await;
 }
+
+#[tokio::test]
+async fn filter_answers_too_large_to_read_are_asked_for_in_smaller_spans() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.set_block_filters(true);
+    r.node.limit_filter_answers(60);
+    r.node.mine(78);
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    r.node.mine(71);
+    r.sync().await;
+    let before = blocks_read(&r);
+    let found = rescan(&mut r, &late).await;
+    let kinds: Vec<&str> = found.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [TX_CONFIRMATION, TX_CONFIRMED],
+        "the payment {txid} is found"
+    );
+    // Each refusal reads one group of 4 blocks before the next batch asks for half as many:
+    // 200 and 100 are refused, 50 at a time are answered.
+    assert_eq!(
+        blocks_read(&r) - before,
+        4 + 4 + 3,
+        "two groups read while the span shrank; then the paying block, its 2nd \
+         confirmation's, and its senders"
+    );
+}

@@ -25,7 +25,7 @@ use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 use filters::{FilterState, Skipped};
 
 use crate::event::{BlockRef, TipRef};
-use crate::node::ChainSource;
+use crate::node::{ChainSource, NodeError, NodeResult};
 use crate::senders::SpentCoin;
 use crate::store::ChainStore;
 use crate::tracker::{Removal, Tracker, TrackerStep};
@@ -262,11 +262,16 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         Ok(())
     }
 
-    /// The hashes of heights `from..=to` within the blocks we keep; `None` below them.
+    /// The hashes of heights `from..=to` within the blocks we keep; `None` below them (not
+    /// looked up one by one: a filter span reaches far below).
     fn kept_hashes(&self, from: u32, to: u32) -> Result<Vec<Option<BlockHash>>, FollowError> {
+        let lowest = self.store.lowest_block()?.map_or(u32::MAX, |b| b.height);
         let mut kept = Vec::new();
         for h in from..=to {
-            kept.push(self.store.block_at(h)?.map(|b| b.hash));
+            kept.push(match h < lowest {
+                true => None,
+                false => self.store.block_at(h)?.map(|b| b.hash),
+            });
         }
         Ok(kept)
     }
@@ -475,15 +480,36 @@ async fn fetch_blocks<S: ChainSource>(
     from: u32,
     kept: Vec<Option<BlockHash>>,
 ) -> Result<Vec<(BlockHash, Block)>, FollowError> {
-    let hashes = try_join_all((from..).zip(kept).map(|(h, kept)| async move {
-        match kept {
-            Some(hash) => Ok(hash),
-            None => node.block_hash(h).await,
-        }
-    }))
-    .await?;
+    let hashes = resolve_hashes(node, from, kept).await?;
     let blocks = try_join_all(hashes.iter().map(|hash| node.block(*hash))).await?;
     Ok(hashes.into_iter().zip(blocks).collect())
+}
+
+/// The hashes of heights `from..`, `kept`'s where it has one: below the blocks we keep the
+/// node's chain is the truth, within them ours is. The heights below (the leading `None`s) are
+/// asked for in one batch, any other all at once.
+pub(super) async fn resolve_hashes<S: ChainSource>(
+    node: &S,
+    from: u32,
+    kept: Vec<Option<BlockHash>>,
+) -> NodeResult<Vec<BlockHash>> {
+    let below = kept.iter().take_while(|k| k.is_none()).count() as u32;
+    let mut hashes = node.block_hashes(from, below).await?;
+    if hashes.len() != below as usize {
+        let e = NodeError::bad("getblockhash", "not one answer per height asked");
+        return Err(e);
+    }
+    let rest = (from + below..).zip(kept.into_iter().skip(below as usize));
+    hashes.extend(
+        try_join_all(rest.map(|(h, kept)| async move {
+            match kept {
+                Some(hash) => Ok(hash),
+                None => node.block_hash(h).await,
+            }
+        }))
+        .await?,
+    );
+    Ok(hashes)
 }
 
 /// The coins spent by the transactions of `blocks` that concern the watches of `index`, asked

@@ -16,7 +16,7 @@ use crate::config::StartHeight;
 use crate::event::{BlockRef, TipRef};
 use crate::metrics::Metrics;
 use crate::node::zmq_wire::{SequenceEvent, ZmqBody, ZmqMessage};
-use crate::node::{ChainSource, NodeError};
+use crate::node::{ChainSource, HeaderInfo, NodeError};
 use crate::store::{ChainStore, StoreError};
 use crate::tip::StoredBlock;
 
@@ -404,29 +404,25 @@ impl<S: ChainSource> NodeSource<S> {
                 "not one answer per height asked",
             ));
         }
-        Ok(headers
-            .into_iter()
-            .map(|h| StoredBlock {
-                hash: h.hash,
-                height: h.height,
-                prev: h.prev.unwrap_or_else(BlockHash::all_zeros),
-                time: h.time,
-                tx_count: None,
-            })
-            .collect())
+        Ok(headers.iter().map(stored).collect())
     }
 
     /// The node's block at `height`, as we store it.
     pub async fn stored_block(&self, height: u32) -> Result<StoredBlock, NodeError> {
         let hash = self.node.block_hash(height).await?;
-        let header = self.node.block_header(hash).await?;
-        Ok(StoredBlock {
-            hash,
-            height: header.height,
-            prev: header.prev.unwrap_or_else(BlockHash::all_zeros),
-            time: header.time,
-            tx_count: None,
-        })
+        // `block_header` checks that the header is the one of `hash`.
+        Ok(stored(&self.node.block_header(hash).await?))
+    }
+}
+
+/// A block as we store it, from the node's header.
+fn stored(h: &HeaderInfo) -> StoredBlock {
+    StoredBlock {
+        hash: h.hash,
+        height: h.height,
+        prev: h.prev.unwrap_or_else(BlockHash::all_zeros),
+        time: h.time,
+        tx_count: None,
     }
 }
 

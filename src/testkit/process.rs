@@ -17,7 +17,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A loopback port free at the moment of asking.
 /// `host:port` where nothing listens, for a receiver that refuses connections. On 127.0.0.2,
 /// where the suite binds nothing: a port number that was free on 127.0.0.1 may be taken by a
 /// test running beside this one, whose server would then answer in the closed port's place.
@@ -25,6 +24,7 @@ pub fn refusing_address() -> String {
     format!("127.0.0.2:{}", free_port())
 }
 
+/// A loopback port free at the moment of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -244,15 +244,11 @@ impl WatchIndex {
         };
         match target {
             Target::Address { address } => {
-                let parsed = address
-                    .parse::<Address<_>>()
-                    .ok()
-                    .and_then(|a| a.require_network(self.network).ok());
-                let Some(a) = parsed else {
+                let Some(script) = self.address_script(address) else {
                     tracing::error!(watch = %id, %address, "stored watch has an invalid address; skipped");
                     return;
                 };
-                let key = self.key(&a.script_pubkey());
+                let key = self.key(&script);
                 self.scripts.insert(key[0], key[1] as u32, slot);
             }
             Target::Descriptor {
@@ -279,6 +275,12 @@ impl WatchIndex {
                 }
             },
         }
+    }
+
+    /// The script of a watched address of the index's network.
+    fn address_script(&self, address: &str) -> Option<ScriptBuf> {
+        let a = address.parse::<Address<_>>().ok()?;
+        Some(a.require_network(self.network).ok()?.script_pubkey())
     }
 
     /// Derives addresses of one path up to what `used` calls for.
@@ -401,8 +403,7 @@ impl WatchIndex {
             match &w.target {
                 Target::Address { address } => {
                     if listed.0.insert((w.id.clone(), usize::MAX), 1).is_none() {
-                        let a = address.parse::<Address<_>>().ok()?;
-                        out.push(a.require_network(self.network).ok()?.script_pubkey());
+                        out.push(self.address_script(address)?);
                     }
                 }
                 Target::Descriptor { .. } => {

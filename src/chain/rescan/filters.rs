@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::{BlockHash, ScriptBuf};
 
-use super::RescanJob;
+use super::{resolve_hashes, RescanJob};
 use crate::blockfilter::CheckedFilter;
 use crate::chain::{FollowError, Follower};
 use crate::event::TipRef;
@@ -212,13 +212,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     async fn ask_filters(&mut self, job: &mut RescanJob, tip: u32) -> Result<(), FollowError> {
         let from = job.next;
         let to = tip.min(from.saturating_add(job.filters.span - 1));
-        // Below the blocks we keep, the node's chain is the truth; within them, ours is.
-        let lowest = self.store.lowest_block()?.map_or(u32::MAX, |b| b.height);
-        let below = to.saturating_add(1).min(lowest).saturating_sub(from);
-        let kept = self.kept_hashes(from + below, to)?;
+        let kept = self.kept_hashes(from, to)?;
         let node = self.source.node();
         let answer = async {
-            let hashes = hashes_of(node, from, below, kept).await?;
+            let hashes = resolve_hashes(node, from, kept).await?;
             let filters = node.block_filters(&hashes).await?;
             Ok::<_, NodeError>((hashes, filters))
         };
@@ -292,28 +289,4 @@ fn take_filters(
         f.ahead.push_back((hash, Some(filter)));
     }
     f.last_header = last;
-}
-
-/// The hashes of `below` heights from `from`, asked of the node in one batch, then those of the
-/// heights after them: `kept`'s, or else the node's.
-async fn hashes_of<S: ChainSource>(
-    node: &S,
-    from: u32,
-    below: u32,
-    kept: Vec<Option<BlockHash>>,
-) -> NodeResult<Vec<BlockHash>> {
-    let mut hashes = node.block_hashes(from, below).await?;
-    if hashes.len() != below as usize {
-        return Err(NodeError::bad(
-            "getblockhash",
-            "not one answer per height asked",
-        ));
-    }
-    for (h, kept) in (from + below..).zip(kept) {
-        hashes.push(match kept {
-            Some(hash) => hash,
-            None => node.block_hash(h).await?,
-        });
-    }
-    Ok(hashes)
 }

@@ -140,6 +140,21 @@ impl Rig {
             .collect()
     }
 
+    /// The txids of the `tx.confirmed` events so far, in order.
+    fn confirmed_txids(&self) -> Vec<String> {
+        (self.log().into_iter())
+            .filter(|e| e.0 == TX_CONFIRMED)
+            .map(|e| e.1)
+            .collect()
+    }
+
+    /// Adds watch `w` and asks for its rescan from `from`; the follower takes it up.
+    async fn start_rescan(&mut self, w: &Watch, from: u32) {
+        self.follower.store.upsert_watch(w, "test", 1).unwrap();
+        self.follower.store.request_rescan(&w.id, from).unwrap();
+        self.sync().await;
+    }
+
     /// Scans until the running rescan reaches the tip.
     async fn finish_rescan(&mut self) {
         while self.follower.rescanning() {
@@ -507,14 +522,8 @@ async fn descriptor_payments_extend_the_watched_range_across_blocks() {
     let c = r.node.pay_script(&[(derived_script(6), 6_000)]);
     r.node.mine(1);
     r.sync().await;
-    let confirmed: Vec<String> = r
-        .log()
-        .into_iter()
-        .filter(|e| e.0 == TX_CONFIRMED)
-        .map(|e| e.1)
-        .collect();
     assert_eq!(
-        confirmed,
+        r.confirmed_txids(),
         [a.to_string(), b.to_string()],
         "6 is past 3 + gap 2"
     );
@@ -590,9 +599,7 @@ async fn a_rescan_of_blocks_that_change_nothing_stores_its_progress_at_the_end_o
     r.node.mine(40);
     r.sync().await;
     let seen = r.log().len();
-    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
+    r.start_rescan(&late, 101).await;
     r.follower.rescan_batch().await.unwrap();
     assert_eq!(
         r.follower.store.rescans().unwrap(),
@@ -621,9 +628,7 @@ async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
     r.node.mine(22);
     r.sync().await;
     let seen = r.log().len();
-    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
+    r.start_rescan(&late, 101).await;
     // One batch scans 25 blocks (101..=125): the payment is found and confirmed, and still
     // tracked (6 deep at 125, within finality).
     r.follower.rescan_batch().await.unwrap();
@@ -733,9 +738,7 @@ async fn a_payment_during_a_rescan_is_pending_at_once_and_the_rescan_announces_n
     let seen = r.log().len();
     // Already in the mempool when the watch is added.
     let early = r.node.pay(&address(2).to_string(), 60_000);
-    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
+    r.start_rescan(&late, 101).await;
     r.follower.rescan_batch().await.unwrap();
     assert!(r.follower.rescanning(), "41 blocks take two batches");
     r.node.take_zmq();
@@ -817,9 +820,7 @@ async fn a_spend_during_a_rescan_of_a_coin_it_has_not_reached_yet_counts_that_co
     r.node.mine(10);
     r.sync().await;
     let seen = r.log().len();
-    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
+    r.start_rescan(&late, 101).await;
     r.follower.rescan_batch().await.unwrap();
     assert!(r.follower.rescanning());
     r.node.take_zmq();

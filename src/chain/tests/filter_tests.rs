@@ -10,25 +10,32 @@ fn blocks_read(r: &Rig) -> u32 {
     r.node.calls("getblock")
 }
 
-#[tokio::test]
-async fn a_rescan_over_block_filters_reads_only_from_the_paying_block_and_tells_the_same() {
+/// A rig following `watch(1, 1)` over a node that, with block filters if `filters`, pays
+/// `address(2)` at 180 and goes on to 250: the payment's txid and block.
+async fn paid_at_180(filters: bool) -> (Rig, Txid, BlockHash) {
     let live = watch(1, 1);
-    let late = watch(2, 2);
     let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.set_block_filters(true);
+    r.node.set_block_filters(filters);
     r.node.mine(78);
     let txid = r.node.pay(&address(2).to_string(), 70_000);
     let paid_in = r.node.mine(1)[0];
     r.node.mine(70);
     r.sync().await;
-    let seen = r.log().len();
-    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
+    (r, txid, paid_in)
+}
+
+/// The types of `found`'s events, in order.
+fn kinds(found: &[Value]) -> Vec<&str> {
+    found.iter().map(|b| b["type"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_rescan_over_block_filters_reads_only_from_the_paying_block_and_tells_the_same() {
+    let late = watch(2, 2);
+    let (mut r, txid, paid_in) = paid_at_180(true).await;
     let before = blocks_read(&r);
-    r.finish_rescan().await;
-    let bodies = r.bodies();
-    let found: Vec<(String, String)> = bodies[seen..]
+    let found: Vec<(String, String)> = rescan(&mut r, &late)
+        .await
         .iter()
         .map(|b| {
             (
@@ -71,24 +78,15 @@ async fn a_rescan_over_block_filters_reads_only_from_the_paying_block_and_tells_
 /// Rescans `late` from 101 over `r`'s node; returns the events it stored.
 async fn rescan(r: &mut Rig, late: &Watch) -> Vec<Value> {
     let seen = r.log().len();
-    r.follower.store.upsert_watch(late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
+    r.start_rescan(late, 101).await;
     r.finish_rescan().await;
     r.bodies().split_off(seen)
 }
 
 #[tokio::test]
 async fn a_payment_owed_confirmations_across_batches_gets_each_at_its_own_block() {
-    let live = watch(1, 1);
     let late = watch(2, 30);
-    let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.set_block_filters(true);
-    r.node.mine(78);
-    let txid = r.node.pay(&address(2).to_string(), 70_000);
-    let paid_in = r.node.mine(1)[0];
-    r.node.mine(70);
-    r.sync().await;
+    let (mut r, txid, paid_in) = paid_at_180(true).await;
     let found = rescan(&mut r, &late).await;
     let tips: Vec<(u64, u64)> = found
         .iter()
@@ -113,18 +111,12 @@ async fn a_payment_owed_confirmations_across_batches_gets_each_at_its_own_block(
 
 #[tokio::test]
 async fn a_node_whose_filter_answers_fail_is_read_block_by_block_and_asked_no_more() {
-    let live = watch(1, 1);
     let late = watch(2, 2);
-    let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.set_block_filters(true);
+    let (mut r, txid, _) = paid_at_180(true).await;
     r.node.set_broken_filter_calls(100);
-    r.node.mine(78);
-    let txid = r.node.pay(&address(2).to_string(), 70_000);
-    r.node.mine(71);
-    r.sync().await;
     let before = blocks_read(&r);
     let found = rescan(&mut r, &late).await;
-    let kinds: Vec<&str> = found.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    let kinds = kinds(&found);
     assert_eq!(
         kinds,
         [TX_CONFIRMATION, TX_CONFIRMED],
@@ -177,18 +169,9 @@ async fn filters_are_asked_about_the_addresses_a_descriptor_derives_as_the_resca
     let c = r.node.pay_script(&[(derived_script(6), 6_000)]);
     r.node.mine(40);
     r.sync().await;
-    r.follower.store.upsert_watch(&shop, "test", 1).unwrap();
-    r.follower.store.request_rescan(&shop.id, 101).unwrap();
-    r.sync().await;
-    r.finish_rescan().await;
-    let confirmed: Vec<String> = r
-        .log()
-        .into_iter()
-        .filter(|e| e.0 == TX_CONFIRMED)
-        .map(|e| e.1)
-        .collect();
+    rescan(&mut r, &shop).await;
     assert_eq!(
-        confirmed,
+        r.confirmed_txids(),
         [a.to_string(), b.to_string()],
         "the payment to index 3 is found although index 3 was derived during the rescan"
     );
@@ -200,19 +183,11 @@ async fn filters_are_asked_about_the_addresses_a_descriptor_derives_as_the_resca
 
 #[tokio::test]
 async fn a_node_without_filters_is_asked_once_and_every_block_is_read() {
-    let live = watch(1, 1);
     let late = watch(2, 2);
-    let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.mine(78);
-    let txid = r.node.pay(&address(2).to_string(), 70_000);
-    r.node.mine(71);
-    r.sync().await;
+    let (mut r, txid, _) = paid_at_180(false).await;
     let seen = r.log().len();
-    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
     let before = blocks_read(&r);
-    r.finish_rescan().await;
+    rescan(&mut r, &late).await;
     assert_eq!(
         r.log_of(seen, txid),
         [
@@ -411,19 +386,12 @@ async fn a_batch_that_cannot_be_stored_is_scanned_again_from_the_store_even_afte
 #[tokio::test]
 async fn a_forged_filter_that_would_hide_a_payment_breaks_the_chain_of_headers_and_its_block_is_read(
 ) {
-    let live = watch(1, 1);
     let late = watch(2, 2);
-    let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.set_block_filters(true);
-    r.node.mine(78);
-    let txid = r.node.pay(&address(2).to_string(), 70_000);
-    let paid_in = r.node.mine(1)[0];
-    r.node.mine(70);
+    let (mut r, txid, paid_in) = paid_at_180(true).await;
     // Emptied, the filter of 180 says the block holds nothing; its header is the true one.
     r.node.forge_filter(paid_in);
-    r.sync().await;
     let found = rescan(&mut r, &late).await;
-    let kinds: Vec<&str> = found.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    let kinds = kinds(&found);
     assert_eq!(
         kinds,
         [TX_CONFIRMATION, TX_CONFIRMED],
@@ -443,9 +411,7 @@ async fn a_reorg_under_a_filtered_rescan_drops_the_filters_asked_of_the_old_bran
     r.node.pay(&address(2).to_string(), 70_000);
     r.node.mine(41);
     r.sync().await;
-    r.follower.store.upsert_watch(&late, "test", 1).unwrap();
-    r.follower.store.request_rescan(&late.id, 101).unwrap();
-    r.sync().await;
+    r.start_rescan(&late, 101).await;
     // The payment at 110 owes 30 confirmations: the first batch reads 110..=134, and keeps
     // the filters of 135..=150, the last of them of blocks about to go.
     r.follower.rescan_batch().await.unwrap();
@@ -562,18 +528,12 @@ async fn senders_asked_for_a_run_of_blocks_the_filters_match_are_each_transactio
 
 #[tokio::test]
 async fn filter_answers_too_large_to_read_are_asked_for_in_smaller_spans() {
-    let live = watch(1, 1);
     let late = watch(2, 2);
-    let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.set_block_filters(true);
+    let (mut r, txid, _) = paid_at_180(true).await;
     r.node.limit_filter_answers(60);
-    r.node.mine(78);
-    let txid = r.node.pay(&address(2).to_string(), 70_000);
-    r.node.mine(71);
-    r.sync().await;
     let before = blocks_read(&r);
     let found = rescan(&mut r, &late).await;
-    let kinds: Vec<&str> = found.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    let kinds = kinds(&found);
     assert_eq!(
         kinds,
         [TX_CONFIRMATION, TX_CONFIRMED],

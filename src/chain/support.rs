@@ -139,9 +139,11 @@ impl Progress {
             return;
         }
         self.last_report = Instant::now();
-        let done = (height - self.start + 1) as f64;
+        // A rescan's tip moves on while it runs, and a reorg moves it back: `height` may be
+        // past `end` or before `start`.
+        let done = (height.saturating_sub(self.start) + 1) as f64;
         let rate = done / self.began.elapsed().as_secs_f64().max(0.001);
-        let eta = (self.end - height) as f64 / rate.max(0.001);
+        let eta = self.end.saturating_sub(height) as f64 / rate.max(0.001);
         tracing::info!(
             height,
             target = self.end,

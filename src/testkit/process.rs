@@ -24,10 +24,28 @@ pub fn refusing_address() -> String {
     format!("127.0.0.2:{}", free_port())
 }
 
-/// A loopback port free at the moment of asking.
+/// A loopback port free at the moment of asking, for a server the test starts later.
+///
+/// Taken below Linux's ephemeral range (32768 and up by default), from a counter: a port the
+/// kernel hands out for a `:0` bind or an outgoing connection of a test running beside this one
+/// is always in that range, so it cannot take this port between the asking and the binding, and
+/// the counter keeps two callers of one test process apart. The process id spreads test binaries.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(397) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }

@@ -28,29 +28,47 @@ fn pg_store(
     store
 }
 
-fn bench_commit(url: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = endpoint_config(dir.path(), "http://127.0.0.1:9/hooks", true);
-    let mut sqlite = Store::open(dir.path()).unwrap();
-    sqlite.check_network("regtest").unwrap();
-    sqlite.sync_endpoints(&cfg.endpoints).unwrap();
-    let mut pg = pg_store(url, &dir.path().join("audit.key"), "bench", &cfg);
-    for (name, blocks) in [
-        ("SQLite", commit_blocks(&mut sqlite, 12)),
-        ("PostgreSQL", commit_blocks(&mut pg, 12)),
-    ] {
-        let steady: Vec<f64> = blocks[2..].iter().map(|b| b.ms).collect();
+/// Fresh stores the commit is measured on: one cold commit is one sample, and this machine's
+/// noise is as large as the figure's distance from its target.
+const COMMIT_RUNS: usize = 5;
+
+fn bench_commit(fresh: impl Fn() -> String) {
+    let mut first = [vec![], vec![]];
+    let mut steady = [vec![], vec![]];
+    for _ in 0..COMMIT_RUNS {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = endpoint_config(dir.path(), "http://127.0.0.1:9/hooks", true);
+        let mut sqlite = Store::open(dir.path()).unwrap();
+        sqlite.check_network("regtest").unwrap();
+        sqlite.sync_endpoints(&cfg.endpoints).unwrap();
+        let mut pg = pg_store(&fresh(), &dir.path().join("audit.key"), "bench", &cfg);
+        for (i, blocks) in [commit_blocks(&mut sqlite, 12), commit_blocks(&mut pg, 12)]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                blocks[0].events, 1000,
+                "the first block pays 1,000 watched outputs"
+            );
+            first[i].push(blocks[0].ms);
+            steady[i].extend(blocks[2..].iter().map(|b| b.ms));
+        }
+    }
+    for (i, name) in ["SQLite", "PostgreSQL"].into_iter().enumerate() {
+        let firsts = first[i].clone();
+        let (lo, hi) = (
+            firsts.iter().cloned().fold(f64::MAX, f64::min),
+            firsts.iter().cloned().fold(0.0, f64::max),
+        );
+        let median_first = median(firsts);
         common::verdict(
             &format!("postgres, commit, {name}"),
             &format!(
-                "a block paying 1,000 watched outputs ({} events): first {:.1} ms, steady median {:.1} ms ({} events per block)",
-                blocks[0].events,
-                blocks[0].ms,
-                median(steady),
-                blocks[5].events
+                "a block paying 1,000 watched outputs (1,000 events), each the first commit of a fresh store: median {median_first:.1} ms of {COMMIT_RUNS} (range {lo:.1}–{hi:.1}); steady median {:.1} ms (3,000 events per block)",
+                median(steady[i].clone()),
             ),
-            "first < 50 ms",
-            blocks[0].ms < 50.0,
+            "median < 50 ms",
+            median_first < 50.0,
         );
     }
 }
@@ -109,7 +127,7 @@ fn main() {
     let _ = server;
     common::header("postgres");
     let fresh = |name: &str| chainwatch::testkit::postgres::fresh_database(name).unwrap();
-    bench_commit(&fresh("bench_commit"));
+    bench_commit(|| fresh("bench_commit"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let n = 10_000;
     for instances in [1, 2] {

@@ -4,6 +4,7 @@
 use bitcoin::{BlockHash, Network, OutPoint};
 use tokio_postgres::Row;
 
+use super::conn::{Owned, Pipeline};
 use super::{PgStore, EVENT_LOG_LOCK};
 use crate::changeset::ChangeSet;
 use crate::store::records::{corrupt, floor_of, small, target_of, TrackedColumns};
@@ -14,6 +15,48 @@ use crate::store::{
 use crate::tip::TipChange;
 use crate::tracker::Tracked;
 use crate::watch::{Derivation, Watch, WatchIndex, WatchLoader, WatchedCoin};
+
+const DELETE_TRACKED: &str = "DELETE FROM tracked WHERE txid = $1 AND watch_id = $2";
+const UPSERT_DERIVATION: &str = "INSERT INTO derivations (watch_id, path, used) VALUES ($1, $2, $3)
+                 ON CONFLICT (watch_id, path) DO UPDATE SET used = GREATEST(derivations.used, excluded.used)";
+const INSERT_COINS: &str = "INSERT INTO coins (outpoint, watch_id, address, amount_sat)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[])
+                 ON CONFLICT DO NOTHING";
+const SET_RESCAN_NEXT: &str = "UPDATE watches SET rescan_next = $2 WHERE id = $1";
+const DISABLE_ENDPOINT: &str =
+    "UPDATE endpoints SET enabled = false, disabled_reason = $2 WHERE name = $1";
+const UPSERT_TRACKED: &str =
+    "INSERT INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
+           reorg_count, fired, outputs, inputs, spends, senders)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+           $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[],
+           $12::text[])
+         ON CONFLICT (txid, watch_id) DO UPDATE SET status = excluded.status,
+           block_hash = excluded.block_hash, block_height = excluded.block_height,
+           block_time = excluded.block_time, reorg_count = excluded.reorg_count,
+           fired = excluded.fired, outputs = excluded.outputs, inputs = excluded.inputs,
+           spends = excluded.spends, senders = excluded.senders";
+const INSERT_EVENTS: &str = "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
+             SELECT s, i, t, b, $5, p, h, c
+               FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $6::text[], $7::text[], $8::text[])
+                 AS u(s, i, t, b, p, h, c)";
+const INSERT_DELIVERIES: &str =
+    "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at)
+             SELECT s, e, 'pending', $3 FROM UNNEST($1::bigint[], $2::text[]) AS u(s, e)";
+const SET_EVENT_HEAD: &str = "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+
+/// Every statement a commit sends down its pipeline, prepared before it opens.
+const PIPELINED: &[&str] = &[
+    DELETE_TRACKED,
+    UPSERT_DERIVATION,
+    INSERT_COINS,
+    SET_RESCAN_NEXT,
+    DISABLE_ENDPOINT,
+    UPSERT_TRACKED,
+    INSERT_EVENTS,
+    INSERT_DELIVERIES,
+    SET_EVENT_HEAD,
+];
 
 fn block_of(r: &Row) -> Result<StoredBlock> {
     let hash: String = r.get(0);
@@ -94,114 +137,111 @@ impl PgStore {
         Ok(())
     }
 
-    fn write_changes(&self, changes: &ChangeSet) -> Result<()> {
-        for change in &changes.tip.0 {
-            self.move_tip(change)?;
-        }
-        self.upsert_tracked(changes.tracked.upserts())?;
+    /// Sends the change set's rows (all but the tip's) down `p`, without waiting for answers.
+    fn send_changes(&self, p: &mut Pipeline<'_>, changes: &ChangeSet) -> Result<()> {
+        send_tracked(p, changes.tracked.upserts())?;
         for (txid, watch) in changes.tracked.removals() {
-            self.conn.execute(
-                "DELETE FROM tracked WHERE txid = $1 AND watch_id = $2",
-                &[&txid.to_string(), &watch],
+            p.send(
+                DELETE_TRACKED,
+                vec![Box::new(txid.to_string()), Box::new(watch.clone())],
             )?;
         }
         for d in &changes.index.derivations {
-            self.conn.execute(
-                "INSERT INTO derivations (watch_id, path, used) VALUES ($1, $2, $3)
-                 ON CONFLICT (watch_id, path) DO UPDATE SET used = GREATEST(derivations.used, excluded.used)",
-                &[&d.watch_id, &i64::from(d.path), &i64::from(d.used)],
+            p.send(
+                UPSERT_DERIVATION,
+                vec![
+                    Box::new(d.watch_id.clone()),
+                    Box::new(i64::from(d.path)),
+                    Box::new(i64::from(d.used)),
+                ],
             )?;
         }
         if !changes.index.coins.is_empty() {
             let coins = &changes.index.coins;
-            let outpoints: Vec<String> = coins.iter().map(|(op, _)| op.to_string()).collect();
-            let watches: Vec<&str> = coins.iter().map(|(_, c)| c.watch_id.as_str()).collect();
-            let addresses: Vec<&str> = coins.iter().map(|(_, c)| c.address.as_str()).collect();
+            let column = |f: fn(&OutPoint, &WatchedCoin) -> String| -> Owned {
+                Box::new(coins.iter().map(|(op, c)| f(op, c)).collect::<Vec<_>>())
+            };
             let amounts: Vec<i64> = coins.iter().map(|(_, c)| c.amount_sat as i64).collect();
-            self.conn.execute(
-                "INSERT INTO coins (outpoint, watch_id, address, amount_sat)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[])
-                 ON CONFLICT DO NOTHING",
-                &[&outpoints, &watches, &addresses, &amounts],
+            p.send(
+                INSERT_COINS,
+                vec![
+                    column(|op, _| op.to_string()),
+                    column(|_, c| c.watch_id.clone()),
+                    column(|_, c| c.address.clone()),
+                    Box::new(amounts),
+                ],
             )?;
         }
         for (watch, next) in &changes.rescan.0 {
-            let next = next.map(i64::from);
-            self.conn.execute(
-                "UPDATE watches SET rescan_next = $2 WHERE id = $1",
-                &[&watch, &next],
+            p.send(
+                SET_RESCAN_NEXT,
+                vec![Box::new(watch.clone()), Box::new(next.map(i64::from))],
             )?;
         }
         for (name, reason) in &changes.endpoints.disabled {
-            self.conn.execute(
-                "UPDATE endpoints SET enabled = false, disabled_reason = $2 WHERE name = $1",
-                &[&name, &reason],
+            p.send(
+                DISABLE_ENDPOINT,
+                vec![Box::new(name.clone()), Box::new(reason.clone())],
             )?;
         }
-        Ok(())
-    }
-
-    /// Inserts or replaces tracked rows, all in one statement.
-    fn upsert_tracked<'t>(&self, tracked: impl Iterator<Item = &'t Tracked>) -> Result<()> {
-        let rows: Vec<TrackedColumns> = tracked.map(TrackedColumns::of).collect();
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let text = |f: fn(&TrackedColumns) -> &str| rows.iter().map(f).collect::<Vec<_>>();
-        let opt_int =
-            |f: fn(&TrackedColumns) -> Option<i64>| rows.iter().map(f).collect::<Vec<_>>();
-        let int = |f: fn(&TrackedColumns) -> i64| rows.iter().map(f).collect::<Vec<_>>();
-        let hashes: Vec<Option<&str>> = rows.iter().map(|c| c.block_hash.as_deref()).collect();
-        let senders: Vec<Option<&str>> = rows.iter().map(|c| c.senders.as_deref()).collect();
-        self.conn.execute(
-            "INSERT INTO tracked (txid, watch_id, status, block_hash, block_height, block_time,
-               reorg_count, fired, outputs, inputs, spends, senders)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-               $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[], $11::text[],
-               $12::text[])
-             ON CONFLICT (txid, watch_id) DO UPDATE SET status = excluded.status,
-               block_hash = excluded.block_hash, block_height = excluded.block_height,
-               block_time = excluded.block_time, reorg_count = excluded.reorg_count,
-               fired = excluded.fired, outputs = excluded.outputs, inputs = excluded.inputs,
-               spends = excluded.spends, senders = excluded.senders",
-            &[
-                &text(|c| &c.txid),
-                &text(|c| &c.watch_id),
-                &text(|c| &c.status),
-                &hashes,
-                &opt_int(|c| c.block_height),
-                &opt_int(|c| c.block_time),
-                &int(|c| c.reorg_count),
-                &int(|c| c.fired),
-                &text(|c| &c.outputs),
-                &text(|c| &c.inputs),
-                &text(|c| &c.spends),
-                &senders,
-            ],
-        )?;
         Ok(())
     }
 
     /// Commits a change set in one transaction, fenced when this store leads.
+    ///
+    /// The tip moves first (each change reads the tip the one before left), then the event
+    /// log's lock and reads; only then are the rows sent, in one pipeline, so the server
+    /// writes the tracked rows while this thread builds the events' bodies and chain.
     pub fn commit_changes(&self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
         self.conn.transaction(|| {
             self.check_fence()?;
-            self.write_changes(changes)?;
-            if changes.events.is_empty() {
-                return Ok(vec![]);
+            for change in &changes.tip.0 {
+                self.move_tip(change)?;
             }
-            self.conn
-                .execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_LOG_LOCK])?;
-            // Read now, not at open: another instance may have synced a changed config.
-            let filters = self.read_filters()?;
-            append_events(
-                &mut PgLog(self),
-                &filters,
-                &self.audit_key,
-                &changes.events,
-                now_ms,
-            )
+            let log = if changes.events.is_empty() {
+                None
+            } else {
+                self.conn
+                    .execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_LOG_LOCK])?;
+                // Read now, not at open: another instance may have synced a changed config.
+                let filters = self.read_filters()?;
+                let ids: Vec<&str> = changes.events.iter().map(|e| e.id.as_str()).collect();
+                Some((filters, self.log_newest()?, self.log_recorded(&ids)?))
+            };
+            self.conn.prepare_all(PIPELINED)?;
+            self.conn.pipelined(|p| {
+                self.send_changes(p, changes)?;
+                let Some((filters, newest, recorded)) = log else {
+                    return Ok(vec![]);
+                };
+                let mut log = PgLog {
+                    pipeline: p,
+                    newest: Some(newest),
+                    recorded: Some(recorded),
+                };
+                append_events(&mut log, &filters, &self.audit_key, &changes.events, now_ms)
+            })
         })
+    }
+
+    fn log_newest(&self) -> Result<(i64, String)> {
+        Ok(self
+            .conn
+            .query_opt(
+                "SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1",
+                &[],
+            )?
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap_or((0, String::new())))
+    }
+
+    fn log_recorded(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>> {
+        Ok(self
+            .conn
+            .query("SELECT id FROM events WHERE id = ANY($1)", &[&ids])?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
     }
 
     pub fn load_coins(&self) -> Result<Vec<(OutPoint, WatchedCoin)>> {
@@ -271,30 +311,72 @@ impl PgStore {
     }
 }
 
-/// The PostgreSQL side of the event log, inside a commit's transaction.
-struct PgLog<'a>(&'a PgStore);
+/// Inserts or replaces tracked rows, all in one statement.
+fn send_tracked<'t>(
+    p: &mut Pipeline<'_>,
+    tracked: impl Iterator<Item = &'t Tracked>,
+) -> Result<()> {
+    let rows: Vec<TrackedColumns> = tracked.map(TrackedColumns::of).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let text = |f: fn(&TrackedColumns) -> &str| -> Owned {
+        Box::new(rows.iter().map(|c| f(c).to_string()).collect::<Vec<_>>())
+    };
+    let opt_text = |f: fn(&TrackedColumns) -> Option<&str>| -> Owned {
+        Box::new(
+            rows.iter()
+                .map(|c| f(c).map(str::to_string))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let opt_int = |f: fn(&TrackedColumns) -> Option<i64>| -> Owned {
+        Box::new(rows.iter().map(f).collect::<Vec<_>>())
+    };
+    let int = |f: fn(&TrackedColumns) -> i64| -> Owned {
+        Box::new(rows.iter().map(f).collect::<Vec<_>>())
+    };
+    p.send(
+        UPSERT_TRACKED,
+        vec![
+            text(|c| &c.txid),
+            text(|c| &c.watch_id),
+            text(|c| &c.status),
+            opt_text(|c| c.block_hash.as_deref()),
+            opt_int(|c| c.block_height),
+            opt_int(|c| c.block_time),
+            int(|c| c.reorg_count),
+            int(|c| c.fired),
+            text(|c| &c.outputs),
+            text(|c| &c.inputs),
+            text(|c| &c.spends),
+            opt_text(|c| c.senders.as_deref()),
+        ],
+    )
+}
 
-impl EventLog for PgLog<'_> {
+/// The PostgreSQL side of the event log, inside a commit's transaction: its reads were made
+/// before the pipeline opened, and its rows go down the pipeline.
+struct PgLog<'p, 'c> {
+    pipeline: &'p mut Pipeline<'c>,
+    newest: Option<(i64, String)>,
+    recorded: Option<std::collections::HashSet<String>>,
+}
+
+impl EventLog for PgLog<'_, '_> {
     fn newest(&mut self) -> Result<(i64, String)> {
         Ok(self
-            .0
-            .conn
-            .query_opt(
-                "SELECT seq, row_hash FROM events ORDER BY seq DESC LIMIT 1",
-                &[],
-            )?
-            .map(|r| (r.get(0), r.get(1)))
-            .unwrap_or((0, String::new())))
+            .newest
+            .take()
+            .expect("the log's newest row is read once"))
     }
 
-    fn recorded(&mut self, ids: &[&str]) -> Result<std::collections::HashSet<String>> {
+    fn recorded(&mut self, _ids: &[&str]) -> Result<std::collections::HashSet<String>> {
+        // Read for the same change set's ids before the pipeline opened.
         Ok(self
-            .0
-            .conn
-            .query("SELECT id FROM events WHERE id = ANY($1)", &[&ids])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect())
+            .recorded
+            .take()
+            .expect("the recorded ids are read once"))
     }
 
     fn insert(
@@ -304,31 +386,29 @@ impl EventLog for PgLog<'_> {
         now_ms: i64,
     ) -> Result<()> {
         // One statement for all rows: a block's thousand events are one round trip.
-        let column = |f: fn(&ChainedRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+        let column = |f: fn(&ChainedRow) -> &str| -> Owned {
+            Box::new(rows.iter().map(|r| f(r).to_string()).collect::<Vec<_>>())
+        };
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        self.0.conn.execute(
-            "INSERT INTO events (seq, id, type, body, created_at, prev_hash, payload_hash, row_hash)
-             SELECT s, i, t, b, $5, p, h, c
-               FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $6::text[], $7::text[], $8::text[])
-                 AS u(s, i, t, b, p, h, c)",
-            &[
-                &seqs,
-                &column(|r| &r.id),
-                &column(|r| &r.kind),
-                &column(|r| &r.body),
-                &now_ms,
-                &column(|r| &r.prev),
-                &column(|r| &r.payload_hash),
-                &column(|r| &r.chain),
+        self.pipeline.send(
+            INSERT_EVENTS,
+            vec![
+                Box::new(seqs),
+                column(|r| &r.id),
+                column(|r| &r.kind),
+                column(|r| &r.body),
+                Box::new(now_ms),
+                column(|r| &r.prev),
+                column(|r| &r.payload_hash),
+                column(|r| &r.chain),
             ],
         )?;
-        let (seqs, endpoints): (Vec<i64>, Vec<&str>) = deliveries.iter().copied().unzip();
-        self.0.conn.execute(
-            "INSERT INTO deliveries (event_seq, endpoint, status, next_attempt_at)
-             SELECT s, e, 'pending', $3 FROM UNNEST($1::bigint[], $2::text[]) AS u(s, e)",
-            &[&seqs, &endpoints, &now_ms],
-        )?;
-        Ok(())
+        let seqs: Vec<i64> = deliveries.iter().map(|(s, _)| *s).collect();
+        let endpoints: Vec<String> = deliveries.iter().map(|(_, e)| e.to_string()).collect();
+        self.pipeline.send(
+            INSERT_DELIVERIES,
+            vec![Box::new(seqs), Box::new(endpoints), Box::new(now_ms)],
+        )
     }
 
     fn legacy_break(&mut self) -> Result<Option<i64>> {
@@ -337,7 +417,13 @@ impl EventLog for PgLog<'_> {
     }
 
     fn set_head(&mut self, head: &str) -> Result<()> {
-        self.0.set_meta("event_head", head)
+        self.pipeline.send(
+            SET_EVENT_HEAD,
+            vec![
+                Box::new("event_head".to_string()),
+                Box::new(head.to_string()),
+            ],
+        )
     }
 }
 

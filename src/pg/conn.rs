@@ -6,6 +6,7 @@
 use std::cell::{Cell, Ref, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -178,6 +179,53 @@ impl PgConn {
         block_on(c.execute(&s, params)).map_err(pg_error)
     }
 
+    /// Prepares on this session those of `sqls` it has not prepared yet, all at once: one
+    /// round trip instead of one per statement, and none in the middle of a pipeline, where
+    /// a statement's preparation waits for every statement sent before it.
+    pub fn prepare_all(&self, sqls: &[&str]) -> Result<()> {
+        let client = self.client()?;
+        let missing: Vec<&str> = {
+            let known = self.statements.borrow();
+            sqls.iter()
+                .copied()
+                .filter(|s| !known.contains_key(*s))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut pending: Vec<_> = missing
+            .iter()
+            .map(|sql| Box::pin(client.prepare(sql)))
+            .collect();
+        // A first poll sends each request; then the answers are read in order.
+        let polled: Vec<_> = pending.iter_mut().map(|f| poll_once(f.as_mut())).collect();
+        let mut known = self.statements.borrow_mut();
+        for ((sql, mut f), first) in missing.into_iter().zip(pending).zip(polled) {
+            let statement = match first {
+                Poll::Ready(r) => r,
+                Poll::Pending => block_on(f.as_mut()),
+            };
+            known.insert(sql.to_string(), statement.map_err(pg_error)?);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with a pipeline on this session, then waits for all it sent.
+    pub fn pipelined<T>(&self, f: impl FnOnce(&mut Pipeline<'_>) -> Result<T>) -> Result<T> {
+        let client = self.client()?;
+        let mut pipeline = Pipeline {
+            conn: self,
+            client: &client,
+            waiting: Vec::new(),
+            answered: Vec::new(),
+        };
+        let out = f(&mut pipeline);
+        let answers = pipeline.finish();
+        let out = out?;
+        answers.map(|()| out)
+    }
+
     pub fn batch(&self, sql: &str) -> Result<()> {
         let c = self.client()?;
         block_on(c.batch_execute(sql)).map_err(pg_error)
@@ -273,6 +321,95 @@ impl PgConn {
             s.clear();
         }
     }
+}
+
+/// A parameter a pipelined statement owns: it outlives the call that sent it.
+pub type Owned = Box<dyn ToSql + Sync + Send>;
+
+type Answer<'c> =
+    Pin<Box<dyn Future<Output = std::result::Result<u64, tokio_postgres::Error>> + 'c>>;
+
+/// Statements sent one after another without waiting for their answers: the server works
+/// through them while this thread builds the next one. `PgConn::pipelined` collects the
+/// answers, in order; the first error is the pipeline's (in a transaction, the statements
+/// after a failed one fail too, and the transaction is rolled back).
+pub struct Pipeline<'c> {
+    conn: &'c PgConn,
+    client: &'c Client,
+    waiting: Vec<Answer<'c>>,
+    answered: Vec<Result<u64>>,
+}
+
+impl<'c> Pipeline<'c> {
+    /// Sends `sql` now; its answer is read when the pipeline ends.
+    pub fn send(&mut self, sql: &str, params: Vec<Owned>) -> Result<()> {
+        let known = self.conn.statements.borrow().get(sql).cloned();
+        let statement = match known {
+            Some(s) => s,
+            None => self.prepare(sql)?,
+        };
+        let client = self.client;
+        let mut answer: Answer<'c> =
+            Box::pin(async move { client.execute_raw(&statement, params).await });
+        // The first poll writes the request to the connection's thread, which sends it.
+        match poll_once(answer.as_mut()) {
+            Poll::Ready(r) => self.answered.push(r.map_err(pg_error)),
+            Poll::Pending => self.waiting.push(answer),
+        }
+        Ok(())
+    }
+
+    /// Prepares `sql` on this session, reading the answers of statements sent before it as
+    /// they come: a request whose answer nobody reads holds up the connection's thread.
+    fn prepare(&mut self, sql: &str) -> Result<Statement> {
+        let client = self.client;
+        let mut prepare = std::pin::pin!(client.prepare(sql));
+        let statement = loop {
+            self.read_answers();
+            if let Poll::Ready(r) = poll_once(prepare.as_mut()) {
+                break r.map_err(pg_error)?;
+            }
+            std::thread::park_timeout(Duration::from_millis(1));
+        };
+        self.conn
+            .statements
+            .borrow_mut()
+            .insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    /// Polls every unanswered statement once, keeping the answers that came.
+    fn read_answers(&mut self) {
+        let mut still = Vec::with_capacity(self.waiting.len());
+        for mut answer in self.waiting.drain(..) {
+            match poll_once(answer.as_mut()) {
+                Poll::Ready(r) => self.answered.push(r.map_err(pg_error)),
+                Poll::Pending => still.push(answer),
+            }
+        }
+        self.waiting = still;
+    }
+
+    /// Waits for every answer; the first error, if any.
+    fn finish(mut self) -> Result<()> {
+        while !self.waiting.is_empty() {
+            self.read_answers();
+            if !self.waiting.is_empty() {
+                std::thread::park_timeout(Duration::from_millis(1));
+            }
+        }
+        self.answered
+            .into_iter()
+            .find(|r| r.is_err())
+            .unwrap_or(Ok(0))
+            .map(drop)
+    }
+}
+
+/// Polls `f` once with a waker that unparks this thread.
+fn poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    f.poll(&mut Context::from_waker(&waker))
 }
 
 /// An open transaction's (or savepoint's) nesting depth.

@@ -132,6 +132,70 @@ fn chain_steps_commit_with_their_events_and_the_log_verifies() {
 }
 
 #[test]
+fn a_commit_sent_down_the_pipeline_is_all_or_nothing_and_its_chunks_chain() {
+    let Some(db) = Db::new("pipelined") else {
+        return;
+    };
+    let mut store = db.open("a");
+    init(&mut store);
+    let big = ChangeSet {
+        events: alerts("big", 600),
+        ..connect(1)
+    };
+    // A statement that fails on the server part way down the pipeline: the deliveries of the
+    // second chunk of events, sent after two chunks of events and the first deliveries.
+    store
+        .conn
+        .batch(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN IF NEW.event_seq > 300 THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER refuse BEFORE INSERT ON deliveries FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .unwrap();
+    let failed = ChainStore::commit(&mut store, &big, 1_000);
+    assert!(
+        matches!(&failed, Err(StoreError::Postgres(m)) if m.contains("refused by the test")),
+        "the server's error is the commit's: {:?}",
+        failed.as_ref().map(|e| e.len())
+    );
+    assert_eq!(
+        store.events_after(0, 1000).unwrap().len(),
+        0,
+        "no event of the failed commit stays"
+    );
+    assert_eq!(
+        ChainStore::tip(&store).unwrap().unwrap().height,
+        0,
+        "nor its tip"
+    );
+    store
+        .conn
+        .batch("DROP TRIGGER refuse ON deliveries")
+        .unwrap();
+    let done = ChainStore::commit(&mut store, &big, 2_000).expect("the same session commits it");
+    let seqs: Vec<i64> = done.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=600).collect::<Vec<_>>(),
+        "600 events, in order, none lost between chunks"
+    );
+    assert_eq!(
+        store
+            .list_deliveries(None, Some("ledger"), 1000)
+            .unwrap()
+            .len(),
+        600,
+        "a delivery of every event for each endpoint"
+    );
+    let report = store.audit().unwrap();
+    assert_eq!(
+        (report.verified, report.problem),
+        (600, None),
+        "the keyed chain verifies across the chunks"
+    );
+}
+
+#[test]
 fn a_deposed_leader_writes_nothing() {
     let Some(db) = Db::new("deposed") else {
         return;

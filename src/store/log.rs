@@ -36,6 +36,10 @@ pub fn wanted(filters: &Filters, kind: &str) -> bool {
         .any(|(_, globs)| globs.iter().any(|g| type_matches(g, kind)))
 }
 
+/// Rows handed to the log at once: a store that sends them without waiting for the answer
+/// (PostgreSQL's pipeline) writes one chunk while the next is built.
+const INSERT_CHUNK: usize = 250;
+
 /// Appends `events` after the newest row, each with a delivery per endpoint whose filter
 /// takes its type (`filters`: endpoint name and event-type globs).
 pub fn append_events(
@@ -89,11 +93,18 @@ pub fn append_events(
             kind: e.kind.to_string(),
         });
         rows.push(row);
+        if rows.len() == INSERT_CHUNK {
+            log.insert(&rows, &deliveries, now_ms)?;
+            rows.clear();
+            deliveries.clear();
+        }
     }
     if out.is_empty() {
         return Ok(out);
     }
-    log.insert(&rows, &deliveries, now_ms)?;
+    if !rows.is_empty() {
+        log.insert(&rows, &deliveries, now_ms)?;
+    }
     // The head makes removing the newest rows detectable too: the chain alone ends wherever it is cut.
     let head = key.head(seq, &prev_hash, log.legacy_break()?);
     log.set_head(&head)?;

@@ -78,13 +78,15 @@ impl PgStore {
                 AND NOT (id = ANY($6))
               ORDER BY event_seq LIMIT $3 FOR UPDATE SKIP LOCKED"
         };
+        // Claimed and read in one statement: the claim returns its rows with their events.
         let sql = format!(
-            "WITH due AS ({candidates})
-             UPDATE deliveries d SET claimed_by = $4, claim_until = clock_timestamp() + $5::bigint * interval '1 millisecond'
-               FROM due WHERE d.id = due.id RETURNING d.id"
+            "WITH due AS ({candidates}),
+             claimed AS (UPDATE deliveries d SET claimed_by = $4, claim_until = clock_timestamp() + $5::bigint * interval '1 millisecond'
+               FROM due WHERE d.id = due.id RETURNING d.id, d.event_seq, d.attempts)
+             SELECT {DUE_COLUMNS} FROM claimed d JOIN events e ON e.seq = d.event_seq ORDER BY d.event_seq"
         );
         let limit = i64::from(limit);
-        let ids: Vec<i64> = self
+        Ok(self
             .conn
             .query(
                 &sql,
@@ -98,16 +100,8 @@ impl PgStore {
                 ],
             )?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let sql = format!(
-            "SELECT {DUE_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq
-              WHERE d.id = ANY($1) ORDER BY d.event_seq"
-        );
-        Ok(self.conn.query(&sql, &[&ids])?.iter().map(due_of).collect())
+            .map(due_of)
+            .collect())
     }
 
     fn hold_delivery(&self, endpoint: &str, d: &DueDelivery, why: &str) -> Result<()> {
@@ -186,14 +180,14 @@ impl PgStore {
     pub fn endpoint_state(&self, name: &str) -> Result<EndpointState> {
         // Asked at every step of this instance's worker: an ordered endpoint it holds stays
         // held while the worker lives, even while its head is in flight.
-        self.conn.execute(
-            "UPDATE endpoints SET order_until = clock_timestamp() + $3::bigint * interval '1 millisecond'
-              WHERE name = $1 AND order_holder = $2",
-            &[&name, &self.instance, &self.claim_ms()],
-        )?;
+        // The hold is renewed and the state read in one round trip: a data-modifying WITH runs
+        // to its end whether or not the query reads it. The read sees the row as the statement
+        // began, which the renewal (of order_until only) does not change.
         let Some(r) = self.conn.query_opt(
-            "SELECT enabled, backoff_step, backoff_until, failing_since, failing_alerted FROM endpoints WHERE name = $1",
-            &[&name],
+            "WITH held AS (UPDATE endpoints SET order_until = clock_timestamp() + $3::bigint * interval '1 millisecond'
+                WHERE name = $1 AND order_holder = $2)
+             SELECT enabled, backoff_step, backoff_until, failing_since, failing_alerted FROM endpoints WHERE name = $1",
+            &[&name, &self.instance, &self.claim_ms()],
         )?
         else {
             return Ok(EndpointState::default());

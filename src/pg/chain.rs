@@ -139,13 +139,6 @@ impl PgStore {
 
     /// Sends the change set's rows (all but the tip's) down `p`, without waiting for answers.
     fn send_changes(&self, p: &mut Pipeline<'_>, changes: &ChangeSet) -> Result<()> {
-        send_tracked(p, changes.tracked.upserts())?;
-        for (txid, watch) in changes.tracked.removals() {
-            p.send(
-                DELETE_TRACKED,
-                vec![Box::new(txid.to_string()), Box::new(watch.clone())],
-            )?;
-        }
         for d in &changes.index.derivations {
             p.send(
                 UPSERT_DERIVATION,
@@ -182,6 +175,15 @@ impl PgStore {
             p.send(
                 DISABLE_ENDPOINT,
                 vec![Box::new(name.clone()), Box::new(reason.clone())],
+            )?;
+        }
+        // The tracked rows last: they take the longest to build (their JSON columns), and the
+        // server writes what was sent before them meanwhile.
+        send_tracked(p, changes.tracked.upserts())?;
+        for (txid, watch) in changes.tracked.removals() {
+            p.send(
+                DELETE_TRACKED,
+                vec![Box::new(txid.to_string()), Box::new(watch.clone())],
             )?;
         }
         Ok(())

@@ -160,18 +160,20 @@ pub fn record_alerts<St: OutboxStore>(
     disable_endpoint: Option<(String, String)>,
     now: i64,
 ) -> Result<bool, StoreError> {
+    let wanted: Vec<NewEvent> = alerts.into_iter().filter(|a| store.wants(a.kind)).collect();
+    // Asked after every batch of attempts, which almost never raises an alert: nothing is
+    // read then.
+    if wanted.is_empty() && disable_endpoint.is_none() {
+        return Ok(false);
+    }
     let network = store.network()?;
-    let events: Vec<NewEvent> = alerts
+    let events: Vec<NewEvent> = wanted
         .into_iter()
-        .filter(|a| store.wants(a.kind))
         .map(|mut a| {
             a.data.insert("network".into(), json!(network));
             a
         })
         .collect();
-    if events.is_empty() && disable_endpoint.is_none() {
-        return Ok(false);
-    }
     let endpoints = disable_endpoint
         .map(|(name, reason)| EndpointChanges::disable(&name, &reason))
         .unwrap_or_default();

@@ -16,7 +16,9 @@ use super::http::{attempt, Sender};
 use super::{log_outcome, outcome_name, Context};
 use crate::config::EndpointConfig;
 use crate::health::Change;
-use crate::store::{AttemptOutcome, DueDelivery, OutboxStore, SharedStore, StoreError};
+use crate::store::{
+    AttemptOutcome, DeliveryResult, DueDelivery, OutboxStore, SharedStore, StoreError,
+};
 
 type Done = (DueDelivery, AttemptOutcome);
 
@@ -101,6 +103,10 @@ impl<St: OutboxStore> Worker<St> {
             tokio::select! {
                 out = async { step.as_mut().expect("polled only while a step runs").await }, if step.is_some() => {
                     step = None;
+                    // Both ready in one poll: the wake-up must not be dropped with this iteration.
+                    if notified.as_mut().now_or_never().is_some() {
+                        step_now = true;
+                    }
                     let (wait, failed) = self.finish_step(out, &mut in_flight).await;
                     // A wake-up that came while the step ran still counts: its plan may have
                     // been made before what woke us was committed.
@@ -113,13 +119,13 @@ impl<St: OutboxStore> Worker<St> {
                     while let Some(Some(more)) = in_flight.next().now_or_never() {
                         done.push(more);
                     }
-                    self.running.store(in_flight.len(), Ordering::SeqCst);
                     for (d, o) in &done {
                         self.in_flight_ids.remove(&d.delivery_id);
                         log_outcome(&self.ep.name, d, o);
                         self.ctx.metrics.delivery(&self.ep.name, outcome_name(o, d, &self.ctx.metrics));
                     }
                     self.unrecorded.extend(done);
+                    self.count_running(in_flight.len());
                     step_now = true;
                 }
                 _ = shutdown.cancelled(), if !stopping => step_now = true,
@@ -144,6 +150,8 @@ impl<St: OutboxStore> Worker<St> {
     /// A step over what has finished so far; it runs on its own while requests go on.
     fn start_step(&mut self, stopping: bool) -> BoxFuture<'static, StepOutcome> {
         let batch = Arc::new(std::mem::take(&mut self.unrecorded));
+        // The batch is recorded before this step plans.
+        self.count_running(self.in_flight_ids.len());
         // Every delivery not yet recorded as sent is left out of the claim: those in flight,
         // and those that finish while the step runs (in flight now, recorded by the next step).
         let sending: Vec<i64> = self.in_flight_ids.iter().copied().collect();
@@ -205,7 +213,7 @@ impl<St: OutboxStore> Worker<St> {
                 );
             }
         }
-        self.running.store(in_flight.len(), Ordering::SeqCst);
+        self.count_running(in_flight.len());
         let wait = if in_flight.is_empty() {
             plan.wait
         } else {
@@ -213,6 +221,20 @@ impl<St: OutboxStore> Worker<St> {
             Duration::from_secs(1)
         };
         (wait, false)
+    }
+
+    /// Tells a running plan how many slots are taken: the attempts in flight, and those that
+    /// failed and are not recorded yet. Until a failure is recorded the endpoint's state does
+    /// not show it: a plan refilling its slot would send a second probe while backing off, or
+    /// a second burst into an endpoint that just started refusing. A delivered attempt frees
+    /// its slot at once; recording it changes nothing a plan relies on.
+    fn count_running(&self, in_flight: usize) {
+        let failed = self
+            .unrecorded
+            .iter()
+            .filter(|(_, o)| o.result != DeliveryResult::Delivered)
+            .count();
+        self.running.store(in_flight + failed, Ordering::SeqCst);
     }
 
     fn step_failed(&mut self, e: &StoreError) -> (Duration, bool) {

@@ -238,6 +238,15 @@ impl PgConn {
         self.transaction_as(BEGIN, f)
     }
 
+    /// Runs `f` in the transaction already open, or in a transaction of its own if none is.
+    pub fn within_transaction<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if self.depth.get() > 0 {
+            f()
+        } else {
+            self.transaction(f)
+        }
+    }
+
     /// Like `transaction`, with the isolation a read of many statements needs to see one snapshot.
     pub fn snapshot<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.transaction_as("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", f)

@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod delivery_faults;
 mod descriptors;
+mod dispatch_steps;
 mod faults;
 mod fidelity;
 mod ha;

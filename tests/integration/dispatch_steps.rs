@@ -1,0 +1,152 @@
+//! A delivery worker's store steps run beside its requests. On a store whose steps take as long
+//! as PostgreSQL's, a failure that lands while a step plans must still count against the
+//! endpoint: one probe per back-off step, and no second burst into an endpoint that just
+//! started refusing.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::harness::*;
+use chainwatch::changeset::ChangeSet;
+use chainwatch::dispatch::{self, Clock};
+use chainwatch::store::{
+    AttemptOutcome, CommittedEvent, DueDelivery, EndpointState, OutboxStore, Store, StoreError,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// The SQLite store, with every plan as slow as a few round trips to a remote database.
+struct SlowPlans(Store);
+
+const PLAN_TAKES: Duration = Duration::from_millis(30);
+
+impl OutboxStore for SlowPlans {
+    fn network(&self) -> Result<String, StoreError> {
+        OutboxStore::network(&self.0)
+    }
+    fn wants(&self, kind: &str) -> bool {
+        OutboxStore::wants(&self.0, kind)
+    }
+    fn due_deliveries(
+        &mut self,
+        endpoint: &str,
+        now_ms: i64,
+        ordered: bool,
+        limit: u32,
+        in_flight: &[i64],
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        OutboxStore::due_deliveries(&mut self.0, endpoint, now_ms, ordered, limit, in_flight)
+    }
+    fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>, StoreError> {
+        OutboxStore::next_due(&self.0, endpoint, ordered)
+    }
+    fn record_attempts(
+        &mut self,
+        endpoint: &str,
+        done: &[(DueDelivery, AttemptOutcome)],
+    ) -> Result<(), StoreError> {
+        OutboxStore::record_attempts(&mut self.0, endpoint, done)
+    }
+    fn endpoint_state(&self, name: &str) -> Result<EndpointState, StoreError> {
+        // A plan reads the endpoint's state first: the attempts in flight finish meanwhile.
+        std::thread::sleep(PLAN_TAKES);
+        OutboxStore::endpoint_state(&self.0, name)
+    }
+    fn set_endpoint_backoff(
+        &mut self,
+        name: &str,
+        step: u32,
+        until: Option<i64>,
+    ) -> Result<(), StoreError> {
+        OutboxStore::set_endpoint_backoff(&mut self.0, name, step, until)
+    }
+    fn set_failing_alerted(&mut self, name: &str) -> Result<(), StoreError> {
+        OutboxStore::set_failing_alerted(&mut self.0, name)
+    }
+    fn commit(
+        &mut self,
+        changes: &ChangeSet,
+        now_ms: i64,
+    ) -> Result<Vec<CommittedEvent>, StoreError> {
+        OutboxStore::commit(&mut self.0, changes, now_ms)
+    }
+    fn atomically<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // Not one transaction here: this test counts attempts, and nothing in it fails.
+        f(self)
+    }
+}
+
+/// Attempts made in 2 s by a worker (concurrency 16) whose endpoint refuses connections, with
+/// 50 events queued, the clock frozen (a back-off's wait never ends), and wake-ups every 2 ms
+/// (events committed for other endpoints wake every worker).
+async fn attempts_against_a_refusing_endpoint(backing_off: bool) -> i64 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ConfigBuilder::default().data_dir(dir.path());
+    let url = format!("http://{}/hooks", chainwatch::testkit::refusing_address());
+    config.endpoints = vec![Endpoint::new("shop", &url)
+        .secret(SECRET)
+        .events(["*"])
+        .ordered(false)
+        .concurrency(16)
+        .retry_schedule(["60s", "60s", "60s", "60s"])];
+    let cfg = config.parse().unwrap();
+    let mut store = Store::open(&cfg.data_dir).unwrap();
+    store.check_network("regtest").unwrap();
+    store.sync_endpoints(&cfg.endpoints).unwrap();
+    let events = chainwatch::testkit::sample_events(50, "p");
+    OutboxStore::commit(&mut store, &ChangeSet::events(events), T0).unwrap();
+    if backing_off {
+        // On back-off step 1, its wait over: what is sent next is one probe.
+        OutboxStore::set_endpoint_backoff(&mut store, "shop", 1, Some(T0 - 1)).unwrap();
+    }
+    let now = Arc::new(AtomicI64::new(T0));
+    let clock: Clock = Arc::new(move || now.load(Ordering::SeqCst));
+    let (wake, token) = (Arc::new(Notify::new()), CancellationToken::new());
+    let ctx = dispatch::Context {
+        clock,
+        ..dispatch::Context::new(wake.clone(), token.clone())
+    };
+    let worker = tokio::spawn(dispatch::run_endpoint(
+        cfg.endpoints[0].clone(),
+        SlowPlans(Store::open(dir.path()).unwrap()),
+        ctx,
+    ));
+    let waker = {
+        let (wake, token) = (wake.clone(), token.clone());
+        tokio::spawn(async move {
+            while !token.is_cancelled() {
+                wake.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    token.cancel();
+    worker.await.unwrap();
+    waker.await.unwrap();
+    let db = rusqlite::Connection::open(chainwatch::store::db_path(dir.path())).unwrap();
+    db.query_row("SELECT count(*) FROM attempts", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_backing_off_one_probe_is_sent_even_when_it_fails_during_a_slow_plan() {
+    assert_eq!(
+        attempts_against_a_refusing_endpoint(true).await,
+        1,
+        "one probe per back-off step: a failure not yet recorded still holds its slot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_starts_refusing_gets_one_burst_not_two() {
+    assert_eq!(
+        attempts_against_a_refusing_endpoint(false).await,
+        16,
+        "the first 16 fail; the plan running meanwhile must not send 16 more before they are recorded"
+    );
+}

@@ -125,7 +125,7 @@ impl<St: OutboxStore> Worker<St> {
                         self.ctx.metrics.delivery(&self.ep.name, outcome_name(o, d, &self.ctx.metrics));
                     }
                     self.unrecorded.extend(done);
-                    self.count_running(in_flight.len());
+                    self.count_running();
                     step_now = true;
                 }
                 _ = shutdown.cancelled(), if !stopping => step_now = true,
@@ -151,7 +151,7 @@ impl<St: OutboxStore> Worker<St> {
     fn start_step(&mut self, stopping: bool) -> BoxFuture<'static, StepOutcome> {
         let batch = Arc::new(std::mem::take(&mut self.unrecorded));
         // The batch is recorded before this step plans.
-        self.count_running(self.in_flight_ids.len());
+        self.count_running();
         // Every delivery not yet recorded as sent is left out of the claim: those in flight,
         // and those that finish while the step runs (in flight now, recorded by the next step).
         let sending: Vec<i64> = self.in_flight_ids.iter().copied().collect();
@@ -213,7 +213,7 @@ impl<St: OutboxStore> Worker<St> {
                 );
             }
         }
-        self.count_running(in_flight.len());
+        self.count_running();
         let wait = if in_flight.is_empty() {
             plan.wait
         } else {
@@ -228,13 +228,14 @@ impl<St: OutboxStore> Worker<St> {
     /// not show it: a plan refilling its slot would send a second probe while backing off, or
     /// a second burst into an endpoint that just started refusing. A delivered attempt frees
     /// its slot at once; recording it changes nothing a plan relies on.
-    fn count_running(&self, in_flight: usize) {
+    fn count_running(&self) {
         let failed = self
             .unrecorded
             .iter()
             .filter(|(_, o)| o.result != DeliveryResult::Delivered)
             .count();
-        self.running.store(in_flight + failed, Ordering::SeqCst);
+        self.running
+            .store(self.in_flight_ids.len() + failed, Ordering::SeqCst);
     }
 
     fn step_failed(&mut self, e: &StoreError) -> (Duration, bool) {

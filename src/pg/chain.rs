@@ -210,8 +210,7 @@ impl PgStore {
                 let ids: Vec<&str> = changes.events.iter().map(|e| e.id.as_str()).collect();
                 Some((filters, self.log_newest()?, self.log_recorded(&ids)?))
             };
-            self.conn.prepare_all(PIPELINED)?;
-            self.conn.pipelined(|p| {
+            self.conn.pipelined(PIPELINED, |p| {
                 self.send_changes(p, changes)?;
                 let Some((filters, newest, recorded)) = log else {
                     return Ok(vec![]);

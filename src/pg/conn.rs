@@ -182,7 +182,7 @@ impl PgConn {
     /// Prepares on this session those of `sqls` it has not prepared yet, all at once: one
     /// round trip instead of one per statement, and none in the middle of a pipeline, where
     /// a statement's preparation waits for every statement sent before it.
-    pub fn prepare_all(&self, sqls: &[&str]) -> Result<()> {
+    fn prepare_all(&self, sqls: &[&str]) -> Result<()> {
         let client = self.client()?;
         let missing: Vec<&str> = {
             let known = self.statements.borrow();
@@ -211,8 +211,14 @@ impl PgConn {
         Ok(())
     }
 
-    /// Runs `f` with a pipeline on this session, then waits for all it sent.
-    pub fn pipelined<T>(&self, f: impl FnOnce(&mut Pipeline<'_>) -> Result<T>) -> Result<T> {
+    /// Runs `f` with a pipeline on this session, then waits for all it sent. `statements` are
+    /// the only ones `f` may send; they are prepared first.
+    pub fn pipelined<T>(
+        &self,
+        statements: &[&str],
+        f: impl FnOnce(&mut Pipeline<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.prepare_all(statements)?;
         let client = self.client()?;
         let mut pipeline = Pipeline {
             conn: self,
@@ -350,12 +356,13 @@ pub struct Pipeline<'c> {
 }
 
 impl<'c> Pipeline<'c> {
-    /// Sends `sql` now; its answer is read when the pipeline ends.
+    /// Sends `sql` (one of the pipeline's statements) now; its answer is read when the
+    /// pipeline ends.
     pub fn send(&mut self, sql: &str, params: Vec<Owned>) -> Result<()> {
-        let known = self.conn.statements.borrow().get(sql).cloned();
-        let statement = match known {
-            Some(s) => s,
-            None => self.prepare(sql)?,
+        let Some(statement) = self.conn.statements.borrow().get(sql).cloned() else {
+            return Err(StoreError::Postgres(format!(
+                "a statement not prepared for this pipeline: {sql}"
+            )));
         };
         let client = self.client;
         let mut answer: Answer<'c> =
@@ -366,25 +373,6 @@ impl<'c> Pipeline<'c> {
             Poll::Pending => self.waiting.push(answer),
         }
         Ok(())
-    }
-
-    /// Prepares `sql` on this session, reading the answers of statements sent before it as
-    /// they come: a request whose answer nobody reads holds up the connection's thread.
-    fn prepare(&mut self, sql: &str) -> Result<Statement> {
-        let client = self.client;
-        let mut prepare = std::pin::pin!(client.prepare(sql));
-        let statement = loop {
-            self.read_answers();
-            if let Poll::Ready(r) = poll_once(prepare.as_mut()) {
-                break r.map_err(pg_error)?;
-            }
-            std::thread::park_timeout(Duration::from_millis(1));
-        };
-        self.conn
-            .statements
-            .borrow_mut()
-            .insert(sql.to_string(), statement.clone());
-        Ok(statement)
     }
 
     /// Polls every unanswered statement once, keeping the answers that came.

@@ -150,3 +150,62 @@ async fn an_endpoint_that_starts_refusing_gets_one_burst_not_two() {
         "the first 16 fail; the plan running meanwhile must not send 16 more before they are recorded"
     );
 }
+
+/// Two instances share a PostgreSQL outbox, and one claims more ahead than it can send before
+/// its claims run out (concurrency 1, every request held 1.9 s). A claim that waited longer
+/// than 2 s for a slot must be given back and claimed again: sent as it was, it would still
+/// be in flight when its claim ran out, and the other instance would send it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
+    let Some(url) = chainwatch::testkit::postgres::fresh_database("claim_ahead") else {
+        return;
+    };
+    let receiver = Receiver::start().await;
+    receiver.set_hang(Duration::from_millis(1_900));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ConfigBuilder::default().data_dir(dir.path());
+    config.endpoints = vec![Endpoint::new("shop", &receiver.url)
+        .secret(SECRET)
+        .events(["*"])
+        .ordered(false)
+        .concurrency(1)
+        .timeout("3s")];
+    let cfg = config.parse().unwrap();
+    let key = dir.path().join("audit.key");
+    let open = |instance: &str| {
+        let mut s = chainwatch::pg::PgStore::open(&url, &key, instance).unwrap();
+        s.check_network("regtest").unwrap();
+        s.sync_endpoints(&cfg.endpoints).unwrap();
+        // Shorter than the daemon's (timeout + 5 s), so the test is quick; still longer
+        // than a claim may wait (2 s) and its request then take (1.9 s).
+        s.set_claim(Duration::from_millis(4_300));
+        s
+    };
+    let mut first = open("a");
+    let events = chainwatch::testkit::sample_events(3, "c");
+    let now = chainwatch::daemon::now_ms();
+    OutboxStore::commit(&mut first, &ChangeSet::events(events), now).unwrap();
+    let token = CancellationToken::new();
+    let start = |store| {
+        let ctx = dispatch::Context::new(Arc::new(Notify::new()), token.clone());
+        tokio::spawn(dispatch::run_endpoint(cfg.endpoints[0].clone(), store, ctx))
+    };
+    // The first instance claims all three (one slot, two ahead) before the second starts.
+    let a = start(first);
+    wait_until("the first request under way", WAIT, || {
+        receiver.count() >= 1
+    })
+    .await;
+    let b = start(open("b"));
+    wait_until("three requests", WAIT, || receiver.count() >= 3).await;
+    // A second sending of the third would come once its first claim ran out (4.3 s after the
+    // start), before the first instance recorded it (5.7 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    token.cancel();
+    a.await.unwrap();
+    b.await.unwrap();
+    let ids: Vec<String> = receiver.all().iter().map(|c| c.id.clone()).collect();
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3, "all three events sent: {ids:?}");
+    assert_eq!(ids.len(), 3, "and each once: {ids:?}");
+}

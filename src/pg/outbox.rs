@@ -162,14 +162,19 @@ impl PgStore {
                 last_success,
                 failing_since,
             } => {
+                // Every instance's every batch would otherwise lock the endpoint's row until
+                // its commit, and the instances' records would queue on it: while all is well,
+                // the time of the last success is refreshed at most once a second.
                 self.conn.execute(
-                    "UPDATE endpoints SET last_success_at = $2, failing_since = $3, failing_alerted = false WHERE name = $1",
+                    "UPDATE endpoints SET last_success_at = $2::bigint, failing_since = $3::bigint, failing_alerted = false
+                      WHERE name = $1 AND (failing_since IS NOT NULL OR $3::bigint IS NOT NULL OR failing_alerted
+                        OR last_success_at IS NULL OR last_success_at < $2::bigint - 1000)",
                     &[&endpoint, &last_success, &failing_since],
                 )?;
             }
             EndpointOutcome::Failing { since } => {
                 self.conn.execute(
-                    "UPDATE endpoints SET failing_since = coalesce(failing_since, $2) WHERE name = $1",
+                    "UPDATE endpoints SET failing_since = $2 WHERE name = $1 AND failing_since IS NULL",
                     &[&endpoint, &since],
                 )?;
             }

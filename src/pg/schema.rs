@@ -140,6 +140,13 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX deliveries_due ON deliveries (endpoint, next_attempt_at) WHERE status IN ('pending', 'failed');
     "#,
+    // 6: room on each page of the queue, so that claiming a delivery (which changes no
+    // indexed column) writes its new row version beside the old one and touches no index:
+    // a claim of 64 took 0.95 ms on full pages, 0.6 ms with this. New pages only; rows
+    // already queued keep theirs.
+    r#"
+    ALTER TABLE deliveries SET (fillfactor = 60);
+    "#,
 ];
 
 /// Applies the migrations this database lacks.

@@ -129,7 +129,7 @@ fn main() {
     let fresh = |name: &str| chainwatch::testkit::postgres::fresh_database(name).unwrap();
     bench_commit(|| fresh("bench_commit"));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let n = 10_000;
+    let n = 20_000;
     for instances in [1, 2] {
         let rate = rt.block_on(bench_delivery(&fresh("bench_delivery"), instances, n));
         let shown = format!(

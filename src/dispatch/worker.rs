@@ -46,6 +46,8 @@ pub struct Worker<St: OutboxStore> {
     allowed: usize,
     /// Slots taken and claims held, read by a running step when it plans.
     taken: Arc<AtomicUsize>,
+    /// Failed attempts in the batch a running step records.
+    recording_failures: usize,
     retry: Duration,
 }
 
@@ -61,9 +63,11 @@ struct Plan {
 /// What a store step (record what finished, then plan) came back with.
 struct StepOutcome {
     batch: Arc<Vec<Done>>,
-    /// Whether recording raised an alert, the back-off's new step if it changed, and the plan
-    /// (none when stopping).
-    result: Result<(Recorded, Option<Plan>), StoreError>,
+    /// When the step started: what it claims is dated from then.
+    started: tokio::time::Instant,
+    recorded: Result<Recorded, StoreError>,
+    /// None when stopping or when recording failed.
+    plan: Option<Result<Plan, StoreError>>,
 }
 
 /// Whether recording a batch raised an alert, and the back-off's new step if it changed.
@@ -87,6 +91,7 @@ impl<St: OutboxStore> Worker<St> {
             ready: VecDeque::new(),
             allowed: 0,
             taken: Arc::new(AtomicUsize::new(0)),
+            recording_failures: 0,
             retry: RETRY_MIN,
         }
     }
@@ -175,6 +180,7 @@ impl<St: OutboxStore> Worker<St> {
     /// A step over what has finished so far; it runs on its own while requests go on.
     fn start_step(&mut self, stopping: bool) -> BoxFuture<'static, StepOutcome> {
         let batch = Arc::new(std::mem::take(&mut self.unrecorded));
+        self.recording_failures = failures(&batch);
         // The batch is recorded before this step plans.
         self.count_taken();
         // Every delivery not yet recorded as sent is left out of the claim: those claimed
@@ -188,23 +194,44 @@ impl<St: OutboxStore> Worker<St> {
             .collect();
         let (store, ep, now) = (self.store.clone(), self.ep.clone(), (self.ctx.clock)());
         let taken = self.taken.clone();
-        let recorded = batch.clone();
+        let done = batch.clone();
         // One transaction: a store with commits as slow as PostgreSQL's pays for one, not two.
-        // Should the plan fail, the batch is kept and recorded again with the next.
+        // After a failed step the record goes alone, so a fault in planning cannot keep what
+        // finished from being recorded.
+        let alone = self.retry > RETRY_MIN || done.is_empty();
+        let started = tokio::time::Instant::now();
         async move {
-            let result = store
+            let (recorded, plan) = store
                 .run(move |s| {
-                    let plan = |s: &mut St| match stopping {
-                        true => Ok(None),
-                        false => plan(s, &ep, now, &sending, &taken).map(Some),
-                    };
-                    if recorded.is_empty() {
-                        return Ok(((false, None), plan(s)?));
+                    let plan = |s: &mut St| plan(s, &ep, now, &sending, &taken);
+                    if alone {
+                        let recorded = match done.is_empty() {
+                            true => Ok((false, None)),
+                            false => s.atomically(|s| record(s, &ep, &done, now)),
+                        };
+                        let planned = match (&recorded, stopping) {
+                            (Ok(_), false) => Some(plan(s)),
+                            _ => None,
+                        };
+                        return Ok((recorded, planned));
                     }
-                    s.atomically(|s| Ok((record(s, &ep, &recorded, now)?, plan(s)?)))
+                    let both = s.atomically(|s| {
+                        let recorded = record(s, &ep, &done, now)?;
+                        Ok((recorded, if stopping { None } else { Some(plan(s)?) }))
+                    });
+                    Ok(match both {
+                        Ok((recorded, planned)) => (Ok(recorded), planned.map(Ok)),
+                        Err(e) => (Err(e), None),
+                    })
                 })
-                .await;
-            StepOutcome { batch, result }
+                .await
+                .unwrap_or_else(|e| (Err(e), None));
+            StepOutcome {
+                batch,
+                started,
+                recorded,
+                plan,
+            }
         }
         .boxed()
     }
@@ -216,7 +243,8 @@ impl<St: OutboxStore> Worker<St> {
         out: StepOutcome,
         in_flight: &mut FuturesUnordered<BoxFuture<'static, Done>>,
     ) -> (Duration, bool) {
-        let plan = match out.result {
+        self.recording_failures = 0;
+        let plan = match out.recorded {
             Err(e) => {
                 // Not recorded: kept, before what finished since, for the next step.
                 let batch = Arc::try_unwrap(out.batch).unwrap_or_else(|a| (*a).clone());
@@ -224,18 +252,21 @@ impl<St: OutboxStore> Worker<St> {
                 self.unrecorded.extend(newer);
                 return self.step_failed(&e);
             }
-            Ok(((alerted, step), plan)) => {
+            Ok((alerted, step)) => {
                 self.recorded(alerted, step);
-                plan
+                match out.plan {
+                    Some(Err(e)) => return self.step_failed(&e),
+                    plan => plan,
+                }
             }
         };
         self.store_recovered().await;
-        let Some(plan) = plan else {
+        let Some(Ok(plan)) = plan else {
             // Stopping: nothing new starts.
             return (Duration::from_secs(1), false);
         };
         self.allowed = plan.allowed;
-        let claimed = tokio::time::Instant::now();
+        let claimed = out.started;
         for d in plan.due {
             let id = d.delivery_id;
             if !self.in_flight_ids.contains(&id)
@@ -258,13 +289,14 @@ impl<St: OutboxStore> Worker<St> {
     }
 
     /// Starts deliveries claimed ahead into the free slots, unless an attempt failed and is
-    /// not recorded yet: until it is, the endpoint's state does not show the failure, and
-    /// filling its slot would send a second probe while backing off, or a second burst into
-    /// an endpoint that just started refusing. A delivered attempt frees its slot at once.
+    /// not recorded yet (or is being recorded): until the plan after it, the endpoint's state
+    /// does not show the failure, and filling its slot would send a second probe while backing
+    /// off, a second burst into an endpoint that just started refusing, or a request to one a
+    /// 410 is disabling. A delivered attempt frees its slot at once.
     /// Returns whether claims that waited too long were given back.
     fn start_ready(&mut self, in_flight: &mut FuturesUnordered<BoxFuture<'static, Done>>) -> bool {
         let mut gave_back = false;
-        let failed = self.unrecorded_failures();
+        let failed = self.unrecorded_failures() + self.recording_failures;
         if failed == 0 && !self.ctx.shutdown.is_cancelled() {
             while self.in_flight_ids.len() < self.allowed {
                 let Some((d, claimed)) = self.ready.pop_front() else {
@@ -292,10 +324,7 @@ impl<St: OutboxStore> Worker<St> {
     }
 
     fn unrecorded_failures(&self) -> usize {
-        self.unrecorded
-            .iter()
-            .filter(|(_, o)| o.result != DeliveryResult::Delivered)
-            .count()
+        failures(&self.unrecorded)
     }
 
     /// Tells a running plan how many slots are taken and claims held: the attempts in flight,
@@ -374,6 +403,12 @@ impl<St: OutboxStore> Worker<St> {
             tracing::info!(endpoint = %self.ep.name, after_s = after.as_secs(), "store accepts delivery work again");
         }
     }
+}
+
+fn failures(done: &[Done]) -> usize {
+    done.iter()
+        .filter(|(_, o)| o.result != DeliveryResult::Delivered)
+        .count()
 }
 
 /// Records finished attempts and what follows from them (alerts, disabling, back-off), inside

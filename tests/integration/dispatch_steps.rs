@@ -152,7 +152,7 @@ async fn an_endpoint_that_starts_refusing_gets_one_burst_not_two() {
 }
 
 /// Two instances share a PostgreSQL outbox, and one claims more ahead than it can send before
-/// its claims run out (concurrency 1, every request held 1.9 s). A claim that waited longer
+/// its claims run out (concurrency 1, every request held 1.7 s). A claim that waited longer
 /// than 2 s for a slot must be given back and claimed again: sent as it was, it would still
 /// be in flight when its claim ran out, and the other instance would send it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +161,7 @@ async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
         return;
     };
     let receiver = Receiver::start().await;
-    receiver.set_hang(Duration::from_millis(1_900));
+    receiver.set_hang(Duration::from_millis(1_700));
     let dir = tempfile::tempdir().unwrap();
     let mut config = ConfigBuilder::default().data_dir(dir.path());
     config.endpoints = vec![Endpoint::new("shop", &receiver.url)
@@ -177,8 +177,8 @@ async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
         s.check_network("regtest").unwrap();
         s.sync_endpoints(&cfg.endpoints).unwrap();
         // Shorter than the daemon's (timeout + 5 s), so the test is quick; still longer
-        // than a claim may wait (2 s) and its request then take (1.9 s).
-        s.set_claim(Duration::from_millis(4_300));
+        // than a claim may wait (2 s) and its request then take (1.7 s).
+        s.set_claim(Duration::from_millis(4_100));
         s
     };
     let mut first = open("a");
@@ -198,8 +198,9 @@ async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
     .await;
     let b = start(open("b"));
     wait_until("three requests", WAIT, || receiver.count() >= 3).await;
-    // A second sending of the third would come once its first claim ran out (4.3 s after the
-    // start), before the first instance recorded it (5.7 s).
+    // Sent when it waited 3.4 s, the third would still be in flight when its claim ran out
+    // (4.1 s after the start), and the second instance, which looks every second, would claim
+    // it before the first recorded it (5.1 s).
     tokio::time::sleep(Duration::from_secs(3)).await;
     token.cancel();
     a.await.unwrap();

@@ -166,7 +166,7 @@ impl<St: OutboxStore> Worker<St> {
         );
         let recorded = self
             .store
-            .run(move |s| s.atomically(|s| record(s, &ep, &batch, now)))
+            .run(move |s| store_step(s, &ep, &batch, now, true, None).0)
             .await;
         if let Err(e) = recorded {
             tracing::error!(endpoint = %self.ep.name, error = %e, "stopping with attempts unrecorded; their deliveries will be sent again");
@@ -195,34 +195,15 @@ impl<St: OutboxStore> Worker<St> {
         let (store, ep, now) = (self.store.clone(), self.ep.clone(), (self.ctx.clock)());
         let taken = self.taken.clone();
         let done = batch.clone();
-        // One transaction: a store with commits as slow as PostgreSQL's pays for one, not two.
         // After a failed step the record goes alone, so a fault in planning cannot keep what
         // finished from being recorded.
-        let alone = self.retry > RETRY_MIN || done.is_empty();
+        let alone = self.retry > RETRY_MIN;
         let started = tokio::time::Instant::now();
         async move {
             let (recorded, plan) = store
                 .run(move |s| {
-                    let plan = |s: &mut St| plan(s, &ep, now, &sending, &taken);
-                    if alone {
-                        let recorded = match done.is_empty() {
-                            true => Ok((false, None)),
-                            false => s.atomically(|s| record(s, &ep, &done, now)),
-                        };
-                        let planned = match (&recorded, stopping) {
-                            (Ok(_), false) => Some(plan(s)),
-                            _ => None,
-                        };
-                        return Ok((recorded, planned));
-                    }
-                    let both = s.atomically(|s| {
-                        let recorded = record(s, &ep, &done, now)?;
-                        Ok((recorded, if stopping { None } else { Some(plan(s)?) }))
-                    });
-                    Ok(match both {
-                        Ok((recorded, planned)) => (Ok(recorded), planned.map(Ok)),
-                        Err(e) => (Err(e), None),
-                    })
+                    let claims = (!stopping).then_some((sending.as_slice(), taken.as_ref()));
+                    Ok(store_step(s, &ep, &done, now, alone, claims))
                 })
                 .await
                 .unwrap_or_else(|e| (Err(e), None));
@@ -409,6 +390,42 @@ fn failures(done: &[Done]) -> usize {
     done.iter()
         .filter(|(_, o)| o.result != DeliveryResult::Delivered)
         .count()
+}
+
+/// A step's store work: records `done`, then, given the claims held (none when stopping),
+/// plans. One transaction, as a store with commits as slow as PostgreSQL's pays for one, not
+/// two; or, `alone`, the record in a transaction of its own and the plan after it.
+fn store_step<St: OutboxStore>(
+    s: &mut St,
+    ep: &EndpointConfig,
+    done: &[Done],
+    now: i64,
+    alone: bool,
+    claims: Option<(&[i64], &AtomicUsize)>,
+) -> (
+    Result<Recorded, StoreError>,
+    Option<Result<Plan, StoreError>>,
+) {
+    let plan = |s: &mut St, (sending, taken)| plan(s, ep, now, sending, taken);
+    if alone || done.is_empty() {
+        let recorded = match done.is_empty() {
+            true => Ok((false, None)),
+            false => s.atomically(|s| record(s, ep, done, now)),
+        };
+        let planned = match (&recorded, claims) {
+            (Ok(_), Some(claims)) => Some(plan(s, claims)),
+            _ => None,
+        };
+        return (recorded, planned);
+    }
+    let both = s.atomically(|s| {
+        let recorded = record(s, ep, done, now)?;
+        Ok((recorded, claims.map(|c| plan(s, c)).transpose()?))
+    });
+    match both {
+        Ok((recorded, planned)) => (Ok(recorded), planned.map(Ok)),
+        Err(e) => (Err(e), None),
+    }
 }
 
 /// Records finished attempts and what follows from them (alerts, disabling, back-off), inside

@@ -172,8 +172,9 @@ impl<St: OutboxStore> Worker<St> {
             tracing::error!(endpoint = %self.ep.name, error = %e, "stopping with attempts unrecorded; their deliveries will be sent again");
         }
         let name = self.ep.name.clone();
-        if let Err(e) = self.store.run(move |s| s.release(&name)).await {
-            tracing::warn!(endpoint = %self.ep.name, error = %e, "could not give up this instance's hold on the endpoint; another takes it when the hold runs out");
+        let unstarted: Vec<i64> = self.ready.iter().map(|(d, _)| d.delivery_id).collect();
+        if let Err(e) = self.store.run(move |s| s.release(&name, &unstarted)).await {
+            tracing::warn!(endpoint = %self.ep.name, error = %e, "could not give up this instance's hold on the endpoint and its claims; another takes them when they run out");
         }
     }
 

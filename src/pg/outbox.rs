@@ -277,12 +277,20 @@ impl OutboxStore for PgStore {
         )?;
         Ok(())
     }
-    fn release(&mut self, endpoint: &str) -> Result<()> {
+    fn release(&mut self, endpoint: &str, unstarted: &[i64]) -> Result<()> {
         self.conn.execute(
             "UPDATE endpoints SET order_holder = NULL, order_until = NULL
               WHERE name = $1 AND order_holder = $2",
             &[&endpoint, &self.instance],
         )?;
+        if !unstarted.is_empty() {
+            // Only this instance's own claims: one that ran out may be another's by now.
+            self.conn.execute(
+                "UPDATE deliveries SET claimed_by = NULL, claim_until = NULL
+                  WHERE id = ANY($1) AND claimed_by = $2",
+                &[&unstarted, &self.instance],
+            )?;
+        }
         Ok(())
     }
     fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {

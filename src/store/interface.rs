@@ -89,9 +89,10 @@ pub trait OutboxStore: Send + 'static {
     fn set_endpoint_backoff(&mut self, name: &str, step: u32, until: Option<i64>) -> Result<()>;
     fn set_failing_alerted(&mut self, name: &str) -> Result<()>;
     /// Gives up what this instance holds of `endpoint` as its worker stops (a shared store's
-    /// hold on an ordered endpoint), so the next instance serves it at once rather than after
-    /// the hold runs out.
-    fn release(&mut self, _endpoint: &str) -> Result<()> {
+    /// hold on an ordered endpoint, and its claims on the deliveries `unstarted`, claimed
+    /// ahead and never sent), so the next instance serves them at once rather than after the
+    /// hold runs out.
+    fn release(&mut self, _endpoint: &str, _unstarted: &[i64]) -> Result<()> {
         Ok(())
     }
     /// Alerts and endpoint changes, in one transaction.

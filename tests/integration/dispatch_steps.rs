@@ -210,3 +210,61 @@ async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
     assert_eq!(distinct.len(), 3, "all three events sent: {ids:?}");
     assert_eq!(ids.len(), 3, "and each once: {ids:?}");
 }
+
+/// An instance that stops gives back what it claimed ahead and never sent: the other instance
+/// sends those at once, not when the claims run out (here a minute, so waiting for it would
+/// fail the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_stops_gives_back_its_unsent_claims() {
+    let Some(url) = chainwatch::testkit::postgres::fresh_database("claims_released") else {
+        return;
+    };
+    let receiver = Receiver::start().await;
+    receiver.set_hang(Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ConfigBuilder::default().data_dir(dir.path());
+    config.endpoints = vec![Endpoint::new("shop", &receiver.url)
+        .secret(SECRET)
+        .events(["*"])
+        .ordered(false)
+        .concurrency(1)];
+    let cfg = config.parse().unwrap();
+    let key = dir.path().join("audit.key");
+    let open = |instance: &str| {
+        let mut s = chainwatch::pg::PgStore::open(&url, &key, instance).unwrap();
+        s.check_network("regtest").unwrap();
+        s.sync_endpoints(&cfg.endpoints).unwrap();
+        s.set_claim(Duration::from_secs(60));
+        s
+    };
+    let mut first = open("a");
+    let events = chainwatch::testkit::sample_events(3, "r");
+    let now = chainwatch::daemon::now_ms();
+    OutboxStore::commit(&mut first, &ChangeSet::events(events), now).unwrap();
+    let start = |store, token: &CancellationToken| {
+        let ctx = dispatch::Context::new(Arc::new(Notify::new()), token.clone());
+        tokio::spawn(dispatch::run_endpoint(cfg.endpoints[0].clone(), store, ctx))
+    };
+    // One request in flight and two claimed ahead when the first instance is told to stop.
+    let (token_a, token_b) = (CancellationToken::new(), CancellationToken::new());
+    let a = start(first, &token_a);
+    wait_until("the first request under way", WAIT, || {
+        receiver.count() >= 1
+    })
+    .await;
+    token_a.cancel();
+    let b = start(open("b"), &token_b);
+    a.await.unwrap();
+    wait_until(
+        "the other instance sends the two given back",
+        Duration::from_secs(15),
+        || receiver.count() >= 3,
+    )
+    .await;
+    token_b.cancel();
+    b.await.unwrap();
+    let ids: Vec<String> = receiver.all().iter().map(|c| c.id.clone()).collect();
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3, "all three events sent: {ids:?}");
+    assert_eq!(ids.len(), 3, "and each once: {ids:?}");
+}

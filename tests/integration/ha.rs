@@ -611,7 +611,9 @@ async fn deliveries_go_on_when_an_instance_dies_mid_request_and_an_ordered_endpo
             )
     })
     .await;
-    // Slow receivers: every request is still open for a while, so the kill lands mid-request.
+    // Slow receivers: every request is still open for a while, so the kill lands mid-request,
+    // and the shop's worker (four in flight) holds the other payments claimed ahead, unsent:
+    // they come back to the standby when the dead instance's claims run out.
     h.receiver.set_hang(Duration::from_millis(400));
     ledger.set_hang(Duration::from_millis(400));
     for i in 0..8 {

@@ -82,6 +82,8 @@ pub enum Reply {
     Trickle(u16, Duration),
     /// 204 when the signature verifies, 401 when not: what a real receiver does.
     Verdict,
+    /// This status, once this long has passed (besides any hang).
+    After(u16, Duration),
 }
 
 /// Another verification besides the receiver's own (a test adds an independent implementation).
@@ -430,6 +432,9 @@ async fn answer(shared: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> R
     if hold > 0 {
         tokio::time::sleep(Duration::from_millis(hold)).await;
     }
+    if let Reply::After(_, late) = reply {
+        tokio::time::sleep(late).await;
+    }
     let response = respond(reply, verified);
     let answered = response.status().as_u16();
     let forwarded = match (index, unkept) {
@@ -454,7 +459,7 @@ async fn answer(shared: &Shared, uri: Uri, headers: HeaderMap, body: Bytes) -> R
 fn respond(reply: Reply, verified: bool) -> Response {
     let code = |c: u16| StatusCode::from_u16(c).expect("a valid status code");
     match reply {
-        Reply::Status(c) => code(c).into_response(),
+        Reply::Status(c) | Reply::After(c, _) => code(c).into_response(),
         Reply::Text(c, text) => (code(c), text).into_response(),
         Reply::RetryAfter(c, secs) => {
             (code(c), [("retry-after", secs.to_string())], "slow down").into_response()

@@ -84,10 +84,22 @@ impl OutboxStore for SlowPlans {
 /// 50 events queued, the clock frozen (a back-off's wait never ends), and wake-ups every 2 ms
 /// (events committed for other endpoints wake every worker).
 async fn attempts_against_a_refusing_endpoint(backing_off: bool) -> i64 {
+    let url = format!("http://{}/hooks", chainwatch::testkit::refusing_address());
+    attempts_in_two_seconds(&url, true, |store| {
+        if backing_off {
+            // On back-off step 1, its wait over: what is sent next is one probe.
+            OutboxStore::set_endpoint_backoff(store, "shop", 1, Some(T0 - 1)).unwrap();
+        }
+    })
+    .await
+}
+
+/// As above, to the endpoint at `url`, with the store set up by `prepare` first; without the
+/// wake-ups unless `waking`.
+async fn attempts_in_two_seconds(url: &str, waking: bool, prepare: impl FnOnce(&mut Store)) -> i64 {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ConfigBuilder::default().data_dir(dir.path());
-    let url = format!("http://{}/hooks", chainwatch::testkit::refusing_address());
-    config.endpoints = vec![Endpoint::new("shop", &url)
+    config.endpoints = vec![Endpoint::new("shop", url)
         .secret(SECRET)
         .events(["*"])
         .ordered(false)
@@ -99,10 +111,7 @@ async fn attempts_against_a_refusing_endpoint(backing_off: bool) -> i64 {
     store.sync_endpoints(&cfg.endpoints).unwrap();
     let events = chainwatch::testkit::sample_events(50, "p");
     OutboxStore::commit(&mut store, &ChangeSet::events(events), T0).unwrap();
-    if backing_off {
-        // On back-off step 1, its wait over: what is sent next is one probe.
-        OutboxStore::set_endpoint_backoff(&mut store, "shop", 1, Some(T0 - 1)).unwrap();
-    }
+    prepare(&mut store);
     let now = Arc::new(AtomicI64::new(T0));
     let clock: Clock = Arc::new(move || now.load(Ordering::SeqCst));
     let (wake, token) = (Arc::new(Notify::new()), CancellationToken::new());
@@ -118,7 +127,7 @@ async fn attempts_against_a_refusing_endpoint(backing_off: bool) -> i64 {
     let waker = {
         let (wake, token) = (wake.clone(), token.clone());
         tokio::spawn(async move {
-            while !token.is_cancelled() {
+            while waking && !token.is_cancelled() {
                 wake.notify_waiters();
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -149,6 +158,25 @@ async fn an_endpoint_that_starts_refusing_gets_one_burst_not_two() {
         16,
         "the first 16 fail; the plan running meanwhile must not send 16 more before they are recorded"
     );
+}
+
+/// The first request answers 410 Gone at once and the other fifteen 204 a little later, while
+/// the step that records the 410 (and disables the endpoint) is still planning: those fifteen
+/// free their slots, but the claims waiting behind them must not go to an endpoint being
+/// disabled. No wake-ups: a step that happened to be running when the 410 came would record
+/// it later, with the fifteen, and the moment this test is about would not come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_claimed_ahead_is_sent_while_a_410_is_being_recorded() {
+    let receiver = Receiver::start().await;
+    receiver.set_reply(Reply::After(204, Duration::from_millis(15)));
+    receiver.push(Reply::Status(410));
+    let attempts = attempts_in_two_seconds(&receiver.url, false, |_| {}).await;
+    assert_eq!(
+        receiver.count(),
+        16,
+        "the first 16 requests only: the endpoint is disabled after them"
+    );
+    assert_eq!(attempts, 16, "and those 16 recorded");
 }
 
 /// Two instances share a PostgreSQL outbox, and one claims more ahead than it can send before

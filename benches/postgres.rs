@@ -3,6 +3,8 @@
 //! the outbox. Needs a server in `CHAINWATCH_TEST_PG_URL` (scripts/pg-cluster start).
 
 mod common;
+#[path = "common/failover.rs"]
+mod failover;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,4 +148,16 @@ fn main() {
             println!("postgres, delivery: {shown}");
         }
     }
+    let lease = 2.0;
+    let times = rt.block_on(failover::failover_times(
+        &fresh("bench_failover"),
+        5,
+        &format!("{lease}s"),
+    ));
+    let max = times.iter().copied().fold(0.0, f64::max);
+    println!(
+        "postgres, failover: leader SIGKILLed -> the standby's first commit (its alert.leader_changed): median {:.2} s, worst {max:.2} s of {} kills, with leader_lease = {lease} s (no target: bounded by the lease, 10 s by default)",
+        median(times.clone()),
+        times.len()
+    );
 }

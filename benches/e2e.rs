@@ -90,6 +90,11 @@ async fn bench_end_to_end() {
 fn main() {
     if common::wants("e2e") {
         common::header("e2e");
+        // `CHAINWATCH_LOG=debug` shows each stage of each payment with its time: the ZMQ
+        // message, the node's answers, the event recorded, the request delivered.
+        if std::env::var_os("CHAINWATCH_LOG").is_some() {
+            chainwatch::commands::init_logging(false);
+        }
         tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(bench_end_to_end());

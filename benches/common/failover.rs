@@ -9,7 +9,7 @@ use chainwatch::pg::PgConn;
 use chainwatch::simnode::SimNode;
 use chainwatch::testkit::postgres::URL_VAR;
 use chainwatch::testkit::{free_port, Api, Bitcoind, ConfigBuilder, Endpoint};
-use chainwatch::testkit::{KillOnDrop, Receiver};
+use chainwatch::testkit::{run_daemon, KillOnDrop, Receiver};
 
 use crate::common::SECRET;
 
@@ -49,19 +49,12 @@ impl Daemon {
     }
 
     fn start(&mut self, url: &str) {
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env(URL_VAR, url)
-            .stderr(log)
-            .spawn()
-            .expect("chainwatch starts");
-        self.process = Some(KillOnDrop(child));
+        self.process = Some(run_daemon(
+            env!("CARGO_BIN_EXE_chainwatch"),
+            &self.config,
+            &self.log,
+            &[(URL_VAR, url)],
+        ));
     }
 
     fn kill(&mut self) {

@@ -49,3 +49,26 @@ pub fn free_port() -> u16 {
     }
     panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
+
+/// Starts `chainwatch run --config CONFIG` from the binary at `exe` (a test's
+/// `env!("CARGO_BIN_EXE_chainwatch")`), its log appended to `log`, with `env` set.
+pub fn run_daemon(
+    exe: &str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> KillOnDrop {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("the daemon's log file opens");
+    let child = std::process::Command::new(exe)
+        .args(["run", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .stderr(log)
+        .spawn()
+        .expect("chainwatch starts");
+    KillOnDrop(child)
+}

@@ -179,52 +179,98 @@ async fn nothing_claimed_ahead_is_sent_while_a_410_is_being_recorded() {
     assert_eq!(attempts, 16, "and those 16 recorded");
 }
 
+/// Two instances' stores on one fresh PostgreSQL database, and one endpoint ("shop",
+/// unordered, concurrency 1) at `receiver`, whose claims last `claim`.
+struct SharedOutbox {
+    url: String,
+    cfg: chainwatch::config::Config,
+    dir: tempfile::TempDir,
+    claim: Duration,
+}
+
+impl SharedOutbox {
+    fn new(slug: &str, receiver: &Receiver, timeout: &str, claim: Duration) -> Option<Self> {
+        let url = chainwatch::testkit::postgres::fresh_database(slug)?;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ConfigBuilder::default().data_dir(dir.path());
+        config.endpoints = vec![Endpoint::new("shop", &receiver.url)
+            .secret(SECRET)
+            .events(["*"])
+            .ordered(false)
+            .concurrency(1)
+            .timeout(timeout)];
+        let cfg = config.parse().unwrap();
+        Some(SharedOutbox {
+            url,
+            cfg,
+            dir,
+            claim,
+        })
+    }
+
+    fn open(&self, instance: &str) -> chainwatch::pg::PgStore {
+        let key = self.dir.path().join("audit.key");
+        let mut s = chainwatch::pg::PgStore::open(&self.url, &key, instance).unwrap();
+        s.check_network("regtest").unwrap();
+        s.sync_endpoints(&self.cfg.endpoints).unwrap();
+        s.set_claim(self.claim);
+        s
+    }
+
+    /// Opens instance `a` and queues `n` events with it.
+    fn first_with_events(&self, n: usize, tag: &str) -> chainwatch::pg::PgStore {
+        let mut first = self.open("a");
+        let events = chainwatch::testkit::sample_events(n, tag);
+        let now = chainwatch::daemon::now_ms();
+        OutboxStore::commit(&mut first, &ChangeSet::events(events), now).unwrap();
+        first
+    }
+
+    fn start(
+        &self,
+        store: chainwatch::pg::PgStore,
+        token: &CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let ctx = dispatch::Context::new(Arc::new(Notify::new()), token.clone());
+        tokio::spawn(dispatch::run_endpoint(
+            self.cfg.endpoints[0].clone(),
+            store,
+            ctx,
+        ))
+    }
+}
+
+/// Each of the three sample events the receiver got, and each once.
+fn sent_once_each(receiver: &Receiver) {
+    let ids: Vec<String> = receiver.all().iter().map(|c| c.id.clone()).collect();
+    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3, "all three events sent: {ids:?}");
+    assert_eq!(ids.len(), 3, "and each once: {ids:?}");
+}
+
 /// Two instances share a PostgreSQL outbox, and one claims more ahead than it can send before
 /// its claims run out (concurrency 1, every request held 1.7 s). A claim that waited longer
 /// than 2 s for a slot must be given back and claimed again: sent as it was, it would still
 /// be in flight when its claim ran out, and the other instance would send it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
-    let Some(url) = chainwatch::testkit::postgres::fresh_database("claim_ahead") else {
-        return;
-    };
     let receiver = Receiver::start().await;
     receiver.set_hang(Duration::from_millis(1_700));
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ConfigBuilder::default().data_dir(dir.path());
-    config.endpoints = vec![Endpoint::new("shop", &receiver.url)
-        .secret(SECRET)
-        .events(["*"])
-        .ordered(false)
-        .concurrency(1)
-        .timeout("3s")];
-    let cfg = config.parse().unwrap();
-    let key = dir.path().join("audit.key");
-    let open = |instance: &str| {
-        let mut s = chainwatch::pg::PgStore::open(&url, &key, instance).unwrap();
-        s.check_network("regtest").unwrap();
-        s.sync_endpoints(&cfg.endpoints).unwrap();
-        // Shorter than the daemon's (timeout + 5 s), so the test is quick; still longer
-        // than a claim may wait (2 s) and its request then take (1.7 s).
-        s.set_claim(Duration::from_millis(4_100));
-        s
+    // A claim shorter than the daemon's (timeout + 5 s), so the test is quick; still longer
+    // than a claim may wait (2 s) and its request then take (1.7 s).
+    let claim = Duration::from_millis(4_100);
+    let Some(outbox) = SharedOutbox::new("claim_ahead", &receiver, "3s", claim) else {
+        return;
     };
-    let mut first = open("a");
-    let events = chainwatch::testkit::sample_events(3, "c");
-    let now = chainwatch::daemon::now_ms();
-    OutboxStore::commit(&mut first, &ChangeSet::events(events), now).unwrap();
+    let first = outbox.first_with_events(3, "c");
     let token = CancellationToken::new();
-    let start = |store| {
-        let ctx = dispatch::Context::new(Arc::new(Notify::new()), token.clone());
-        tokio::spawn(dispatch::run_endpoint(cfg.endpoints[0].clone(), store, ctx))
-    };
     // The first instance claims all three (one slot, two ahead) before the second starts.
-    let a = start(first);
+    let a = outbox.start(first, &token);
     wait_until("the first request under way", WAIT, || {
         receiver.count() >= 1
     })
     .await;
-    let b = start(open("b"));
+    let b = outbox.start(outbox.open("b"), &token);
     wait_until("three requests", WAIT, || receiver.count() >= 3).await;
     // Sent when it waited 3.4 s, the third would still be in flight when its claim ran out
     // (4.1 s after the start), and the second instance, which looks every second, would claim
@@ -233,10 +279,7 @@ async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
     token.cancel();
     a.await.unwrap();
     b.await.unwrap();
-    let ids: Vec<String> = receiver.all().iter().map(|c| c.id.clone()).collect();
-    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
-    assert_eq!(distinct.len(), 3, "all three events sent: {ids:?}");
-    assert_eq!(ids.len(), 3, "and each once: {ids:?}");
+    sent_once_each(&receiver);
 }
 
 /// An instance that stops gives back what it claimed ahead and never sent: the other instance
@@ -244,44 +287,22 @@ async fn a_claim_that_waited_too_long_is_given_back_and_sent_once() {
 /// fail the test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_stops_gives_back_its_unsent_claims() {
-    let Some(url) = chainwatch::testkit::postgres::fresh_database("claims_released") else {
-        return;
-    };
     let receiver = Receiver::start().await;
     receiver.set_hang(Duration::from_millis(500));
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ConfigBuilder::default().data_dir(dir.path());
-    config.endpoints = vec![Endpoint::new("shop", &receiver.url)
-        .secret(SECRET)
-        .events(["*"])
-        .ordered(false)
-        .concurrency(1)];
-    let cfg = config.parse().unwrap();
-    let key = dir.path().join("audit.key");
-    let open = |instance: &str| {
-        let mut s = chainwatch::pg::PgStore::open(&url, &key, instance).unwrap();
-        s.check_network("regtest").unwrap();
-        s.sync_endpoints(&cfg.endpoints).unwrap();
-        s.set_claim(Duration::from_secs(60));
-        s
+    let claim = Duration::from_secs(60);
+    let Some(outbox) = SharedOutbox::new("claims_released", &receiver, "10s", claim) else {
+        return;
     };
-    let mut first = open("a");
-    let events = chainwatch::testkit::sample_events(3, "r");
-    let now = chainwatch::daemon::now_ms();
-    OutboxStore::commit(&mut first, &ChangeSet::events(events), now).unwrap();
-    let start = |store, token: &CancellationToken| {
-        let ctx = dispatch::Context::new(Arc::new(Notify::new()), token.clone());
-        tokio::spawn(dispatch::run_endpoint(cfg.endpoints[0].clone(), store, ctx))
-    };
+    let first = outbox.first_with_events(3, "r");
     // One request in flight and two claimed ahead when the first instance is told to stop.
     let (token_a, token_b) = (CancellationToken::new(), CancellationToken::new());
-    let a = start(first, &token_a);
+    let a = outbox.start(first, &token_a);
     wait_until("the first request under way", WAIT, || {
         receiver.count() >= 1
     })
     .await;
     token_a.cancel();
-    let b = start(open("b"), &token_b);
+    let b = outbox.start(outbox.open("b"), &token_b);
     a.await.unwrap();
     wait_until(
         "the other instance sends the two given back",
@@ -291,8 +312,5 @@ async fn an_instance_that_stops_gives_back_its_unsent_claims() {
     .await;
     token_b.cancel();
     b.await.unwrap();
-    let ids: Vec<String> = receiver.all().iter().map(|c| c.id.clone()).collect();
-    let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
-    assert_eq!(distinct.len(), 3, "all three events sent: {ids:?}");
-    assert_eq!(ids.len(), 3, "and each once: {ids:?}");
+    sent_once_each(&receiver);
 }

@@ -91,20 +91,12 @@ impl Instance {
 
     fn start(&mut self, url: &str) {
         self.starts += 1;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_chainwatch"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("CHAINWATCH_LOG", "info")
-            .env(URL_ENV, url)
-            .stderr(log)
-            .spawn()
-            .expect("chainwatch starts");
-        self.process = Some(KillOnDrop(child));
+        self.process = Some(chainwatch::testkit::run_daemon(
+            env!("CARGO_BIN_EXE_chainwatch"),
+            &self.config,
+            &self.log,
+            &[("CHAINWATCH_LOG", "info"), (URL_ENV, url)],
+        ));
     }
 
     fn kill(&mut self) {

@@ -404,6 +404,9 @@ impl<S: ChainSource> NodeSource<S> {
                 "not one answer per height asked",
             ));
         }
+        for (height, h) in (from..).zip(&headers) {
+            at_height(h, height)?;
+        }
         Ok(headers.iter().map(stored).collect())
     }
 
@@ -411,8 +414,24 @@ impl<S: ChainSource> NodeSource<S> {
     pub async fn stored_block(&self, height: u32) -> Result<StoredBlock, NodeError> {
         let hash = self.node.block_hash(height).await?;
         // `block_header` checks that the header is the one of `hash`.
-        Ok(stored(&self.node.block_header(hash).await?))
+        let header = self.node.block_header(hash).await?;
+        at_height(&header, height)?;
+        Ok(stored(&header))
     }
+}
+
+/// A header the node gave for the block it named at `height` must say that height: a block's
+/// height never changes, even in a reorg, so any other answer is a node not to believe, and
+/// storing it would put the block at the wrong place in the chain we compare against.
+fn at_height(h: &HeaderInfo, height: u32) -> Result<(), NodeError> {
+    if h.height == height {
+        return Ok(());
+    }
+    let reason = format!(
+        "block {} is at height {height}, but its header says {}",
+        h.hash, h.height
+    );
+    Err(NodeError::bad("getblockheader", reason))
 }
 
 /// A block as we store it, from the node's header.
@@ -561,5 +580,29 @@ impl<S: ChainSource> NodeSource<S> {
             None => true,
             Some(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod height_tests {
+    use super::*;
+
+    #[test]
+    fn a_header_at_another_height_than_asked_is_refused() {
+        let h = HeaderInfo {
+            hash: BlockHash::all_zeros(),
+            height: 7,
+            prev: None,
+            time: 0,
+            confirmations: 1,
+        };
+        assert!(at_height(&h, 7).is_ok(), "the height asked");
+        let refused = at_height(&h, 8).expect_err("another height");
+        assert!(
+            refused
+                .to_string()
+                .contains("at height 8, but its header says 7"),
+            "{refused}"
+        );
     }
 }

@@ -16,6 +16,7 @@ use crate::common::SECRET;
 const TOKEN: &str = "bench-failover-token-0123456789abcdef";
 
 struct Daemon {
+    name: String,
     config: PathBuf,
     log: PathBuf,
     port: u16,
@@ -41,6 +42,7 @@ impl Daemon {
             .write_to(&config)
             .unwrap();
         Daemon {
+            name: name.to_string(),
             config,
             log: home.join("log"),
             port,
@@ -64,22 +66,8 @@ impl Daemon {
     }
 
     async fn wait_role(&self, role: &str) {
-        let url = format!("http://127.0.0.1:{}/health", self.port);
-        let began = Instant::now();
-        while began.elapsed() < Duration::from_secs(60) {
-            if let Ok(r) = reqwest::get(&url).await {
-                if let Ok(body) = r.json::<serde_json::Value>().await {
-                    if body["role"] == role {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "not {role} within a minute; log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
+        let limit = Duration::from_secs(60);
+        chainwatch::testkit::wait_role(self.port, role, limit, &self.name, &self.log).await;
     }
 }
 

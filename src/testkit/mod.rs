@@ -13,6 +13,6 @@ pub use config::{
     Api, Audit, Bitcoind, ConfigBuilder, Endpoint, Retention, StoreSection, WatchEntry,
 };
 pub use events::{sample_event, sample_events};
-pub use process::{free_port, refusing_address, run_daemon, KillOnDrop};
+pub use process::{free_port, health_role, refusing_address, run_daemon, wait_role, KillOnDrop};
 pub use receiver::{Captured, Receiver, ReceiverBuilder, Reply};
 pub use wait::{poll, wait_for, wait_until};

@@ -72,3 +72,44 @@ pub fn run_daemon(
         .expect("chainwatch starts");
     KillOnDrop(child)
 }
+
+/// `/health`'s role and epoch of the daemon whose API listens on `port`, if it answers.
+pub async fn health_role(port: u16) -> Option<(String, i64)> {
+    crate::net::install_crypto_provider();
+    let client = reqwest::Client::builder().no_proxy().build().ok()?;
+    let body: serde_json::Value = client
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some((body["role"].as_str()?.to_string(), body["epoch"].as_i64()?))
+}
+
+/// Waits until the daemon `who` (API on `port`, log in `log`) says it is `role`, and returns
+/// its epoch; after `limit`, panics with what `/health` said last and the log.
+pub async fn wait_role(
+    port: u16,
+    role: &str,
+    limit: std::time::Duration,
+    who: &str,
+    log: &std::path::Path,
+) -> i64 {
+    let mut seen = None;
+    let began = std::time::Instant::now();
+    while began.elapsed() < limit {
+        seen = health_role(port).await;
+        if let Some((r, epoch)) = &seen {
+            if r == role {
+                return *epoch;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "instance {who} was not {role} within {limit:?}: /health says {seen:?}; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}

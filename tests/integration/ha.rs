@@ -107,15 +107,7 @@ impl Instance {
 
     /// `/health`'s role and epoch, if the instance answers.
     async fn role(&self) -> Option<(String, i64)> {
-        let body: serde_json::Value = http_client()
-            .get(format!("http://127.0.0.1:{}/health", self.port))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        Some((body["role"].as_str()?.to_string(), body["epoch"].as_i64()?))
+        chainwatch::testkit::health_role(self.port).await
     }
 
     /// `/metrics`' role gauges: (chainwatch_leader, chainwatch_lease_epoch).
@@ -139,22 +131,7 @@ impl Instance {
     }
 
     async fn wait_role(&self, role: &str, limit: Duration) -> i64 {
-        let mut seen = None;
-        let began = Instant::now();
-        while began.elapsed() < limit {
-            seen = self.role().await;
-            if let Some((r, epoch)) = &seen {
-                if r == role {
-                    return *epoch;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "instance {} was not {role} within {limit:?}: /health says {seen:?}; log:\n{}",
-            self.name,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
+        chainwatch::testkit::wait_role(self.port, role, limit, self.name, &self.log).await
     }
 }
 

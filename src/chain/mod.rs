@@ -424,7 +424,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             tracing::info!(seq = e.seq, id = %e.id, kind = %e.kind, "{what}");
             self.metrics.event(&e.kind);
         }
-        if !committed.is_empty() {
+        // A delivery handed straight to its worker needs no wake-up (and the store step a
+        // wake-up starts would only compete with its request).
+        if committed.iter().any(|e| !e.handed_off) {
             self.wake_dispatch.notify_waiters();
         }
     }

@@ -73,11 +73,14 @@ impl Backend for SqliteBackend {
     async fn follow(
         &self,
         cfg: &Config,
-        store: Store,
+        mut store: Store,
         rpc: Arc<RpcClient>,
         first: Option<ChainInfo>,
         ctx: &dispatch::Context,
     ) -> anyhow::Result<()> {
+        // One instance and no claims: a delivery alone in its queue can go straight to its
+        // worker. PostgreSQL's workers must claim what they send.
+        store.hand_off_to(ctx.handoff.clone());
         follow(cfg, store, rpc, first, ctx).await
     }
 }

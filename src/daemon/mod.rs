@@ -24,7 +24,7 @@ pub use crate::event::now_ms;
 use crate::health::Health;
 use crate::node::zmq_sub::{Subscriber, Subscription};
 use crate::node::{ChainInfo, ChainSource, NodeError, RpcClient, ZmqNotification};
-use crate::store::{ChainStore, RetentionPolicy, RetentionStore, SharedStore, Store};
+use crate::store::{ChainStore, Handoff, RetentionPolicy, RetentionStore, SharedStore, Store};
 use crate::tracker::Tracker;
 
 /// Opens the store and makes its endpoints and config watches match the config.
@@ -228,7 +228,8 @@ async fn run_with<B: Backend>(
         Err(e) if e.is_transient() => None,
         Err(e) => return Err(e).context("connecting to bitcoind"),
     };
-    let ctx = dispatch::Context::new(Arc::new(Notify::new()), shutdown.clone());
+    let mut ctx = dispatch::Context::new(Arc::new(Notify::new()), shutdown.clone());
+    ctx.handoff = Arc::new(Handoff::new(cfg.endpoints.iter().map(|e| e.name.as_str())));
     let api = start_api(&cfg, &backend, &ctx).await?;
     let workers: Vec<_> = cfg
         .endpoints

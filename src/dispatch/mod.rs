@@ -19,7 +19,9 @@ pub use http::{MAX_RESPONSE_READ, MAX_RESPONSE_STORED, MAX_RETRY_AFTER, MIN_BACK
 use crate::config::EndpointConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::store::{AttemptOutcome, DeliveryResult, DueDelivery, OutboxStore, SharedStore};
+use crate::store::{
+    AttemptOutcome, DeliveryResult, DueDelivery, Handoff, OutboxStore, SharedStore,
+};
 
 /// What every delivery worker shares.
 #[derive(Clone)]
@@ -30,6 +32,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub shutdown: CancellationToken,
+    /// Where commits hand deliveries straight to the workers (SQLite's follower only).
+    pub handoff: Arc<Handoff>,
 }
 
 impl Context {
@@ -41,6 +45,7 @@ impl Context {
             metrics: Arc::default(),
             health: Arc::default(),
             shutdown,
+            handoff: Arc::default(),
         }
     }
 }

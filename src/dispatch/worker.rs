@@ -17,7 +17,7 @@ use super::{log_outcome, outcome_name, Context};
 use crate::config::EndpointConfig;
 use crate::health::Change;
 use crate::store::{
-    AttemptOutcome, DeliveryResult, DueDelivery, OutboxStore, SharedStore, StoreError,
+    AttemptOutcome, DeliveryResult, DueDelivery, Mailbox, OutboxStore, SharedStore, StoreError,
 };
 
 type Done = (DueDelivery, AttemptOutcome);
@@ -49,6 +49,8 @@ pub struct Worker<St: OutboxStore> {
     /// Failed attempts in the batch a running step records.
     recording_failures: usize,
     retry: Duration,
+    /// Where commits hand this endpoint's deliveries straight to us, if they do.
+    mailbox: Option<Arc<Mailbox>>,
 }
 
 /// What one planning step decided.
@@ -82,6 +84,7 @@ impl<St: OutboxStore> Worker<St> {
     ) -> Worker<St> {
         Worker {
             who: format!("dispatch:{}", ep.name),
+            mailbox: ctx.handoff.mailbox(&ep.name),
             ep: Arc::new(ep),
             sender: Arc::new(sender),
             store,
@@ -110,6 +113,7 @@ impl<St: OutboxStore> Worker<St> {
         let mut next_step = tokio::time::Instant::now();
         let wake = self.ctx.wake.clone();
         let shutdown = self.ctx.shutdown.clone();
+        let mailbox = self.mailbox.clone();
         loop {
             let notified = wake.notified();
             tokio::pin!(notified);
@@ -117,6 +121,9 @@ impl<St: OutboxStore> Worker<St> {
             let stopping = shutdown.is_cancelled();
             if stopping && in_flight.is_empty() && step.is_none() {
                 return self.stop().await;
+            }
+            if let Some(m) = &mailbox {
+                step_now |= self.take_handed(m, &mut in_flight);
             }
             if step.is_none() && step_now {
                 step = Some(self.start_step(stopping));
@@ -152,6 +159,8 @@ impl<St: OutboxStore> Worker<St> {
                 }
                 _ = shutdown.cancelled(), if !stopping => step_now = true,
                 _ = &mut notified, if !stopping => step_now = true,
+                // Taken at the top of the loop.
+                _ = handed_off(&mailbox), if !stopping => {}
                 _ = tokio::time::sleep_until(next_step), if !stopping && step.is_none() && !step_now => step_now = true,
             }
         }
@@ -226,6 +235,10 @@ impl<St: OutboxStore> Worker<St> {
         in_flight: &mut FuturesUnordered<BoxFuture<'static, Done>>,
     ) -> (Duration, bool) {
         self.recording_failures = 0;
+        if let Some(m) = &self.mailbox {
+            // What a commit hands off from now on may be among this step's claims.
+            m.step_finished();
+        }
         let plan = match out.recorded {
             Err(e) => {
                 // Not recorded: kept, before what finished since, for the next step.
@@ -250,10 +263,7 @@ impl<St: OutboxStore> Worker<St> {
         self.allowed = plan.allowed;
         let claimed = out.started;
         for d in plan.due {
-            let id = d.delivery_id;
-            if !self.in_flight_ids.contains(&id)
-                && !self.ready.iter().any(|(r, _)| r.delivery_id == id)
-            {
+            if !self.sending(d.delivery_id) {
                 self.ready.push_back((d, claimed));
             }
         }
@@ -303,6 +313,38 @@ impl<St: OutboxStore> Worker<St> {
         }
         self.count_taken();
         gave_back
+    }
+
+    /// Whether delivery `id` is claimed, in flight, or sent and not yet recorded. A plan that
+    /// read the store before a delivery handed off was sent and recorded may claim it too.
+    fn sending(&self, id: i64) -> bool {
+        self.in_flight_ids.contains(&id)
+            || self.ready.iter().any(|(r, _)| r.delivery_id == id)
+            || self.unrecorded.iter().any(|(r, _)| r.delivery_id == id)
+    }
+
+    /// Starts what commits handed straight to this worker (see `Handoff`), as if a step had
+    /// claimed it. Returns whether a step is needed: some came too late to be taken (the
+    /// store has them), or wait for a slot.
+    fn take_handed(
+        &mut self,
+        mailbox: &Mailbox,
+        in_flight: &mut FuturesUnordered<BoxFuture<'static, Done>>,
+    ) -> bool {
+        let (fresh, late) = mailbox.take();
+        if fresh.is_empty() || self.ctx.shutdown.is_cancelled() {
+            // Stopping: they stay queued in the store for the next start.
+            return late;
+        }
+        let now = tokio::time::Instant::now();
+        for d in fresh {
+            if !self.sending(d.delivery_id) {
+                tracing::debug!(endpoint = %self.ep.name, event = %d.event_id, "handed off by its commit");
+                self.ready.push_back((d, now));
+            }
+        }
+        self.start_ready(in_flight);
+        late || !self.ready.is_empty()
     }
 
     fn unrecorded_failures(&self) -> usize {
@@ -384,6 +426,14 @@ impl<St: OutboxStore> Worker<St> {
         if let Change::Ended(after) = self.ctx.health.store_ok(&self.who) {
             tracing::info!(endpoint = %self.ep.name, after_s = after.as_secs(), "store accepts delivery work again");
         }
+    }
+}
+
+/// Resolves when a commit hands this worker something; never without a mailbox.
+async fn handed_off(mailbox: &Option<Arc<Mailbox>>) {
+    match mailbox {
+        Some(m) => m.arrived().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -91,6 +91,7 @@ pub fn append_events(
             seq,
             id: e.id.clone(),
             kind: e.kind.to_string(),
+            handed_off: false,
         });
         rows.push(row);
         if rows.len() == INSERT_CHUNK {

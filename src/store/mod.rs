@@ -3,6 +3,7 @@
 //! `interface` holds the traits the stages use a store through.
 
 mod audit;
+mod handoff;
 mod interface;
 mod log;
 mod migrations;
@@ -21,6 +22,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 pub use audit::{
     checkpoint, parse_checkpoint, AuditKey, AuditReport, AuditWalk, ChainedRow, AUDIT_KEY_FILE,
 };
+pub use handoff::{Handoff, Mailbox};
 pub use interface::{AdminStore, ChainStore, OutboxStore, RetentionStore};
 pub use log::{append_events, wanted, EventLog};
 pub use outbox::{
@@ -66,6 +68,9 @@ pub struct CommittedEvent {
     pub seq: i64,
     pub id: String,
     pub kind: String,
+    /// Every delivery its commit wrote went straight to its worker (`Handoff`): no worker
+    /// needs waking for it.
+    pub handed_off: bool,
 }
 
 pub struct Store {
@@ -76,6 +81,8 @@ pub struct Store {
     /// How many blocks below the tip to keep, to find fork points.
     keep_blocks: u32,
     audit_key: AuditKey,
+    /// Where commits hand their deliveries to the workers (the daemon's follower only).
+    handoff: Option<std::sync::Arc<Handoff>>,
 }
 
 pub const DB_FILE: &str = "chainwatch.sqlite";
@@ -199,6 +206,7 @@ impl Store {
             filters: vec![],
             keep_blocks: 110,
             audit_key,
+            handoff: None,
         };
         audit::bind_key(&mut store)?;
         store.load_filters()?;
@@ -387,6 +395,12 @@ impl Store {
     /// their deliveries. Nothing is written if any part fails.
     pub fn commit(&mut self, changes: &ChangeSet, now_ms: i64) -> Result<Vec<CommittedEvent>> {
         let keep = self.keep_blocks;
+        // Read before the transaction begins (see `Handoff`); never inside another's, which
+        // could still roll back.
+        let handoff = match (&self.handoff, self.conn.is_autocommit()) {
+            (Some(h), true) => Some(h.before_commit(self.filters.iter().map(|(n, _)| n.as_str()))),
+            _ => None,
+        };
         let tx = begin(&mut self.conn)?;
         write_tip(&tx, &changes.tip, keep)?;
         records::write_tracked(&tx, &changes.tracked)?;
@@ -400,8 +414,22 @@ impl Store {
             &changes.events,
             now_ms,
         )?;
+        let handed = match (handoff, committed.first()) {
+            (Some(endpoints), Some(first)) => handoff::hand_off(&tx, &endpoints, first.seq)?,
+            _ => handoff::Handed::default(),
+        };
         tx.commit()?;
+        let mut committed = committed;
+        if handed.all {
+            committed.iter_mut().for_each(|e| e.handed_off = true);
+        }
+        handed.send();
         Ok(committed)
+    }
+
+    /// Commits from now on hand the deliveries they write to the workers' mailboxes.
+    pub fn hand_off_to(&mut self, handoff: std::sync::Arc<Handoff>) {
+        self.handoff = Some(handoff);
     }
 }
 

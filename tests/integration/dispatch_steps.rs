@@ -16,12 +16,21 @@ use chainwatch::store::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// The SQLite store, with every plan as slow as a few round trips to a remote database.
-struct SlowPlans(Store);
+/// The SQLite store, its plans changed as a test needs.
+struct Plans(Store, Planning);
+
+enum Planning {
+    /// Every plan as slow as a few round trips to a remote database.
+    Slow,
+    /// Plans find nothing due: only what a commit hands off is ever sent.
+    Blind,
+    /// As the store has it.
+    AsStored,
+}
 
 const PLAN_TAKES: Duration = Duration::from_millis(30);
 
-impl OutboxStore for SlowPlans {
+impl OutboxStore for Plans {
     fn network(&self) -> Result<String, StoreError> {
         OutboxStore::network(&self.0)
     }
@@ -36,10 +45,23 @@ impl OutboxStore for SlowPlans {
         limit: u32,
         in_flight: &[i64],
     ) -> Result<Vec<DueDelivery>, StoreError> {
-        OutboxStore::due_deliveries(&mut self.0, endpoint, now_ms, ordered, limit, in_flight)
+        match self.1 {
+            Planning::Blind => Ok(vec![]),
+            _ => OutboxStore::due_deliveries(
+                &mut self.0,
+                endpoint,
+                now_ms,
+                ordered,
+                limit,
+                in_flight,
+            ),
+        }
     }
     fn next_due(&self, endpoint: &str, ordered: bool) -> Result<Option<i64>, StoreError> {
-        OutboxStore::next_due(&self.0, endpoint, ordered)
+        match self.1 {
+            Planning::Blind => Ok(None),
+            _ => OutboxStore::next_due(&self.0, endpoint, ordered),
+        }
     }
     fn record_attempts(
         &mut self,
@@ -50,7 +72,9 @@ impl OutboxStore for SlowPlans {
     }
     fn endpoint_state(&self, name: &str) -> Result<EndpointState, StoreError> {
         // A plan reads the endpoint's state first: the attempts in flight finish meanwhile.
-        std::thread::sleep(PLAN_TAKES);
+        if let Planning::Slow = self.1 {
+            std::thread::sleep(PLAN_TAKES);
+        }
         OutboxStore::endpoint_state(&self.0, name)
     }
     fn set_endpoint_backoff(
@@ -121,7 +145,7 @@ async fn attempts_in_two_seconds(url: &str, waking: bool, prepare: impl FnOnce(&
     };
     let worker = tokio::spawn(dispatch::run_endpoint(
         cfg.endpoints[0].clone(),
-        SlowPlans(Store::open(dir.path()).unwrap()),
+        Plans(Store::open(dir.path()).unwrap(), Planning::Slow),
         ctx,
     ));
     let waker = {
@@ -313,4 +337,160 @@ async fn an_instance_that_stops_gives_back_its_unsent_claims() {
     token_b.cancel();
     b.await.unwrap();
     sent_once_each(&receiver);
+}
+
+/// One endpoint ("shop", ordered, as by default) at a receiver, a worker for it with a mailbox,
+/// and a store whose commits hand deliveries off to that mailbox (as the daemon's follower
+/// does on SQLite).
+struct HandingOff {
+    dir: tempfile::TempDir,
+    ep: chainwatch::config::EndpointConfig,
+    store: Store,
+    handoff: Arc<chainwatch::store::Handoff>,
+    wake: Arc<Notify>,
+    token: CancellationToken,
+}
+
+impl HandingOff {
+    fn new(receiver: &Receiver) -> HandingOff {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ConfigBuilder::default().data_dir(dir.path());
+        config.endpoints = vec![Endpoint::new("shop", &receiver.url)
+            .secret(SECRET)
+            .events(["*"])];
+        let cfg = config.parse().unwrap();
+        let mut store = Store::open(&cfg.data_dir).unwrap();
+        store.check_network("regtest").unwrap();
+        store.sync_endpoints(&cfg.endpoints).unwrap();
+        let handoff = Arc::new(chainwatch::store::Handoff::new(["shop"]));
+        store.hand_off_to(handoff.clone());
+        HandingOff {
+            dir,
+            ep: cfg.endpoints[0].clone(),
+            store,
+            handoff,
+            wake: Arc::new(Notify::new()),
+            token: CancellationToken::new(),
+        }
+    }
+
+    fn mailbox(&self) -> Arc<chainwatch::store::Mailbox> {
+        self.handoff.mailbox("shop").unwrap()
+    }
+
+    /// Starts the worker and waits for its first store step to finish (a commit before that
+    /// is handed off too late to be taken).
+    async fn start(&self, planning: Planning) -> tokio::task::JoinHandle<()> {
+        let ctx = dispatch::Context {
+            handoff: self.handoff.clone(),
+            ..dispatch::Context::new(self.wake.clone(), self.token.clone())
+        };
+        let store = Plans(Store::open(self.dir.path()).unwrap(), planning);
+        let worker = tokio::spawn(dispatch::run_endpoint(self.ep.clone(), store, ctx));
+        let mailbox = self.mailbox();
+        wait_until("the worker's first step", WAIT, || mailbox.steps() >= 1).await;
+        worker
+    }
+
+    fn commit(&mut self, tag: &str) -> CommittedEvent {
+        let events = chainwatch::testkit::sample_events(1, tag);
+        let now = chainwatch::daemon::now_ms();
+        let committed = OutboxStore::commit(&mut self.store, &ChangeSet::events(events), now);
+        committed.unwrap().remove(0)
+    }
+
+    async fn delivered(&self, n: i64) {
+        let db = rusqlite::Connection::open(chainwatch::store::db_path(self.dir.path())).unwrap();
+        wait_until(&format!("{n} recorded as delivered"), WAIT, || {
+            db.query_row(
+                "SELECT count(*) FROM deliveries WHERE status = 'delivered'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+                == n
+        })
+        .await;
+    }
+
+    async fn stop(self, worker: tokio::task::JoinHandle<()>) {
+        self.token.cancel();
+        worker.await.unwrap();
+    }
+}
+
+/// A payment's delivery, alone in its queue, goes from the commit that wrote it straight to the
+/// request: the worker's plans here never find anything due, so it arrives only if handed off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_alone_in_its_queue_is_sent_by_its_commit_without_a_plan() {
+    let receiver = Receiver::start().await;
+    let mut h = HandingOff::new(&receiver);
+    let worker = h.start(Planning::Blind).await;
+    let event = h.commit("alone");
+    assert!(event.handed_off, "the commit handed its one delivery off");
+    let got = receiver.wait_accepted(1, WAIT).await;
+    assert_eq!(
+        got[0].id, event.id,
+        "the committed event, sent as it was handed off"
+    );
+    assert_eq!(got[0].kind(), event.kind);
+    h.delivered(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.count(), 1, "sent once");
+    h.stop(worker).await;
+}
+
+/// A delivery handed off by a commit that began before one of the worker's steps finished may
+/// already have been claimed, sent and recorded by that step: it must not be sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_handed_off_after_a_step_claimed_it_is_not_sent_again() {
+    let receiver = Receiver::start().await;
+    let h = HandingOff::new(&receiver);
+    // Written by another connection, so only a step can find it.
+    let mut plain = Store::open(h.dir.path()).unwrap();
+    let now = chainwatch::daemon::now_ms();
+    let events = chainwatch::testkit::sample_events(1, "claimed");
+    OutboxStore::commit(&mut plain, &ChangeSet::events(events), now).unwrap();
+    let due = OutboxStore::due_deliveries(&mut plain, "shop", now, true, 1, &[]).unwrap();
+    let before = h.mailbox().steps();
+    let worker = h.start(Planning::Slow).await;
+    receiver.wait_accepted(1, WAIT).await;
+    h.delivered(1).await;
+    // As a commit that read the step count before the worker's steps would hand it off.
+    h.mailbox().put(due[0].clone(), before);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.count(), 1, "a late hand-off is left to the store");
+    h.stop(worker).await;
+}
+
+/// Payments committed a few milliseconds apart while wake-ups start steps all the time, so
+/// hand-offs and the steps' own claims race: each is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_handed_off_while_steps_run_are_each_sent_once() {
+    let receiver = Receiver::start().await;
+    let mut h = HandingOff::new(&receiver);
+    let worker = h.start(Planning::AsStored).await;
+    let waker = {
+        let (wake, token) = (h.wake.clone(), h.token.clone());
+        tokio::spawn(async move {
+            while !token.is_cancelled() {
+                wake.notify_waiters();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(h.commit(&format!("race-{i}")).id);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    h.delivered(30).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent: Vec<String> = receiver.all().iter().map(|c| c.id.clone()).collect();
+    assert_eq!(
+        sent, ids,
+        "each payment once, in the order committed (ordered endpoint)"
+    );
+    h.stop(worker).await;
+    waker.await.unwrap();
 }

@@ -332,6 +332,9 @@ impl<St: OutboxStore> Worker<St> {
         in_flight: &mut FuturesUnordered<BoxFuture<'static, Done>>,
     ) -> bool {
         let (fresh, late) = mailbox.take();
+        if late {
+            tracing::debug!(endpoint = %self.ep.name, "a delivery was handed off after a step that may have claimed it; left to the next step");
+        }
         if fresh.is_empty() || self.ctx.shutdown.is_cancelled() {
             // Stopping: they stay queued in the store for the next start.
             return late;

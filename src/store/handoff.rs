@@ -308,6 +308,26 @@ mod tests {
     }
 
     #[test]
+    fn only_the_endpoints_an_event_goes_to_are_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let cfg = crate::config::Config::parse(
+            "[[endpoints]]\nname = \"shop\"\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"tx.*\"]\n\
+             [[endpoints]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/o\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nevents = [\"alert.*\"]\n",
+            "test",
+            None,
+        )
+        .unwrap();
+        store.sync_endpoints(&cfg.endpoints).unwrap();
+        // `ops` has no mailbox: an event it took would need its worker woken.
+        let handoff = Arc::new(Handoff::new(["shop"]));
+        store.hand_off_to(handoff.clone());
+        let committed = commit(&mut store, 1, "a");
+        assert!(committed[0].handed_off, "a tx.pending goes to shop alone");
+        assert_eq!(handoff.mailbox("shop").unwrap().take().0.len(), 1);
+    }
+
+    #[test]
     fn an_endpoint_without_a_mailbox_is_woken() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = test_store(dir.path());

@@ -29,6 +29,22 @@ pub trait EventLog {
 /// Endpoint name → event-type globs, as each backend keeps them.
 pub type Filters = [(String, Vec<String>)];
 
+/// The endpoints that may get a delivery of one of `events`: a few more than `append_events`
+/// writes for (routes are not looked at), never fewer.
+pub(crate) fn may_deliver<'a>(
+    filters: &'a Filters,
+    events: &'a [NewEvent],
+) -> impl Iterator<Item = &'a str> {
+    filters
+        .iter()
+        .filter(|(_, globs)| {
+            events
+                .iter()
+                .any(|e| e.kind == WEBHOOK_TEST || globs.iter().any(|g| type_matches(g, e.kind)))
+        })
+        .map(|(name, _)| name.as_str())
+}
+
 /// Whether any endpoint's filter takes events of type `kind`.
 pub fn wanted(filters: &Filters, kind: &str) -> bool {
     filters

@@ -344,6 +344,9 @@ where
             }
         };
         shared.connections.fetch_add(1, Ordering::SeqCst);
+        // As web servers do: a reply written in more than one piece (TLS records) must not
+        // wait for the client's delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let (app, stream) = (app.clone(), accept(tcp));
         tokio::spawn(async move {
             let Some(stream) = stream.await else {

@@ -127,6 +127,10 @@ pub struct Follower<S: ChainSource, St: ChainStore = Store> {
     outage: Option<Outage>,
     /// The last error told, so a repeated one is not told again on every retry.
     last_error: String,
+    /// The stored tip, read once after each change of it (`None`: to be read). Every relayed
+    /// mempool transaction asks for it, and a read after a delivery worker's commit finds the
+    /// connection's page cache stale: 0.1–0.2 ms a time.
+    tip: std::sync::Mutex<Option<Option<TipRef>>>,
     /// Every change set committed, for unit tests to assert.
     #[cfg(test)]
     journal: Vec<ChangeSet>,
@@ -157,6 +161,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             rescan_owed: false,
             rescan_joined: false,
             loader: None,
+            tip: std::sync::Mutex::new(None),
             network: bitcoin::Network::Regtest,
             metrics,
             health: Arc::default(),
@@ -394,11 +399,24 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         }
     }
 
+    /// Said before any write of the stored blocks (`store_commit` with tip changes, the first
+    /// base, a rescan's backfill): the tip is read again afterwards, whether the write moved it
+    /// or failed.
+    fn forget_tip(&self) {
+        *self.tip.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     fn tip_ref(&self) -> Result<Option<TipRef>, FollowError> {
-        Ok(self.store.tip()?.map(|t| TipRef {
+        let mut known = self.tip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tip) = *known {
+            return Ok(tip);
+        }
+        let tip = self.store.tip()?.map(|t| TipRef {
             hash: t.hash,
             height: t.height,
-        }))
+        });
+        *known = Some(tip);
+        Ok(tip)
     }
 
     /// Commits a change set, then applies it to memory.
@@ -436,6 +454,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         &mut self,
         changes: &ChangeSet,
     ) -> Result<Vec<crate::store::CommittedEvent>, FollowError> {
+        if !changes.tip.is_empty() {
+            self.forget_tip();
+        }
         let committed = self.store.commit(changes, now_ms())?;
         #[cfg(test)]
         self.journal.push(changes.clone());

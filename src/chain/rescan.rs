@@ -297,6 +297,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let linked = blocks.windows(2).all(|w| w[1].prev == w[0].hash)
             && blocks.last().is_some_and(|b| b.hash == lowest.prev);
         if linked {
+            // Blocks below the tip only; said all the same, as every block write is.
+            self.forget_tip();
             self.store.backfill_blocks(&blocks)?;
         }
         Ok(())

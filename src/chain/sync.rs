@@ -48,6 +48,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     async fn apply_change(&mut self, change: ChainChange) -> Result<(), FollowError> {
         match change {
             ChainChange::Base(b) => {
+                self.forget_tip();
                 self.store.init_tip(b)?;
                 tracing::info!(
                     height = b.height,

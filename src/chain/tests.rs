@@ -986,6 +986,38 @@ async fn a_resync_matches_the_sweep_of_a_payment_it_finds_in_the_same_mempool() 
     );
 }
 
+/// The follower keeps the stored tip in memory between block writes: each payment's
+/// tx.pending must still name the tip it was seen at, after blocks and a reorg.
+#[tokio::test]
+async fn each_pending_payment_names_the_tip_it_was_seen_at() {
+    let w = watch(1, 1);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    for step in ["as synced", "after a block", "after a reorg"] {
+        match step {
+            "after a block" => {
+                r.node.mine(1);
+            }
+            "after a reorg" => {
+                r.node.reorg(2, false);
+            }
+            _ => {}
+        }
+        r.sync().await;
+        r.node.take_zmq();
+        r.node.pay(&address(1).to_string(), 10_000);
+        r.deliver_zmq().await;
+        let tip = r.bodies().last().unwrap()["data"]["tip"].clone();
+        assert_eq!(
+            (
+                tip["hash"].as_str().unwrap(),
+                tip["height"].as_u64().unwrap()
+            ),
+            (r.node.tip().to_string().as_str(), r.node.height() as u64),
+            "the tx.pending {step} names the node's tip"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_payment_relayed_before_the_first_base_block_is_matched_by_the_next_resync() {
     let node = SimNode::in_memory();

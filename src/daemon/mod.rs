@@ -4,6 +4,7 @@
 //! the leader lease (`leader`); the API and the deliveries run on every instance.
 
 mod backend;
+pub mod dir_lock;
 mod leader;
 
 pub use backend::{Backend, PgBackend, SqliteBackend};
@@ -186,11 +187,19 @@ fn supervise_endpoint<B: Backend>(
     })
 }
 
+/// How long a daemon waits for another to let go of its SQLite data_dir (a restart whose old
+/// process is still finishing its requests) before it gives up.
+pub const DATA_DIR_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first. The admin
 /// API and the delivery workers start first and run whether or not bitcoind answers.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     match &cfg.store {
         StoreConfig::Sqlite => {
+            let dir = cfg.data_dir.clone();
+            let _lock =
+                tokio::task::spawn_blocking(move || dir_lock::lock_data_dir(&dir, DATA_DIR_WAIT))
+                    .await??;
             let backend = SqliteBackend::new(&cfg);
             run_with(cfg, backend, shutdown).await
         }

@@ -125,3 +125,41 @@ async fn repeated_sigkills_while_blocks_arrive_give_the_same_log_as_a_clean_run(
     assert_eq!(history(&got, &txid), expect_history(&expected));
     assert_consistent(&h, 7);
 }
+
+/// A second daemon on the same data_dir would follow the chain beside the first and send every
+/// webhook again. It waits for the first to stop (a restart's overlap), then gives up, naming
+/// it; the first goes on delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
+    let h = Harness::new(&[watch(P2WPKH, 1, "order-1")]).await;
+    let mut first = h.spawn_binary();
+    h.wait_synced().await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("second.log");
+    let mut second = h.spawn_binary_logged(&log, &[]);
+    let limit = chainwatch::daemon::DATA_DIR_WAIT + Duration::from_secs(20);
+    let status = wait_for("the second daemon to give up", limit, || {
+        second
+            .try_wait()
+            .unwrap()
+            .ok_or_else(|| "still running".to_string())
+    })
+    .await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "it exits with an error: {said}");
+    assert!(
+        said.contains(&format!(
+            "is in use by another chainwatch (pid {})",
+            first.id()
+        )),
+        "it names the daemon holding the data_dir: {said}"
+    );
+    let paid = h.node.pay(P2WPKH, 100_000).to_string();
+    let got = h.receiver.wait_accepted(1, WAIT).await;
+    assert_eq!(
+        (got[0].kind(), got[0].data()["txid"].as_str()),
+        ("tx.pending", Some(paid.as_str())),
+        "the first daemon still delivers"
+    );
+    kill(&mut first);
+}

@@ -6,6 +6,7 @@
 
 use std::fs::{File, TryLockError};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,14 +21,15 @@ pub struct DataDirLock {
 
 /// Takes `dir`'s lock, waiting up to `wait` for another daemon to let it go.
 pub fn lock_data_dir(dir: &Path, wait: Duration) -> anyhow::Result<DataDirLock> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    // Made as the store makes it (owner only), as the lock comes first.
+    crate::store::create_private_dir(dir)?;
     let path = dir.join(LOCK_FILE);
     let mut file = File::options()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     let deadline = Instant::now() + wait;
@@ -74,12 +76,17 @@ fn holder(file: &mut File) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_second_lock_on_the_same_dir_is_refused_naming_the_holder_and_taken_once_free() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = lock_data_dir(dir.path(), Duration::ZERO).expect("the first takes it");
-        let err = lock_data_dir(dir.path(), Duration::from_millis(300))
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let first = lock_data_dir(&dir, Duration::ZERO).expect("the first takes it");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "a new data_dir is its owner's only");
+        assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+        let err = lock_data_dir(&dir, Duration::from_millis(300))
             .err()
             .expect("a second is refused");
         let msg = err.to_string();
@@ -89,6 +96,6 @@ mod tests {
             "says who holds it: {msg}"
         );
         drop(first);
-        lock_data_dir(dir.path(), Duration::ZERO).expect("free again once the first is gone");
+        lock_data_dir(&dir, Duration::ZERO).expect("free again once the first is gone");
     }
 }

@@ -187,19 +187,22 @@ fn supervise_endpoint<B: Backend>(
     })
 }
 
-/// How long a daemon waits for another to let go of its SQLite data_dir (a restart whose old
-/// process is still finishing its requests) before it gives up.
-pub const DATA_DIR_WAIT: Duration = Duration::from_secs(10);
+/// How long a daemon waits for another to let go of its SQLite data_dir before it gives up:
+/// a restart's old process may still be finishing its requests, each bounded by its
+/// endpoint's timeout, then recording them.
+pub fn data_dir_wait(cfg: &Config) -> Duration {
+    let longest = cfg.endpoints.iter().map(|e| e.timeout).max();
+    longest.unwrap_or_default() + Duration::from_secs(10)
+}
 
 /// Runs the daemon until `shutdown` is cancelled; in-flight deliveries finish first. The admin
 /// API and the delivery workers start first and run whether or not bitcoind answers.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     match &cfg.store {
         StoreConfig::Sqlite => {
-            let dir = cfg.data_dir.clone();
+            let (dir, wait) = (cfg.data_dir.clone(), data_dir_wait(&cfg));
             let _lock =
-                tokio::task::spawn_blocking(move || dir_lock::lock_data_dir(&dir, DATA_DIR_WAIT))
-                    .await??;
+                tokio::task::spawn_blocking(move || dir_lock::lock_data_dir(&dir, wait)).await??;
             let backend = SqliteBackend::new(&cfg);
             run_with(cfg, backend, shutdown).await
         }

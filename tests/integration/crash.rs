@@ -131,13 +131,22 @@ async fn repeated_sigkills_while_blocks_arrive_give_the_same_log_as_a_clean_run(
 /// it; the first goes on delivering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_daemon_on_the_same_data_dir_is_refused_naming_the_first() {
-    let h = Harness::new(&[watch(P2WPKH, 1, "order-1")]).await;
+    let mut h = Harness::new(&[watch(P2WPKH, 1, "order-1")]).await;
+    // The wait for the first to stop follows the longest endpoint timeout.
+    let mut config = h.config.clone();
+    config.endpoints = config
+        .endpoints
+        .into_iter()
+        .map(|e| e.timeout("2s"))
+        .collect();
+    h.rewrite_config(config);
     let mut first = h.spawn_binary();
     h.wait_synced().await;
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("second.log");
     let mut second = h.spawn_binary_logged(&log, &[]);
-    let limit = chainwatch::daemon::DATA_DIR_WAIT + Duration::from_secs(20);
+    let cfg = chainwatch::config::Config::load(&h.config_path).unwrap();
+    let limit = chainwatch::daemon::data_dir_wait(&cfg) + Duration::from_secs(20);
     let status = wait_for("the second daemon to give up", limit, || {
         second
             .try_wait()

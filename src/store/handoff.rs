@@ -110,10 +110,6 @@ impl Handoff {
             })
             .collect()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.boxes.is_empty()
-    }
 }
 
 /// What a commit hands off, worked out inside its transaction and sent once it is committed.
@@ -179,12 +175,8 @@ fn alone_and_healthy(
                AND status IN ('pending', 'failed') AND id <> ?2)",
         )?
         .query_row(params![endpoint, id], |r| r.get(0))?;
-    let healthy: bool = tx
-        .prepare_cached("SELECT enabled AND backoff_step = 0 FROM endpoints WHERE name = ?1")?
-        .query_row([endpoint], |r| r.get(0))
-        .optional()?
-        .unwrap_or(false);
-    if others || !healthy {
+    let state = super::outbox::read_endpoint_state(tx, endpoint)?;
+    if others || !state.enabled || state.backoff_step > 0 {
         return Ok(None);
     }
     Ok(tx

@@ -409,7 +409,7 @@ impl Store {
         records::write_index(&tx, &changes.index)?;
         records::write_rescan(&tx, &changes.rescan)?;
         outbox::write_endpoints(&tx, &changes.endpoints)?;
-        let committed = append_events(
+        let mut committed = append_events(
             &mut SqliteLog(&tx),
             &self.filters,
             &self.audit_key,
@@ -426,7 +426,6 @@ impl Store {
             _ => handoff::Handed::default(),
         };
         tx.commit()?;
-        let mut committed = committed;
         if handed.all {
             committed.iter_mut().for_each(|e| e.handed_off = true);
         }

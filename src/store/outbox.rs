@@ -1,6 +1,6 @@
 //! The delivery outbox: endpoints, due deliveries, attempts.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{ChainedRow, Result, Store};
 use crate::config::EndpointConfig;
@@ -214,24 +214,7 @@ impl Store {
     }
 
     pub fn endpoint_state(&self, name: &str) -> Result<EndpointState> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT enabled, backoff_step, backoff_until, failing_since, failing_alerted
-                   FROM endpoints WHERE name = ?1",
-                [name],
-                |r| {
-                    Ok(EndpointState {
-                        enabled: r.get(0)?,
-                        backoff_step: r.get(1)?,
-                        backoff_until: r.get(2)?,
-                        failing_since: r.get(3)?,
-                        failing_alerted: r.get(4)?,
-                    })
-                },
-            )
-            .optional()?
-            .unwrap_or_default())
+        read_endpoint_state(&self.conn, name)
     }
 
     /// Puts the endpoint on back-off step `step` until `until` (step 0: it answers again).
@@ -541,4 +524,26 @@ fn record_one(
             .execute(params![endpoint, o.started_at_ms])?,
     };
     Ok(())
+}
+
+/// Endpoint `name`'s stored state, on `conn` (inside a transaction, if it is in one); an
+/// endpoint not stored reads as disabled.
+pub(crate) fn read_endpoint_state(conn: &Connection, name: &str) -> Result<EndpointState> {
+    Ok(conn
+        .query_row(
+            "SELECT enabled, backoff_step, backoff_until, failing_since, failing_alerted
+               FROM endpoints WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(EndpointState {
+                    enabled: r.get(0)?,
+                    backoff_step: r.get(1)?,
+                    backoff_until: r.get(2)?,
+                    failing_since: r.get(3)?,
+                    failing_alerted: r.get(4)?,
+                })
+            },
+        )
+        .optional()?
+        .unwrap_or_default())
 }

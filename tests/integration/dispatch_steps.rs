@@ -148,22 +148,32 @@ async fn attempts_in_two_seconds(url: &str, waking: bool, prepare: impl FnOnce(&
         Plans(Store::open(dir.path()).unwrap(), Planning::Slow),
         ctx,
     ));
-    let waker = {
-        let (wake, token) = (wake.clone(), token.clone());
-        tokio::spawn(async move {
-            while waking && !token.is_cancelled() {
-                wake.notify_waiters();
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
+    let waker = waking.then(|| keep_waking(&wake, &token, Duration::from_millis(2)));
     tokio::time::sleep(Duration::from_secs(2)).await;
     token.cancel();
     worker.await.unwrap();
-    waker.await.unwrap();
+    if let Some(waker) = waker {
+        waker.await.unwrap();
+    }
     let db = rusqlite::Connection::open(chainwatch::store::db_path(dir.path())).unwrap();
     db.query_row("SELECT count(*) FROM attempts", [], |r| r.get(0))
         .unwrap()
+}
+
+/// Wakes the workers every `every` until `token` is cancelled, as commits for other endpoints
+/// would.
+fn keep_waking(
+    wake: &Arc<Notify>,
+    token: &CancellationToken,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let (wake, token) = (wake.clone(), token.clone());
+    tokio::spawn(async move {
+        while !token.is_cancelled() {
+            wake.notify_waiters();
+            tokio::time::sleep(every).await;
+        }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,15 +480,7 @@ async fn payments_handed_off_while_steps_run_are_each_sent_once() {
     let receiver = Receiver::start().await;
     let mut h = HandingOff::new(&receiver);
     let worker = h.start(Planning::AsStored).await;
-    let waker = {
-        let (wake, token) = (h.wake.clone(), h.token.clone());
-        tokio::spawn(async move {
-            while !token.is_cancelled() {
-                wake.notify_waiters();
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-    };
+    let waker = keep_waking(&h.wake, &h.token, Duration::from_millis(1));
     let mut ids = Vec::new();
     for i in 0..30 {
         ids.push(h.commit(&format!("race-{i}")).id);

@@ -64,9 +64,13 @@ pub fn lock_data_dir(dir: &Path, wait: Duration) -> anyhow::Result<DataDirLock> 
     Ok(DataDirLock { _file: Some(file) })
 }
 
+/// The pid the lock file names. Anyone who can write the data_dir can fill the file: only its
+/// first bytes are read.
 fn holder(file: &mut File) -> String {
     let mut pid = String::new();
-    let read = file.rewind().and_then(|_| file.read_to_string(&mut pid));
+    let read = file
+        .rewind()
+        .and_then(|_| file.take(24).read_to_string(&mut pid));
     match (read, pid.trim().parse::<u32>()) {
         (Ok(_), Ok(pid)) => format!("pid {pid}"),
         _ => "pid unknown".to_string(),
@@ -97,5 +101,23 @@ mod tests {
         );
         drop(first);
         lock_data_dir(&dir, Duration::ZERO).expect("free again once the first is gone");
+    }
+
+    #[test]
+    fn a_lock_file_filled_with_junk_names_no_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        let mut junk = b"4242".to_vec();
+        junk.extend(std::iter::repeat_n(b'x', 1 << 20));
+        std::fs::write(&path, &junk).unwrap();
+        let mut file = File::options().read(true).open(&path).unwrap();
+        assert_eq!(
+            holder(&mut file),
+            "pid unknown",
+            "a megabyte after the digits"
+        );
+        std::fs::write(&path, "4242\n").unwrap();
+        let mut file = File::options().read(true).open(&path).unwrap();
+        assert_eq!(holder(&mut file), "pid 4242");
     }
 }

@@ -2,6 +2,7 @@
 //! and the ZMQ subscriber.
 
 pub mod coins;
+pub mod rest;
 pub mod rpc;
 pub mod zmq_sub;
 pub mod zmq_wire;

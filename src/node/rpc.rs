@@ -12,6 +12,7 @@ use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use super::rest::RestBlocks;
 use super::{ChainInfo, ChainSource, HeaderInfo, NodeError, NodeResult, ZmqNotification};
 use crate::blockfilter::CheckedFilter;
 use crate::config::RpcAuth;
@@ -30,6 +31,7 @@ pub struct RpcClient {
     /// user:password from the cookie, read lazily and dropped when it stops working.
     cookie: Mutex<Option<(String, String)>>,
     next_id: AtomicU64,
+    rest: RestBlocks,
 }
 
 impl RpcClient {
@@ -50,6 +52,7 @@ impl RpcClient {
             http,
             cookie: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            rest: RestBlocks::new(url),
         }
     }
 
@@ -489,6 +492,12 @@ impl ChainSource for RpcClient {
     }
 
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
+        if self.rest.worth_trying() {
+            match self.rest.block(&self.http, hash).await {
+                Ok(block) => return Ok(block),
+                Err(e) => tracing::debug!(%hash, reason = %e, "block not read through REST"),
+            }
+        }
         let block: Block = decode(
             "getblock",
             &self.call("getblock", json!([hash.to_string(), 0])).await?,
@@ -600,12 +609,12 @@ impl ChainSource for RpcClient {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A server that answers every request with `head`, then streams `chunks` of 1 MiB.
-    async fn server(head: &'static str, chunks: usize) -> String {
+    pub(crate) async fn server(head: &'static str, chunks: usize) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
             "http://127.0.0.1:{}/",

@@ -9,6 +9,7 @@ mod filters;
 mod memory;
 pub mod mining;
 pub mod pool;
+mod rest;
 mod rpc;
 pub mod verbose;
 mod zmq_pub;
@@ -41,6 +42,10 @@ pub(crate) struct State {
     pub block_read_delay: std::time::Duration,
     /// `-txindex`: `getrawtransaction` also answers for confirmed transactions.
     pub txindex: bool,
+    /// `-rest`: blocks are served raw at `/rest/block/HASH.bin`.
+    pub rest: bool,
+    /// A block REST serves altered under its true header (in memory only).
+    pub forged_rest_block: Option<BlockHash>,
     /// `-blockfilterindex`: the filters `getblockfilter` has built; `None` when off.
     pub block_filters: Option<filters::FilterIndex>,
     /// Asks for block filters still to fail as a whole (in memory only).
@@ -144,6 +149,8 @@ impl SimNode {
             garbage_calls: 0,
             block_read_delay: std::time::Duration::ZERO,
             txindex: false,
+            rest: false,
+            forged_rest_block: None,
             block_filters: None,
             broken_filter_calls: 0,
             forged_filter: None,
@@ -247,6 +254,16 @@ impl SimNode {
     /// Runs as with `-txindex`: confirmed transactions are served by `getrawtransaction`.
     pub fn set_txindex(&self, on: bool) {
         self.lock().txindex = on;
+    }
+
+    /// Runs as with `-rest`: blocks are served raw through REST.
+    pub fn set_rest(&self, on: bool) {
+        self.lock().rest = on;
+    }
+
+    /// REST serves block `hash` with its body altered under its true header.
+    pub fn forge_rest_block(&self, hash: Option<BlockHash>) {
+        self.lock().forged_rest_block = hash;
     }
 
     /// The next `n` RPC calls get HTTP 200 with a body that is not JSON.

@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
@@ -16,6 +16,10 @@ use super::verbose::Json;
 use super::{described, mine_one, SimError, SimNode, State, PAYMENT_FEE};
 
 pub fn router(node: SimNode) -> Router {
+    let rest = {
+        let node = node.clone();
+        move |file| super::rest::block(node.clone(), file)
+    };
     let handler = move |headers: HeaderMap, body: Bytes| {
         let node = node.clone();
         async move {
@@ -29,6 +33,7 @@ pub fn router(node: SimNode) -> Router {
     Router::new()
         .route("/", post(handler.clone()))
         .route("/wallet/{name}", post(handler))
+        .route("/rest/block/{file}", get(rest))
 }
 
 fn asks_for_a_block(body: &[u8]) -> bool {

@@ -327,3 +327,40 @@ async fn simnode_refuses_a_confirmed_transaction_without_its_block_like_bitcoin_
     assert_eq!(status, 500, "HTTP status");
     assert_eq!(text, ex["body"].as_str().unwrap(), "body");
 }
+
+/// Core's REST answers for a block, captured with and without `-rest` (`rest.jsonl`): simnode
+/// gives the same status, content type and bytes, the regtest genesis block's raw bytes among
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simnode_answers_rest_block_reads_like_bitcoin_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = SimNode::start(dir.path()).await.unwrap();
+    let captured = captures::lines("rest.jsonl");
+    assert_eq!(captured.len(), 8, "four asks with -rest, four without");
+    let base = node.rpc_url();
+    let base = base.trim_end_matches('/');
+    for c in captured {
+        node.set_rest(c["step"] == "rest-on");
+        let path = c["path"].as_str().unwrap();
+        let resp = crate::harness::http_client()
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .expect("simnode answers");
+        let status = resp.status().as_u16();
+        let kind = resp.headers()["content-type"].to_str().unwrap().to_string();
+        let body = resp.bytes().await.unwrap();
+        let what = format!("{} GET {path}", c["step"]);
+        assert_eq!(
+            status as u64,
+            c["status"].as_u64().unwrap(),
+            "{what}: status"
+        );
+        assert_eq!(kind, c["headers"]["content-type"], "{what}: content type");
+        assert_eq!(
+            hex::encode(&body),
+            c["body_hex"].as_str().unwrap(),
+            "{what}: body"
+        );
+    }
+}

@@ -455,3 +455,65 @@ async fn a_payment_during_a_long_rescan_is_pending_at_once_and_announced_once() 
     add.wait().unwrap();
     daemon.stop().await;
 }
+
+/// Catches up over the live history with its own data directory from `first`; the events,
+/// once there are `n`.
+async fn catch_up_from(h: &Harness, name: &str, first: u32, n: usize) -> Vec<(String, String)> {
+    let path = second_config(h, name, Some(first), true);
+    let cfg = chainwatch::config::Config::load(&path).unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
+    let events = wait_log_len(&h.dir.path().join(name), n).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rest_on_blocks_are_read_raw_and_a_forged_one_is_read_again_with_getblock() {
+    let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")]).await;
+    let live = h.start_daemon();
+    h.wait_synced().await;
+    let first = live_history(&h).await;
+    h.wait_synced().await;
+    live.stop().await;
+    let expected = without_pending(&log(&h.data_dir()));
+    let blocks = h.node.height() - first + 1;
+
+    // The block that confirms the first round's two payments, altered under its true header.
+    h.node.set_rest(true);
+    h.node.forge_rest_block(Some(h.node.block_hash(first)));
+    let (rest_before, getblock_before) = (h.node.calls("rest/block"), h.node.calls("getblock"));
+    let events = catch_up_from(&h, "raw", first, expected.len()).await;
+    assert_eq!(
+        events, expected,
+        "the live run's events and ids, the forged block's payments at their true amounts"
+    );
+    assert_eq!(
+        h.node.calls("rest/block") - rest_before,
+        blocks,
+        "every block of the catch-up asked of REST once"
+    );
+    assert_eq!(
+        h.node.calls("getblock") - getblock_before,
+        1,
+        "only the forged block read again with getblock"
+    );
+
+    // Without -rest, REST is asked once; then every block comes through getblock.
+    h.node.set_rest(false);
+    h.node.forge_rest_block(None);
+    let (rest_before, getblock_before) = (h.node.calls("rest/block"), h.node.calls("getblock"));
+    let events = catch_up_from(&h, "json", first, expected.len()).await;
+    assert_eq!(events, expected, "the same events through getblock");
+    assert_eq!(
+        h.node.calls("rest/block") - rest_before,
+        1,
+        "a node without -rest is not asked again for every block"
+    );
+    assert_eq!(
+        h.node.calls("getblock") - getblock_before,
+        blocks,
+        "every block read with getblock"
+    );
+}

@@ -1,0 +1,210 @@
+//! Blocks read through bitcoind's REST interface (`-rest`), when it is on: the block file's raw
+//! bytes, where `getblock` sends them as hex inside JSON, twice the bytes to write, send, parse
+//! and decode. REST is optional and unauthenticated: a node without it answers 404, and blocks
+//! are then read over JSON-RPC, with REST tried again a while later. A block read here is as
+//! hostile as any answer: it must be at most the largest block there can be, decode exactly,
+//! and prove itself the block asked for.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bitcoin::{Block, BlockHash};
+
+/// Bitcoin's `MAX_BLOCK_SERIALIZED_SIZE`: no valid block is larger.
+pub const MAX_BLOCK_BYTES: usize = 4_000_000;
+
+/// How long blocks are read over JSON-RPC after REST failed, before REST is tried again (a
+/// node restarted with `-rest`).
+const RETRY_AFTER: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Untried,
+    On,
+    Off(Instant),
+}
+
+/// Why one REST read gave no block. Every one means: read this block over JSON-RPC.
+#[derive(Debug, thiserror::Error)]
+pub enum RestError {
+    #[error("HTTP {status}: {text}")]
+    Status { status: u16, text: String },
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("its answer is larger than {MAX_BLOCK_BYTES} bytes")]
+    TooLarge,
+    #[error("its answer is not the block asked for: {0}")]
+    Bad(String),
+}
+
+pub struct RestBlocks {
+    /// `scheme://host:port` of the RPC URL, without its path or credentials; `None` when the
+    /// URL has no such form.
+    base: Option<String>,
+    state: Mutex<State>,
+}
+
+impl RestBlocks {
+    pub fn new(rpc_url: &str) -> RestBlocks {
+        RestBlocks {
+            base: base_of(rpc_url),
+            state: Mutex::new(State::Untried),
+        }
+    }
+
+    /// Whether the next block is worth asking of REST.
+    pub fn worth_trying(&self) -> bool {
+        self.base.is_some()
+            && match *self.state.lock().expect("rest state") {
+                State::Untried | State::On => true,
+                State::Off(since) => since.elapsed() >= RETRY_AFTER,
+            }
+    }
+
+    /// The block `hash`, or why REST gave none. Whether REST is used is logged when that
+    /// changes, so an operator learns it once.
+    pub async fn block(&self, http: &reqwest::Client, hash: BlockHash) -> Result<Block, RestError> {
+        let base = self.base.as_deref().unwrap_or_default();
+        let answer = read(http, &format!("{base}/rest/block/{hash}.bin"), hash).await;
+        let mut state = self.state.lock().expect("rest state");
+        match &answer {
+            Ok(_) if *state != State::On => {
+                tracing::info!("reading blocks through bitcoind's REST interface");
+                *state = State::On;
+            }
+            Ok(_) => {}
+            Err(e) if e.means_off() => {
+                if !matches!(*state, State::Off(_)) {
+                    tracing::info!(
+                        reason = %e,
+                        "bitcoind's REST interface is off: reading blocks with getblock (bitcoind's -rest makes rescans faster)"
+                    );
+                }
+                *state = State::Off(Instant::now());
+            }
+            Err(e @ RestError::Bad(_)) => {
+                tracing::warn!(%hash, reason = %e, "bitcoind's REST interface sent a bad block; asking getblock");
+            }
+            Err(_) => {}
+        }
+        answer
+    }
+}
+
+impl RestError {
+    /// The answer of a node whose REST interface is off, or kept from us: bitcoind without
+    /// `-rest` answers 404 with no body, where a missing block's 404 names the block.
+    fn means_off(&self) -> bool {
+        match self {
+            RestError::Status { status: 404, text } => text.is_empty(),
+            RestError::Status { status, .. } => matches!(status, 401 | 403 | 405),
+            _ => false,
+        }
+    }
+}
+
+async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Block, RestError> {
+    let unreachable = |e: reqwest::Error| RestError::Unreachable(e.without_url().to_string());
+    let mut resp = http.get(url).send().await.map_err(unreachable)?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let text = resp.text().await.unwrap_or_default();
+        let text = text
+            .chars()
+            .take(200)
+            .collect::<String>()
+            .trim()
+            .to_string();
+        return Err(RestError::Status { status, text });
+    }
+    if resp.content_length().unwrap_or(0) > MAX_BLOCK_BYTES as u64 {
+        return Err(RestError::TooLarge);
+    }
+    let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+        if body.len() + chunk.len() > MAX_BLOCK_BYTES {
+            return Err(RestError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let block: Block = bitcoin::consensus::deserialize(&body)
+        .map_err(|e| RestError::Bad(format!("cannot decode: {e}")))?;
+    crate::proof::check_block(&block, hash).map_err(|e| RestError::Bad(e.to_string()))?;
+    Ok(block)
+}
+
+/// `scheme://host:port` of `url`: REST lives beside JSON-RPC, at the root, and needs no
+/// credentials, so the URL's path (a wallet's) and user information are dropped.
+fn base_of(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    // An IPv6 host comes with its brackets.
+    let host = u.host_str()?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return None;
+    }
+    Some(match u.port() {
+        Some(port) => format!("{}://{host}:{port}", u.scheme()),
+        None => format!("{}://{host}", u.scheme()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::rpc::tests::server;
+    use bitcoin::hashes::Hash as _;
+
+    async fn ask(url: &str) -> Result<Block, RestError> {
+        crate::net::install_crypto_provider();
+        let rest = RestBlocks::new(url);
+        rest.block(&reqwest::Client::new(), BlockHash::all_zeros())
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_block_larger_than_any_valid_one_is_not_read() {
+        let url = server("HTTP/1.1 200 OK\r\ncontent-length: 4000001\r\n\r\n", 0).await;
+        let e = ask(&url).await.unwrap_err();
+        assert!(matches!(e, RestError::TooLarge), "announced too large: {e}");
+        let url = server("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", 8).await;
+        let e = ask(&url).await.unwrap_err();
+        assert!(matches!(e, RestError::TooLarge), "endless: {e}");
+    }
+
+    #[tokio::test]
+    async fn only_an_empty_404_or_a_refusal_means_rest_is_off() {
+        for (head, off) in [
+            ("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", true),
+            ("HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n", true),
+            (
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 12\r\n\r\nX not found\n",
+                false,
+            ),
+            (
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc", false),
+        ] {
+            let e = ask(&server(head, 0).await).await.unwrap_err();
+            assert_eq!(e.means_off(), off, "{head:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn the_base_drops_the_path_and_the_credentials() {
+        for (url, base) in [
+            ("http://127.0.0.1:18443/", Some("http://127.0.0.1:18443")),
+            (
+                "http://user:secret@127.0.0.1:18443/wallet/shop",
+                Some("http://127.0.0.1:18443"),
+            ),
+            ("http://[::1]:8332", Some("http://[::1]:8332")),
+            ("https://node.example", Some("https://node.example")),
+            ("unix:///run/bitcoind.sock", None),
+            ("not a url", None),
+        ] {
+            assert_eq!(base_of(url).as_deref(), base, "the REST base of {url}");
+        }
+    }
+}

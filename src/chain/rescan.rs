@@ -33,8 +33,12 @@ use crate::watch::{Overlay, RescanChanges, WatchIndex, WatchedCoin};
 
 /// Blocks scanned between two looks at live news.
 const BATCH: u32 = 25;
-/// Blocks asked of the node at once: few, as each may be a few megabytes.
+/// Blocks asked of the node at once where filters guide: few, as each may be a few megabytes
+/// and the filters name the ones worth reading.
 const AHEAD: u32 = 4;
+/// Blocks asked at once when every block is read: enough in flight that the node's reads and
+/// ours overlap, at most 16 blocks' memory (64 MB at the largest).
+const AHEAD_UNFILTERED: u32 = 16;
 
 mod filters;
 
@@ -323,11 +327,12 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                 Skipped::AtMatch | Skipped::Unfiltered => {}
             }
             // Where the filters guide, only the blocks the confirmations need are worth asking
-            // for; elsewhere a few at once.
+            // for; where they failed for now a few at once; without them, many.
             let wanted = match job.filters.guiding() {
                 true => (job.tracker.confirmations_owed(&job.index))
                     .max(job.filters.to_read(AHEAD))
                     .clamp(1, AHEAD),
+                false if job.filters.off() => AHEAD_UNFILTERED,
                 false => AHEAD,
             };
             let upto = tip

@@ -288,8 +288,13 @@ impl Tracker {
         let mut overlay = Overlay::default();
         let probe = index.probe(&block.txdata);
         for (i, tx) in block.txdata.iter().enumerate() {
-            let txid = tx.compute_txid();
-            for m in index.match_tx_probed(tx, probe.of(i), &mut overlay) {
+            let matches = index.match_tx_probed(tx, probe.of(i), &mut overlay);
+            // Hashed only when it concerns a watch: most of a block's transactions do not.
+            let txid = match matches.is_empty() {
+                true => continue,
+                false => tx.compute_txid(),
+            };
+            for m in matches {
                 let coins = WatchIndex::coins_of(txid, &m);
                 overlay.coins.extend(coins.iter().cloned());
                 step.index.add_coins(coins);

@@ -62,6 +62,11 @@ impl FilterState {
         self.on && !self.ahead.is_empty()
     }
 
+    /// Whether the rescan has stopped asking for filters and reads every block.
+    pub(super) fn off(&self) -> bool {
+        !self.on
+    }
+
     /// How many blocks from the rescan's next one must be read, as far as `max`: those whose
     /// filters may hold the watch's scripts, or that have none.
     pub(super) fn to_read(&self, max: u32) -> u32 {

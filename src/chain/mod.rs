@@ -7,6 +7,7 @@
 //! `sync` applies chain changes, `mempool` mempool ones, `rescan` scans a watch's past,
 //! `report` tells faults, `support` holds small caches.
 
+mod ahead;
 mod mempool;
 mod report;
 mod rescan;

@@ -15,8 +15,9 @@ use std::time::Instant;
 
 use std::collections::HashMap;
 
-use futures_util::future::{join_all, try_join_all};
+use futures_util::future::join_all;
 
+use super::ahead::{fetch_blocks, Ahead, GROUP};
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
@@ -25,7 +26,7 @@ use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 use filters::{FilterState, Skipped};
 
 use crate::event::{BlockRef, TipRef};
-use crate::node::{ChainSource, NodeError, NodeResult};
+use crate::node::ChainSource;
 use crate::senders::SpentCoin;
 use crate::store::ChainStore;
 use crate::tracker::{Removal, Tracker, TrackerStep};
@@ -36,9 +37,6 @@ const BATCH: u32 = 25;
 /// Blocks asked of the node at once where filters guide: few, as each may be a few megabytes
 /// and the filters name the ones worth reading.
 const AHEAD: u32 = 4;
-/// Blocks asked at once when every block is read: enough in flight that the node's reads and
-/// ours overlap, at most 16 blocks' memory (64 MB at the largest).
-const AHEAD_UNFILTERED: u32 = 16;
 
 mod filters;
 
@@ -57,6 +55,8 @@ pub(super) struct RescanJob {
     started: Instant,
     backfilled: bool,
     filters: FilterState,
+    /// Without filters, the next group of blocks, asked for while this one is scanned.
+    ahead: Option<Ahead>,
 }
 
 impl<S: ChainSource, St: ChainStore> Follower<S, St> {
@@ -112,6 +112,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             started: Instant::now(),
             backfilled: false,
             filters: FilterState::new(),
+            ahead: None,
         });
         Ok(())
     }
@@ -328,29 +329,60 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             }
             // Where the filters guide, only the blocks the confirmations need are worth asking
             // for; where they failed for now a few at once; without them, many.
-            let wanted = match job.filters.guiding() {
-                true => (job.tracker.confirmations_owed(&job.index))
-                    .max(job.filters.to_read(AHEAD))
-                    .clamp(1, AHEAD),
-                false if job.filters.off() => AHEAD_UNFILTERED,
-                false => AHEAD,
+            let blocks = match self.ahead_still_wanted(job)? {
+                Some(ahead) => ahead.blocks().await?,
+                None => {
+                    let wanted = match job.filters.guiding() {
+                        true => (job.tracker.confirmations_owed(&job.index))
+                            .max(job.filters.to_read(AHEAD))
+                            .clamp(1, AHEAD),
+                        false if job.filters.off() => GROUP,
+                        false => AHEAD,
+                    };
+                    let upto = tip
+                        .height
+                        .min(job.next.saturating_add(wanted.min(BATCH - read) - 1));
+                    // Below what we keep, the node's chain is the truth; within it, ours is.
+                    let mut kept = self.kept_hashes(job.next, upto)?;
+                    for (i, hash) in kept.iter_mut().enumerate() {
+                        *hash = hash.or(job.filters.hash_at(i));
+                    }
+                    fetch_blocks(self.source.node(), job.next, kept).await?
+                }
             };
-            let upto = tip
-                .height
-                .min(job.next.saturating_add(wanted.min(BATCH - read) - 1));
-            // Below what we keep, the node's chain is the truth; within it, our own chain is.
-            let mut kept = self.kept_hashes(job.next, upto)?;
-            for (i, hash) in kept.iter_mut().enumerate() {
-                *hash = hash.or(job.filters.hash_at(i));
+            let after = job.next + blocks.len() as u32;
+            if job.filters.off() && after <= tip.height {
+                // The group this batch would ask for next, or the next batch's first.
+                let left = match BATCH - (read + blocks.len() as u32).min(BATCH) {
+                    0 => BATCH,
+                    left => left,
+                };
+                let upto = tip.height.min(after + GROUP.min(left) - 1);
+                let kept = self.kept_hashes(after, upto)?;
+                job.ahead = Some(Ahead::ask(self.source.shared_node(), after, kept));
             }
-            let blocks = fetch_blocks(self.source.node(), job.next, kept).await?;
             let asked = spent_coins_of(self.source.node(), &job.index, &blocks).await;
             for ((hash, block), asked) in blocks.into_iter().zip(asked) {
                 self.rescan_block(job, hash, &block, asked).await?;
                 read += 1;
+                if job.ahead.is_some() {
+                    // The follower's runtime has this one thread: the blocks ahead are asked
+                    // for, and their answers handed to be decoded, only when it yields.
+                    tokio::task::yield_now().await;
+                }
             }
         }
         self.store_rescan_progress(job, tip.height)
+    }
+
+    /// The blocks asked for ahead, if they are still the ones to read next.
+    fn ahead_still_wanted(&self, job: &mut RescanJob) -> Result<Option<Ahead>, FollowError> {
+        let Some(ahead) = job.ahead.take() else {
+            return Ok(None);
+        };
+        let kept_now = self.kept_hashes(ahead.first(), ahead.last())?;
+        let wanted = job.filters.off() && ahead.still_wanted(job.next, &kept_now);
+        Ok(wanted.then_some(ahead))
     }
 
     /// Connects the rescan's next block to its tracker.
@@ -419,6 +451,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             return Ok(());
         };
         job.filters.forget();
+        job.ahead = None;
         let done = if job.next <= block.height {
             Ok(())
         } else {
@@ -477,46 +510,6 @@ fn unfound_watch_coins(index: &WatchIndex, spent: &[SpentCoin]) -> Vec<(OutPoint
             })
         })
         .collect()
-}
-
-/// The blocks at heights `from..`, by the hash `kept` has for each or else the node's: asked
-/// for all at once, as a node answers several requests in parallel and one at a time the
-/// rescan mostly waits on round trips.
-async fn fetch_blocks<S: ChainSource>(
-    node: &S,
-    from: u32,
-    kept: Vec<Option<BlockHash>>,
-) -> Result<Vec<(BlockHash, Block)>, FollowError> {
-    let hashes = resolve_hashes(node, from, kept).await?;
-    let blocks = try_join_all(hashes.iter().map(|hash| node.block(*hash))).await?;
-    Ok(hashes.into_iter().zip(blocks).collect())
-}
-
-/// The hashes of heights `from..`, `kept`'s where it has one: below the blocks we keep the
-/// node's chain is the truth, within them ours is. The heights below (the leading `None`s) are
-/// asked for in one batch, any other all at once.
-pub(super) async fn resolve_hashes<S: ChainSource>(
-    node: &S,
-    from: u32,
-    kept: Vec<Option<BlockHash>>,
-) -> NodeResult<Vec<BlockHash>> {
-    let below = kept.iter().take_while(|k| k.is_none()).count() as u32;
-    let mut hashes = node.block_hashes(from, below).await?;
-    if hashes.len() != below as usize {
-        let e = NodeError::bad("getblockhash", "not one answer per height asked");
-        return Err(e);
-    }
-    let rest = (from + below..).zip(kept.into_iter().skip(below as usize));
-    hashes.extend(
-        try_join_all(rest.map(|(h, kept)| async move {
-            match kept {
-                Some(hash) => Ok(hash),
-                None => node.block_hash(h).await,
-            }
-        }))
-        .await?,
-    );
-    Ok(hashes)
 }
 
 /// The coins spent by the transactions of `blocks` that concern the watches of `index`, asked

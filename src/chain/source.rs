@@ -4,13 +4,14 @@
 //! writes it: the consumer commits each step, and the next step is computed from what was
 //! committed. ZMQ bodies only spare RPC calls; RPC decides.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 
+use super::ahead::{fetch_blocks, Ahead, GROUP};
 use super::support::{BodyCache, Progress};
 use crate::config::StartHeight;
 use crate::event::{BlockRef, TipRef};
@@ -143,7 +144,13 @@ pub struct NodeSource<S: ChainSource> {
     last_sequence_msg: Instant,
     metrics: Arc<Metrics>,
     node_height: Option<u32>,
+    /// Catching up from far behind: blocks read, by height, and the group asked for next.
+    ready: VecDeque<(u32, BlockHash, Block)>,
+    ahead: Option<Ahead>,
 }
+
+/// Blocks behind the node's tip from which a catch-up reads ahead; nearer, ZMQ brings them.
+const READ_AHEAD_BEHIND: u32 = 4;
 
 impl<S: ChainSource> NodeSource<S> {
     pub fn new(node: Arc<S>, start_height: StartHeight, metrics: Arc<Metrics>) -> NodeSource<S> {
@@ -156,6 +163,8 @@ impl<S: ChainSource> NodeSource<S> {
             last_sequence_msg: Instant::now(),
             metrics,
             node_height: None,
+            ready: VecDeque::new(),
+            ahead: None,
         }
     }
 
@@ -169,6 +178,11 @@ impl<S: ChainSource> NodeSource<S> {
         &self.node
     }
 
+    /// The node, for work that outlives a borrow (blocks asked for ahead).
+    pub fn shared_node(&self) -> Arc<S> {
+        self.node.clone()
+    }
+
     /// The node's best height when last asked.
     pub fn node_height(&self) -> Option<u32> {
         self.node_height
@@ -177,6 +191,12 @@ impl<S: ChainSource> NodeSource<S> {
     /// Forgets a plan: the consumer failed to commit a step, so what it holds is the truth.
     pub fn reset(&mut self) {
         self.plan = None;
+        self.forget_read_ahead();
+    }
+
+    fn forget_read_ahead(&mut self) {
+        self.ready.clear();
+        self.ahead = None;
     }
 
     /// The next step that brings `local` toward the node's best chain; `None` at its tip.
@@ -241,6 +261,8 @@ impl<S: ChainSource> NodeSource<S> {
         to: Option<u32>,
         rebase: Option<u32>,
     ) -> Result<Turn, SourceError> {
+        // What was read ahead may be of the branch being left.
+        self.forget_read_ahead();
         match tip {
             Some(t) if to.is_none_or(|f| t.height > f) => {
                 self.plan = Some(Plan::Unwind { to, rebase });
@@ -278,18 +300,24 @@ impl<S: ChainSource> NodeSource<S> {
             progress.done();
             return Ok(Turn::Again);
         }
-        let hash = if next == best_height {
-            best
-        } else {
-            self.node.block_hash(next).await?
-        };
-        let block = match self.cache.blocks.get(&hash) {
-            Some(b) => b.clone(),
-            None => self.node.block(hash).await?,
+        let (hash, block) = match self.read_ahead(next, best_height).await? {
+            Some(read) => read,
+            None => {
+                let hash = if next == best_height {
+                    best
+                } else {
+                    self.node.block_hash(next).await?
+                };
+                match self.cache.blocks.get(&hash) {
+                    Some(b) => (hash, b.clone()),
+                    None => (hash, self.node.block(hash).await?),
+                }
+            }
         };
         let tip_hash = tip.map_or_else(BlockHash::all_zeros, |t| t.hash);
         if block.header.prev_blockhash != tip_hash {
             tracing::info!(height = next, %hash, "node's chain moved during sync; starting over");
+            self.forget_read_ahead();
             return Ok(Turn::Again);
         }
         progress.tick(next);
@@ -307,6 +335,44 @@ impl<S: ChainSource> NodeSource<S> {
             block: Box::new(block),
             at,
         }))
+    }
+
+    /// Far behind the node's tip, the block at `next` from a group read ahead, the next group
+    /// being asked for meanwhile; `None` nearer the tip. Blocks read ahead are the node's
+    /// chain as it was when asked: one that no longer extends our tip is caught by the caller.
+    async fn read_ahead(
+        &mut self,
+        next: u32,
+        best_height: u32,
+    ) -> Result<Option<(BlockHash, Block)>, NodeError> {
+        while self.ready.front().is_some_and(|(h, ..)| *h < next) {
+            self.ready.pop_front();
+        }
+        if self.ready.front().is_some_and(|(h, ..)| *h == next) {
+            return Ok(self.ready.pop_front().map(|(_, hash, b)| (hash, b)));
+        }
+        self.ready.clear();
+        let ahead = self.ahead.take();
+        if best_height.saturating_sub(next) < READ_AHEAD_BEHIND {
+            return Ok(None);
+        }
+        let blocks = match ahead {
+            Some(a) if a.first() == next => a.blocks().await?,
+            _ => {
+                let n = GROUP.min(best_height - next + 1);
+                fetch_blocks(&*self.node, next, vec![None; n as usize]).await?
+            }
+        };
+        let heights = next..;
+        (self.ready).extend(heights.zip(blocks).map(|(h, (hash, b))| (h, hash, b)));
+        // The group after, up to the tip the plan aims at.
+        let after = next + self.ready.len() as u32;
+        if after <= best_height {
+            let n = GROUP.min(best_height - after + 1);
+            let node = self.node.clone();
+            self.ahead = Some(Ahead::ask(node, after, vec![None; n as usize]));
+        }
+        Ok(self.ready.pop_front().map(|(_, hash, b)| (hash, b)))
     }
 
     /// Compares our tip with the node's best block and plans the way there; returns a change

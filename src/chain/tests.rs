@@ -671,6 +671,79 @@ async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
 }
 
 #[tokio::test]
+async fn a_catch_up_far_behind_reads_blocks_in_groups_with_the_events_of_one_by_one() {
+    let w = watch(1, 2);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    r.sync().await;
+    let seen = r.log().len();
+    let mined = r.node.mine(40);
+    let (hashes, bodies) = (r.node.calls("getblockhash"), r.node.calls("getblock"));
+    r.sync().await;
+    assert_eq!(
+        r.log_after(seen),
+        blocks(BLOCK_CONNECTED, 40),
+        "every block, once"
+    );
+    let connected: Vec<Value> = r.bodies().split_off(seen);
+    let connected: Vec<String> = (connected.iter())
+        .map(|b| b["data"]["hash"].as_str().unwrap().to_string())
+        .collect();
+    let mined: Vec<String> = mined.iter().map(|h| h.to_string()).collect();
+    assert_eq!(connected, mined, "in the chain's order");
+    // 40 behind: five groups of 8, each with one batch of hashes (one by one, that was 39
+    // hashes asked one at a time), after the look at our tip's hash that finds no fork.
+    assert_eq!(
+        (
+            r.node.calls("getblockhash") - hashes,
+            r.node.calls("getblock") - bodies
+        ),
+        (1 + 5, 40),
+        "a batch of hashes per group, every block read once"
+    );
+}
+
+#[tokio::test]
+async fn blocks_read_ahead_of_a_reorg_are_read_again_from_the_new_branch() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.follower.store.set_keep_blocks(60);
+    r.node.mine(40);
+    r.sync().await;
+    let seen = r.log().len();
+    let first = r.node.height() - 39;
+    r.start_rescan(&late, first).await;
+    // The first batch scans 25 blocks and asks for the next 15, up to the tip, ahead.
+    r.follower.rescan_batch().await.unwrap();
+    assert!(r.follower.rescanning(), "15 blocks are still to scan");
+    // Those 15 are replaced by a branch whose first block pays the watch.
+    let fork = r.node.height() - 9;
+    r.node.invalidate(r.node.block_hash(fork)).unwrap();
+    let txid = r.node.pay(&address(2).to_string(), 70_000);
+    r.node.mine(11);
+    r.sync().await;
+    r.finish_rescan().await;
+    assert_eq!(
+        r.log_of(seen, txid),
+        [
+            ev(TX_CONFIRMATION, Some(txid), 1),
+            ev(TX_CONFIRMED, Some(txid), 2)
+        ],
+        "the payment in the new branch, which no block read ahead held, is found"
+    );
+    let confirmed = r.bodies();
+    let confirmed = confirmed
+        .iter()
+        .find(|b| b["type"] == TX_CONFIRMED)
+        .unwrap();
+    assert_eq!(
+        confirmed["data"]["block"]["hash"],
+        r.node.block_hash(fork).to_string(),
+        "confirmed in the new branch's first block"
+    );
+}
+
+#[tokio::test]
 async fn a_step_whose_aftermath_fails_is_planned_afresh_against_the_node() {
     use super::flaky_store::FlakyStore;
     use std::sync::atomic::{AtomicBool, Ordering};

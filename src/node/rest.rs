@@ -127,7 +127,15 @@ async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Bloc
         }
         body.extend_from_slice(&chunk);
     }
-    let block: Block = bitcoin::consensus::deserialize(&body)
+    // Decoding and hashing a block is milliseconds of CPU at mainnet size: off the runtime's
+    // thread, which meanwhile serves the other blocks in flight.
+    tokio::task::spawn_blocking(move || proven_block(&body, hash))
+        .await
+        .map_err(|e| RestError::Bad(format!("decoding stopped: {e}")))?
+}
+
+fn proven_block(body: &[u8], hash: BlockHash) -> Result<Block, RestError> {
+    let block: Block = bitcoin::consensus::deserialize(body)
         .map_err(|e| RestError::Bad(format!("cannot decode: {e}")))?;
     crate::proof::check_block(&block, hash).map_err(|e| RestError::Bad(e.to_string()))?;
     Ok(block)

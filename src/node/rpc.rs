@@ -327,6 +327,14 @@ fn parse_typed<T: DeserializeOwned>(method: &str, status: u16, body: &[u8]) -> N
     result_of(method, status, e.error.as_ref(), e.result)
 }
 
+/// A `getblock` answer decoded and proven to be the block `hash`.
+fn proven_block(status: u16, body: &[u8], hash: BlockHash) -> NodeResult<Block> {
+    const M: &str = "getblock";
+    let block: Block = decode(M, &parse_response(M, status, body)?)?;
+    crate::proof::check_block(&block, hash).map_err(|e| NodeError::bad(M, e.to_string()))?;
+    Ok(block)
+}
+
 /// A `getrawtransaction` answer decoded and proven to be `txid`.
 pub(super) fn proven_transaction(v: &Value, txid: Txid) -> NodeResult<Transaction> {
     const M: &str = "getrawtransaction";
@@ -498,15 +506,14 @@ impl ChainSource for RpcClient {
                 Err(e) => tracing::debug!(%hash, reason = %e, "block not read through REST"),
             }
         }
-        let block: Block = decode(
-            "getblock",
-            &self.call("getblock", json!([hash.to_string(), 0])).await?,
-        )?;
-        crate::proof::check_block(&block, hash).map_err(|e| NodeError::BadResponse {
-            method: "getblock".into(),
-            reason: e.to_string(),
-        })?;
-        Ok(block)
+        let (status, body) = self
+            .exchange("getblock", &json!([hash.to_string(), 0]))
+            .await?;
+        // Parsing, decoding and hashing a block is milliseconds of CPU at mainnet size: off
+        // the runtime's thread, which meanwhile serves the other blocks in flight.
+        tokio::task::spawn_blocking(move || proven_block(status, &body, hash))
+            .await
+            .map_err(|e| NodeError::bad("getblock", format!("decoding stopped: {e}")))?
     }
 
     async fn block_hashes(&self, from: u32, count: u32) -> NodeResult<Vec<BlockHash>> {

@@ -8,8 +8,9 @@ use std::collections::VecDeque;
 use bitcoin::bip158::FilterHeader;
 use bitcoin::{BlockHash, ScriptBuf};
 
-use super::{resolve_hashes, RescanJob};
+use super::RescanJob;
 use crate::blockfilter::CheckedFilter;
+use crate::chain::ahead::resolve_hashes;
 use crate::chain::{FollowError, Follower};
 use crate::event::TipRef;
 use crate::node::{ChainSource, NodeError, NodeResult};

@@ -1,0 +1,108 @@
+//! Blocks asked of the node several at once, and the next group of them asked for while the
+//! group before is scanned (a rescan reading every block, a catch-up): the node reads and
+//! sends them, and they are decoded and proven on other threads, while the follower matches.
+//! A group read ahead is used only if it is still the one wanted; dropped, its asks are
+//! cancelled.
+
+use std::sync::Arc;
+
+use bitcoin::{Block, BlockHash};
+use tokio_util::task::AbortOnDropHandle;
+
+use futures_util::future::try_join_all;
+
+use crate::node::{ChainSource, NodeError, NodeResult};
+
+type Blocks = NodeResult<Vec<(BlockHash, Block)>>;
+
+/// Blocks asked for at once where every block is read: with the group read ahead, at most
+/// twice this many are held (some 80 MB of mainnet's largest, decoded).
+pub(super) const GROUP: u32 = 8;
+
+pub(super) struct Ahead {
+    from: u32,
+    /// What the kept chain named for each height when asked: `None` below it, where the node
+    /// named the block.
+    kept: Vec<Option<BlockHash>>,
+    task: AbortOnDropHandle<Blocks>,
+}
+
+impl Ahead {
+    /// Asks for the blocks at heights `from..`, by `kept`'s hashes or the node's.
+    pub(super) fn ask<S: ChainSource>(
+        node: Arc<S>,
+        from: u32,
+        kept: Vec<Option<BlockHash>>,
+    ) -> Ahead {
+        let asked = kept.clone();
+        let task = tokio::spawn(async move { fetch_blocks(&*node, from, asked).await });
+        Ahead {
+            from,
+            kept,
+            task: AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// The first height asked for.
+    pub(super) fn first(&self) -> u32 {
+        self.from
+    }
+
+    /// The last height asked for.
+    pub(super) fn last(&self) -> u32 {
+        self.from + self.kept.len() as u32 - 1
+    }
+
+    /// Whether these are still the blocks to read at `from`, given what the kept chain names
+    /// there now.
+    pub(super) fn still_wanted(&self, from: u32, kept_now: &[Option<BlockHash>]) -> bool {
+        self.from == from && self.kept == kept_now
+    }
+
+    pub(super) async fn blocks(self) -> Blocks {
+        self.task.await.unwrap_or_else(|e| {
+            let reason = format!("reading blocks ahead stopped: {e}");
+            Err(NodeError::bad("getblock", reason))
+        })
+    }
+}
+
+/// The blocks at heights `from..`, by the hash `kept` has for each or else the node's: asked
+/// for all at once, as a node answers several requests in parallel and one at a time the
+/// rescan mostly waits on round trips.
+pub(super) async fn fetch_blocks<S: ChainSource>(
+    node: &S,
+    from: u32,
+    kept: Vec<Option<BlockHash>>,
+) -> Blocks {
+    let hashes = resolve_hashes(node, from, kept).await?;
+    let blocks = try_join_all(hashes.iter().map(|hash| node.block(*hash))).await?;
+    Ok(hashes.into_iter().zip(blocks).collect())
+}
+
+/// The hashes of heights `from..`, `kept`'s where it has one: below the blocks we keep the
+/// node's chain is the truth, within them ours is. The heights below (the leading `None`s) are
+/// asked for in one batch, any other all at once.
+pub(super) async fn resolve_hashes<S: ChainSource>(
+    node: &S,
+    from: u32,
+    kept: Vec<Option<BlockHash>>,
+) -> NodeResult<Vec<BlockHash>> {
+    let below = kept.iter().take_while(|k| k.is_none()).count() as u32;
+    let mut hashes = node.block_hashes(from, below).await?;
+    if hashes.len() != below as usize {
+        let e = NodeError::bad("getblockhash", "not one answer per height asked");
+        return Err(e);
+    }
+    let rest = (from + below..).zip(kept.into_iter().skip(below as usize));
+    hashes.extend(
+        try_join_all(rest.map(|(h, kept)| async move {
+            match kept {
+                Some(hash) => Ok(hash),
+                None => node.block_hash(h).await,
+            }
+        }))
+        .await?,
+    );
+    Ok(hashes)
+}

@@ -15,9 +15,20 @@ use crate::node::{ChainSource, NodeError, NodeResult};
 
 type Blocks = NodeResult<Vec<(BlockHash, Block)>>;
 
-/// Blocks asked for at once where every block is read: with the group read ahead, at most
-/// twice this many are held (some 80 MB of mainnet's largest, decoded).
+/// Blocks asked for at once where every block is read, when their size is not known yet.
 pub(super) const GROUP: u32 = 8;
+/// The most blocks in a group: many small blocks overlap best.
+const MAX_GROUP: u32 = 16;
+/// The bytes a group read ahead may come to, judged by the group before: with the group in
+/// hand, some 16 MB of blocks are held (4 of mainnet's 4 MB blocks to a group, 16 of 1 MB).
+const GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+/// How many blocks the group after `blocks` should hold.
+pub(super) fn group_after(blocks: &[(BlockHash, Block)]) -> u32 {
+    let bytes: usize = blocks.iter().map(|(_, b)| b.total_size()).sum();
+    let average = bytes / blocks.len().max(1);
+    (GROUP_BYTES / average.max(1)).clamp(1, MAX_GROUP as usize) as u32
+}
 
 pub(super) struct Ahead {
     from: u32,
@@ -60,10 +71,15 @@ impl Ahead {
     }
 
     pub(super) async fn blocks(self) -> Blocks {
-        self.task.await.unwrap_or_else(|e| {
-            let reason = format!("reading blocks ahead stopped: {e}");
-            Err(NodeError::bad("getblock", reason))
-        })
+        match self.task.await {
+            Ok(blocks) => blocks,
+            // Our bug, not the node's answer: it goes on as a panic.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(NodeError::bad(
+                "getblock",
+                format!("reading ahead stopped: {e}"),
+            )),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use futures_util::future::join_all;
 
-use super::ahead::{fetch_blocks, Ahead, GROUP};
+use super::ahead::{fetch_blocks, group_after, Ahead, GROUP};
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
@@ -357,7 +357,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                     0 => BATCH,
                     left => left,
                 };
-                let upto = tip.height.min(after + GROUP.min(left) - 1);
+                let upto = tip.height.min(after + group_after(&blocks).min(left) - 1);
                 let kept = self.kept_hashes(after, upto)?;
                 job.ahead = Some(Ahead::ask(self.source.shared_node(), after, kept));
             }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 
-use super::ahead::{fetch_blocks, Ahead, GROUP};
+use super::ahead::{fetch_blocks, group_after, Ahead, GROUP};
 use super::support::{BodyCache, Progress};
 use crate::config::StartHeight;
 use crate::event::{BlockRef, TipRef};
@@ -149,7 +149,8 @@ pub struct NodeSource<S: ChainSource> {
     ahead: Option<Ahead>,
 }
 
-/// Blocks behind the node's tip from which a catch-up reads ahead; nearer, ZMQ brings them.
+/// Blocks below the node's tip that a catch-up reads one at a time, as ZMQ brings them, and
+/// where a reorg of the tip replaces blocks: only those below are read ahead.
 const READ_AHEAD_BEHIND: u32 = 4;
 
 impl<S: ChainSource> NodeSource<S> {
@@ -349,26 +350,36 @@ impl<S: ChainSource> NodeSource<S> {
             self.ready.pop_front();
         }
         if self.ready.front().is_some_and(|(h, ..)| *h == next) {
+            if self.ahead.is_some() {
+                // The follower's runtime has this one thread: the group ahead is asked for,
+                // and its answers handed on to be decoded, only when it yields.
+                tokio::task::yield_now().await;
+            }
             return Ok(self.ready.pop_front().map(|(_, hash, b)| (hash, b)));
         }
         self.ready.clear();
         let ahead = self.ahead.take();
-        if best_height.saturating_sub(next) < READ_AHEAD_BEHIND {
+        // The last blocks below the node's tip, where reorgs happen, are read one at a time,
+        // each by the hash the node gives at that moment.
+        let Some(last) = best_height
+            .checked_sub(READ_AHEAD_BEHIND)
+            .filter(|l| next <= *l)
+        else {
             return Ok(None);
-        }
+        };
         let blocks = match ahead {
             Some(a) if a.first() == next => a.blocks().await?,
             _ => {
-                let n = GROUP.min(best_height - next + 1);
+                let n = GROUP.min(last - next + 1);
                 fetch_blocks(&*self.node, next, vec![None; n as usize]).await?
             }
         };
+        let group = group_after(&blocks);
         let heights = next..;
         (self.ready).extend(heights.zip(blocks).map(|(h, (hash, b))| (h, hash, b)));
-        // The group after, up to the tip the plan aims at.
         let after = next + self.ready.len() as u32;
-        if after <= best_height {
-            let n = GROUP.min(best_height - after + 1);
+        if after <= last {
+            let n = group.min(last - after + 1);
             let node = self.node.clone();
             self.ahead = Some(Ahead::ask(node, after, vec![None; n as usize]));
         }

@@ -690,14 +690,15 @@ async fn a_catch_up_far_behind_reads_blocks_in_groups_with_the_events_of_one_by_
         .collect();
     let mined: Vec<String> = mined.iter().map(|h| h.to_string()).collect();
     assert_eq!(connected, mined, "in the chain's order");
-    // 40 behind: five groups of 8, each with one batch of hashes (one by one, that was 39
-    // hashes asked one at a time), after the look at our tip's hash that finds no fork.
+    // After the look at our tip's hash that finds no fork: the 36 blocks up to 4 below the
+    // tip in three groups (8, then 16 and 12 of these small blocks), each with one batch of
+    // hashes; the last 4 one at a time, the tip's hash known. One by one, that was 39 hashes.
     assert_eq!(
         (
             r.node.calls("getblockhash") - hashes,
             r.node.calls("getblock") - bodies
         ),
-        (1 + 5, 40),
+        (1 + 3 + 3, 40),
         "a batch of hashes per group, every block read once"
     );
 }
@@ -713,10 +714,11 @@ async fn blocks_read_ahead_of_a_reorg_are_read_again_from_the_new_branch() {
     let seen = r.log().len();
     let first = r.node.height() - 39;
     r.start_rescan(&late, first).await;
-    // The first batch scans 25 blocks and asks for the next 15, up to the tip, ahead.
+    // The first batch scans 25 blocks and asks for the next group (8 of the 15 left) ahead.
     r.follower.rescan_batch().await.unwrap();
     assert!(r.follower.rescanning(), "15 blocks are still to scan");
-    // Those 15 are replaced by a branch whose first block pays the watch.
+    // The top 10, 6 of them read ahead, are replaced by a branch whose first block pays the
+    // watch.
     let fork = r.node.height() - 9;
     r.node.invalidate(r.node.block_hash(fork)).unwrap();
     let txid = r.node.pay(&address(2).to_string(), 70_000);

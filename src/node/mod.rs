@@ -112,6 +112,28 @@ pub struct ZmqNotification {
 
 pub type NodeResult<T> = Result<T, NodeError>;
 
+/// Block bodies from this size up are decoded and proven on the blocking pool, off the
+/// runtime's thread, which meanwhile serves the other blocks in flight; below it (a regtest
+/// block of a hundred transactions) the move costs more than the work.
+const OFF_THREAD_FROM: usize = 64 * 1024;
+
+/// `decode` of a body of `len` bytes, on the blocking pool when large; `None` only if the
+/// runtime shuts down meanwhile. A panic in it goes on as a panic: it is our bug, not the
+/// node's answer.
+async fn decode_block<T: Send + 'static>(
+    len: usize,
+    decode: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    if len < OFF_THREAD_FROM {
+        return Some(decode());
+    }
+    match tokio::task::spawn_blocking(decode).await {
+        Ok(t) => Some(t),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
+    }
+}
+
 /// Everything the follower asks of a node. Implemented over JSON-RPC for bitcoind; the
 /// simulated node serves the same JSON-RPC, so the follower runs unchanged against both.
 pub trait ChainSource: Send + Sync + 'static {

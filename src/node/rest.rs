@@ -17,17 +17,24 @@ pub const MAX_BLOCK_BYTES: usize = 4_000_000;
 /// node restarted with `-rest`).
 const RETRY_AFTER: Duration = Duration::from_secs(600);
 
+/// REST failures in a row, of any kind, after which blocks are read with getblock for a
+/// while: a proxy in front of the node that does not pass REST, or a broken answer, is not
+/// paid for at every block.
+const MAX_FAILURES: u32 = 3;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Untried,
-    On,
+    /// Not known to work yet, with the failures in a row so far.
+    Untried(u32),
+    /// Worked last time, with the failures in a row since.
+    On(u32),
     Off(Instant),
 }
 
 /// Why one REST read gave no block. Every one means: read this block over JSON-RPC.
 #[derive(Debug, thiserror::Error)]
 pub enum RestError {
-    #[error("HTTP {status}: {text}")]
+    #[error("HTTP {status}: {text:?}")]
     Status { status: u16, text: String },
     #[error("{0}")]
     Unreachable(String),
@@ -48,7 +55,7 @@ impl RestBlocks {
     pub fn new(rpc_url: &str) -> RestBlocks {
         RestBlocks {
             base: base_of(rpc_url),
-            state: Mutex::new(State::Untried),
+            state: Mutex::new(State::Untried(0)),
         }
     }
 
@@ -56,7 +63,7 @@ impl RestBlocks {
     pub fn worth_trying(&self) -> bool {
         self.base.is_some()
             && match *self.state.lock().expect("rest state") {
-                State::Untried | State::On => true,
+                State::Untried(_) | State::On(_) => true,
                 State::Off(since) => since.elapsed() >= RETRY_AFTER,
             }
     }
@@ -67,26 +74,33 @@ impl RestBlocks {
         let base = self.base.as_deref().unwrap_or_default();
         let answer = read(http, &format!("{base}/rest/block/{hash}.bin"), hash).await;
         let mut state = self.state.lock().expect("rest state");
-        match &answer {
-            Ok(_) if *state != State::On => {
+        let Err(e) = &answer else {
+            if !matches!(*state, State::On(_)) {
                 tracing::info!("reading blocks through bitcoind's REST interface");
-                *state = State::On;
             }
-            Ok(_) => {}
-            Err(e) if e.means_off() => {
+            *state = State::On(0);
+            return answer;
+        };
+        if let RestError::Bad(_) = e {
+            tracing::warn!(%hash, reason = %e, "bitcoind's REST interface sent a bad block; asking getblock");
+        }
+        let failures = match *state {
+            State::Untried(n) | State::On(n) => n + 1,
+            State::Off(_) => MAX_FAILURES,
+        };
+        *state = match e.means_off() || failures >= MAX_FAILURES {
+            true => {
                 if !matches!(*state, State::Off(_)) {
                     tracing::info!(
                         reason = %e,
-                        "bitcoind's REST interface is off: reading blocks with getblock (bitcoind's -rest makes rescans faster)"
+                        "bitcoind's REST interface is off or failing: reading blocks with getblock for 10 minutes (bitcoind's -rest makes rescans faster)"
                     );
                 }
-                *state = State::Off(Instant::now());
+                State::Off(Instant::now())
             }
-            Err(e @ RestError::Bad(_)) => {
-                tracing::warn!(%hash, reason = %e, "bitcoind's REST interface sent a bad block; asking getblock");
-            }
-            Err(_) => {}
-        }
+            false if matches!(*state, State::On(_)) => State::On(failures),
+            false => State::Untried(failures),
+        };
         answer
     }
 }
@@ -108,13 +122,16 @@ async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Bloc
     let mut resp = http.get(url).send().await.map_err(unreachable)?;
     let status = resp.status().as_u16();
     if status != 200 {
-        let text = resp.text().await.unwrap_or_default();
-        let text = text
-            .chars()
-            .take(200)
-            .collect::<String>()
-            .trim()
-            .to_string();
+        // Core's error texts are a line; what else comes is not read past its first kilobyte.
+        let mut text = Vec::new();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            text.extend_from_slice(&chunk);
+            if text.len() >= 1024 {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&text[..text.len().min(200)]);
+        let text = text.trim().to_string();
         return Err(RestError::Status { status, text });
     }
     if resp.content_length().unwrap_or(0) > MAX_BLOCK_BYTES as u64 {
@@ -127,11 +144,9 @@ async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Bloc
         }
         body.extend_from_slice(&chunk);
     }
-    // Decoding and hashing a block is milliseconds of CPU at mainnet size: off the runtime's
-    // thread, which meanwhile serves the other blocks in flight.
-    tokio::task::spawn_blocking(move || proven_block(&body, hash))
+    super::decode_block(body.len(), move || proven_block(&body, hash))
         .await
-        .map_err(|e| RestError::Bad(format!("decoding stopped: {e}")))?
+        .unwrap_or_else(|| Err(RestError::Unreachable("shutting down".into())))
 }
 
 fn proven_block(body: &[u8], hash: BlockHash) -> Result<Block, RestError> {
@@ -177,6 +192,27 @@ mod tests {
         let url = server("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", 8).await;
         let e = ask(&url).await.unwrap_err();
         assert!(matches!(e, RestError::TooLarge), "endless: {e}");
+    }
+
+    #[tokio::test]
+    async fn three_failures_in_a_row_of_any_kind_turn_rest_off_and_an_endless_error_is_cut() {
+        crate::net::install_crypto_provider();
+        let url = server(
+            "HTTP/1.1 500 Oops\r\ntransfer-encoding: chunked\r\n\r\n",
+            64,
+        )
+        .await;
+        let rest = RestBlocks::new(&url);
+        let http = reqwest::Client::new();
+        for n in 1..=3 {
+            assert!(rest.worth_trying(), "still tried after {} failures", n - 1);
+            let e = rest.block(&http, BlockHash::all_zeros()).await.unwrap_err();
+            assert!(
+                matches!(&e, RestError::Status { status: 500, text } if text.len() <= 200),
+                "{e}"
+            );
+        }
+        assert!(!rest.worth_trying(), "off after three failures in a row");
     }
 
     #[tokio::test]

@@ -509,11 +509,9 @@ impl ChainSource for RpcClient {
         let (status, body) = self
             .exchange("getblock", &json!([hash.to_string(), 0]))
             .await?;
-        // Parsing, decoding and hashing a block is milliseconds of CPU at mainnet size: off
-        // the runtime's thread, which meanwhile serves the other blocks in flight.
-        tokio::task::spawn_blocking(move || proven_block(status, &body, hash))
+        super::decode_block(body.len(), move || proven_block(status, &body, hash))
             .await
-            .map_err(|e| NodeError::bad("getblock", format!("decoding stopped: {e}")))?
+            .unwrap_or_else(|| Err(NodeError::bad("getblock", "shutting down")))
     }
 
     async fn block_hashes(&self, from: u32, count: u32) -> NodeResult<Vec<BlockHash>> {

@@ -59,13 +59,13 @@ fn text(status: StatusCode, message: &str) -> Response {
     (status, headers, format!("{message}\r\n")).into_response()
 }
 
-/// The block under its true header, each output of its payments made to pay 21 million
-/// bitcoin: what a forger would have a watcher confirm.
+/// The block under its true header, each output of its payments paying one satoshi more:
+/// amounts that pass every check but the merkle root's.
 fn forged(block: &Block) -> Block {
     let mut forged = block.clone();
     for tx in forged.txdata.iter_mut().skip(1) {
         for out in &mut tx.output {
-            out.value = bitcoin::Amount::MAX_MONEY;
+            out.value += bitcoin::Amount::ONE_SAT;
         }
     }
     forged

@@ -480,7 +480,8 @@ async fn with_rest_on_blocks_are_read_raw_and_a_forged_one_is_read_again_with_ge
     let expected = without_pending(&log(&h.data_dir()));
     let blocks = h.node.height() - first + 1;
 
-    // The block that confirms the first round's two payments, altered under its true header.
+    // The block that confirms the first round's two payments, each output a satoshi more,
+    // under its true header.
     h.node.set_rest(true);
     h.node.forge_rest_block(Some(h.node.block_hash(first)));
     let (rest_before, getblock_before) = (h.node.calls("rest/block"), h.node.calls("getblock"));

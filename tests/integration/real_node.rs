@@ -577,7 +577,8 @@ async fn real_node_descriptor_from_listdescriptors_sees_fresh_addresses_and_spen
 #[ignore = "needs a real bitcoind: set BITCOIND_EXE"]
 async fn real_node_block_filters_are_read_checked_and_guide_a_rescan() {
     use chainwatch::node::ChainSource;
-    let node = RealNode::start_with(&["-blockfilterindex=1"]).await;
+    // With -rest: the blocks the rescan reads come as Core's raw bytes.
+    let node = RealNode::start_with(&["-blockfilterindex=1", "-rest=1"]).await;
     let receiver = receiver().await;
     let mut paid = vec![];
     for kind in ["bech32", "bech32m", "legacy"] {

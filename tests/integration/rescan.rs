@@ -55,6 +55,17 @@ async fn live_history(h: &Harness) -> u32 {
     first
 }
 
+/// A daemon watching live through `live_history`, then stopped: the first height mined, and
+/// the events it stored.
+async fn live_run(h: &Harness) -> (u32, Vec<(String, String)>) {
+    let live = h.start_daemon();
+    h.wait_synced().await;
+    let first = live_history(h).await;
+    h.wait_synced().await;
+    live.stop().await;
+    (first, log(&h.data_dir()))
+}
+
 async fn wait_log_len(dir: &std::path::Path, n: usize) -> Vec<(String, String)> {
     let what = format!("{n} events in {}", dir.display());
     wait_for(&what, Duration::from_secs(40), || {
@@ -72,12 +83,7 @@ async fn wait_log_len(dir: &std::path::Path, n: usize) -> Vec<(String, String)> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_run_from_start_height_over_200_blocks_has_the_live_runs_ids() {
     let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")]).await;
-    let live = h.start_daemon();
-    h.wait_synced().await;
-    let first = live_history(&h).await;
-    h.wait_synced().await;
-    live.stop().await;
-    let live_log = log(&h.data_dir());
+    let (first, live_log) = live_run(&h).await;
     assert_eq!(
         live_log.len(),
         8 * (2 + 3 + 2),
@@ -472,12 +478,8 @@ async fn catch_up_from(h: &Harness, name: &str, first: u32, n: usize) -> Vec<(St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_rest_on_blocks_are_read_raw_and_a_forged_one_is_read_again_with_getblock() {
     let h = Harness::new(&[watch(P2WPKH, 3, "a"), watch(P2TR, 2, "b")]).await;
-    let live = h.start_daemon();
-    h.wait_synced().await;
-    let first = live_history(&h).await;
-    h.wait_synced().await;
-    live.stop().await;
-    let expected = without_pending(&log(&h.data_dir()));
+    let (first, live_log) = live_run(&h).await;
+    let expected = without_pending(&live_log);
     let blocks = h.node.height() - first + 1;
 
     // The block that confirms the first round's two payments, each output a satoshi more,

@@ -112,6 +112,25 @@ pub struct ZmqNotification {
 
 pub type NodeResult<T> = Result<T, NodeError>;
 
+/// The body of `resp` if it is at most `limit` bytes; `None` if it is larger, announced or sent,
+/// and then it is not read past the limit.
+async fn body_within(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if resp.content_length().unwrap_or(0) > limit as u64 {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 /// Block bodies from this size up are decoded and proven on the blocking pool, off the
 /// runtime's thread, which meanwhile serves the other blocks in flight; below it (a regtest
 /// block of a hundred transactions) the move costs more than the work.

@@ -134,16 +134,10 @@ async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Bloc
         let text = text.trim().to_string();
         return Err(RestError::Status { status, text });
     }
-    if resp.content_length().unwrap_or(0) > MAX_BLOCK_BYTES as u64 {
-        return Err(RestError::TooLarge);
-    }
-    let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0) as usize);
-    while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
-        if body.len() + chunk.len() > MAX_BLOCK_BYTES {
-            return Err(RestError::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = super::body_within(resp, MAX_BLOCK_BYTES)
+        .await
+        .map_err(unreachable)?
+        .ok_or(RestError::TooLarge)?;
     super::decode_block(body.len(), move || proven_block(&body, hash))
         .await
         .unwrap_or_else(|| Err(RestError::Unreachable("shutting down".into())))

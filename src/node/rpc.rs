@@ -191,22 +191,13 @@ impl RpcClient {
     }
 
     /// Reads an answer of at most `MAX_RPC_RESPONSE` bytes.
-    async fn read_bounded(&self, method: &str, mut resp: reqwest::Response) -> NodeResult<Vec<u8>> {
-        let too_big = || NodeError::TooLarge {
-            method: method.to_string(),
-            limit: MAX_RPC_RESPONSE,
-        };
-        if resp.content_length().unwrap_or(0) > MAX_RPC_RESPONSE as u64 {
-            return Err(too_big());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.unreachable(e))? {
-            if body.len() + chunk.len() > MAX_RPC_RESPONSE {
-                return Err(too_big());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+    async fn read_bounded(&self, method: &str, resp: reqwest::Response) -> NodeResult<Vec<u8>> {
+        let body = super::body_within(resp, MAX_RPC_RESPONSE).await;
+        body.map_err(|e| self.unreachable(e))?
+            .ok_or_else(|| NodeError::TooLarge {
+                method: method.to_string(),
+                limit: MAX_RPC_RESPONSE,
+            })
     }
 }
 

@@ -41,6 +41,9 @@ use support::RecentSpends;
 /// writes to the store directly): one cheap read, so a new watch or rescan starts within it.
 const WATCH_CHECK: Duration = Duration::from_millis(100);
 
+/// How long a step under way may go on after shutdown before it is dropped.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
     #[error(transparent)]
@@ -259,7 +262,26 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
 
     /// Runs until `shutdown`. Nothing here is fatal: a node that is down, a malformed answer or
     /// a busy database are all retried with backoff, and said loudly while they last.
-    pub async fn run(mut self, mut zmq: Option<ZmqReceiver>, shutdown: CancellationToken) {
+    ///
+    /// A step under way when `shutdown` comes is given `STOP_GRACE` to end, then dropped: a
+    /// node that stalls an answer would otherwise hold the stop for its whole timeout (a
+    /// minute, two with REST's fallback to `getblock`). Dropping a step loses nothing: each
+    /// commit is one transaction, and the next start goes on from the last.
+    pub async fn run(self, zmq: Option<ZmqReceiver>, shutdown: CancellationToken) {
+        let overdue = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        tokio::select! {
+            _ = self.follow(zmq, shutdown.clone()) => {}
+            _ = overdue => tracing::warn!(
+                grace = ?STOP_GRACE,
+                "the follower's step under way did not end in time after shutdown; dropped it (nothing it had not committed is lost: it is done again at the next start)"
+            ),
+        }
+    }
+
+    async fn follow(mut self, mut zmq: Option<ZmqReceiver>, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(250);
         let mut poll = tokio::time::interval(self.opts.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

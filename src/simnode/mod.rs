@@ -284,6 +284,12 @@ impl SimNode {
         s.flush();
     }
 
+    /// How many block reads (`getblock`, REST) `set_block_read_delay` has held so far,
+    /// counted as each begins to wait.
+    pub fn reads_held(&self) -> u32 {
+        self.calls("held block read")
+    }
+
     /// How many `method` calls the node answered, over JSON-RPC or in memory.
     pub fn calls(&self, method: &str) -> u32 {
         self.lock().calls.get(method).copied().unwrap_or(0)
@@ -334,6 +340,14 @@ impl SimNode {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("simnode state lock")
+    }
+
+    fn count_held_read(&self) {
+        *self
+            .lock()
+            .calls
+            .entry("held block read".into())
+            .or_default() += 1;
     }
 
     pub fn rpc_url(&self) -> String {

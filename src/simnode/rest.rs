@@ -13,6 +13,7 @@ use super::SimNode;
 pub(super) async fn block(node: SimNode, Path(file): Path<String>) -> Response {
     let delay = node.lock().block_read_delay;
     if !delay.is_zero() {
+        node.count_held_read();
         tokio::time::sleep(delay).await;
     }
     let mut s = node.lock();

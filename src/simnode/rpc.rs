@@ -25,6 +25,7 @@ pub fn router(node: SimNode) -> Router {
         async move {
             let delay = node.lock().block_read_delay;
             if !delay.is_zero() && asks_for_a_block(&body) {
+                node.count_held_read();
                 tokio::time::sleep(delay).await;
             }
             handle(&node, &headers, &body)

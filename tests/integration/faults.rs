@@ -85,3 +85,44 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_zero() {
     );
     assert_eq!(h.receiver.all().len(), 1, "and not sent twice");
 }
+
+/// A node that takes a block read and never answers (a stalled disk, a hung bitcoind) must not
+/// hold a stop for the client's timeout: with REST on, that was a minute for REST and another
+/// for its fallback to `getblock`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_is_prompt_while_the_node_holds_a_block_read() {
+    let h = Harness::new(&[watch(P2WPKH, 1, "s")]).await;
+    h.node.set_rest(true);
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    daemon.stop().await;
+    // Blocks the next start reads to catch up, while the node holds every read.
+    h.node.mine(6);
+    h.node.set_block_read_delay(Duration::from_secs(600));
+    let daemon = h.start_daemon();
+    let deadline = std::time::Instant::now() + WAIT;
+    while h.node.reads_held() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted daemon never asked for a block"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(10), daemon.stop())
+        .await
+        .expect("the daemon stops within 10 s while the node holds its block read");
+    let stopped_at = h.store().tip().unwrap().map(|t| t.height);
+    assert!(
+        stopped_at < Some(h.node.height()),
+        "the held read kept the daemon short of the node's tip ({stopped_at:?})"
+    );
+    // Nothing was lost: the next start, with a node that answers, reaches the node's tip.
+    h.node.set_block_read_delay(Duration::ZERO);
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    daemon.stop().await;
+    assert!(
+        h.node.calls("rest/block") > 0,
+        "blocks were read through REST"
+    );
+}

@@ -19,7 +19,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// REST failures in a row, of any kind, after which blocks are read with getblock for a
 /// while: a proxy in front of the node that does not pass REST, or a broken answer, is not
-/// paid for at every block.
+/// paid for at every block. Only failures JSON-RPC answered through count (`failed`).
 const MAX_FAILURES: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,21 +69,32 @@ impl RestBlocks {
     }
 
     /// The block `hash`, or why REST gave none. Whether REST is used is logged when that
-    /// changes, so an operator learns it once.
+    /// changes, so an operator learns it once. A failure is judged only once JSON-RPC has
+    /// answered for the same block (`failed`): while the node is down or restarting, REST
+    /// fails with it, and is not the one to blame.
     pub async fn block(&self, http: &reqwest::Client, hash: BlockHash) -> Result<Block, RestError> {
         let base = self.base.as_deref().unwrap_or_default();
         let answer = read(http, &format!("{base}/rest/block/{hash}.bin"), hash).await;
-        let mut state = self.state.lock().expect("rest state");
-        let Err(e) = &answer else {
-            if !matches!(*state, State::On(_)) {
-                tracing::info!("reading blocks through bitcoind's REST interface");
+        match &answer {
+            Ok(_) => {
+                let mut state = self.state.lock().expect("rest state");
+                if !matches!(*state, State::On(_)) {
+                    tracing::info!("reading blocks through bitcoind's REST interface");
+                }
+                *state = State::On(0);
             }
-            *state = State::On(0);
-            return answer;
-        };
-        if let RestError::Bad(_) = e {
-            tracing::warn!(%hash, reason = %e, "bitcoind's REST interface sent a bad block; asking getblock");
+            Err(e @ RestError::Bad(_)) => {
+                tracing::warn!(%hash, reason = %e, "bitcoind's REST interface sent a bad block; asking getblock");
+            }
+            Err(_) => {}
         }
+        answer
+    }
+
+    /// Counts `e`, REST's failure to give a block that JSON-RPC then gave: after a few in a
+    /// row, or one that says REST is off, blocks are read with `getblock` for a while.
+    pub fn failed(&self, e: &RestError) {
+        let mut state = self.state.lock().expect("rest state");
         let failures = match *state {
             State::Untried(n) | State::On(n) => n + 1,
             State::Off(_) => MAX_FAILURES,
@@ -101,7 +112,6 @@ impl RestBlocks {
             false if matches!(*state, State::On(_)) => State::On(failures),
             false => State::Untried(failures),
         };
-        answer
     }
 }
 
@@ -189,7 +199,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn three_failures_in_a_row_of_any_kind_turn_rest_off_and_an_endless_error_is_cut() {
+    async fn three_judged_failures_in_a_row_of_any_kind_turn_rest_off_and_an_endless_error_is_cut()
+    {
         crate::net::install_crypto_provider();
         let url = server(
             "HTTP/1.1 500 Oops\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -198,6 +209,13 @@ mod tests {
         .await;
         let rest = RestBlocks::new(&url);
         let http = reqwest::Client::new();
+        for _ in 1..=3 {
+            rest.block(&http, BlockHash::all_zeros()).await.unwrap_err();
+        }
+        assert!(
+            rest.worth_trying(),
+            "failures not judged (`failed`) count for nothing"
+        );
         for n in 1..=3 {
             assert!(rest.worth_trying(), "still tried after {} failures", n - 1);
             let e = rest.block(&http, BlockHash::all_zeros()).await.unwrap_err();
@@ -205,6 +223,7 @@ mod tests {
                 matches!(&e, RestError::Status { status: 500, text } if text.len() <= 200),
                 "{e}"
             );
+            rest.failed(&e);
         }
         assert!(!rest.worth_trying(), "off after three failures in a row");
     }

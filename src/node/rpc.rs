@@ -199,6 +199,16 @@ impl RpcClient {
                 limit: MAX_RPC_RESPONSE,
             })
     }
+
+    /// The block `hash` by `getblock`, as hex inside JSON, proven.
+    async fn block_by_rpc(&self, hash: BlockHash) -> NodeResult<Block> {
+        let (status, body) = self
+            .exchange("getblock", &json!([hash.to_string(), 0]))
+            .await?;
+        super::decode_block(body.len(), move || proven_block(status, &body, hash))
+            .await
+            .unwrap_or_else(|| Err(NodeError::bad("getblock", "shutting down")))
+    }
 }
 
 fn root_cause(e: &dyn std::error::Error) -> String {
@@ -491,18 +501,21 @@ impl ChainSource for RpcClient {
     }
 
     async fn block(&self, hash: BlockHash) -> NodeResult<Block> {
-        if self.rest.worth_trying() {
-            match self.rest.block(&self.http, hash).await {
+        let rest_failure = match self.rest.worth_trying() {
+            true => match self.rest.block(&self.http, hash).await {
                 Ok(block) => return Ok(block),
-                Err(e) => tracing::debug!(%hash, reason = %e, "block not read through REST"),
-            }
+                Err(e) => {
+                    tracing::debug!(%hash, reason = %e, "block not read through REST");
+                    Some(e)
+                }
+            },
+            false => None,
+        };
+        let block = self.block_by_rpc(hash).await;
+        if let (Some(e), Ok(_)) = (rest_failure, &block) {
+            self.rest.failed(&e);
         }
-        let (status, body) = self
-            .exchange("getblock", &json!([hash.to_string(), 0]))
-            .await?;
-        super::decode_block(body.len(), move || proven_block(status, &body, hash))
-            .await
-            .unwrap_or_else(|| Err(NodeError::bad("getblock", "shutting down")))
+        block
     }
 
     async fn block_hashes(&self, from: u32, count: u32) -> NodeResult<Vec<BlockHash>> {
@@ -644,6 +657,24 @@ pub(crate) mod tests {
                 password: "p".into(),
             },
         )
+    }
+
+    #[tokio::test]
+    async fn rest_failing_with_the_whole_node_down_is_not_held_against_it() {
+        crate::net::install_crypto_provider();
+        // Nothing listens on port 1: REST and JSON-RPC are refused alike.
+        let c = client("http://127.0.0.1:1/");
+        for _ in 0..5 {
+            let e = c
+                .block(bitcoin::hashes::Hash::all_zeros())
+                .await
+                .unwrap_err();
+            assert!(matches!(e, NodeError::Unreachable { .. }), "{e}");
+        }
+        assert!(
+            c.rest.worth_trying(),
+            "REST is still tried once the node is back: its failures were the node's"
+        );
     }
 
     #[tokio::test]

@@ -126,3 +126,51 @@ async fn a_stop_is_prompt_while_the_node_holds_a_block_read() {
         "blocks were read through REST"
     );
 }
+
+/// The node going down while a catch-up has blocks in flight through REST: they fail with it,
+/// and JSON-RPC with them. That is the node's outage, not REST's failing: once the node is
+/// back, the catch-up reads on through REST, not for ten minutes through `getblock`. (How many
+/// of the reads cut fail before the catch-up gives up on its group is a matter of timing; the
+/// rule itself is pinned by `node::rpc`'s unit test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_reads_cut_by_a_node_outage_leave_rest_on() {
+    let h = Harness::new(&[watch(P2WPKH, 1, "o")]).await;
+    h.node.set_rest(true);
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    daemon.stop().await;
+    let txid = h.node.pay(P2WPKH, 7_000).to_string();
+    h.node.mine(30);
+    h.node.set_block_read_delay(Duration::from_millis(700));
+    let daemon = h.start_daemon();
+    wait_for("a group of block reads in flight", WAIT, || {
+        match h.node.reads_held() >= 4 {
+            true => Ok(()),
+            false => Err(format!("{} reads held", h.node.reads_held())),
+        }
+    })
+    .await;
+    h.node.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.node.set_block_read_delay(Duration::ZERO);
+    h.node.restart(0).await.unwrap();
+    let (raw, by_rpc) = (h.node.calls("rest/block"), h.node.calls("getblock"));
+    h.wait_synced().await;
+    let got = h.receiver.wait_accepted(1, WAIT).await;
+    daemon.stop().await;
+    // Mined before the daemon saw it in the mempool: its first event is the confirmation.
+    assert_eq!(
+        history(&got, &txid),
+        expect_history(&[("tx.confirmed", 1)]),
+        "the payment in the blocks caught up was told once"
+    );
+    assert!(
+        h.node.calls("rest/block") > raw,
+        "the catch-up read on through REST after the outage"
+    );
+    assert_eq!(
+        h.node.calls("getblock") - by_rpc,
+        0,
+        "no block was read with getblock once the node was back: REST stayed on"
+    );
+}

@@ -367,8 +367,12 @@ impl<S: ChainSource> NodeSource<S> {
         else {
             return Ok(None);
         };
+        let ahead = match ahead {
+            Some(a) if a.first() == next => Some(a.blocks().await?),
+            _ => None,
+        };
         let blocks = match ahead {
-            Some(a) if a.first() == next => a.blocks().await?,
+            Some(blocks) if self.still_active(next, &blocks).await? => blocks,
             _ => {
                 let n = GROUP.min(last - next + 1);
                 fetch_blocks(&*self.node, next, vec![None; n as usize]).await?
@@ -384,6 +388,21 @@ impl<S: ChainSource> NodeSource<S> {
             self.ahead = Some(Ahead::ask(node, after, vec![None; n as usize]));
         }
         Ok(self.ready.pop_front().map(|(_, hash, b)| (hash, b)))
+    }
+
+    /// Whether `blocks`, read ahead from height `from`, are still the node's: a reorg since
+    /// would have them told only to be taken back. Their last one still at its height says
+    /// so for all of them, in one call for the group.
+    async fn still_active(
+        &self,
+        from: u32,
+        blocks: &[(BlockHash, Block)],
+    ) -> Result<bool, NodeError> {
+        let Some((last, _)) = blocks.last() else {
+            return Ok(false);
+        };
+        let height = from + blocks.len() as u32 - 1;
+        Ok(self.node.block_hash(height).await? == *last)
     }
 
     /// Compares our tip with the node's best block and plans the way there; returns a change

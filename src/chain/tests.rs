@@ -692,14 +692,72 @@ async fn a_catch_up_far_behind_reads_blocks_in_groups_with_the_events_of_one_by_
     assert_eq!(connected, mined, "in the chain's order");
     // After the look at our tip's hash that finds no fork: the 36 blocks up to 4 below the
     // tip in three groups (8, then 16 and 12 of these small blocks), each with one batch of
-    // hashes; the last 4 one at a time, the tip's hash known. One by one, that was 39 hashes.
+    // hashes, and a look that each group read ahead is still the node's; the last 4 one at a
+    // time, the tip's hash known. One by one, that was 39 hashes.
     assert_eq!(
         (
             r.node.calls("getblockhash") - hashes,
             r.node.calls("getblock") - bodies
         ),
-        (1 + 3 + 3, 40),
+        (1 + 3 + 2 + 3, 40),
         "a batch of hashes per group, every block read once"
+    );
+}
+
+#[tokio::test]
+async fn a_catch_up_whose_blocks_read_ahead_are_reorged_away_ends_on_the_new_branch() {
+    let w = watch(1, 2);
+    let mut r = rig(std::slice::from_ref(&w)).await;
+    let seen = r.log().len();
+    let base = r.node.height();
+    r.node.mine(20);
+    let txid = r.node.pay(&address(1).to_string(), 50_000);
+    r.node.mine(20);
+    let paid_in = r.node.block_hash(base + 21);
+    // Once the first group (8 blocks) and the group after it (16) have been read, the node
+    // leaves for a branch from base + 15 without the payment: blocks base + 15 to base + 24,
+    // read ahead, are stale before the follower takes them.
+    let asked = r.node.calls("getblock");
+    r.node.on_call("getblock", asked + 24, move |node| {
+        node.invalidate(node.block_hash(base + 15)).unwrap();
+        node.mine_empty(40);
+    });
+    r.sync().await;
+    assert_eq!(
+        r.node.height(),
+        base + 54,
+        "the node moved to the new branch"
+    );
+    let log = r.log_after(seen);
+    let connected: Vec<String> = (r.bodies().split_off(seen).iter())
+        .filter(|b| b["type"] == BLOCK_CONNECTED)
+        .map(|b| b["data"]["hash"].as_str().unwrap().to_string())
+        .collect();
+    let active: Vec<String> = (base + 1..=base + 54)
+        .map(|h| r.node.block_hash(h).to_string())
+        .collect();
+    assert_eq!(
+        connected, active,
+        "exactly the new branch's blocks are told connected, in order: no stale one read ahead"
+    );
+    assert!(
+        !connected.contains(&paid_in.to_string()),
+        "the old branch's block with the payment was never told"
+    );
+    assert_eq!(
+        log.iter()
+            .filter(|e| e.0 != BLOCK_CONNECTED)
+            .cloned()
+            .collect::<Vec<_>>(),
+        [ev(TX_PENDING, Some(txid), 0)],
+        "no disconnection, no reorg alert, no confirmation taken back: the payment is pending"
+    );
+    // Taking the stale group would have read 8 + 16 + 30 blocks, and 10 more again after
+    // the disconnections.
+    assert!(
+        r.node.calls("getblock") - asked >= 8 + 16 + 46,
+        "the group read ahead was dropped whole, and the blocks from base + 9 read again: {}",
+        r.node.calls("getblock") - asked
     );
 }
 

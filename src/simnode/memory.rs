@@ -45,7 +45,23 @@ impl SimNode {
             s.warmup_calls -= 1;
             return Err(NodeError::WarmingUp("Loading block index…".into()));
         }
-        f(&mut s).map_err(|e| rpc_error(method, e))
+        let answer = f(&mut s).map_err(|e| rpc_error(method, e));
+        let asked = s.calls[method];
+        let hook = match &s.on_call {
+            Some((m, at, _)) if m == method && asked >= *at => s.on_call.take(),
+            _ => None,
+        };
+        drop(s);
+        if let Some((.., hook)) = hook {
+            hook(self);
+        }
+        answer
+    }
+
+    /// In memory: once `method` has been answered `calls` times in all, `hook` is done to the
+    /// node, right after that answer.
+    pub fn on_call(&self, method: &str, calls: u32, hook: impl FnOnce(&SimNode) + Send + 'static) {
+        self.lock().on_call = Some((method.to_string(), calls, Box::new(hook)));
     }
 
     /// Another in-memory node starting from this one's chain, mempool and wallet (building

@@ -27,6 +27,9 @@ pub const MINER_ADDRESS: &str = "bcrt1q97t2ayg7ypwhc4wgc6gcwk9qgynzkpp35gvc6m";
 /// Fee every simulated payment pays, in satoshis.
 pub const PAYMENT_FEE: u64 = 2_820;
 
+/// Something done to the node between two calls, without its lock held.
+pub type CallHook = Box<dyn FnOnce(&SimNode) + Send>;
+
 pub(crate) struct State {
     pub chain: SimChain,
     /// Block timestamps advance one second per block from here.
@@ -67,6 +70,9 @@ pub(crate) struct State {
     /// Calls answered, by method: what a follower asked. Over JSON-RPC each call of a batch
     /// counts; in memory each ask (`block_filters` of many blocks is one).
     pub calls: std::collections::HashMap<String, u32>,
+    /// In memory: what to do to the node once a method has been asked so many times (a reorg
+    /// between two asks of a follower).
+    pub on_call: Option<(String, u32, CallHook)>,
 }
 
 impl State {
@@ -162,6 +168,7 @@ impl SimNode {
             log: record.then(Vec::new),
             drop: None,
             calls: Default::default(),
+            on_call: None,
         };
         state.flush();
         state

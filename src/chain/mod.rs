@@ -263,10 +263,11 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     /// Runs until `shutdown`. Nothing here is fatal: a node that is down, a malformed answer or
     /// a busy database are all retried with backoff, and said loudly while they last.
     ///
-    /// A step under way when `shutdown` comes is given `STOP_GRACE` to end, then dropped: a
-    /// node that stalls an answer would otherwise hold the stop for its whole timeout (a
-    /// minute, two with REST's fallback to `getblock`). Dropping a step loses nothing: each
-    /// commit is one transaction, and the next start goes on from the last.
+    /// A step under way when `shutdown` comes is given `STOP_GRACE` (counted from when the
+    /// step first waits on anything after it) to end, then dropped: a node that stalls an
+    /// answer would otherwise hold the stop for its whole timeout (a minute, two with REST's
+    /// fallback to `getblock`). Dropping a step loses nothing: each commit is one transaction,
+    /// and the next start goes on from the last.
     pub async fn run(self, zmq: Option<ZmqReceiver>, shutdown: CancellationToken) {
         let overdue = async {
             shutdown.cancelled().await;

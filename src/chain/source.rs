@@ -93,10 +93,13 @@ impl ChainChange {
 
 /// Where the source is in bringing the consumer's chain to the node's.
 enum Plan {
-    /// Disconnect down to this height (`None`: everything), then start again at `rebase`.
+    /// Disconnect down to this height (`None`: everything), then start again at `rebase`
+    /// (read from the node before the first disconnection: between the last one and the new
+    /// base there is then nothing to wait for, so a stop cannot leave the store empty, which
+    /// the next start would take for a first run).
     Unwind {
         to: Option<u32>,
-        rebase: Option<u32>,
+        rebase: Option<StoredBlock>,
     },
     /// Connect the node's best chain up to `best`.
     Connect {
@@ -260,7 +263,7 @@ impl<S: ChainSource> NodeSource<S> {
         local: &mut impl LocalChain,
         tip: Option<StoredBlock>,
         to: Option<u32>,
-        rebase: Option<u32>,
+        rebase: Option<StoredBlock>,
     ) -> Result<Turn, SourceError> {
         // What was read ahead may be of the branch being left.
         self.forget_read_ahead();
@@ -279,7 +282,7 @@ impl<S: ChainSource> NodeSource<S> {
             // At the fork: plan again from there.
             Some(_) => Ok(Turn::Again),
             None => match rebase {
-                Some(h) => Ok(Turn::Tell(ChainChange::Base(self.stored_block(h).await?))),
+                Some(base) => Ok(Turn::Tell(ChainChange::Base(base))),
                 None => {
                     self.plan_connect(0).await?;
                     Ok(Turn::Again)
@@ -391,8 +394,8 @@ impl<S: ChainSource> NodeSource<S> {
     }
 
     /// Whether `blocks`, read ahead from height `from`, are still the node's: a reorg since
-    /// would have them told only to be taken back. Their last one still at its height says
-    /// so for all of them, in one call for the group.
+    /// would have them told only to be taken back. Linked one to the next, their last one
+    /// still at its height says so for all of them, in one call for the group.
     async fn still_active(
         &self,
         from: u32,
@@ -401,8 +404,10 @@ impl<S: ChainSource> NodeSource<S> {
         let Some((last, _)) = blocks.last() else {
             return Ok(false);
         };
+        // Linked, as a batch of hashes a reorg fell in the middle of would not be.
+        let linked = (blocks.windows(2)).all(|w| w[1].1.header.prev_blockhash == w[0].0);
         let height = from + blocks.len() as u32 - 1;
-        Ok(self.node.block_hash(height).await? == *last)
+        Ok(linked && self.node.block_hash(height).await? == *last)
     }
 
     /// Compares our tip with the node's best block and plans the way there; returns a change
@@ -423,9 +428,10 @@ impl<S: ChainSource> NodeSource<S> {
             Fork::At(b) => (Some(b.height), tip.height - b.height),
             Fork::Genesis => (None, tip.height + 1),
             Fork::BelowKept { lowest } => {
+                let base = self.stored_block(lowest.height - 1).await?;
                 self.plan = Some(Plan::Unwind {
                     to: None,
-                    rebase: Some(lowest.height - 1),
+                    rebase: Some(base),
                 });
                 return Ok(Some(ChainChange::TooDeep {
                     tip,

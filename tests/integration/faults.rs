@@ -92,24 +92,7 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_is_prompt_while_the_node_holds_a_block_read() {
     let h = Harness::new(&[watch(P2WPKH, 1, "s")]).await;
-    h.node.set_rest(true);
-    let daemon = h.start_daemon();
-    h.wait_synced().await;
-    daemon.stop().await;
-    // Blocks the next start reads to catch up, while the node holds every read; the first
-    // one pays the watch.
-    let txid = h.node.pay(P2WPKH, 6_000).to_string();
-    h.node.mine(6);
-    h.node.set_block_read_delay(Duration::from_secs(600));
-    let daemon = h.start_daemon();
-    let deadline = std::time::Instant::now() + WAIT;
-    while h.node.reads_held() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restarted daemon never asked for a block"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (txid, daemon) = restarted_behind_held_reads(&h, 6, Duration::from_secs(600), 1).await;
     tokio::time::timeout(Duration::from_secs(10), daemon.stop())
         .await
         .expect("the daemon stops within 10 s while the node holds its block read");
@@ -139,21 +122,7 @@ async fn a_stop_is_prompt_while_the_node_holds_a_block_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_reads_cut_by_a_node_outage_leave_rest_on() {
     let h = Harness::new(&[watch(P2WPKH, 1, "o")]).await;
-    h.node.set_rest(true);
-    let daemon = h.start_daemon();
-    h.wait_synced().await;
-    daemon.stop().await;
-    let txid = h.node.pay(P2WPKH, 7_000).to_string();
-    h.node.mine(30);
-    h.node.set_block_read_delay(Duration::from_millis(700));
-    let daemon = h.start_daemon();
-    wait_for("a group of block reads in flight", WAIT, || {
-        match h.node.reads_held() >= 4 {
-            true => Ok(()),
-            false => Err(format!("{} reads held", h.node.reads_held())),
-        }
-    })
-    .await;
+    let (txid, daemon) = restarted_behind_held_reads(&h, 30, Duration::from_millis(700), 4).await;
     h.node.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     h.node.set_block_read_delay(Duration::ZERO);
@@ -177,4 +146,32 @@ async fn rest_reads_cut_by_a_node_outage_leave_rest_on() {
         0,
         "no block was read with getblock once the node was back: REST stayed on"
     );
+}
+
+/// With REST on: a first run to the tip, then a payment and `blocks` blocks mined while the
+/// daemon is stopped; the node then holds each block read for `delay`, and the daemon is
+/// started again until `held` reads are held. The payment's txid and the running daemon.
+async fn restarted_behind_held_reads(
+    h: &Harness,
+    blocks: u32,
+    delay: Duration,
+    held: u32,
+) -> (String, Daemon) {
+    h.node.set_rest(true);
+    let daemon = h.start_daemon();
+    h.wait_synced().await;
+    daemon.stop().await;
+    // The first block the next start reads to catch up pays the watch.
+    let txid = h.node.pay(P2WPKH, 6_000).to_string();
+    h.node.mine(blocks);
+    h.node.set_block_read_delay(delay);
+    let daemon = h.start_daemon();
+    wait_for("block reads held by the node", WAIT, || {
+        match h.node.reads_held() >= held {
+            true => Ok(()),
+            false => Err(format!("{} reads held", h.node.reads_held())),
+        }
+    })
+    .await;
+    (txid, daemon)
 }

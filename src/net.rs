@@ -1,5 +1,6 @@
 //! What every network client and listener shares: one TLS crypto provider for the process,
-//! URLs shown without their credentials, and address blocks (`IpNet`) for allow-lists. A leaf:
+//! bounded reads of error answers, URLs shown without their credentials, and address blocks
+//! (`IpNet`) for allow-lists. A leaf:
 //! it imports nothing of the crate.
 
 use std::net::IpAddr;
@@ -13,6 +14,23 @@ pub fn install_crypto_provider() {
         // Err means another part of the process installed one first: that one serves as well.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// The first `limit` bytes of `resp`'s body, no more read, and the error that ended the read
+/// early, if one did: what an error answer says, kept to a size a log line or a row can hold.
+pub async fn body_prefix(
+    resp: &mut reqwest::Response,
+    limit: usize,
+) -> (Vec<u8>, Option<reqwest::Error>) {
+    let mut buf = Vec::new();
+    while buf.len() < limit {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c[..c.len().min(limit - buf.len())]),
+            Ok(None) => break,
+            Err(e) => return (buf, Some(e)),
+        }
+    }
+    (buf, None)
 }
 
 /// A URL as it may appear in a log line, an error, a listing or the store: user info, query

@@ -152,25 +152,9 @@ impl Sender {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let mut buf = Vec::new();
-        let mut error = None;
-        let mut timed_out = false;
-        loop {
-            match resp.chunk().await {
-                Ok(Some(c)) => {
-                    buf.extend_from_slice(&c[..c.len().min(MAX_RESPONSE_READ - buf.len())]);
-                    if buf.len() >= MAX_RESPONSE_READ {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    timed_out = e.is_timeout();
-                    error = Some(describe(e));
-                    break;
-                }
-            }
-        }
+        let (mut buf, failed) = crate::net::body_prefix(&mut resp, MAX_RESPONSE_READ).await;
+        let timed_out = failed.as_ref().is_some_and(reqwest::Error::is_timeout);
+        let error = failed.map(describe);
         buf.truncate(MAX_RESPONSE_STORED);
         let excerpt = Some(String::from_utf8_lossy(&buf).into_owned());
         // A 2xx whose body then timed out still counts: the receiver accepted the request.

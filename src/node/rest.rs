@@ -133,13 +133,7 @@ async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Bloc
     let status = resp.status().as_u16();
     if status != 200 {
         // Core's error texts are a line; what else comes is not read past its first kilobyte.
-        let mut text = Vec::new();
-        while let Ok(Some(chunk)) = resp.chunk().await {
-            text.extend_from_slice(&chunk);
-            if text.len() >= 1024 {
-                break;
-            }
-        }
+        let (text, _) = crate::net::body_prefix(&mut resp, 1024).await;
         let text = String::from_utf8_lossy(&text[..text.len().min(200)]);
         let text = text.trim().to_string();
         return Err(RestError::Status { status, text });

@@ -91,16 +91,8 @@ async fn a_first_run_from_start_height_over_200_blocks_has_the_live_runs_ids() {
     );
     let expected = without_pending(&live_log);
 
-    let path = second_config(&h, "data2", Some(first), true);
-    let cfg = chainwatch::config::Config::load(&path).unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
-    let rescanned = wait_log_len(&h.dir.path().join("data2"), expected.len()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    token.cancel();
-    task.await.unwrap().unwrap();
-    assert_eq!(log(&h.dir.path().join("data2")), rescanned, "nothing more");
-    assert_eq!(rescanned, expected, "the same events with the same ids, in the same order (no pendings: the past mempool is gone)");
+    let rescanned = catch_up_from(&h, "data2", first, expected.len()).await;
+    assert_eq!(rescanned, expected, "the same events with the same ids, in the same order (no pendings: the past mempool is gone), and nothing more");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,17 +454,19 @@ async fn a_payment_during_a_long_rescan_is_pending_at_once_and_announced_once() 
     daemon.stop().await;
 }
 
-/// Catches up over the live history with its own data directory from `first`; the events,
-/// once there are `n`.
+/// Catches up over the live history with its own data directory from `first`, until there
+/// are `n` events and 300 ms more (time for any more to come); the events it stored.
 async fn catch_up_from(h: &Harness, name: &str, first: u32, n: usize) -> Vec<(String, String)> {
     let path = second_config(h, name, Some(first), true);
     let cfg = chainwatch::config::Config::load(&path).unwrap();
     let token = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(chainwatch::daemon::run(cfg, token.clone()));
-    let events = wait_log_len(&h.dir.path().join(name), n).await;
+    let dir = h.dir.path().join(name);
+    wait_log_len(&dir, n).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     token.cancel();
     task.await.unwrap().unwrap();
-    events
+    log(&dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,14 +100,13 @@ async fn a_stop_is_prompt_while_the_node_holds_a_block_read() {
     // tells the payment, once.
     h.node.set_block_read_delay(Duration::ZERO);
     let daemon = h.start_daemon();
-    h.wait_synced().await;
-    let got = h.receiver.wait_accepted(1, WAIT).await;
-    daemon.stop().await;
-    assert_eq!(
-        history(&got, &txid),
-        expect_history(&[("tx.confirmed", 1)]),
-        "the payment in the blocks the stop cut off"
-    );
+    synced_with_one_confirmation(
+        &h,
+        daemon,
+        &txid,
+        "the payment in the blocks the stop cut off",
+    )
+    .await;
     assert!(
         h.node.calls("rest/block") > 0,
         "blocks were read through REST"
@@ -128,15 +127,8 @@ async fn rest_reads_cut_by_a_node_outage_leave_rest_on() {
     h.node.set_block_read_delay(Duration::ZERO);
     h.node.restart(0).await.unwrap();
     let (raw, by_rpc) = (h.node.calls("rest/block"), h.node.calls("getblock"));
-    h.wait_synced().await;
-    let got = h.receiver.wait_accepted(1, WAIT).await;
-    daemon.stop().await;
-    // Mined before the daemon saw it in the mempool: its first event is the confirmation.
-    assert_eq!(
-        history(&got, &txid),
-        expect_history(&[("tx.confirmed", 1)]),
-        "the payment in the blocks caught up was told once"
-    );
+    let what = "the payment in the blocks caught up was told once";
+    synced_with_one_confirmation(&h, daemon, &txid, what).await;
     assert!(
         h.node.calls("rest/block") > raw,
         "the catch-up read on through REST after the outage"
@@ -174,4 +166,18 @@ async fn restarted_behind_held_reads(
     })
     .await;
     (txid, daemon)
+}
+
+/// Waits for `daemon` to reach the node's tip, stops it, and requires the payment `txid` to
+/// have been told as exactly one `tx.confirmed` at 1 confirmation: mined before the daemon
+/// saw it in the mempool, its first event is the confirmation.
+async fn synced_with_one_confirmation(h: &Harness, daemon: Daemon, txid: &str, what: &str) {
+    h.wait_synced().await;
+    let got = h.receiver.wait_accepted(1, WAIT).await;
+    daemon.stop().await;
+    assert_eq!(
+        history(&got, txid),
+        expect_history(&[("tx.confirmed", 1)]),
+        "{what}"
+    );
 }

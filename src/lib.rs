@@ -20,6 +20,7 @@ pub mod pg;
 pub mod proof;
 pub mod schemas;
 pub mod senders;
+pub mod sha256d;
 pub mod sign;
 pub mod simnode;
 pub mod store;

@@ -148,10 +148,7 @@ async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Bloc
 }
 
 fn proven_block(body: &[u8], hash: BlockHash) -> Result<Block, RestError> {
-    let block: Block = bitcoin::consensus::deserialize(body)
-        .map_err(|e| RestError::Bad(format!("cannot decode: {e}")))?;
-    crate::proof::check_block(&block, hash).map_err(|e| RestError::Bad(e.to_string()))?;
-    Ok(block)
+    crate::proof::decode_block(body, hash).map_err(|e| RestError::Bad(e.to_string()))
 }
 
 /// `scheme://host:port` of `url`: REST lives beside JSON-RPC, at the root, and needs no

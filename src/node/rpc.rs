@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::hex::FromHex;
 use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -331,9 +332,10 @@ fn parse_typed<T: DeserializeOwned>(method: &str, status: u16, body: &[u8]) -> N
 /// A `getblock` answer decoded and proven to be the block `hash`.
 fn proven_block(status: u16, body: &[u8], hash: BlockHash) -> NodeResult<Block> {
     const M: &str = "getblock";
-    let block: Block = decode(M, &parse_response(M, status, body)?)?;
-    crate::proof::check_block(&block, hash).map_err(|e| NodeError::bad(M, e.to_string()))?;
-    Ok(block)
+    let answer = parse_response(M, status, body)?;
+    let raw = Vec::<u8>::from_hex(as_str(M, &answer)?)
+        .map_err(|e| NodeError::bad(M, format!("cannot decode: {e}")))?;
+    crate::proof::decode_block(&raw, hash).map_err(|e| NodeError::bad(M, e.to_string()))
 }
 
 /// A `getrawtransaction` answer decoded and proven to be `txid`.

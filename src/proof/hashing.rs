@@ -1,0 +1,137 @@
+//! The hashes a block check needs (txids, wtxids, both merkle roots), taken from the block's
+//! encoding, by one thread or by two sharing the work.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use bitcoin::hashes::Hash;
+use bitcoin::{TxMerkleNode, Txid, WitnessMerkleNode, Wtxid};
+
+use super::layout::TxSpan;
+use crate::sha256d::{merkle_root, sha256d_each, Pieces};
+
+/// What a block check needs hashed: each txid, the merkle root over them, and the root over
+/// the wtxids (`None` when no transaction has a witness and the commitment is optional).
+pub(super) struct Hashed {
+    pub txids: Vec<Txid>,
+    pub root: Option<TxMerkleNode>,
+    pub witness_root: Option<WitnessMerkleNode>,
+}
+
+/// The hashes of the transactions at `spans` of `bytes`, on this thread.
+pub(super) fn hash_block(bytes: &[u8], spans: &[TxSpan]) -> Hashed {
+    let hashes = sha256d_each(&messages(bytes, spans));
+    with_roots(spans, &hashes)
+}
+
+/// The messages to hash: every transaction's txid preimage, then the wtxid preimage of those
+/// with a witness.
+fn messages<'a>(bytes: &'a [u8], spans: &[TxSpan]) -> Vec<Pieces<'a>> {
+    let tx = |s: &TxSpan| &bytes[s.start..s.start + s.len];
+    let mut msgs: Vec<Pieces> = spans
+        .iter()
+        .map(|s| {
+            let t = tx(s);
+            if s.len == s.base {
+                [t, &[], &[]]
+            } else {
+                // The segwit layout: version (4), marker and flag (2), inputs and outputs,
+                // the witnesses, lock time (4). The txid leaves out the marker, flag and
+                // witnesses.
+                [&t[..4], &t[6..s.base - 2], &t[s.len - 4..]]
+            }
+        })
+        .collect();
+    msgs.extend(
+        spans
+            .iter()
+            .filter(|s| s.witness)
+            .map(|s| [tx(s), &[], &[]]),
+    );
+    msgs
+}
+
+#[cfg(test)]
+pub(super) fn tx_hashes(bytes: &[u8], spans: &[TxSpan]) -> (Vec<Txid>, Vec<Option<Wtxid>>) {
+    split(spans, &sha256d_each(&messages(bytes, spans)))
+}
+
+/// Each transaction's txid and, if it has a witness, its wtxid (without one, the two are the
+/// same), from the hashes of `messages`.
+fn split(spans: &[TxSpan], hashes: &[[u8; 32]]) -> (Vec<Txid>, Vec<Option<Wtxid>>) {
+    let (txids, mut witnessed) = hashes.split_at(spans.len());
+    let txids = txids.iter().map(|h| Txid::from_byte_array(*h)).collect();
+    let wtxids = spans
+        .iter()
+        .map(|s| {
+            s.witness.then(|| {
+                let (w, rest) = witnessed.split_first().expect("one per witnessed span");
+                witnessed = rest;
+                Wtxid::from_byte_array(*w)
+            })
+        })
+        .collect();
+    (txids, wtxids)
+}
+
+fn with_roots(spans: &[TxSpan], hashes: &[[u8; 32]]) -> Hashed {
+    let (txids, wtxids) = split(spans, hashes);
+    let root = merkle_root(txids.iter().map(|t| t.to_byte_array()).collect());
+    let witness_root = wtxids.iter().any(Option::is_some).then(|| {
+        // The coinbase's wtxid counts as zero.
+        let leaves = std::iter::once([0; 32]).chain(txids.iter().zip(&wtxids).skip(1).map(
+            |(txid, wtxid)| match wtxid {
+                Some(w) => w.to_byte_array(),
+                None => txid.to_byte_array(),
+            },
+        ));
+        WitnessMerkleNode::from_byte_array(merkle_root(leaves.collect()).expect("a leaf"))
+    });
+    Hashed {
+        txids,
+        root: root.map(TxMerkleNode::from_byte_array),
+        witness_root,
+    }
+}
+
+/// Hashing shared by two threads that each hold the same list of messages: each takes the
+/// next chunk not yet taken, so the one that started later (the decoder) takes fewer.
+#[derive(Default)]
+pub(super) struct SharedHashing {
+    next: AtomicUsize,
+    done: Mutex<Vec<(usize, Vec<[u8; 32]>)>>,
+}
+
+impl SharedHashing {
+    /// Enough messages that taking a chunk costs little beside hashing it, few enough that
+    /// the last chunk keeps neither thread waiting long.
+    const CHUNK: usize = 64;
+
+    /// Hashes chunks of the messages of `spans` until none is left.
+    pub fn work(&self, bytes: &[u8], spans: &[TxSpan]) {
+        let msgs = messages(bytes, spans);
+        loop {
+            let chunk = self.next.fetch_add(1, Ordering::Relaxed);
+            let from = chunk * Self::CHUNK;
+            if from >= msgs.len() {
+                return;
+            }
+            let hashes = sha256d_each(&msgs[from..msgs.len().min(from + Self::CHUNK)]);
+            self.done
+                .lock()
+                .expect("not poisoned")
+                .push((chunk, hashes));
+        }
+    }
+
+    /// The hashes of `spans`, once both threads are done working on these same spans.
+    pub fn finish(self, spans: &[TxSpan]) -> Hashed {
+        let mut done = self.done.into_inner().expect("not poisoned");
+        done.sort_unstable_by_key(|(chunk, _)| *chunk);
+        let count = spans.len() + spans.iter().filter(|s| s.witness).count();
+        let in_order = done.iter().enumerate().all(|(i, (chunk, _))| i == *chunk);
+        let hashes: Vec<[u8; 32]> = done.into_iter().flat_map(|(_, h)| h).collect();
+        assert!(in_order && hashes.len() == count, "every chunk hashed once");
+        with_roots(spans, &hashes)
+    }
+}

@@ -1,0 +1,197 @@
+//! Checks that chain data is what it claims to be before anything believes it. Anyone who can
+//! reach a ZMQ port can publish on it, so a block body is used only if its header is the one
+//! the node named and its transactions are the ones the header commits to; amounts outside
+//! 0 … 21,000,000 BTC are never believed, whatever brought them. It imports only `sha256d`,
+//! a leaf, of the crate.
+
+use std::collections::HashSet;
+
+use bitcoin::hashes::Hash;
+use bitcoin::{Amount, Block, BlockHash, Transaction, Txid, WitnessMerkleNode};
+
+/// Why a block or transaction body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    #[error("block header hashes to {got}, not to {expected}")]
+    WrongBlock { expected: BlockHash, got: BlockHash },
+    #[error("transaction hashes to {got}, not to {expected}")]
+    WrongTransaction { expected: Txid, got: Txid },
+    #[error("block has no transactions")]
+    Empty,
+    #[error("first transaction is not a coinbase, or a later one is")]
+    Coinbase,
+    #[error("merkle root does not match the block's transactions")]
+    MerkleRoot,
+    #[error("transaction {0} appears twice (a mutated merkle tree)")]
+    Duplicate(Txid),
+    #[error("transaction {0} is 64 bytes without witness, which can pose as a merkle node")]
+    SixtyFourBytes(Txid),
+    #[error("witness commitment does not match the block's transactions")]
+    WitnessCommitment,
+    #[error("transaction {txid} output {vout} pays {sat} sat, more than 21,000,000 BTC")]
+    OutputValue { txid: Txid, vout: usize, sat: u64 },
+    #[error("transaction {0} pays more than 21,000,000 BTC in all")]
+    TotalValue(Txid),
+    #[error("cannot decode: {0}")]
+    Undecodable(String),
+}
+
+/// Decodes a block from the bytes a node sent and proves it to be the block `expected`, as
+/// `check_block` does, hashing the bytes as received rather than encoding the block again.
+/// A large block's hashing starts on a second thread while this one decodes: that thread
+/// scans the bytes for each transaction's bounds, and the two share the hashing once the
+/// decode is done. The scanned bounds are used only if they are the decoder's.
+pub fn decode_block(raw: &[u8], expected: BlockHash) -> Result<Block, ProofError> {
+    /// Below this (a regtest block of a few hundred transactions) a thread costs more than
+    /// it saves.
+    const SECOND_THREAD_FROM: usize = 64 * 1024;
+    let decode = || {
+        bitcoin::consensus::deserialize::<Block>(raw)
+            .map_err(|e| ProofError::Undecodable(e.to_string()))
+    };
+    let (block, hashed) = if raw.len() >= SECOND_THREAD_FROM {
+        let shared = SharedHashing::default();
+        let (block, scanned) = std::thread::scope(|s| {
+            let scanning = s.spawn(|| {
+                let spans = scan_spans(raw)?;
+                shared.work(raw, &spans);
+                Some(spans)
+            });
+            let block = decode().map(|b| (decoded_spans(&b), b));
+            if let Ok((spans, _)) = &block {
+                shared.work(raw, spans);
+            }
+            (block, scanning.join().expect("hashing does not panic"))
+        });
+        let (spans, block) = block?;
+        let hashed = if scanned.as_ref() == Some(&spans) {
+            shared.finish(&spans)
+        } else {
+            // The scan read other bounds than the decoder's: hash what the decoder read.
+            hash_block(raw, &spans)
+        };
+        (block, hashed)
+    } else {
+        let block = decode()?;
+        let hashed = hash_block(raw, &decoded_spans(&block));
+        (block, hashed)
+    };
+    let got = block.block_hash();
+    if got != expected {
+        return Err(ProofError::WrongBlock { expected, got });
+    }
+    check_hashed_body(&block, &hashed)?;
+    Ok(block)
+}
+
+/// Checks a block body against the hash the node named: header, merkle root (with no
+/// duplicated or 64-byte transactions, which could fake one), witness commitment, amounts.
+pub fn check_block(block: &Block, expected: BlockHash) -> Result<(), ProofError> {
+    let got = block.block_hash();
+    if got != expected {
+        return Err(ProofError::WrongBlock { expected, got });
+    }
+    check_block_body(block)
+}
+
+/// A block body relayed over ZMQ, checked on arrival (before the node names its hash):
+/// everything `check_block` checks but the hash, and no 64-byte transaction either. Such a
+/// transaction is valid but could pose as an inner merkle node; refusing the relayed body
+/// costs only an RPC fetch.
+pub fn check_relayed_block(block: &Block) -> Result<(), ProofError> {
+    if let Some(tx) = block.txdata.iter().find(|t| t.base_size() == 64) {
+        return Err(ProofError::SixtyFourBytes(tx.compute_txid()));
+    }
+    check_block_body(block)
+}
+
+fn check_block_body(block: &Block) -> Result<(), ProofError> {
+    let (bytes, spans) = encoded(block);
+    check_hashed_body(block, &hash_block(&bytes, &spans))
+}
+
+fn check_hashed_body(block: &Block, hashed: &Hashed) -> Result<(), ProofError> {
+    let Some(first) = block.txdata.first() else {
+        return Err(ProofError::Empty);
+    };
+    if !first.is_coinbase() || block.txdata[1..].iter().any(|t| t.is_coinbase()) {
+        return Err(ProofError::Coinbase);
+    }
+    let mut seen = HashSet::with_capacity(hashed.txids.len());
+    for (tx, txid) in block.txdata.iter().zip(&hashed.txids) {
+        if !seen.insert(*txid) {
+            return Err(ProofError::Duplicate(*txid));
+        }
+        check_amounts(tx, *txid)?;
+    }
+    if hashed.root != Some(block.header.merkle_root) {
+        return Err(ProofError::MerkleRoot);
+    }
+    if !witness_commitment_holds(block, hashed.witness_root) {
+        return Err(ProofError::WitnessCommitment);
+    }
+    Ok(())
+}
+
+/// BIP 141's commitment, as `Block::check_witness_commitment` checks it, with each
+/// transaction's wtxid, or its txid when it has no witness.
+fn witness_commitment_holds(block: &Block, witness_root: Option<WitnessMerkleNode>) -> bool {
+    const MAGIC: [u8; 6] = [0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed];
+    // Optional when no transaction has a witness.
+    let Some(root) = witness_root else {
+        return true;
+    };
+    let coinbase = &block.txdata[0];
+    // The last output starting with the magic bytes holds it.
+    let Some(out) = coinbase.output.iter().rev().find(|o| {
+        let b = o.script_pubkey.as_bytes();
+        b.len() >= 38 && b[..6] == MAGIC
+    }) else {
+        return false;
+    };
+    let reserved: Vec<&[u8]> = coinbase.input[0].witness.iter().collect();
+    let [reserved] = reserved.as_slice() else {
+        return false;
+    };
+    if reserved.len() != 32 {
+        return false;
+    }
+    let commitment = Block::compute_witness_commitment(&root, reserved);
+    commitment.as_byte_array()[..] == out.script_pubkey.as_bytes()[6..38]
+}
+
+/// Checks a transaction body against the txid it was asked for, and its amounts.
+pub fn check_transaction(tx: &Transaction, expected: Txid) -> Result<(), ProofError> {
+    let got = tx.compute_txid();
+    if got != expected {
+        return Err(ProofError::WrongTransaction { expected, got });
+    }
+    check_amounts(tx, got)
+}
+
+/// Every output and their sum within 0 … 21,000,000 BTC.
+pub fn check_amounts(tx: &Transaction, txid: Txid) -> Result<(), ProofError> {
+    let mut total = Amount::ZERO;
+    for (vout, o) in tx.output.iter().enumerate() {
+        if o.value > Amount::MAX_MONEY {
+            return Err(ProofError::OutputValue {
+                txid,
+                vout,
+                sat: o.value.to_sat(),
+            });
+        }
+        total = total
+            .checked_add(o.value)
+            .filter(|t| *t <= Amount::MAX_MONEY)
+            .ok_or(ProofError::TotalValue(txid))?;
+    }
+    Ok(())
+}
+
+mod hashing;
+mod layout;
+
+use hashing::{hash_block, Hashed, SharedHashing};
+use layout::{decoded_spans, encoded, scan_spans};
+#[cfg(test)]
+mod tests;

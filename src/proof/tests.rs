@@ -1,0 +1,330 @@
+use super::hashing::tx_hashes;
+use super::*;
+use bitcoin::consensus::{deserialize, serialize};
+use bitcoin::hashes::Hash;
+use bitcoin::Wtxid;
+use bitcoin::{ScriptBuf, TxOut};
+
+fn mainnet_block() -> Block {
+    let raw = include_bytes!(
+        "../../benches/data/block_000000000000000000000c835b2adcaedc20fdf6ee440009c249452c726dafae.raw"
+    );
+    deserialize(raw).expect("the fixture is a block")
+}
+
+fn hash(b: &Block) -> BlockHash {
+    b.block_hash()
+}
+
+#[test]
+fn a_real_block_passes() {
+    let b = mainnet_block();
+    assert_eq!(
+        hash(&b).to_string(),
+        "000000000000000000000c835b2adcaedc20fdf6ee440009c249452c726dafae"
+    );
+    assert_eq!(
+        check_block(&b, hash(&b)),
+        Ok(()),
+        "the real block proves itself"
+    );
+}
+
+#[test]
+fn another_hash_is_refused() {
+    let b = mainnet_block();
+    let other = BlockHash::all_zeros();
+    assert!(matches!(
+        check_block(&b, other),
+        Err(ProofError::WrongBlock { .. })
+    ));
+}
+
+#[test]
+fn an_altered_output_under_the_real_header_is_refused() {
+    let mut b = mainnet_block();
+    let real = hash(&b);
+    b.txdata[1].output[0].value = Amount::from_int_btc(10_000);
+    assert_eq!(hash(&b), real, "the header is untouched");
+    assert_eq!(check_block(&b, real), Err(ProofError::MerkleRoot));
+    b.txdata[1].output[0].value = Amount::MAX_MONEY;
+    assert!(
+        matches!(check_block(&b, real), Err(ProofError::TotalValue(_))),
+        "21M BTC plus the rest is refused before the merkle root is even computed"
+    );
+}
+
+#[test]
+fn a_duplicated_tail_is_refused_though_its_merkle_root_matches() {
+    let mut b = mainnet_block();
+    // CVE-2012-2459: with an odd count, repeating the last transaction keeps the root.
+    if b.txdata.len().is_multiple_of(2) {
+        b.txdata.pop();
+        b.header.merkle_root = b.compute_merkle_root().unwrap();
+    }
+    let expected = hash(&b);
+    let last = b.txdata.last().unwrap().clone();
+    b.txdata.push(last.clone());
+    assert!(b.check_merkle_root(), "the mutation keeps the merkle root");
+    assert_eq!(
+        check_block(&b, expected),
+        Err(ProofError::Duplicate(last.compute_txid()))
+    );
+}
+
+#[test]
+fn an_altered_witness_is_refused() {
+    let mut b = mainnet_block();
+    let real = hash(&b);
+    let tx = b
+        .txdata
+        .iter_mut()
+        .skip(1)
+        .find(|t| t.input.iter().any(|i| !i.witness.is_empty()))
+        .expect("the block has segwit spends");
+    let input = tx.input.iter_mut().find(|i| !i.witness.is_empty()).unwrap();
+    input.witness.push([0u8; 3]);
+    assert_eq!(check_block(&b, real), Err(ProofError::WitnessCommitment));
+}
+
+fn hashes_of(b: &Block) -> (Vec<Txid>, Vec<Option<Wtxid>>) {
+    let (bytes, spans) = encoded(b);
+    tx_hashes(&bytes, &spans)
+}
+
+#[test]
+fn one_encoding_gives_the_txids_and_wtxids_rust_bitcoin_computes() {
+    let block = mainnet_block();
+    let (txids, wtxids) = hashes_of(&block);
+    let mut witnessed = 0;
+    for ((tx, txid), wtxid) in block.txdata.iter().zip(txids).zip(wtxids) {
+        assert_eq!(txid, tx.compute_txid(), "txid");
+        match wtxid {
+            Some(w) => {
+                witnessed += 1;
+                assert_eq!(w, tx.compute_wtxid(), "wtxid of {txid}");
+            }
+            None => assert_eq!(tx.compute_wtxid().to_raw_hash(), txid.to_raw_hash()),
+        }
+    }
+    assert_eq!(witnessed, 2065, "the block's transactions with a witness");
+    // No inputs: rust-bitcoin encodes it with the segwit marker, which the txid leaves out.
+    let mut b = block.clone();
+    b.txdata[1].input.clear();
+    let bare = &b.txdata[1];
+    assert_ne!(serialize(bare).len(), bare.base_size(), "segwit layout");
+    let (txids, wtxids) = hashes_of(&b);
+    assert_eq!((txids[1], wtxids[1]), (bare.compute_txid(), None));
+}
+
+fn mainnet_raw() -> &'static [u8] {
+    include_bytes!(
+        "../../benches/data/block_000000000000000000000c835b2adcaedc20fdf6ee440009c249452c726dafae.raw"
+    )
+}
+
+/// The mainnet block cut to its first `n` transactions, its witness commitment and merkle
+/// root made again: a valid block body the size of a regtest one.
+fn cut_block(n: usize) -> Block {
+    let mut b = mainnet_block();
+    b.txdata.truncate(n);
+    let reserved = b.txdata[0].input[0].witness.nth(0).unwrap().to_vec();
+    let root = b.witness_root().unwrap();
+    let commitment = Block::compute_witness_commitment(&root, &reserved);
+    let out = b.txdata[0]
+        .output
+        .iter_mut()
+        .rev()
+        .find(|o| {
+            o.script_pubkey
+                .as_bytes()
+                .starts_with(&[0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed])
+        })
+        .unwrap();
+    let mut script = out.script_pubkey.to_bytes();
+    script[6..38].copy_from_slice(commitment.as_byte_array());
+    out.script_pubkey = ScriptBuf::from(script);
+    b.header.merkle_root = b.compute_merkle_root().unwrap();
+    assert!(
+        b.check_witness_commitment() && b.check_merkle_root(),
+        "the cut block is valid"
+    );
+    b
+}
+
+#[test]
+fn blocks_decoded_from_their_bytes_are_proven_on_one_thread_or_two() {
+    let big = mainnet_raw();
+    let small = serialize(&cut_block(40));
+    assert!(
+        big.len() >= 64 * 1024 && small.len() < 64 * 1024,
+        "one of each path"
+    );
+    for raw in [big, &small[..]] {
+        let want: Block = deserialize(raw).unwrap();
+        let got = decode_block(raw, want.block_hash());
+        assert_eq!(
+            got.as_ref(),
+            Ok(&want),
+            "a real block of {} bytes",
+            raw.len()
+        );
+        assert!(matches!(
+            decode_block(raw, BlockHash::all_zeros()),
+            Err(ProofError::WrongBlock { .. })
+        ));
+    }
+}
+
+/// A byte changed in an output, in a witness, or cut off or added at the end: the same
+/// refusals `check_block` gives for the decoded block.
+#[test]
+fn tampered_bytes_are_refused_whichever_path_hashes_them() {
+    for block in [mainnet_block(), cut_block(40)] {
+        let raw = serialize(&block);
+        let hash = block.block_hash();
+        let (_, spans) = encoded(&block);
+        let header = raw.len() - spans.iter().map(|s| s.len).sum::<usize>();
+        let segwit = spans.iter().position(|s| s.witness).unwrap();
+        let s = &spans[segwit];
+        let at = |offset: usize| header + s.start + offset;
+        // The last byte of the lock time's preceding output script, and the middle of
+        // the witness.
+        for (what, i, want) in [
+            ("an output byte", at(s.base + 2 - 5), ProofError::MerkleRoot),
+            (
+                "a witness byte",
+                at(s.len - 4 - 1),
+                ProofError::WitnessCommitment,
+            ),
+        ] {
+            let mut forged = raw.clone();
+            forged[i] ^= 0x01;
+            match decode_block(&forged, hash) {
+                Err(ProofError::Undecodable(_)) => {}
+                got => assert_eq!(
+                    got,
+                    Err(want.clone()),
+                    "{what} changed, {} bytes",
+                    raw.len()
+                ),
+            }
+        }
+        for forged in [&raw[..raw.len() - 1], &[raw.as_slice(), &[0]].concat()[..]] {
+            assert!(
+                matches!(decode_block(forged, hash), Err(ProofError::Undecodable(_))),
+                "a block of {} bytes cut or lengthened by one",
+                raw.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_scan_finds_the_bounds_the_decoder_read() {
+    let block = mainnet_block();
+    let raw = mainnet_raw();
+    let scanned = scan_spans(raw).expect("the scan reads a real block");
+    let (_, encoded) = encoded(&block);
+    let header = raw.len() - encoded.iter().map(|s| s.len).sum::<usize>();
+    assert_eq!(scanned.len(), encoded.len(), "as many transactions");
+    for (a, b) in scanned.iter().zip(&encoded) {
+        assert_eq!(
+            (a.start, a.len, a.base, a.witness),
+            (b.start + header, b.len, b.base, b.witness),
+            "bounds of a transaction"
+        );
+    }
+    assert_eq!(scanned, decoded_spans(&block), "the decoder's bounds");
+    assert_eq!(scan_spans(&raw[..raw.len() - 1]), None, "cut short");
+    assert_eq!(
+        scan_spans(&raw[..100]),
+        None,
+        "cut in the first transaction"
+    );
+}
+
+fn tx_paying(values: &[u64]) -> Transaction {
+    let mut tx = mainnet_block().txdata[1].clone();
+    tx.output = values
+        .iter()
+        .map(|v| TxOut {
+            value: Amount::from_sat(*v),
+            script_pubkey: ScriptBuf::new(),
+        })
+        .collect();
+    tx
+}
+
+#[test]
+fn the_witness_check_agrees_with_rust_bitcoins_on_every_tampering() {
+    let real = mainnet_block();
+    let mut cases: Vec<(&str, Block)> = vec![("the real block", real.clone())];
+    let mut b = real.clone();
+    let plain = b
+        .txdata
+        .iter()
+        .position(|t| !t.is_coinbase() && t.input.iter().all(|i| i.witness.is_empty()));
+    let plain = plain.expect("the block has a transaction without witness");
+    b.txdata[plain].input[0].witness.push([1u8; 2]);
+    cases.push((
+        "a witness given to a transaction without one (same txid)",
+        b,
+    ));
+    let mut b = real.clone();
+    b.txdata[0].output.retain(|o| {
+        !o.script_pubkey
+            .as_bytes()
+            .starts_with(&[0x6a, 0x24, 0xaa, 0x21, 0xa9, 0xed])
+    });
+    cases.push(("the commitment output removed", b));
+    let mut b = real.clone();
+    b.txdata[0].input[0].witness = bitcoin::Witness::from_slice(&[[0u8; 31]]);
+    cases.push(("a reserved value of 31 bytes", b));
+    let mut b = real.clone();
+    b.txdata[0].input[0].witness.push([0u8; 32]);
+    cases.push(("two reserved values", b));
+    for (what, b) in cases {
+        let (bytes, spans) = encoded(&b);
+        let ours = witness_commitment_holds(&b, hash_block(&bytes, &spans).witness_root);
+        assert_eq!(ours, b.check_witness_commitment(), "{what}");
+        assert_eq!(ours, what == "the real block", "{what}");
+    }
+}
+
+#[test]
+fn amounts_beyond_the_supply_are_refused() {
+    let max = Amount::MAX_MONEY.to_sat();
+    let ok = tx_paying(&[max]);
+    assert_eq!(
+        check_amounts(&ok, ok.compute_txid()),
+        Ok(()),
+        "21M BTC is the ceiling"
+    );
+    let over = tx_paying(&[max + 1]);
+    assert!(matches!(
+        check_amounts(&over, over.compute_txid()),
+        Err(ProofError::OutputValue { vout: 0, .. })
+    ));
+    let sum = tx_paying(&[max, 1]);
+    assert!(matches!(
+        check_amounts(&sum, sum.compute_txid()),
+        Err(ProofError::TotalValue(_))
+    ));
+    let wrap = tx_paying(&[u64::MAX, u64::MAX]);
+    assert!(
+        check_amounts(&wrap, wrap.compute_txid()).is_err(),
+        "no overflow"
+    );
+}
+
+#[test]
+fn a_transaction_must_be_the_one_asked_for() {
+    let tx = tx_paying(&[1000]);
+    let other = tx_paying(&[2000]);
+    assert!(matches!(
+        check_transaction(&tx, other.compute_txid()),
+        Err(ProofError::WrongTransaction { .. })
+    ));
+    assert_eq!(check_transaction(&tx, tx.compute_txid()), Ok(()));
+}

@@ -2,7 +2,7 @@
 //! encoding, by one thread or by two sharing the work.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use bitcoin::hashes::Hash;
 use bitcoin::{TxMerkleNode, Txid, WitnessMerkleNode, Wtxid};
@@ -12,6 +12,7 @@ use crate::sha256d::{merkle_root, sha256d_each, Pieces};
 
 /// What a block check needs hashed: each txid, the merkle root over them, and the root over
 /// the wtxids (`None` when no transaction has a witness and the commitment is optional).
+#[derive(Debug, PartialEq)]
 pub(super) struct Hashed {
     pub txids: Vec<Txid>,
     pub root: Option<TxMerkleNode>,
@@ -75,9 +76,28 @@ fn split(spans: &[TxSpan], hashes: &[[u8; 32]]) -> (Vec<Txid>, Vec<Option<Wtxid>
 }
 
 fn with_roots(spans: &[TxSpan], hashes: &[[u8; 32]]) -> Hashed {
+    let (txids, root) = txid_root(spans, hashes);
+    Hashed {
+        txids,
+        root,
+        witness_root: witness_root(spans, hashes),
+    }
+}
+
+/// The txids and their merkle root, from the first hashes (one per transaction).
+fn txid_root(spans: &[TxSpan], hashes: &[[u8; 32]]) -> (Vec<Txid>, Option<TxMerkleNode>) {
+    let leaves = hashes[..spans.len()].to_vec();
+    let txids = leaves.iter().map(|h| Txid::from_byte_array(*h)).collect();
+    (
+        txids,
+        merkle_root(leaves).map(TxMerkleNode::from_byte_array),
+    )
+}
+
+/// The root over the wtxids, from all the hashes; `None` when no transaction has a witness.
+fn witness_root(spans: &[TxSpan], hashes: &[[u8; 32]]) -> Option<WitnessMerkleNode> {
     let (txids, wtxids) = split(spans, hashes);
-    let root = merkle_root(txids.iter().map(|t| t.to_byte_array()).collect());
-    let witness_root = wtxids.iter().any(Option::is_some).then(|| {
+    wtxids.iter().any(Option::is_some).then(|| {
         // The coinbase's wtxid counts as zero.
         let leaves = std::iter::once([0; 32]).chain(txids.iter().zip(&wtxids).skip(1).map(
             |(txid, wtxid)| match wtxid {
@@ -86,20 +106,21 @@ fn with_roots(spans: &[TxSpan], hashes: &[[u8; 32]]) -> Hashed {
             },
         ));
         WitnessMerkleNode::from_byte_array(merkle_root(leaves.collect()).expect("a leaf"))
-    });
-    Hashed {
-        txids,
-        root: root.map(TxMerkleNode::from_byte_array),
-        witness_root,
-    }
+    })
 }
 
 /// Hashing shared by two threads that each hold the same list of messages: each takes the
-/// next chunk not yet taken, so the one that started later (the decoder) takes fewer.
+/// next chunk not yet taken, so the one that started later (the decoder) takes fewer. The
+/// two merkle roots are computed where the work is done first: the txid root by the decoder
+/// once it has no chunk left, if the txids are all hashed by then (they come first); the
+/// witness root by the thread that finishes the last chunk.
 #[derive(Default)]
 pub(super) struct SharedHashing {
     next: AtomicUsize,
+    finished: AtomicUsize,
     done: Mutex<Vec<(usize, Vec<[u8; 32]>)>>,
+    txid_root: OnceLock<(Vec<Txid>, Option<TxMerkleNode>)>,
+    witness_root: OnceLock<Option<WitnessMerkleNode>>,
 }
 
 impl SharedHashing {
@@ -110,28 +131,76 @@ impl SharedHashing {
     /// Hashes chunks of the messages of `spans` until none is left.
     pub fn work(&self, bytes: &[u8], spans: &[TxSpan]) {
         let msgs = messages(bytes, spans);
+        let chunks = msgs.len().div_ceil(Self::CHUNK);
         loop {
             let chunk = self.next.fetch_add(1, Ordering::Relaxed);
-            let from = chunk * Self::CHUNK;
-            if from >= msgs.len() {
+            if chunk >= chunks {
                 return;
             }
+            let from = chunk * Self::CHUNK;
             let hashes = sha256d_each(&msgs[from..msgs.len().min(from + Self::CHUNK)]);
             self.done
                 .lock()
                 .expect("not poisoned")
                 .push((chunk, hashes));
+            if self.finished.fetch_add(1, Ordering::AcqRel) + 1 == chunks {
+                if let Some(hashes) = self.hashes_so_far(spans, msgs.len()) {
+                    let _ = self.witness_root.set(witness_root(spans, &hashes));
+                }
+            }
+        }
+    }
+
+    /// The decoder's part, once `work` has no chunk left for it: the txid root, if every
+    /// txid is hashed.
+    pub fn txids_if_hashed(&self, spans: &[TxSpan]) {
+        if let Some(hashes) = self.hashes_so_far(spans, spans.len()) {
+            let _ = self.txid_root.set(txid_root(spans, &hashes));
         }
     }
 
     /// The hashes of `spans`, once both threads are done working on these same spans.
     pub fn finish(self, spans: &[TxSpan]) -> Hashed {
-        let mut done = self.done.into_inner().expect("not poisoned");
+        let all = || {
+            let count = spans.len() + spans.iter().filter(|s| s.witness).count();
+            self.hashes_so_far(spans, count)
+                .expect("every chunk hashed once")
+        };
+        let (txids, root) = match self.txid_root.get() {
+            Some(done) => done.clone(),
+            None => txid_root(spans, &all()),
+        };
+        let witness_root = match self.witness_root.get() {
+            Some(done) => *done,
+            None => witness_root(spans, &all()),
+        };
+        Hashed {
+            txids,
+            root,
+            witness_root,
+        }
+    }
+
+    /// The first `count` hashes, in order, if they are all done; `None` if not (or if the
+    /// other thread read other bounds and hashed other messages).
+    fn hashes_so_far(&self, spans: &[TxSpan], count: usize) -> Option<Vec<[u8; 32]>> {
+        let all = spans.len() + spans.iter().filter(|s| s.witness).count();
+        let mut done = self.done.lock().expect("not poisoned").clone();
         done.sort_unstable_by_key(|(chunk, _)| *chunk);
-        let count = spans.len() + spans.iter().filter(|s| s.witness).count();
-        let in_order = done.iter().enumerate().all(|(i, (chunk, _))| i == *chunk);
-        let hashes: Vec<[u8; 32]> = done.into_iter().flat_map(|(_, h)| h).collect();
-        assert!(in_order && hashes.len() == count, "every chunk hashed once");
-        with_roots(spans, &hashes)
+        let mut hashes = Vec::with_capacity(count);
+        for (i, (chunk, h)) in done.into_iter().enumerate() {
+            if hashes.len() >= count {
+                break;
+            }
+            let expected = Self::CHUNK.min(all.saturating_sub(i * Self::CHUNK));
+            if chunk != i || h.len() != expected {
+                return None;
+            }
+            hashes.extend(h);
+        }
+        (hashes.len() >= count).then(|| {
+            hashes.truncate(count);
+            hashes
+        })
     }
 }

@@ -60,6 +60,7 @@ pub fn decode_block(raw: &[u8], expected: BlockHash) -> Result<Block, ProofError
             let block = decode().map(|b| (decoded_spans(&b), b));
             if let Ok((spans, _)) = &block {
                 shared.work(raw, spans);
+                shared.txids_if_hashed(spans);
             }
             (block, scanning.join().expect("hashing does not panic"))
         });

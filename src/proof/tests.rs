@@ -1,4 +1,4 @@
-use super::hashing::tx_hashes;
+use super::hashing::{hash_block, tx_hashes, SharedHashing};
 use super::*;
 use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::hashes::Hash;
@@ -327,4 +327,56 @@ fn a_transaction_must_be_the_one_asked_for() {
         Err(ProofError::WrongTransaction { .. })
     ));
     assert_eq!(check_transaction(&tx, tx.compute_txid()), Ok(()));
+}
+
+/// However the chunks fall between the two threads, and whichever of them computes the roots,
+/// the result is what one thread computes alone.
+#[test]
+fn shared_hashing_gives_what_one_thread_gives_however_the_work_falls() {
+    let raw = mainnet_raw();
+    let spans = scan_spans(raw).unwrap();
+    let alone = hash_block(raw, &spans);
+    let one = SharedHashing::default();
+    one.work(raw, &spans);
+    one.txids_if_hashed(&spans);
+    assert_eq!(
+        one.finish(&spans),
+        alone,
+        "one thread took every chunk and both roots"
+    );
+    let late = SharedHashing::default();
+    late.txids_if_hashed(&spans);
+    late.work(raw, &spans);
+    assert_eq!(
+        late.finish(&spans),
+        alone,
+        "the txid root asked for before any chunk"
+    );
+    for round in 0..20 {
+        let shared = SharedHashing::default();
+        std::thread::scope(|s| {
+            s.spawn(|| shared.work(raw, &spans));
+            shared.work(raw, &spans);
+            shared.txids_if_hashed(&spans);
+        });
+        assert_eq!(shared.finish(&spans), alone, "two threads, round {round}");
+    }
+}
+
+/// A second thread that read other bounds (here: another block's) hashes other messages;
+/// neither thread hangs or panics, and decode_block does not use what they shared.
+#[test]
+fn a_thread_that_read_other_bounds_neither_hangs_nor_panics() {
+    let raw = mainnet_raw();
+    let spans = scan_spans(raw).unwrap();
+    let other = serialize(&cut_block(40));
+    let other_spans = scan_spans(&other).unwrap();
+    for (first, second) in [(&other_spans, &spans), (&spans, &other_spans)] {
+        let shared = SharedHashing::default();
+        std::thread::scope(|s| {
+            s.spawn(|| shared.work(raw, first));
+            shared.work(raw, second);
+            shared.txids_if_hashed(second);
+        });
+    }
 }

@@ -114,7 +114,7 @@ mod shani {
 
         /// The next block, straight from the message where 64 bytes of one piece remain,
         /// else assembled in `scratch`; `None` once the length block is out.
-        fn next_block(&mut self) -> Option<*const u8> {
+        fn next_block(&mut self) -> Option<Next> {
             if self.done {
                 return None;
             }
@@ -124,7 +124,7 @@ mod shani {
             if self.piece < 3 && self.pieces[self.piece].len() - self.at >= 64 {
                 let p = self.pieces[self.piece][self.at..].as_ptr();
                 self.at += 64;
-                return Some(p);
+                return Some(Next::At(p));
             }
             let mut n = 0;
             while n < 64 && self.piece < 3 {
@@ -147,8 +147,24 @@ mod shani {
             } else {
                 self.scratch[n..].fill(0);
             }
-            Some(self.scratch.as_ptr())
+            Some(Next::Scratch)
         }
+
+        /// Where block `next` is. The pointer to `scratch` is taken only now, just before
+        /// the block is read, so that no borrow of the lane taken meanwhile invalidates it.
+        fn at(&self, next: Next) -> *const u8 {
+            match next {
+                Next::At(p) => p,
+                Next::Scratch => self.scratch.as_ptr(),
+            }
+        }
+    }
+
+    /// Where a feed's next block is: at this place in the message, or in its scratch.
+    #[derive(Clone, Copy)]
+    enum Next {
+        At(*const u8),
+        Scratch,
     }
 
     /// A message in one of the two streams: where its hash goes, its blocks, its state.
@@ -168,7 +184,7 @@ mod shani {
         lane: &mut Option<Lane<'a>>,
         queue: &mut impl Iterator<Item = (usize, &'a Pieces<'a>)>,
         out: &mut [[u8; 32]],
-    ) -> Option<*const u8> {
+    ) -> Option<Next> {
         loop {
             if let Some(l) = lane {
                 if let Some(p) = l.feed.next_block() {
@@ -198,9 +214,11 @@ mod shani {
             let pb = next_of(&mut b, &mut queue, out);
             match (pa, pb, &mut a, &mut b) {
                 (Some(pa), Some(pb), Some(la), Some(lb)) => {
+                    let (pa, pb) = (la.feed.at(pa), lb.feed.at(pb));
                     compress2(&mut la.state, pa, &mut lb.state, pb)
                 }
                 (Some(p), None, Some(l), _) | (None, Some(p), _, Some(l)) => {
+                    let p = l.feed.at(p);
                     compress1(&mut l.state, p)
                 }
                 _ => return,

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use bitcoin::{Block, BlockHash};
 
-/// Bitcoin's `MAX_BLOCK_SERIALIZED_SIZE`: no valid block is larger.
-pub const MAX_BLOCK_BYTES: usize = 4_000_000;
+use crate::proof::MAX_BLOCK_SIZE as MAX_BLOCK_BYTES;
 
 /// How long blocks are read over JSON-RPC after REST failed, before REST is tried again (a
 /// node restarted with `-rest`).

@@ -333,8 +333,13 @@ fn parse_typed<T: DeserializeOwned>(method: &str, status: u16, body: &[u8]) -> N
 fn proven_block(status: u16, body: &[u8], hash: BlockHash) -> NodeResult<Block> {
     const M: &str = "getblock";
     let answer = parse_response(M, status, body)?;
-    let raw = Vec::<u8>::from_hex(as_str(M, &answer)?)
-        .map_err(|e| NodeError::bad(M, format!("cannot decode: {e}")))?;
+    let hex = as_str(M, &answer)?;
+    if hex.len() > 2 * crate::proof::MAX_BLOCK_SIZE {
+        let e = crate::proof::ProofError::TooLarge(hex.len() / 2);
+        return Err(NodeError::bad(M, e.to_string()));
+    }
+    let raw =
+        Vec::<u8>::from_hex(hex).map_err(|e| NodeError::bad(M, format!("cannot decode: {e}")))?;
     crate::proof::decode_block(&raw, hash).map_err(|e| NodeError::bad(M, e.to_string()))
 }
 

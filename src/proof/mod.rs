@@ -34,55 +34,86 @@ pub enum ProofError {
     TotalValue(Txid),
     #[error("cannot decode: {0}")]
     Undecodable(String),
+    #[error("{0} bytes, more than any block")]
+    TooLarge(usize),
 }
+
+/// Bitcoin's `MAX_BLOCK_SERIALIZED_SIZE`: no valid block is larger (its weight, at most
+/// 4,000,000, counts every byte at least once).
+pub const MAX_BLOCK_SIZE: usize = 4_000_000;
 
 /// Decodes a block from the bytes a node sent and proves it to be the block `expected`, as
 /// `check_block` does, hashing the bytes as received rather than encoding the block again.
-/// A large block's hashing starts on a second thread while this one decodes: that thread
-/// scans the bytes for each transaction's bounds, and the two share the hashing once the
-/// decode is done. The scanned bounds are used only if they are the decoder's.
+/// The header is checked first, so a body under another header costs one hash. A large
+/// block's hashing starts on a second thread while this one decodes: that thread scans the
+/// bytes for each transaction's bounds, and the two share the hashing once the decode is
+/// done. Scanned bounds are used only if they are the decoder's; if they ever were not, the
+/// decoded block is encoded again and that is hashed, as `check_block` does.
 pub fn decode_block(raw: &[u8], expected: BlockHash) -> Result<Block, ProofError> {
     /// Below this (a regtest block of a few hundred transactions) a thread costs more than
     /// it saves.
     const SECOND_THREAD_FROM: usize = 64 * 1024;
+    if raw.len() > MAX_BLOCK_SIZE {
+        return Err(ProofError::TooLarge(raw.len()));
+    }
+    let header = raw
+        .get(..80)
+        .ok_or(ProofError::Undecodable("shorter than a header".into()))?;
+    let got = BlockHash::hash(header);
+    if got != expected {
+        return Err(ProofError::WrongBlock { expected, got });
+    }
     let decode = || {
         bitcoin::consensus::deserialize::<Block>(raw)
             .map_err(|e| ProofError::Undecodable(e.to_string()))
     };
-    let (block, hashed) = if raw.len() >= SECOND_THREAD_FROM {
-        let shared = SharedHashing::default();
-        let (block, scanned) = std::thread::scope(|s| {
-            let scanning = s.spawn(|| {
-                let spans = scan_spans(raw)?;
-                shared.work(raw, &spans);
-                Some(spans)
-            });
-            let block = decode().map(|b| (decoded_spans(&b), b));
-            if let Ok((spans, _)) = &block {
-                shared.work(raw, spans);
-                shared.txids_if_hashed(spans);
-            }
-            (block, scanning.join().expect("hashing does not panic"))
-        });
-        let (spans, block) = block?;
-        let hashed = if scanned.as_ref() == Some(&spans) {
-            shared.finish(&spans)
-        } else {
-            // The scan read other bounds than the decoder's: hash what the decoder read.
-            hash_block(raw, &spans)
+    let shared = SharedHashing::default();
+    let (block, scanned) = std::thread::scope(|s| {
+        let scan_and_hash = || {
+            let spans = scan_spans(raw)?;
+            shared.work(raw, &spans);
+            Some(spans)
         };
-        (block, hashed)
-    } else {
-        let block = decode()?;
-        let hashed = hash_block(raw, &decoded_spans(&block));
-        (block, hashed)
-    };
-    let got = block.block_hash();
-    if got != expected {
-        return Err(ProofError::WrongBlock { expected, got });
-    }
+        // Without a thread (too small a block, or none to be had) the scan comes after.
+        let helper = (raw.len() >= SECOND_THREAD_FROM)
+            .then(|| {
+                std::thread::Builder::new()
+                    .spawn_scoped(s, scan_and_hash)
+                    .ok()
+            })
+            .flatten();
+        let block = decode().map(|b| (decoded_spans(&b), b));
+        if let Ok((spans, _)) = &block {
+            shared.work(raw, spans);
+            shared.txids_if_hashed(spans);
+        }
+        let scanned = match helper {
+            Some(h) => h.join().expect("hashing does not panic"),
+            None => scan_spans(raw),
+        };
+        (block, scanned)
+    });
+    let (spans, block) = block?;
+    let hashed = hashes_of_what_was_decoded(&block, &spans, scanned, shared);
     check_hashed_body(&block, &hashed)?;
     Ok(block)
+}
+
+/// The hashes of `block`: those shared while it was decoded if the bytes scanned as the
+/// decoder read them (`spans`), else those of its encoding. The second cannot happen while
+/// rust-bitcoin decodes canonically; it is there so that a change in that costs speed only.
+fn hashes_of_what_was_decoded(
+    block: &Block,
+    spans: &[layout::TxSpan],
+    scanned: Option<Vec<layout::TxSpan>>,
+    shared: SharedHashing,
+) -> Hashed {
+    if scanned.as_deref() == Some(spans) {
+        return shared.finish(spans);
+    }
+    tracing::warn!(hash = %block.block_hash(), "a block's bytes scan otherwise than they decode; checking its encoding instead");
+    let (bytes, spans) = encoded(block);
+    hash_block(&bytes, &spans)
 }
 
 /// Checks a block body against the hash the node named: header, merkle root (with no

@@ -200,15 +200,12 @@ fn tampered_bytes_are_refused_whichever_path_hashes_them() {
         ] {
             let mut forged = raw.clone();
             forged[i] ^= 0x01;
-            match decode_block(&forged, hash) {
-                Err(ProofError::Undecodable(_)) => {}
-                got => assert_eq!(
-                    got,
-                    Err(want.clone()),
-                    "{what} changed, {} bytes",
-                    raw.len()
-                ),
-            }
+            assert_eq!(
+                decode_block(&forged, hash),
+                Err(want.clone()),
+                "{what} changed, {} bytes",
+                raw.len()
+            );
         }
         for forged in [&raw[..raw.len() - 1], &[raw.as_slice(), &[0]].concat()[..]] {
             assert!(
@@ -379,4 +376,100 @@ fn a_thread_that_read_other_bounds_neither_hangs_nor_panics() {
             shared.txids_if_hashed(second);
         });
     }
+}
+
+/// The encodings rust-bitcoin refuses, which is what makes a decoded block's bounds the true
+/// bounds of its bytes: a non-minimal count, a segwit flag other than 1, a flag on a
+/// transaction whose inputs have no witness.
+#[test]
+fn encodings_that_would_not_read_back_are_refused() {
+    let block = cut_block(40);
+    let raw = serialize(&block);
+    let hash = block.block_hash();
+    let spans = decoded_spans(&block);
+    assert_eq!(raw[80], 40, "the transaction count, one byte");
+    let long_count = [&raw[..80], &[0xfd, 40, 0][..], &raw[81..]].concat();
+    let segwit = spans.iter().skip(1).find(|s| s.witness).unwrap();
+    let mut flag_two = raw.clone();
+    flag_two[segwit.start + 5] = 2;
+    // The same transaction with the segwit flag but every witness empty.
+    let tx = &raw[segwit.start..segwit.start + segwit.len];
+    let inputs = block.txdata[spans.iter().position(|s| s == segwit).unwrap()]
+        .input
+        .len();
+    let empty_witnesses = [
+        &tx[..6],
+        &tx[6..segwit.base - 2],
+        &vec![0u8; inputs][..],
+        &tx[tx.len() - 4..],
+    ]
+    .concat();
+    let flag_alone = [
+        &raw[..segwit.start],
+        &empty_witnesses[..],
+        &raw[segwit.start + segwit.len..],
+    ]
+    .concat();
+    for (what, bytes) in [
+        ("a count of three bytes where one does", long_count),
+        ("segwit flag 2", flag_two),
+        ("a segwit flag without witnesses", flag_alone),
+    ] {
+        assert!(
+            matches!(decode_block(&bytes, hash), Err(ProofError::Undecodable(_))),
+            "{what}: {:?}",
+            decode_block(&bytes, hash).map(|b| b.block_hash())
+        );
+    }
+}
+
+/// A body under another header is refused before it is decoded: garbage after the right
+/// header of another block costs one hash. Nothing larger than a block is read.
+#[test]
+fn the_header_and_the_size_are_checked_before_anything_else() {
+    let raw = mainnet_raw();
+    let hash = mainnet_block().block_hash();
+    let garbage = [&raw[..80], &vec![0xff; 1000][..]].concat();
+    assert!(matches!(
+        decode_block(&garbage, BlockHash::all_zeros()),
+        Err(ProofError::WrongBlock { .. })
+    ));
+    assert!(matches!(
+        decode_block(&garbage, hash),
+        Err(ProofError::Undecodable(_))
+    ));
+    assert!(matches!(
+        decode_block(&raw[..79], hash),
+        Err(ProofError::Undecodable(_))
+    ));
+    let huge = [raw, &vec![0u8; MAX_BLOCK_SIZE][..]].concat();
+    assert_eq!(
+        decode_block(&huge, hash),
+        Err(ProofError::TooLarge(huge.len()))
+    );
+}
+
+/// If the bytes ever scanned otherwise than they decode, the block's own encoding is hashed:
+/// the real block still passes, and a block whose bytes were altered still fails.
+#[test]
+fn bounds_read_two_ways_fall_back_to_the_encoding() {
+    let block = mainnet_block();
+    let spans = decoded_spans(&block);
+    let hashed = hashes_of_what_was_decoded(&block, &spans, None, SharedHashing::default());
+    assert_eq!(check_hashed_body(&block, &hashed), Ok(()), "the real block");
+    let mut wrong = scan_spans(mainnet_raw()).unwrap();
+    wrong[3].base += 1;
+    let hashed = hashes_of_what_was_decoded(&block, &spans, Some(wrong), SharedHashing::default());
+    assert_eq!(
+        check_hashed_body(&block, &hashed),
+        Ok(()),
+        "a scan one byte off"
+    );
+    let mut altered = block.clone();
+    altered.txdata[5].output[0].value = Amount::from_sat(1);
+    let hashed = hashes_of_what_was_decoded(&altered, &spans, None, SharedHashing::default());
+    assert_eq!(
+        check_hashed_body(&altered, &hashed),
+        Err(ProofError::MerkleRoot)
+    );
 }

@@ -642,12 +642,10 @@ impl<S: ChainSource> NodeSource<S> {
             news.gap |= self.check_counter(&m);
             match m.body {
                 ZmqBody::RawTx(tx) => self.cache.add_tx(tx),
-                ZmqBody::RawBlock(b) => {
-                    let hash = b.block_hash();
-                    if let Err(e) = self.cache.add_block(b) {
-                        tracing::warn!(%hash, counter = m.counter, error = %e, "refused a ZMQ rawblock body that does not prove itself (forged or corrupt); the block is fetched over RPC");
-                        self.metrics.zmq_refused(&m.topic);
-                    }
+                ZmqBody::RawBlock(b) => self.cache.add_block(b),
+                ZmqBody::RefusedBlock { hash, error } => {
+                    tracing::warn!(%hash, counter = m.counter, %error, "refused a ZMQ rawblock body that does not prove itself (forged or corrupt); the block is fetched over RPC");
+                    self.metrics.zmq_refused(&m.topic);
                 }
                 ZmqBody::Sequence(ev) => news.sequence.push(ev),
                 ZmqBody::HashTx(_) | ZmqBody::HashBlock(_) => {}

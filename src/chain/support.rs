@@ -36,11 +36,11 @@ impl BodyCache {
         }
     }
 
-    /// Keeps a relayed block body only if its transactions are the ones its header commits to;
-    /// the first body kept for a hash stays, so a later copy cannot replace it. The follower
-    /// uses a body only under the hash the node names.
-    pub fn add_block(&mut self, block: Block) -> Result<(), crate::proof::ProofError> {
-        crate::proof::check_relayed_block(&block)?;
+    /// Keeps a relayed block body (proven on arrival: its transactions are the ones its header
+    /// commits to); the first body kept for a hash stays, so a later copy cannot replace it.
+    /// The follower uses a body only under the hash the node names.
+    pub fn add_block(&mut self, block: crate::proof::RelayedBlock) {
+        let block = block.into_block();
         let hash = block.block_hash();
         if let std::collections::hash_map::Entry::Vacant(v) = self.blocks.entry(hash) {
             v.insert(block);
@@ -50,7 +50,6 @@ impl BodyCache {
                 self.blocks.remove(&old);
             }
         }
-        Ok(())
     }
 }
 

@@ -2,7 +2,9 @@
 
 use bitcoin::consensus::deserialize;
 use bitcoin::hashes::Hash;
-use bitcoin::{Block, BlockHash, Transaction, Txid};
+use bitcoin::{BlockHash, Transaction, Txid};
+
+use crate::proof::{decode_relayed_block, ProofError, RelayedBlock};
 
 /// A `sequence` notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +22,13 @@ pub enum SequenceEvent {
 pub enum ZmqBody {
     Sequence(SequenceEvent),
     RawTx(Transaction),
-    RawBlock(Block),
+    /// A block body, proven on arrival (its transactions are the ones its header commits to).
+    RawBlock(RelayedBlock),
+    /// A block body that decodes but does not prove itself: forged or corrupt.
+    RefusedBlock {
+        hash: BlockHash,
+        error: ProofError,
+    },
     HashTx(Txid),
     HashBlock(BlockHash),
 }
@@ -85,9 +93,16 @@ pub fn decode_body(topic: &str, b: &[u8]) -> Result<ZmqBody, WireError> {
         "rawtx" => deserialize(b)
             .map(ZmqBody::RawTx)
             .map_err(|e| err(e.to_string())),
-        "rawblock" => deserialize(b)
-            .map(ZmqBody::RawBlock)
-            .map_err(|e| err(e.to_string())),
+        "rawblock" => match decode_relayed_block(b) {
+            Ok(block) => Ok(ZmqBody::RawBlock(block)),
+            Err(e @ (ProofError::Undecodable(_) | ProofError::TooLarge(_))) => {
+                Err(err(e.to_string()))
+            }
+            Err(error) => Ok(ZmqBody::RefusedBlock {
+                hash: b.get(..80).map_or(BlockHash::all_zeros(), BlockHash::hash),
+                error,
+            }),
+        },
         "hashtx" => display_order_hash(b)
             .map(|h| ZmqBody::HashTx(Txid::from_byte_array(h)))
             .ok_or_else(|| err("expected 32 bytes".into())),

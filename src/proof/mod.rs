@@ -44,24 +44,56 @@ pub const MAX_BLOCK_SIZE: usize = 4_000_000;
 
 /// Decodes a block from the bytes a node sent and proves it to be the block `expected`, as
 /// `check_block` does, hashing the bytes as received rather than encoding the block again.
-/// The header is checked first, so a body under another header costs one hash. A large
-/// block's hashing starts on a second thread while this one decodes: that thread scans the
-/// bytes for each transaction's bounds, and the two share the hashing once the decode is
-/// done. Scanned bounds are used only if they are the decoder's; if they ever were not, the
-/// decoded block is encoded again and that is hashed, as `check_block` does.
+/// The header is checked first, so a body under another header costs one hash.
 pub fn decode_block(raw: &[u8], expected: BlockHash) -> Result<Block, ProofError> {
-    /// Below this (a regtest block of a few hundred transactions) a thread costs more than
-    /// it saves.
-    const SECOND_THREAD_FROM: usize = 64 * 1024;
-    if raw.len() > MAX_BLOCK_SIZE {
-        return Err(ProofError::TooLarge(raw.len()));
-    }
     let header = raw
         .get(..80)
         .ok_or(ProofError::Undecodable("shorter than a header".into()))?;
     let got = BlockHash::hash(header);
     if got != expected {
         return Err(ProofError::WrongBlock { expected, got });
+    }
+    let (block, _) = decode_proven(raw)?;
+    Ok(block)
+}
+
+/// A block body relayed over ZMQ, proven on arrival, before the node names its hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayedBlock(Block);
+
+impl RelayedBlock {
+    pub fn block(&self) -> &Block {
+        &self.0
+    }
+
+    pub fn into_block(self) -> Block {
+        self.0
+    }
+}
+
+/// Decodes a block body relayed over ZMQ and proves it, as `decode_block` does but for the
+/// hash (the node has not named it yet), and with no 64-byte transaction either. Such a
+/// transaction is valid but could pose as an inner merkle node; refusing the relayed body
+/// costs only an RPC fetch.
+pub fn decode_relayed_block(raw: &[u8]) -> Result<RelayedBlock, ProofError> {
+    let (block, spans) = decode_proven(raw)?;
+    if let Some(i) = spans.iter().position(|s| s.base == 64) {
+        return Err(ProofError::SixtyFourBytes(block.txdata[i].compute_txid()));
+    }
+    Ok(RelayedBlock(block))
+}
+
+/// Decodes `raw` and checks its body against its header, with each transaction's bounds.
+/// A large block's hashing starts on a second thread while this one decodes: that thread
+/// scans the bytes for each transaction's bounds, and the two share the hashing once the
+/// decode is done. Scanned bounds are used only if they are the decoder's; if they ever were
+/// not, the decoded block is encoded again and that is hashed, as `check_block` does.
+fn decode_proven(raw: &[u8]) -> Result<(Block, Vec<layout::TxSpan>), ProofError> {
+    /// Below this (a regtest block of a few hundred transactions) a thread costs more than
+    /// it saves.
+    const SECOND_THREAD_FROM: usize = 64 * 1024;
+    if raw.len() > MAX_BLOCK_SIZE {
+        return Err(ProofError::TooLarge(raw.len()));
     }
     let decode = || {
         bitcoin::consensus::deserialize::<Block>(raw)
@@ -96,7 +128,7 @@ pub fn decode_block(raw: &[u8], expected: BlockHash) -> Result<Block, ProofError
     let (spans, block) = block?;
     let hashed = hashes_of_what_was_decoded(&block, &spans, scanned, shared);
     check_hashed_body(&block, &hashed)?;
-    Ok(block)
+    Ok((block, spans))
 }
 
 /// The hashes of `block`: those shared while it was decoded if the bytes scanned as the
@@ -122,17 +154,6 @@ pub fn check_block(block: &Block, expected: BlockHash) -> Result<(), ProofError>
     let got = block.block_hash();
     if got != expected {
         return Err(ProofError::WrongBlock { expected, got });
-    }
-    check_block_body(block)
-}
-
-/// A block body relayed over ZMQ, checked on arrival (before the node names its hash):
-/// everything `check_block` checks but the hash, and no 64-byte transaction either. Such a
-/// transaction is valid but could pose as an inner merkle node; refusing the relayed body
-/// costs only an RPC fetch.
-pub fn check_relayed_block(block: &Block) -> Result<(), ProofError> {
-    if let Some(tx) = block.txdata.iter().find(|t| t.base_size() == 64) {
-        return Err(ProofError::SixtyFourBytes(tx.compute_txid()));
     }
     check_block_body(block)
 }

@@ -128,6 +128,11 @@ fn mainnet_raw() -> &'static [u8] {
 fn cut_block(n: usize) -> Block {
     let mut b = mainnet_block();
     b.txdata.truncate(n);
+    remade(b)
+}
+
+/// `b` with its witness commitment and merkle root made again for its transactions.
+fn remade(mut b: Block) -> Block {
     let reserved = b.txdata[0].input[0].witness.nth(0).unwrap().to_vec();
     let root = b.witness_root().unwrap();
     let commitment = Block::compute_witness_commitment(&root, &reserved);
@@ -147,7 +152,7 @@ fn cut_block(n: usize) -> Block {
     b.header.merkle_root = b.compute_merkle_root().unwrap();
     assert!(
         b.check_witness_commitment() && b.check_merkle_root(),
-        "the cut block is valid"
+        "the remade block is valid"
     );
     b
 }
@@ -472,4 +477,49 @@ fn bounds_read_two_ways_fall_back_to_the_encoding() {
         check_hashed_body(&altered, &hashed),
         Err(ProofError::MerkleRoot)
     );
+}
+
+/// A relayed body is proven before the node names its hash, so a transaction of 64 bytes
+/// (which could pose as an inner merkle node) is refused there; under the hash the node
+/// named, the same block is the node's and passes.
+#[test]
+fn a_relayed_block_with_a_64_byte_transaction_is_refused() {
+    use bitcoin::{absolute::LockTime, transaction::Version, OutPoint, Sequence, TxIn};
+    let mut b = cut_block(40);
+    let sixty_four = Transaction {
+        version: Version::TWO,
+        lock_time: LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: OutPoint::new(b.txdata[1].compute_txid(), 0),
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::MAX,
+            witness: bitcoin::Witness::new(),
+        }],
+        output: vec![TxOut {
+            value: Amount::from_sat(1000),
+            script_pubkey: ScriptBuf::from(vec![0x51; 4]),
+        }],
+    };
+    assert_eq!(sixty_four.base_size(), 64, "a 64-byte transaction");
+    let txid = sixty_four.compute_txid();
+    b.txdata.push(sixty_four);
+    let b = remade(b);
+    let raw = serialize(&b);
+    assert_eq!(
+        decode_relayed_block(&raw),
+        Err(ProofError::SixtyFourBytes(txid))
+    );
+    assert_eq!(
+        decode_block(&raw, b.block_hash()),
+        Ok(b.clone()),
+        "named by the node"
+    );
+    let relayed = decode_relayed_block(&serialize(&cut_block(40))).expect("a real body");
+    assert_eq!(relayed.block(), &cut_block(40));
+    let forged = {
+        let mut f = cut_block(40);
+        f.txdata[3].output[0].value = Amount::from_sat(7);
+        serialize(&f)
+    };
+    assert_eq!(decode_relayed_block(&forged), Err(ProofError::MerkleRoot));
 }

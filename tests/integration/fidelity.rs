@@ -169,7 +169,10 @@ fn decoders_read_every_captured_frame() {
                 zmq_wire::sequence_body(ev)
             }
             ZmqBody::RawTx(t) => serialize(t),
-            ZmqBody::RawBlock(b) => serialize(b),
+            ZmqBody::RawBlock(b) => serialize(b.block()),
+            ZmqBody::RefusedBlock { hash, error } => {
+                panic!("{} refused block {hash}: {error}", m.step)
+            }
             ZmqBody::HashTx(t) => zmq_wire::hash_body(*t),
             ZmqBody::HashBlock(h) => zmq_wire::hash_body(*h),
         };

@@ -312,7 +312,7 @@ impl<S: ChainSource> NodeSource<S> {
                 } else {
                     self.node.block_hash(next).await?
                 };
-                match self.cache.blocks.get(&hash) {
+                match self.cache.block(&hash) {
                     Some(b) => (hash, b.clone()),
                     None => (hash, self.node.block(hash).await?),
                 }

@@ -10,7 +10,7 @@ use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid};
 pub struct BodyCache {
     pub txs: HashMap<Txid, Transaction>,
     tx_order: VecDeque<Txid>,
-    pub blocks: HashMap<BlockHash, Block>,
+    blocks: HashMap<BlockHash, Block>,
     block_order: VecDeque<BlockHash>,
 }
 
@@ -54,6 +54,11 @@ impl BodyCache {
 }
 
 impl BodyCache {
+    /// The relayed body of block `hash`, if one was kept.
+    pub fn block(&self, hash: &BlockHash) -> Option<&Block> {
+        self.blocks.get(hash)
+    }
+
     /// Whether a kept block holds `txid` (it was mined, not forged, when the node lost it).
     pub fn in_recent_block(&self, txid: Txid) -> bool {
         self.blocks

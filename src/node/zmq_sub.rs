@@ -157,6 +157,9 @@ impl Bridge {
     }
 }
 
+/// How long one socket is drained before the others get their turn.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn receive_loop(
     _ctx: zmq::Context,
     sockets: Vec<zmq::Socket>,
@@ -178,8 +181,13 @@ fn receive_loop(
             if !ready {
                 continue;
             }
-            // A bounded drain per socket and round, so a flood on one starves no other.
+            // A bounded drain per socket and round, in messages and in time, so a flood on
+            // one (of large forged blocks, each proven before it is refused) starves no other.
+            let started = std::time::Instant::now();
             for _ in 0..1000 {
+                if started.elapsed() > DRAIN_TIME {
+                    break;
+                }
                 let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) else {
                     break;
                 };

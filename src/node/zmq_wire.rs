@@ -95,9 +95,7 @@ pub fn decode_body(topic: &str, b: &[u8]) -> Result<ZmqBody, WireError> {
             .map_err(|e| err(e.to_string())),
         "rawblock" => match decode_relayed_block(b) {
             Ok(block) => Ok(ZmqBody::RawBlock(block)),
-            Err(e @ (ProofError::Undecodable(_) | ProofError::TooLarge(_))) => {
-                Err(err(e.to_string()))
-            }
+            Err(e @ ProofError::Undecodable(_)) => Err(err(e.to_string())),
             Err(error) => Ok(ZmqBody::RefusedBlock {
                 hash: b.get(..80).map_or(BlockHash::all_zeros(), BlockHash::hash),
                 error,
@@ -176,4 +174,59 @@ pub fn sequence_body(ev: &SequenceEvent) -> Vec<u8> {
 
 pub fn hash_body<H: Hash<Bytes = [u8; 32]>>(h: H) -> Vec<u8> {
     h.to_byte_array().iter().rev().copied().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitcoin::consensus::serialize;
+    use bitcoin::{Amount, Block};
+
+    const MAINNET: &[u8] = include_bytes!(
+        "../../benches/data/block_000000000000000000000c835b2adcaedc20fdf6ee440009c249452c726dafae.raw"
+    );
+
+    /// A real body is kept proven; one that decodes but does not prove itself, or is larger
+    /// than any block, is a refusal naming its header's hash (its counter still counts); one
+    /// that does not decode is a malformed message.
+    #[test]
+    fn rawblock_bodies_are_proven_refused_or_malformed() {
+        let real: Block = deserialize(MAINNET).unwrap();
+        let hash = real.block_hash();
+        match decode_body("rawblock", MAINNET) {
+            Ok(ZmqBody::RawBlock(b)) => assert_eq!(b.block(), &real, "the real body, proven"),
+            other => panic!("the real body: {other:?}"),
+        }
+        let mut forged = real.clone();
+        forged.txdata[7].output[0].value = Amount::from_sat(1);
+        let oversized = [MAINNET, &vec![0u8; 3_000_000][..]].concat();
+        for (what, bytes, error) in [
+            (
+                "an altered output",
+                serialize(&forged),
+                ProofError::MerkleRoot,
+            ),
+            (
+                "a body over 4 MB",
+                oversized.clone(),
+                ProofError::TooLarge(oversized.len()),
+            ),
+        ] {
+            assert_eq!(
+                decode_body("rawblock", &bytes),
+                Ok(ZmqBody::RefusedBlock { hash, error }),
+                "{what}"
+            );
+        }
+        for garbage in [&MAINNET[..79], &MAINNET[..MAINNET.len() - 1]] {
+            assert!(
+                matches!(
+                    decode_body("rawblock", garbage),
+                    Err(WireError::Body { .. })
+                ),
+                "{} bytes that do not decode",
+                garbage.len()
+            );
+        }
+    }
 }

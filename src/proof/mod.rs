@@ -53,7 +53,7 @@ pub fn decode_block(raw: &[u8], expected: BlockHash) -> Result<Block, ProofError
     if got != expected {
         return Err(ProofError::WrongBlock { expected, got });
     }
-    let (block, _) = decode_proven(raw)?;
+    let (block, _) = decode_proven(raw, Threads::TwoIfLarge)?;
     Ok(block)
 }
 
@@ -72,15 +72,24 @@ impl RelayedBlock {
 }
 
 /// Decodes a block body relayed over ZMQ and proves it, as `decode_block` does but for the
-/// hash (the node has not named it yet), and with no 64-byte transaction either. Such a
+/// hash (the node has not named it yet), on this thread alone, and with no 64-byte
+/// transaction either. Such a
 /// transaction is valid but could pose as an inner merkle node; refusing the relayed body
 /// costs only an RPC fetch.
 pub fn decode_relayed_block(raw: &[u8]) -> Result<RelayedBlock, ProofError> {
-    let (block, spans) = decode_proven(raw)?;
+    // One thread: a relayed body only spares a fetch, and anyone who reaches the ZMQ port can
+    // send one, so a flood of them takes one core, not two.
+    let (block, spans) = decode_proven(raw, Threads::One)?;
     if let Some(i) = spans.iter().position(|s| s.base == 64) {
         return Err(ProofError::SixtyFourBytes(block.txdata[i].compute_txid()));
     }
     Ok(RelayedBlock(block))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Threads {
+    One,
+    TwoIfLarge,
 }
 
 /// Decodes `raw` and checks its body against its header, with each transaction's bounds.
@@ -88,7 +97,7 @@ pub fn decode_relayed_block(raw: &[u8]) -> Result<RelayedBlock, ProofError> {
 /// scans the bytes for each transaction's bounds, and the two share the hashing once the
 /// decode is done. Scanned bounds are used only if they are the decoder's; if they ever were
 /// not, the decoded block is encoded again and that is hashed, as `check_block` does.
-fn decode_proven(raw: &[u8]) -> Result<(Block, Vec<layout::TxSpan>), ProofError> {
+fn decode_proven(raw: &[u8], threads: Threads) -> Result<(Block, Vec<layout::TxSpan>), ProofError> {
     /// Below this (a regtest block of a few hundred transactions) a thread costs more than
     /// it saves.
     const SECOND_THREAD_FROM: usize = 64 * 1024;
@@ -107,7 +116,7 @@ fn decode_proven(raw: &[u8]) -> Result<(Block, Vec<layout::TxSpan>), ProofError>
             Some(spans)
         };
         // Without a thread (too small a block, or none to be had) the scan comes after.
-        let helper = (raw.len() >= SECOND_THREAD_FROM)
+        let helper = (threads == Threads::TwoIfLarge && raw.len() >= SECOND_THREAD_FROM)
             .then(|| {
                 std::thread::Builder::new()
                     .spawn_scoped(s, scan_and_hash)

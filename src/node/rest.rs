@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bitcoin::{Block, BlockHash};
 
-use crate::proof::MAX_BLOCK_SIZE as MAX_BLOCK_BYTES;
+use crate::proof::MAX_BLOCK_SIZE;
 
 /// How long blocks are read over JSON-RPC after REST failed, before REST is tried again (a
 /// node restarted with `-rest`).
@@ -37,7 +37,7 @@ pub enum RestError {
     Status { status: u16, text: String },
     #[error("{0}")]
     Unreachable(String),
-    #[error("its answer is larger than {MAX_BLOCK_BYTES} bytes")]
+    #[error("its answer is larger than {MAX_BLOCK_SIZE} bytes")]
     TooLarge,
     #[error("its answer is not the block asked for: {0}")]
     Bad(String),
@@ -137,7 +137,7 @@ async fn read(http: &reqwest::Client, url: &str, hash: BlockHash) -> Result<Bloc
         let text = text.trim().to_string();
         return Err(RestError::Status { status, text });
     }
-    let body = super::body_within(resp, MAX_BLOCK_BYTES)
+    let body = super::body_within(resp, MAX_BLOCK_SIZE)
         .await
         .map_err(unreachable)?
         .ok_or(RestError::TooLarge)?;

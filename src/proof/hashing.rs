@@ -117,7 +117,6 @@ fn witness_root(spans: &[TxSpan], hashes: &[[u8; 32]]) -> Option<WitnessMerkleNo
 #[derive(Default)]
 pub(super) struct SharedHashing {
     next: AtomicUsize,
-    finished: AtomicUsize,
     done: Mutex<Vec<(usize, Vec<[u8; 32]>)>>,
     txid_root: OnceLock<(Vec<Txid>, Option<TxMerkleNode>)>,
     witness_root: OnceLock<Option<WitnessMerkleNode>>,
@@ -139,11 +138,12 @@ impl SharedHashing {
             }
             let from = chunk * Self::CHUNK;
             let hashes = sha256d_each(&msgs[from..msgs.len().min(from + Self::CHUNK)]);
-            self.done
-                .lock()
-                .expect("not poisoned")
-                .push((chunk, hashes));
-            if self.finished.fetch_add(1, Ordering::AcqRel) + 1 == chunks {
+            let finished = {
+                let mut done = self.done.lock().expect("not poisoned");
+                done.push((chunk, hashes));
+                done.len()
+            };
+            if finished == chunks {
                 if let Some(hashes) = self.hashes_so_far(spans, msgs.len()) {
                     let _ = self.witness_root.set(witness_root(spans, &hashes));
                 }
@@ -162,8 +162,7 @@ impl SharedHashing {
     /// The hashes of `spans`, once both threads are done working on these same spans.
     pub fn finish(self, spans: &[TxSpan]) -> Hashed {
         let all = || {
-            let count = spans.len() + spans.iter().filter(|s| s.witness).count();
-            self.hashes_so_far(spans, count)
+            self.hashes_so_far(spans, message_count(spans))
                 .expect("every chunk hashed once")
         };
         let (txids, root) = match self.txid_root.get() {
@@ -184,7 +183,7 @@ impl SharedHashing {
     /// The first `count` hashes, in order, if they are all done; `None` if not (or if the
     /// other thread read other bounds and hashed other messages).
     fn hashes_so_far(&self, spans: &[TxSpan], count: usize) -> Option<Vec<[u8; 32]>> {
-        let all = spans.len() + spans.iter().filter(|s| s.witness).count();
+        let all = message_count(spans);
         let mut done = self.done.lock().expect("not poisoned").clone();
         done.sort_unstable_by_key(|(chunk, _)| *chunk);
         let mut hashes = Vec::with_capacity(count);
@@ -203,4 +202,10 @@ impl SharedHashing {
             hashes
         })
     }
+}
+
+/// How many messages `messages` makes of `spans`: a txid preimage each, a wtxid preimage
+/// for each with a witness.
+fn message_count(spans: &[TxSpan]) -> usize {
+    spans.len() + spans.iter().filter(|s| s.witness).count()
 }

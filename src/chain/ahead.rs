@@ -25,15 +25,24 @@ const GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 /// How many blocks the group after `blocks` should hold.
 pub(super) fn group_after(blocks: &[(BlockHash, Block)]) -> u32 {
-    let bytes: usize = blocks.iter().map(|(_, b)| b.total_size()).sum();
-    let average = bytes / blocks.len().max(1);
+    group_of(average_size(blocks))
+}
+
+/// How many blocks a group of blocks of `average` bytes should hold.
+pub(super) fn group_of(average: usize) -> u32 {
     (GROUP_BYTES / average.max(1)).clamp(1, MAX_GROUP as usize) as u32
+}
+
+/// The average encoded size of `blocks`; 0 for none.
+pub(super) fn average_size(blocks: &[(BlockHash, Block)]) -> usize {
+    let bytes: usize = blocks.iter().map(|(_, b)| b.total_size()).sum();
+    bytes / blocks.len().max(1)
 }
 
 pub(super) struct Ahead {
     from: u32,
-    /// What the kept chain named for each height when asked: `None` below it, where the node
-    /// named the block.
+    /// The hash each height was asked by: the kept chain's, or one the node gave before (a
+    /// rescan's heights below the kept blocks); `None` where the node named it when asked.
     kept: Vec<Option<BlockHash>>,
     task: AbortOnDropHandle<Blocks>,
 }
@@ -105,7 +114,10 @@ pub(super) async fn resolve_hashes<S: ChainSource>(
     kept: Vec<Option<BlockHash>>,
 ) -> NodeResult<Vec<BlockHash>> {
     let below = kept.iter().take_while(|k| k.is_none()).count() as u32;
-    let mut hashes = node.block_hashes(from, below).await?;
+    let mut hashes = match below {
+        0 => vec![],
+        _ => node.block_hashes(from, below).await?,
+    };
     if hashes.len() != below as usize {
         let e = NodeError::bad("getblockhash", "not one answer per height asked");
         return Err(e);

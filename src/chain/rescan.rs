@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use futures_util::future::join_all;
 
-use super::ahead::{fetch_blocks, group_after, Ahead, GROUP};
+use super::ahead::{average_size, fetch_blocks, group_of, Ahead, GROUP};
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
@@ -32,8 +32,17 @@ use crate::store::ChainStore;
 use crate::tracker::{Removal, Tracker, TrackerStep};
 use crate::watch::{Overlay, RescanChanges, WatchIndex, WatchedCoin};
 
-/// Blocks scanned between two looks at live news.
+/// Blocks scanned between two looks at live news, and between two commits of the rescan's
+/// progress: as many as come to some 32 MB, judged by the blocks read before (25 of mainnet's,
+/// the first batch's too), up to 1,000 small ones; a batch also ends once it has read 32 MB.
+/// A batch's end costs a commit and a pause in the reading ahead, which for regtest's small
+/// blocks was much of the rescan.
+const BATCH_BYTES: usize = 32 * 1024 * 1024;
 const BATCH: u32 = 25;
+const MAX_BATCH: u32 = 1_000;
+/// Hashes of heights below the blocks we keep, asked of the node in one batch for the groups
+/// to come: one round trip per group was as long as reading the group's blocks.
+const HASHES_AT_ONCE: u32 = 1_000;
 /// Blocks asked of the node at once where filters guide: few, as each may be a few megabytes
 /// and the filters name the ones worth reading.
 const AHEAD: u32 = 4;
@@ -57,6 +66,40 @@ pub(super) struct RescanJob {
     filters: FilterState,
     /// Without filters, the next group of blocks, asked for while this one is scanned.
     ahead: Option<Ahead>,
+    /// The average size of the blocks read last, which sizes the batch.
+    block_size: Option<usize>,
+    /// The node's hashes of heights `hashes_from..`, below the blocks we keep.
+    hashes_from: u32,
+    hashes: Vec<BlockHash>,
+}
+
+impl RescanJob {
+    /// Blocks to scan in this batch.
+    fn batch(&self) -> u32 {
+        self.block_size.map_or(BATCH, |size| {
+            (BATCH_BYTES / size.max(1)).clamp(BATCH as usize, MAX_BATCH as usize) as u32
+        })
+    }
+
+    /// `kept` (heights `from..`) with the node's hashes the job holds filled in.
+    fn with_node_hashes(
+        &self,
+        from: u32,
+        mut kept: Vec<Option<BlockHash>>,
+    ) -> Vec<Option<BlockHash>> {
+        for (h, hash) in (from..).zip(kept.iter_mut()) {
+            let held = h
+                .checked_sub(self.hashes_from)
+                .and_then(|i| self.hashes.get(i as usize));
+            *hash = hash.or(held.copied());
+        }
+        kept
+    }
+
+    /// Forgets the node's hashes it holds (a reorg, or a rescan moved back).
+    fn forget_node_hashes(&mut self) {
+        self.hashes.clear();
+    }
 }
 
 impl<S: ChainSource, St: ChainStore> Follower<S, St> {
@@ -113,6 +156,9 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             backfilled: false,
             filters: FilterState::new(),
             ahead: None,
+            block_size: None,
+            hashes_from: 0,
+            hashes: Vec::new(),
         });
         Ok(())
     }
@@ -267,6 +313,33 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         Ok(())
     }
 
+    /// The hashes of heights `from..=to` to read: ours within the blocks we keep, the node's
+    /// below them, asked for `HASHES_AT_ONCE` at a time (without filters, which name their
+    /// own); `None` where neither is known yet.
+    async fn hashes_to_read(
+        &mut self,
+        job: &mut RescanJob,
+        from: u32,
+        to: u32,
+        tip: u32,
+    ) -> Result<Vec<Option<BlockHash>>, FollowError> {
+        let lowest = self.store.lowest_block()?.map_or(tip + 1, |b| b.height);
+        let held = job.hashes_from..job.hashes_from + job.hashes.len() as u32;
+        let below_kept = to.min(lowest.saturating_sub(1));
+        let uncovered = !(held.contains(&from) && held.contains(&below_kept));
+        if job.filters.off() && from < lowest && uncovered {
+            let count = HASHES_AT_ONCE.min(lowest - from);
+            let hashes = self.source.node().block_hashes(from, count).await?;
+            if hashes.len() != count as usize {
+                let e =
+                    crate::node::NodeError::bad("getblockhash", "not one answer per height asked");
+                return Err(e.into());
+            }
+            (job.hashes_from, job.hashes) = (from, hashes);
+        }
+        Ok(job.with_node_hashes(from, self.kept_hashes(from, to)?))
+    }
+
     /// The hashes of heights `from..=to` within the blocks we keep; `None` below them (not
     /// looked up one by one: a filter span reaches far below).
     fn kept_hashes(&self, from: u32, to: u32) -> Result<Vec<Option<BlockHash>>, FollowError> {
@@ -321,8 +394,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             job.progress = Some(Progress::new(job.next, tip.height));
         }
         let mut may_ask = true;
-        let mut read = 0;
-        while job.next <= tip.height && read < BATCH {
+        let (mut read, mut bytes) = (0, 0);
+        let batch = job.batch();
+        // Bytes bound it too: blocks grow far beyond those the batch was sized by.
+        while job.next <= tip.height && read < batch && bytes < BATCH_BYTES {
             match self.skip_by_filters(job, tip.height, &mut may_ask).await? {
                 Skipped::Stop => break,
                 Skipped::AtMatch | Skipped::Unfiltered => {}
@@ -341,24 +416,27 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                     };
                     let upto = tip
                         .height
-                        .min(job.next.saturating_add(wanted.min(BATCH - read) - 1));
+                        .min(job.next.saturating_add(wanted.min(batch - read) - 1));
                     // Below what we keep, the node's chain is the truth; within it, ours is.
-                    let mut kept = self.kept_hashes(job.next, upto)?;
+                    let mut kept = self.hashes_to_read(job, job.next, upto, tip.height).await?;
                     for (i, hash) in kept.iter_mut().enumerate() {
                         *hash = hash.or(job.filters.hash_at(i));
                     }
                     fetch_blocks(self.source.node(), job.next, kept).await?
                 }
             };
+            let size = average_size(&blocks);
+            bytes += size * blocks.len();
+            job.block_size = Some(size).filter(|s| *s > 0).or(job.block_size);
             let after = job.next + blocks.len() as u32;
             if job.filters.off() && after <= tip.height {
                 // The group this batch would ask for next, or the next batch's first.
-                let left = match BATCH - (read + blocks.len() as u32).min(BATCH) {
-                    0 => BATCH,
+                let left = match batch - (read + blocks.len() as u32).min(batch) {
+                    0 => job.batch(),
                     left => left,
                 };
-                let upto = tip.height.min(after + group_after(&blocks).min(left) - 1);
-                let kept = self.kept_hashes(after, upto)?;
+                let upto = tip.height.min(after + group_of(size).min(left) - 1);
+                let kept = self.hashes_to_read(job, after, upto, tip.height).await?;
                 job.ahead = Some(Ahead::ask(self.source.shared_node(), after, kept));
             }
             let asked = spent_coins_of(self.source.node(), &job.index, &blocks).await;
@@ -380,7 +458,10 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let Some(ahead) = job.ahead.take() else {
             return Ok(None);
         };
-        let kept_now = self.kept_hashes(ahead.first(), ahead.last())?;
+        let kept_now = job.with_node_hashes(
+            ahead.first(),
+            self.kept_hashes(ahead.first(), ahead.last())?,
+        );
         let wanted = job.filters.off() && ahead.still_wanted(job.next, &kept_now);
         Ok(wanted.then_some(ahead))
     }
@@ -452,6 +533,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         };
         job.filters.forget();
         job.ahead = None;
+        job.forget_node_hashes();
         let done = if job.next <= block.height {
             Ok(())
         } else {

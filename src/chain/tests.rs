@@ -615,6 +615,48 @@ async fn a_rescan_of_blocks_that_change_nothing_stores_its_progress_at_the_end_o
     );
 }
 
+/// Small blocks make large batches: after a first batch of 25 (the blocks' size not known
+/// yet), the rest of 402 regtest blocks is one batch, its progress stored once. The hashes
+/// below the blocks we keep are asked for in one batch of up to 1,000 heights, not one batch
+/// per group of blocks.
+#[tokio::test]
+async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_once() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.mine(300);
+    r.sync().await;
+    let tip = r.node.height();
+    r.start_rescan(&late, 0).await;
+    let (hashes, bodies) = (r.node.calls("getblockhash"), r.node.calls("getblock"));
+    r.follower.rescan_batch().await.unwrap();
+    assert_eq!(
+        r.follower.store.rescans().unwrap(),
+        vec![(late.id.clone(), 25)],
+        "the first batch: 25 blocks"
+    );
+    r.follower.rescan_batch().await.unwrap();
+    assert!(
+        !r.follower.rescanning(),
+        "the other {} blocks in the second batch",
+        tip + 1 - 25
+    );
+    assert_eq!(
+        r.node.calls("getblock") - bodies,
+        tip + 1,
+        "every block read once"
+    );
+    // One with the filters asked for first (the node keeps none, so every block is read),
+    // one for the heights.
+    assert_eq!(
+        r.node.calls("getblockhash") - hashes,
+        2,
+        "one batch of hashes for the {} heights below the {} blocks kept",
+        tip + 1 - (FINALITY + 10),
+        FINALITY + 10
+    );
+}
+
 #[tokio::test]
 async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
     let live = watch(1, 1);

@@ -11,7 +11,7 @@
 //! alone until it reaches the tip: two trackers confirming one watch's transactions would
 //! announce them twice, with different ids after a reorg.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
@@ -33,16 +33,20 @@ use crate::tracker::{Removal, Tracker, TrackerStep};
 use crate::watch::{Overlay, RescanChanges, WatchIndex, WatchedCoin};
 
 /// Blocks scanned between two looks at live news, and between two commits of the rescan's
-/// progress: as many as come to some 32 MB, judged by the blocks read before (25 of mainnet's,
-/// the first batch's too), up to 1,000 small ones; a batch also ends once it has read 32 MB.
-/// A batch's end costs a commit and a pause in the reading ahead, which for regtest's small
-/// blocks was much of the rescan.
-const BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// progress: 25, or more of small blocks. A batch's end costs a commit and a pause in the
+/// reading ahead, which for regtest's small blocks was much of the rescan. Past 25 blocks a
+/// batch goes on while it has read less than `BATCH_BYTES` and for less than `BATCH_TIME`,
+/// up to as many blocks as come to `BATCH_BYTES` judged by the blocks read before, and
+/// `MAX_BATCH`. (Both bounds are checked between groups, so a batch may end a group past.)
 const BATCH: u32 = 25;
+const BATCH_BYTES: usize = 32 * 1024 * 1024;
+const BATCH_TIME: Duration = Duration::from_millis(250);
 const MAX_BATCH: u32 = 1_000;
 /// Hashes of heights below the blocks we keep, asked of the node in one batch for the groups
-/// to come: one round trip per group was as long as reading the group's blocks.
+/// to come: one round trip per group was as long as reading the group's blocks. Asked again
+/// once `HASHES_FRESH` old, as the node's chain may have moved.
 const HASHES_AT_ONCE: u32 = 1_000;
+const HASHES_FRESH: Duration = Duration::from_secs(1);
 /// Blocks asked of the node at once where filters guide: few, as each may be a few megabytes
 /// and the filters name the ones worth reading.
 const AHEAD: u32 = 4;
@@ -68,9 +72,11 @@ pub(super) struct RescanJob {
     ahead: Option<Ahead>,
     /// The average size of the blocks read last, which sizes the batch.
     block_size: Option<usize>,
-    /// The node's hashes of heights `hashes_from..`, below the blocks we keep.
+    /// The node's hashes of heights `hashes_from..`, below the blocks we keep, asked at
+    /// `hashes_at`.
     hashes_from: u32,
     hashes: Vec<BlockHash>,
+    hashes_at: Instant,
 }
 
 impl RescanJob {
@@ -159,6 +165,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             block_size: None,
             hashes_from: 0,
             hashes: Vec::new(),
+            hashes_at: Instant::now(),
         });
         Ok(())
     }
@@ -275,7 +282,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         self.rescan.is_some()
     }
 
-    /// Scans up to `BATCH` blocks of the running rescan; finishes it at the tip.
+    /// Scans a batch of blocks (see `BATCH`) of the running rescan; finishes it at the tip.
     pub(super) async fn rescan_batch(&mut self) -> Result<(), FollowError> {
         let Some(mut job) = self.rescan.take() else {
             return Ok(());
@@ -326,7 +333,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let lowest = self.store.lowest_block()?.map_or(tip + 1, |b| b.height);
         let held = job.hashes_from..job.hashes_from + job.hashes.len() as u32;
         let below_kept = to.min(lowest.saturating_sub(1));
-        let uncovered = !(held.contains(&from) && held.contains(&below_kept));
+        let uncovered = !(held.contains(&from) && held.contains(&below_kept))
+            || job.hashes_at.elapsed() > HASHES_FRESH;
         if job.filters.off() && from < lowest && uncovered {
             let count = HASHES_AT_ONCE.min(lowest - from);
             let hashes = self.source.node().block_hashes(from, count).await?;
@@ -335,7 +343,7 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
                     crate::node::NodeError::bad("getblockhash", "not one answer per height asked");
                 return Err(e.into());
             }
-            (job.hashes_from, job.hashes) = (from, hashes);
+            (job.hashes_from, job.hashes, job.hashes_at) = (from, hashes, Instant::now());
         }
         Ok(job.with_node_hashes(from, self.kept_hashes(from, to)?))
     }
@@ -394,10 +402,14 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
             job.progress = Some(Progress::new(job.next, tip.height));
         }
         let mut may_ask = true;
-        let (mut read, mut bytes) = (0, 0);
+        let (mut read, mut bytes, started) = (0, 0, Instant::now());
         let batch = job.batch();
-        // Bytes bound it too: blocks grow far beyond those the batch was sized by.
-        while job.next <= tip.height && read < batch && bytes < BATCH_BYTES {
+        // Bytes and time bound it too: blocks may grow far beyond those the batch was sized
+        // by, and a distant node makes each group slow.
+        let more = |read: u32, bytes: usize| {
+            read < BATCH || (bytes < BATCH_BYTES && started.elapsed() < BATCH_TIME)
+        };
+        while job.next <= tip.height && read < batch && more(read, bytes) {
             match self.skip_by_filters(job, tip.height, &mut may_ask).await? {
                 Skipped::Stop => break,
                 Skipped::AtMatch | Skipped::Unfiltered => {}

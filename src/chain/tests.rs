@@ -618,13 +618,18 @@ async fn a_rescan_of_blocks_that_change_nothing_stores_its_progress_at_the_end_o
 /// Small blocks make large batches: after a first batch of 25 (the blocks' size not known
 /// yet), the rest of 402 regtest blocks is one batch, its progress stored once. The hashes
 /// below the blocks we keep are asked for in one batch of up to 1,000 heights, not one batch
-/// per group of blocks.
+/// per group of blocks, and each is the block of its height: a payment far below the kept
+/// blocks is confirmed in the block that holds it.
 #[tokio::test]
 async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_once() {
     let live = watch(1, 1);
     let late = watch(2, 2);
     let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.mine(300);
+    r.node.mine(100);
+    let paid = r.node.pay(&address(2).to_string(), 50_000);
+    let holder = r.node.mine(1)[0];
+    let held_at = r.node.height();
+    r.node.mine(199);
     r.sync().await;
     let tip = r.node.height();
     r.start_rescan(&late, 0).await;
@@ -643,8 +648,8 @@ async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_o
     );
     assert_eq!(
         r.node.calls("getblock") - bodies,
-        tip + 1,
-        "every block read once"
+        tip + 2,
+        "every block read once, and the payment's again for the coins it spends (its senders)"
     );
     // One with the filters asked for first (the node keeps none, so every block is read),
     // one for the heights.
@@ -654,6 +659,28 @@ async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_o
         "one batch of hashes for the {} heights below the {} blocks kept",
         tip + 1 - (FINALITY + 10),
         FINALITY + 10
+    );
+    let found: Vec<(String, Value)> = (r.bodies().into_iter())
+        .filter(|b| b["data"]["txid"] == paid.to_string())
+        .map(|b| {
+            (
+                b["type"].as_str().unwrap().to_string(),
+                b["data"]["block"].clone(),
+            )
+        })
+        .collect();
+    let block = serde_json::json!({ "hash": holder.to_string(), "height": held_at });
+    let in_holder = |(kind, b): &(String, Value)| {
+        (kind.as_str(), b["hash"].clone(), b["height"].clone())
+            == (
+                kind.as_str(),
+                block["hash"].clone(),
+                block["height"].clone(),
+            )
+    };
+    assert!(
+        found.len() == 2 && found.iter().all(in_holder),
+        "the payment confirmed once and final, both in block {held_at}: {found:?}"
     );
 }
 

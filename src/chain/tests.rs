@@ -616,10 +616,10 @@ async fn a_rescan_of_blocks_that_change_nothing_stores_its_progress_at_the_end_o
 }
 
 /// Small blocks make large batches: after a first batch of 25 (the blocks' size not known
-/// yet), the rest of 402 regtest blocks is one batch, its progress stored once. The hashes
-/// below the blocks we keep are asked for in one batch of up to 1,000 heights, not one batch
-/// per group of blocks, and each is the block of its height: a payment far below the kept
-/// blocks is confirmed in the block that holds it.
+/// yet), the next goes on past 25 (on a quiet machine through all 402 regtest blocks; its
+/// 250 ms may end it sooner). The hashes below the blocks we keep are asked for in one batch
+/// of up to 1,000 heights, not one batch per group of blocks, and each is the block of its
+/// height: a payment far below the kept blocks is confirmed in the block that holds it.
 #[tokio::test]
 async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_once() {
     let live = watch(1, 1);
@@ -641,22 +641,26 @@ async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_o
         "the first batch: 25 blocks"
     );
     r.follower.rescan_batch().await.unwrap();
+    // Time is looked at only past 25 blocks, between groups of 16: at least 32.
+    let second = (r.follower.store.rescans().unwrap().first()).map_or(tip + 1, |r| r.1);
     assert!(
-        !r.follower.rescanning(),
-        "the other {} blocks in the second batch",
-        tip + 1 - 25
+        second >= 25 + 32,
+        "the second batch read {} blocks, more than 25",
+        second - 25
     );
+    r.finish_rescan().await;
     assert_eq!(
         r.node.calls("getblock") - bodies,
         tip + 2,
         "every block read once, and the payment's again for the coins it spends (its senders)"
     );
     // One with the filters asked for first (the node keeps none, so every block is read),
-    // one for the heights.
-    assert_eq!(
-        r.node.calls("getblockhash") - hashes,
-        2,
-        "one batch of hashes for the {} heights below the {} blocks kept",
+    // one for the heights, and again if a slow machine took a second; asked per group of 16,
+    // as before, they were 27.
+    let asked = r.node.calls("getblockhash") - hashes;
+    assert!(
+        (2..=4).contains(&asked),
+        "{asked} batches of hashes for the {} heights below the {} blocks kept",
         tip + 1 - (FINALITY + 10),
         FINALITY + 10
     );
@@ -670,17 +674,11 @@ async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_o
         })
         .collect();
     let block = serde_json::json!({ "hash": holder.to_string(), "height": held_at });
-    let in_holder = |(kind, b): &(String, Value)| {
-        (kind.as_str(), b["hash"].clone(), b["height"].clone())
-            == (
-                kind.as_str(),
-                block["hash"].clone(),
-                block["height"].clone(),
-            )
-    };
+    let in_holder =
+        |(_, b): &(String, Value)| b["hash"] == block["hash"] && b["height"] == block["height"];
     assert!(
         found.len() == 2 && found.iter().all(in_holder),
-        "the payment confirmed once and final, both in block {held_at}: {found:?}"
+        "the payment confirmed, then final, both in block {held_at}: {found:?}"
     );
 }
 

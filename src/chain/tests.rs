@@ -682,6 +682,26 @@ async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_o
     );
 }
 
+/// The node's hashes a rescan holds are asked for again once a second old, so a rescan that
+/// pauses reads the node's chain as it is now.
+#[tokio::test]
+async fn a_rescans_hashes_from_the_node_are_asked_again_once_a_second_old() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.mine(300);
+    r.sync().await;
+    r.start_rescan(&late, 0).await;
+    r.follower.rescan_batch().await.unwrap();
+    let asked = r.node.calls("getblockhash");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    r.finish_rescan().await;
+    assert!(
+        r.node.calls("getblockhash") > asked,
+        "the hashes held since the first batch were asked for again"
+    );
+}
+
 #[tokio::test]
 async fn a_rescan_under_a_reorg_reorgs_what_it_found_and_finds_it_again() {
     let live = watch(1, 1);

@@ -105,6 +105,26 @@ pub(super) async fn fetch_blocks<S: ChainSource>(
     Ok(hashes.into_iter().zip(blocks).collect())
 }
 
+/// The node's hashes of heights `from..from + count`, in one batch (none asked for none), one
+/// answer per height or an error.
+pub(super) async fn node_hashes<S: ChainSource>(
+    node: &S,
+    from: u32,
+    count: u32,
+) -> NodeResult<Vec<BlockHash>> {
+    if count == 0 {
+        return Ok(vec![]);
+    }
+    let hashes = node.block_hashes(from, count).await?;
+    if hashes.len() != count as usize {
+        return Err(NodeError::bad(
+            "getblockhash",
+            "not one answer per height asked",
+        ));
+    }
+    Ok(hashes)
+}
+
 /// The hashes of heights `from..`, `kept`'s where it has one: below the blocks we keep the
 /// node's chain is the truth, within them ours is. The heights below (the leading `None`s) are
 /// asked for in one batch, any other all at once.
@@ -114,14 +134,7 @@ pub(super) async fn resolve_hashes<S: ChainSource>(
     kept: Vec<Option<BlockHash>>,
 ) -> NodeResult<Vec<BlockHash>> {
     let below = kept.iter().take_while(|k| k.is_none()).count() as u32;
-    let mut hashes = match below {
-        0 => vec![],
-        _ => node.block_hashes(from, below).await?,
-    };
-    if hashes.len() != below as usize {
-        let e = NodeError::bad("getblockhash", "not one answer per height asked");
-        return Err(e);
-    }
+    let mut hashes = node_hashes(node, from, below).await?;
     let rest = (from + below..).zip(kept.into_iter().skip(below as usize));
     hashes.extend(
         try_join_all(rest.map(|(h, kept)| async move {

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 
 use futures_util::future::join_all;
 
-use super::ahead::{average_size, fetch_blocks, group_of, Ahead, GROUP};
+use super::ahead::{average_size, fetch_blocks, group_of, node_hashes, Ahead, GROUP};
 use super::support::Progress;
 use super::{labelled, FollowError, Follower};
 use crate::changeset::ChangeSet;
@@ -87,19 +87,10 @@ impl RescanJob {
         })
     }
 
-    /// `kept` (heights `from..`) with the node's hashes the job holds filled in.
-    fn with_node_hashes(
-        &self,
-        from: u32,
-        mut kept: Vec<Option<BlockHash>>,
-    ) -> Vec<Option<BlockHash>> {
-        for (h, hash) in (from..).zip(kept.iter_mut()) {
-            let held = h
-                .checked_sub(self.hashes_from)
-                .and_then(|i| self.hashes.get(i as usize));
-            *hash = hash.or(held.copied());
-        }
-        kept
+    /// The node's hash of height `h`, if the job holds it.
+    fn node_hash(&self, h: u32) -> Option<BlockHash> {
+        let i = h.checked_sub(self.hashes_from)?;
+        self.hashes.get(i as usize).copied()
     }
 
     /// Forgets the node's hashes it holds (a reorg, or a rescan moved back).
@@ -330,36 +321,42 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         to: u32,
         tip: u32,
     ) -> Result<Vec<Option<BlockHash>>, FollowError> {
-        let lowest = self.store.lowest_block()?.map_or(tip + 1, |b| b.height);
+        let lowest = self.lowest_kept()?.unwrap_or(tip + 1);
         let held = job.hashes_from..job.hashes_from + job.hashes.len() as u32;
         let below_kept = to.min(lowest.saturating_sub(1));
         let uncovered = !(held.contains(&from) && held.contains(&below_kept))
             || job.hashes_at.elapsed() > HASHES_FRESH;
         if job.filters.off() && from < lowest && uncovered {
             let count = HASHES_AT_ONCE.min(lowest - from);
-            let hashes = self.source.node().block_hashes(from, count).await?;
-            if hashes.len() != count as usize {
-                let e =
-                    crate::node::NodeError::bad("getblockhash", "not one answer per height asked");
-                return Err(e.into());
-            }
+            let hashes = node_hashes(self.source.node(), from, count).await?;
             (job.hashes_from, job.hashes, job.hashes_at) = (from, hashes, Instant::now());
         }
-        Ok(job.with_node_hashes(from, self.kept_hashes(from, to)?))
+        self.hashes_held(job, lowest, from, to)
     }
 
-    /// The hashes of heights `from..=to` within the blocks we keep; `None` below them (not
-    /// looked up one by one: a filter span reaches far below).
-    fn kept_hashes(&self, from: u32, to: u32) -> Result<Vec<Option<BlockHash>>, FollowError> {
-        let lowest = self.store.lowest_block()?.map_or(u32::MAX, |b| b.height);
-        let mut kept = Vec::new();
+    /// The lowest height of the blocks we keep; `None` if we keep none.
+    fn lowest_kept(&self) -> Result<Option<u32>, FollowError> {
+        Ok(self.store.lowest_block()?.map(|b| b.height))
+    }
+
+    /// The hashes of heights `from..=to` as the job holds them: ours from `lowest` (the
+    /// lowest of the blocks we keep) up; below it the node's the job asked for, else `None`
+    /// (not looked up one by one: a filter span reaches far below).
+    fn hashes_held(
+        &self,
+        job: &RescanJob,
+        lowest: u32,
+        from: u32,
+        to: u32,
+    ) -> Result<Vec<Option<BlockHash>>, FollowError> {
+        let mut held = Vec::new();
         for h in from..=to {
-            kept.push(match h < lowest {
-                true => None,
+            held.push(match h < lowest {
+                true => job.node_hash(h),
                 false => self.store.block_at(h)?.map(|b| b.hash),
             });
         }
-        Ok(kept)
+        Ok(held)
     }
 
     /// Stores the chain from just below the rescan's start up to the lowest block kept (within
@@ -470,10 +467,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
         let Some(ahead) = job.ahead.take() else {
             return Ok(None);
         };
-        let kept_now = job.with_node_hashes(
-            ahead.first(),
-            self.kept_hashes(ahead.first(), ahead.last())?,
-        );
+        let lowest = self.lowest_kept()?.unwrap_or(u32::MAX);
+        let kept_now = self.hashes_held(job, lowest, ahead.first(), ahead.last())?;
         let wanted = job.filters.off() && ahead.still_wanted(job.next, &kept_now);
         Ok(wanted.then_some(ahead))
     }

@@ -218,7 +218,8 @@ impl<S: ChainSource, St: ChainStore> Follower<S, St> {
     async fn ask_filters(&mut self, job: &mut RescanJob, tip: u32) -> Result<(), FollowError> {
         let from = job.next;
         let to = tip.min(from.saturating_add(job.filters.span - 1));
-        let kept = self.kept_hashes(from, to)?;
+        let lowest = self.lowest_kept()?.unwrap_or(u32::MAX);
+        let kept = self.hashes_held(job, lowest, from, to)?;
         let node = self.source.node();
         let answer = async {
             let hashes = resolve_hashes(node, from, kept).await?;

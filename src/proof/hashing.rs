@@ -19,6 +19,12 @@ pub(super) struct Hashed {
     pub witness_root: Option<WitnessMerkleNode>,
 }
 
+/// The hashes of `block`'s own encoding, on this thread.
+pub(super) fn hash_encoding(block: &bitcoin::Block) -> Hashed {
+    let (bytes, spans) = super::layout::encoded(block);
+    hash_block(&bytes, &spans)
+}
+
 /// The hashes of the transactions at `spans` of `bytes`, on this thread.
 pub(super) fn hash_block(bytes: &[u8], spans: &[TxSpan]) -> Hashed {
     let hashes = sha256d_each(&messages(bytes, spans));
@@ -161,17 +167,20 @@ impl SharedHashing {
 
     /// The hashes of `spans`, once both threads are done working on these same spans.
     pub fn finish(self, spans: &[TxSpan]) -> Hashed {
-        let all = || {
+        let (txids_done, witness_done) = (self.txid_root.get(), self.witness_root.get());
+        // Gathered once, and only if a root is still to compute.
+        let all = (txids_done.is_none() || witness_done.is_none()).then(|| {
             self.hashes_so_far(spans, message_count(spans))
                 .expect("every chunk hashed once")
-        };
-        let (txids, root) = match self.txid_root.get() {
+        });
+        let all = all.as_deref().unwrap_or_default();
+        let (txids, root) = match txids_done {
             Some(done) => done.clone(),
-            None => txid_root(spans, &all()),
+            None => txid_root(spans, all),
         };
-        let witness_root = match self.witness_root.get() {
+        let witness_root = match witness_done {
             Some(done) => *done,
-            None => witness_root(spans, &all()),
+            None => witness_root(spans, all),
         };
         Hashed {
             txids,
@@ -184,18 +193,20 @@ impl SharedHashing {
     /// other thread read other bounds and hashed other messages).
     fn hashes_so_far(&self, spans: &[TxSpan], count: usize) -> Option<Vec<[u8; 32]>> {
         let all = message_count(spans);
-        let mut done = self.done.lock().expect("not poisoned").clone();
-        done.sort_unstable_by_key(|(chunk, _)| *chunk);
+        let done = self.done.lock().expect("not poisoned");
+        // Sorted by reference: only the hashes wanted are copied.
+        let mut in_order: Vec<&(usize, Vec<[u8; 32]>)> = done.iter().collect();
+        in_order.sort_unstable_by_key(|(chunk, _)| *chunk);
         let mut hashes = Vec::with_capacity(count);
-        for (i, (chunk, h)) in done.into_iter().enumerate() {
+        for (i, (chunk, h)) in in_order.into_iter().enumerate() {
             if hashes.len() >= count {
                 break;
             }
             let expected = Self::CHUNK.min(all.saturating_sub(i * Self::CHUNK));
-            if chunk != i || h.len() != expected {
+            if *chunk != i || h.len() != expected {
                 return None;
             }
-            hashes.extend(h);
+            hashes.extend_from_slice(h);
         }
         (hashes.len() >= count).then(|| {
             hashes.truncate(count);

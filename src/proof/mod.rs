@@ -73,9 +73,8 @@ impl RelayedBlock {
 
 /// Decodes a block body relayed over ZMQ and proves it, as `decode_block` does but for the
 /// hash (the node has not named it yet), on this thread alone, and with no 64-byte
-/// transaction either. Such a
-/// transaction is valid but could pose as an inner merkle node; refusing the relayed body
-/// costs only an RPC fetch.
+/// transaction either. Such a transaction is valid but could pose as an inner merkle node;
+/// refusing the relayed body costs only an RPC fetch.
 pub fn decode_relayed_block(raw: &[u8]) -> Result<RelayedBlock, ProofError> {
     // One thread: a relayed body only spares a fetch, and anyone who reaches the ZMQ port can
     // send one, so a flood of them takes one core, not two.
@@ -153,8 +152,7 @@ fn hashes_of_what_was_decoded(
         return shared.finish(spans);
     }
     tracing::warn!(hash = %block.block_hash(), "a block's bytes scan otherwise than they decode; checking its encoding instead");
-    let (bytes, spans) = encoded(block);
-    hash_block(&bytes, &spans)
+    hash_encoding(block)
 }
 
 /// Checks a block body against the hash the node named: header, merkle root (with no
@@ -168,8 +166,7 @@ pub fn check_block(block: &Block, expected: BlockHash) -> Result<(), ProofError>
 }
 
 fn check_block_body(block: &Block) -> Result<(), ProofError> {
-    let (bytes, spans) = encoded(block);
-    check_hashed_body(block, &hash_block(&bytes, &spans))
+    check_hashed_body(block, &hash_encoding(block))
 }
 
 fn check_hashed_body(block: &Block, hashed: &Hashed) -> Result<(), ProofError> {
@@ -253,7 +250,7 @@ pub fn check_amounts(tx: &Transaction, txid: Txid) -> Result<(), ProofError> {
 mod hashing;
 mod layout;
 
-use hashing::{hash_block, Hashed, SharedHashing};
-use layout::{decoded_spans, encoded, scan_spans};
+use hashing::{hash_encoding, Hashed, SharedHashing};
+use layout::{decoded_spans, scan_spans};
 #[cfg(test)]
 mod tests;

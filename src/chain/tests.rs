@@ -682,6 +682,53 @@ async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_o
     );
 }
 
+/// The node going down between two batches of a rescan fails the batch as a transient error
+/// (reported and retried by the follower's loop) with the progress stored before it; once the
+/// node is back the rescan goes on and tells a payment far below the kept blocks once, in the
+/// block that holds it.
+#[tokio::test]
+async fn a_rescan_whose_node_goes_down_between_batches_resumes_and_tells_each_payment_once() {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.mine(100);
+    let paid = r.node.pay(&address(2).to_string(), 50_000);
+    let holder = r.node.mine(1)[0];
+    r.node.mine(199);
+    r.sync().await;
+    r.start_rescan(&late, 0).await;
+    r.follower.rescan_batch().await.unwrap();
+    r.node.set_down(true);
+    let err = (r.follower.rescan_batch().await).expect_err("the node is down");
+    assert!(err.is_transient(), "a transient failure: {err}");
+    assert_eq!(
+        r.follower.store.rescans().unwrap(),
+        vec![(late.id.clone(), 25)],
+        "the first batch's progress stands"
+    );
+    r.node.set_down(false);
+    r.finish_rescan().await;
+    let told: Vec<(String, String)> = (r.bodies().into_iter())
+        .filter(|b| b["data"]["txid"] == paid.to_string())
+        .map(|b| {
+            let kind = b["type"].as_str().unwrap().to_string();
+            (
+                kind,
+                b["data"]["block"]["hash"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let holder = holder.to_string();
+    assert_eq!(
+        told,
+        [
+            (TX_CONFIRMATION.to_string(), holder.clone()),
+            (TX_CONFIRMED.to_string(), holder)
+        ],
+        "confirmed, then final, once each, in the block that holds it"
+    );
+}
+
 /// The node's hashes a rescan holds are asked for again once a second old, so a rescan that
 /// pauses reads the node's chain as it is now.
 #[tokio::test]

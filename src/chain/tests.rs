@@ -615,6 +615,22 @@ async fn a_rescan_of_blocks_that_change_nothing_stores_its_progress_at_the_end_o
     );
 }
 
+/// A follower of a chain that holds, 199 blocks below its tip, a payment to a watch it does
+/// not follow yet, then starts a rescan of that watch from height 0: the follower, the watch,
+/// the payment and the block that holds it.
+async fn rescanning_a_payment_far_below() -> (Rig, Watch, Txid, BlockHash) {
+    let live = watch(1, 1);
+    let late = watch(2, 2);
+    let mut r = rig(std::slice::from_ref(&live)).await;
+    r.node.mine(100);
+    let paid = r.node.pay(&address(2).to_string(), 50_000);
+    let holder = r.node.mine(1)[0];
+    r.node.mine(199);
+    r.sync().await;
+    r.start_rescan(&late, 0).await;
+    (r, late, paid, holder)
+}
+
 /// Small blocks make large batches: after a first batch of 25 (the blocks' size not known
 /// yet), the next goes on past 25 (on a quiet machine through all 402 regtest blocks; its
 /// 250 ms may end it sooner). The hashes below the blocks we keep are asked for in one batch
@@ -622,17 +638,9 @@ async fn a_rescan_of_blocks_that_change_nothing_stores_its_progress_at_the_end_o
 /// height: a payment far below the kept blocks is confirmed in the block that holds it.
 #[tokio::test]
 async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_once() {
-    let live = watch(1, 1);
-    let late = watch(2, 2);
-    let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.mine(100);
-    let paid = r.node.pay(&address(2).to_string(), 50_000);
-    let holder = r.node.mine(1)[0];
-    let held_at = r.node.height();
-    r.node.mine(199);
-    r.sync().await;
+    let (mut r, late, paid, holder) = rescanning_a_payment_far_below().await;
     let tip = r.node.height();
-    r.start_rescan(&late, 0).await;
+    let held_at = tip - 199;
     let (hashes, bodies) = (r.node.calls("getblockhash"), r.node.calls("getblock"));
     r.follower.rescan_batch().await.unwrap();
     assert_eq!(
@@ -688,15 +696,7 @@ async fn a_rescan_of_small_blocks_takes_large_batches_and_asks_their_hashes_at_o
 /// block that holds it.
 #[tokio::test]
 async fn a_rescan_whose_node_goes_down_between_batches_resumes_and_tells_each_payment_once() {
-    let live = watch(1, 1);
-    let late = watch(2, 2);
-    let mut r = rig(std::slice::from_ref(&live)).await;
-    r.node.mine(100);
-    let paid = r.node.pay(&address(2).to_string(), 50_000);
-    let holder = r.node.mine(1)[0];
-    r.node.mine(199);
-    r.sync().await;
-    r.start_rescan(&late, 0).await;
+    let (mut r, late, paid, holder) = rescanning_a_payment_far_below().await;
     r.follower.rescan_batch().await.unwrap();
     r.node.set_down(true);
     let err = (r.follower.rescan_batch().await).expect_err("the node is down");
